@@ -1,0 +1,86 @@
+"""Attention backend interface and the metadata that travels with each batch.
+
+One step is one flattened forward over all scheduled tokens of all requests.
+Request r owns tokens ``query_start_loc[r] : query_start_loc[r+1]`` of the flat
+batch; they sit at positions ``seq_lens[r] - query_len_r ... seq_lens[r] - 1``
+of that request, so the tokens before them (its context) are already in the KV
+cache and the new ones attend causally to context + themselves.
+
+KV cache layout, one tensor per layer::
+
+    kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim)   # [0]=K, [1]=V
+    slot = block_id * block_size + offset_in_block
+
+Block table row r lists request r's block ids in logical order; entries past
+``ceil(seq_lens[r] / block_size)`` are padding and never read.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (num_tokens,) int64: cache slot each new token's K/V goes to
+    query_start_loc: torch.Tensor  # (num_reqs + 1,) int32: cumulative query lengths
+    seq_lens: torch.Tensor  # (num_reqs,) int32: context + new tokens per request
+    block_tables: torch.Tensor  # (num_reqs, max_blocks_per_req) int32
+    max_query_len: int
+    max_seq_len: int
+    # Host copies of the two length vectors, so backends never sync the device to read them.
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_all_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+@dataclass
+class ForwardContext:
+    """Everything a model forward needs besides token ids and positions."""
+
+    attn_metadata: AttentionMetadata
+    kv_caches: list[torch.Tensor]  # one per layer of this worker, layout above
+    backend: "AttentionBackend"
+
+
+class AttentionBackend(ABC):
+    """Writes the step's new K/V into the paged cache, then attends over it."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """query (T, Hq, D); key, value (T, Hkv, D); returns (T, Hq, D).
+
+        Hq is a multiple of Hkv (grouped-query attention). Causal within each
+        request; no attention across requests.
+        """
+
+
+def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                      head_dim: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """One (2, num_blocks, block_size, num_kv_heads, head_dim) tensor per layer."""
+    return [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+            for _ in range(num_layers)]
+
+
+def copy_blocks(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]]) -> None:
+    """Copy-on-write: duplicate whole blocks (src -> dst) in every layer."""
+    if not copies:
+        return
+    device = kv_caches[0].device
+    src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=device)
+    dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=device)
+    for cache in kv_caches:
+        cache[:, dst] = cache[:, src]
