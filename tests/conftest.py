@@ -1,0 +1,26 @@
+"""Shared pytest setup: GPU markers skip cleanly, and the Ray/Redis fixtures are plugins."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["tests.fixtures_redis", "tests.fixtures_ray"]
+
+
+def _num_cuda_gpus() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # torch missing or broken CUDA: no GPU tests
+        return 0
+
+
+def pytest_collection_modifyitems(config, items):
+    num_gpus = _num_cuda_gpus()
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; run on the device machine")
+    skip_multi = pytest.mark.skip(reason="needs >= 2 CUDA GPUs; run on nvidia-h100-x2/x4")
+    for item in items:
+        if "multigpu" in item.keywords and num_gpus < 2:
+            item.add_marker(skip_multi)
+        elif "gpu" in item.keywords and num_gpus < 1:
+            item.add_marker(skip_gpu)
