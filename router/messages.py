@@ -1,0 +1,50 @@
+"""Messages that cross Ray between the ingress, the request router and the replicas.
+
+The ingress renders and tokenizes the prompt once, computes its block-hash
+chain with the engine's block size (``engine.block_hash``), and sends a
+``GenerateRequest`` through the replica deployment's handle. The request
+router (inside that handle) reads ``block_hashes`` to pick a replica; the
+replica streams back ``engine.outputs.RequestOutput`` objects (cumulative).
+Replicas publish ``ReplicaStats`` as their Serve routing stats (a plain dict).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_hashes: list[int]  # hash chain of the prompt's full blocks
+    prompt: Optional[str] = None  # rendered text, for echo/logging only
+    priority: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass
+class ReplicaStats:
+    num_waiting: int = 0  # queue depth: requests admitted but not yet running
+    num_running: int = 0
+    kv_usage: float = 0.0  # share of KV blocks in use
+    prefix_cache_hit_rate: float = 0.0
+    num_preemptions: int = 0
+    cached_block_hashes: list[int] = field(default_factory=list)  # engine's prefix-cache content
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Optional[dict]) -> "ReplicaStats":
+        if not data:
+            return cls()
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
