@@ -1,0 +1,202 @@
+"""Async engine for the server: add a request, get an async stream of its outputs.
+
+The ``LLMEngine`` is not thread-safe, so one background thread owns it and runs
+the step loop. Callers talk to that thread through a command queue (add,
+abort); outputs come back to each request's ``asyncio.Queue`` on the caller's
+event loop. The thread sleeps on the queue when there is no work.
+
+    engine = AsyncLLM.from_config(EngineConfig.create(model="kvmesh-tiny"))
+    async for out in engine.generate("Hello", SamplingParams(max_tokens=8), "req-1"):
+        print(out.outputs[0].text)      # cumulative text so far
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine, PromptType
+from engine.outputs import EngineStats, RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+STATS_REFRESH_S = 0.2  # how often the loop republishes its stats snapshot
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped; the replica must be replaced."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: PromptType
+    params: SamplingParams
+    priority: int
+    stream: "_Stream"
+
+
+@dataclass
+class _Abort:
+    request_id: str
+    done: "asyncio.Future[None]"
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: "asyncio.Queue[RequestOutput | BaseException]"
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.config = engine.config
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self._commands: "queue.Queue[object]" = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._stats = engine.get_stats(with_block_hashes=True)
+        self._dead: Optional[BaseException] = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run_loop, name="kvmesh-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncLLM":
+        return cls(LLMEngine(config))
+
+    @property
+    def block_size(self) -> int:
+        return self.config.cache.block_size
+
+    # ---- public API ---------------------------------------------------------------------------
+    async def generate(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None,
+                       request_id: str = "", priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Streams cumulative outputs; the last one has ``finished=True``.
+
+        Raises ``ValueError`` before the first output for an invalid request. If the
+        consumer stops iterating (client gone), the request is aborted.
+        """
+        self.check_health()
+        params = sampling_params or SamplingParams()
+        # Validate here, in the caller, so bad input fails fast with a clear error.
+        _, token_ids = self.engine.tokenize_prompt(prompt)
+        self.engine._validate_prompt(token_ids)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._streams[request_id] = stream
+        self._commands.put(_Add(request_id, token_ids if not isinstance(prompt, str) else prompt,
+                                params, priority, stream))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                await self._abort_quietly(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Aborts a request; its KV blocks are free when this returns."""
+        if self._dead is not None:
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._commands.put(_Abort(request_id, done, loop))
+        await done
+
+    async def _abort_quietly(self, request_id: str) -> None:
+        try:
+            await asyncio.shield(self.abort(request_id))
+        except (asyncio.CancelledError, Exception):  # still freed by the loop
+            pass
+
+    def get_stats(self) -> EngineStats:
+        return self._stats
+
+    def check_health(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine loop died: {self._dead!r}")
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self._dead is None
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._commands.put(None)
+        self._thread.join(timeout=30)
+        self.engine.shutdown()
+
+    # ---- the engine thread --------------------------------------------------------------------
+    def _run_loop(self) -> None:
+        last_stats = 0.0
+        try:
+            while not self._stopping.is_set():
+                block = not self.engine.has_unfinished_requests()
+                self._drain_commands(block)
+                if self.engine.has_unfinished_requests():
+                    self._publish(self.engine.step())
+                now = time.monotonic()
+                if now - last_stats > STATS_REFRESH_S or not self.engine.has_unfinished_requests():
+                    self._stats = self.engine.get_stats(with_block_hashes=True)
+                    last_stats = now
+        except BaseException as exc:  # noqa: BLE001 - the loop must report any death
+            logger.exception("engine loop died")
+            self._dead = exc
+            for stream in list(self._streams.values()):
+                stream.put(EngineDeadError(f"engine loop died: {exc!r}"))
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while command is not None:
+            self._handle(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, command: object) -> None:
+        if isinstance(command, _Add):
+            try:
+                self.engine.add_request(command.request_id, command.prompt, command.params,
+                                        priority=command.priority)
+            except ValueError as exc:
+                command.stream.put(exc)
+        elif isinstance(command, _Abort):
+            self._publish(self.engine.abort_request(command.request_id))
+            self._stats = self.engine.get_stats(with_block_hashes=True)
+            command.loop.call_soon_threadsafe(_set_result, command.done)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put(out)
+
+
+def _set_result(future: "asyncio.Future[None]") -> None:
+    if not future.done():
+        future.set_result(None)

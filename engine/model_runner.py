@@ -1,0 +1,172 @@
+"""Model runner: turns a ``SchedulerOutput`` into one flattened forward and a ``ModelOutput``.
+
+It keeps a small state per request (token ids, block table, sampling params),
+created from ``NewRequestData`` and updated from ``CachedRequestData`` diffs, so
+after first contact only changes cross the scheduler/worker boundary.
+
+One step, for the requests in scheduling order::
+
+    request r:  tokens[c_r : c_r + n_r]  at positions c_r .. c_r + n_r - 1     (c = computed, n = scheduled)
+    flat batch: [ r0 tokens | r1 tokens | ... ]                       (num_tokens,)
+    slot of position p of r = block_ids_r[p // block_size] * block_size + p % block_size
+    r samples a token iff c_r + n_r == len(tokens_r) (its known tokens are all computed)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.attention.base import AttentionMetadata, ForwardContext, allocate_kv_cache, copy_blocks
+from engine.attention.selector import get_attention_backend
+from engine.config import EngineConfig
+from engine.models.loader import load_model
+from engine.models.spec import ModelSpec
+from engine.sampler import Sampler, SamplingBatch, to_token_logprobs
+from engine.sampling_params import SamplingParams
+from engine.scheduler_output import ModelOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerRequestState:
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling_params: SamplingParams
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, spec: ModelSpec, model_path: str, device: torch.device,
+                 dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1) -> None:
+        self.config = config
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+        self.block_size = config.cache.block_size
+        self.model = load_model(model_path, spec, dtype, device, config.model.load_format,
+                                config.model.seed, tp_rank=tp_rank, tp_size=tp_size)
+        self.backend = get_attention_backend(config.device.attention_backend, device)
+        self.sampler = Sampler()
+        self.kv_caches: list[torch.Tensor] = []
+        self.requests: dict[str, RunnerRequestState] = {}
+
+    # ---- KV cache ---------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.model.num_layers * self.block_size * self.model.num_kv_heads * self.model.head_dim * elem
+
+    def determine_num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            used_by_others = total - free
+            peak = torch.cuda.max_memory_allocated(self.device)
+            budget = total * cache.gpu_memory_utilization - used_by_others - peak * 0.1
+            num_blocks = int(budget // self.kv_bytes_per_block())
+        else:
+            num_blocks = int(cache.cpu_kv_cache_gib * (1 << 30) // self.kv_bytes_per_block())
+        if num_blocks < 1:
+            raise ValueError("no memory left for the KV cache: lower max_model_len or raise "
+                             "gpu_memory_utilization / cpu_kv_cache_gib")
+        return num_blocks
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = allocate_kv_cache(self.model.num_layers, num_blocks, self.block_size,
+                                           self.model.num_kv_heads, self.model.head_dim,
+                                           self.dtype, self.device)
+        logger.info("KV cache: %d blocks x %d tokens (%.2f GiB)", num_blocks, self.block_size,
+                    num_blocks * self.kv_bytes_per_block() / (1 << 30))
+
+    # ---- state updates from the scheduler's diffs ---------------------------------------------
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for req_id in so.finished_req_ids | so.preempted_req_ids:
+            self.requests.pop(req_id, None)
+        for new in so.scheduled_new_reqs:
+            self.requests[new.request_id] = RunnerRequestState(
+                new.request_id, list(new.token_ids), new.num_prompt_tokens, list(new.block_ids),
+                new.num_computed_tokens, new.sampling_params)
+        for diff in so.scheduled_cached_reqs:
+            state = self.requests[diff.request_id]
+            state.token_ids.extend(diff.new_token_ids)
+            state.block_ids.extend(diff.new_block_ids)
+            for index, block_id in diff.replaced_blocks:
+                state.block_ids[index] = block_id
+            state.num_computed_tokens = diff.num_computed_tokens
+
+    # ---- one step -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> ModelOutput:
+        self._update_states(so)
+        if so.is_empty:
+            return ModelOutput()
+        copy_blocks(self.kv_caches, so.block_copies)
+        input_ids, positions, meta, sample_rows = self._prepare_inputs(so)
+        ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
+        hidden = self.model(input_ids, positions, ctx)  # (num_tokens, hidden)
+        # Advance computed counts now: the scheduler already did so on its side.
+        for req_id, n in so.num_scheduled_tokens.items():
+            self.requests[req_id].num_computed_tokens += n
+        if not sample_rows:
+            return ModelOutput()
+        req_ids = [req_id for req_id, _ in sample_rows]
+        logits_idx = torch.tensor([row for _, row in sample_rows], device=self.device)
+        logits = self.model.compute_logits(hidden[logits_idx])  # (num_sampling_reqs, vocab) fp32
+        states = [self.requests[r] for r in req_ids]
+        batch = SamplingBatch.from_requests(
+            [(s.sampling_params, s.sampling_params.seed, len(s.output_token_ids),
+              s.token_ids[:s.num_prompt_tokens], s.output_token_ids) for s in states],
+            vocab_size=logits.shape[-1], device=self.device)
+        out = self.sampler(logits, batch)
+        token_ids = out.sampled_token_ids.tolist()  # the one host sync of the step
+        logprobs = to_token_logprobs(out, batch) if out.logprobs is not None else [None] * len(req_ids)
+        return ModelOutput(req_ids=req_ids, sampled_token_ids=[[t] for t in token_ids], logprobs=logprobs)
+
+    def _prepare_inputs(self, so: SchedulerOutput):
+        bs = self.block_size
+        ids_parts, pos_parts, slot_parts = [], [], []
+        query_start, seq_lens, tables, sample_rows = [0], [], [], []
+        for req_id, n in so.num_scheduled_tokens.items():
+            state = self.requests[req_id]
+            start = state.num_computed_tokens
+            pos = np.arange(start, start + n, dtype=np.int64)
+            table = np.asarray(state.block_ids, dtype=np.int64)
+            ids_parts.append(state.token_ids[start:start + n])
+            pos_parts.append(pos)
+            slot_parts.append(table[pos // bs] * bs + pos % bs)
+            query_start.append(query_start[-1] + n)
+            seq_lens.append(start + n)
+            tables.append(state.block_ids)
+            if start + n == len(state.token_ids):
+                sample_rows.append((req_id, query_start[-1] - 1))
+        max_blocks = max(len(t) for t in tables)
+        table_arr = np.zeros((len(tables), max_blocks), dtype=np.int32)
+        for i, t in enumerate(tables):
+            table_arr[i, :len(t)] = t
+        dev = self.device
+        input_ids = torch.tensor([t for part in ids_parts for t in part], dtype=torch.long, device=dev)
+        positions = torch.from_numpy(np.concatenate(pos_parts)).to(dev)
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slot_parts)).to(dev),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(table_arr).to(dev),
+            max_query_len=max(so.num_scheduled_tokens.values()),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=query_start,
+            seq_lens_cpu=seq_lens,
+        )
+        return input_ids, positions, meta, sample_rows

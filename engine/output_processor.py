@@ -1,0 +1,141 @@
+"""Turns the scheduler's updated requests into user-facing ``RequestOutput``s.
+
+Detokenizes incrementally, finds stop strings (which the scheduler cannot see:
+it has no tokenizer), and gathers the ``n`` sample requests of one prompt back
+into one ``RequestOutput`` whose ``outputs[i]`` is sample ``i``. Outputs are
+cumulative: each carries all text and tokens so far.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from engine.detokenizer import IncrementalDetokenizer, decode_token
+from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, SampleLogprobs
+from engine.request import FinishReason, Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler_output import TokenLogprobs
+
+
+@dataclass
+class SampleState:
+    index: int
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    num_tokens_seen: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: Optional[SampleLogprobs] = None
+    finish_reason: Optional[FinishReason] = None
+    stop_reason: Optional[int | str] = None
+
+
+@dataclass
+class PromptState:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: dict[str, SampleState]  # child request id -> state
+    metrics: RequestMetrics
+    error: Optional[str] = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples.values())
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.prompts: dict[str, PromptState] = {}
+        self.parent_of: dict[str, str] = {}  # child request id -> prompt request id
+
+    def add(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+            params: SamplingParams, child_ids: list[str], arrival_time: float) -> None:
+        samples = {}
+        for i, child_id in enumerate(child_ids):
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
+                                           skip_special_tokens=params.skip_special_tokens,
+                                           stop=params.stop,
+                                           include_stop_str_in_output=params.include_stop_str_in_output)
+            samples[child_id] = SampleState(index=i, detokenizer=detok,
+                                            logprobs=[] if params.logprobs is not None else None)
+            self.parent_of[child_id] = request_id
+        self.prompts[request_id] = PromptState(request_id, prompt, prompt_token_ids, params, samples,
+                                               RequestMetrics(arrival_time=arrival_time))
+
+    def child_ids(self, request_id: str) -> list[str]:
+        state = self.prompts.get(request_id)
+        return list(state.samples) if state else []
+
+    def process(self, updated: list[Request],
+                logprobs: dict[str, list[TokenLogprobs]]) -> tuple[list[RequestOutput], list[str]]:
+        """Returns (outputs of prompts that changed, child ids that hit a stop string)."""
+        changed: dict[str, PromptState] = {}
+        stopped: list[str] = []
+        now = time.monotonic()
+        for req in updated:
+            parent_id = self.parent_of.get(req.request_id)
+            if parent_id is None:
+                continue
+            prompt = self.prompts[parent_id]
+            sample = prompt.samples[req.request_id]
+            if sample.finish_reason is not None:
+                continue
+            new_ids = req.output_token_ids[sample.num_tokens_seen:]
+            sample.num_tokens_seen = len(req.output_token_ids)
+            sample.token_ids.extend(new_ids)
+            if sample.logprobs is not None:
+                for entry in logprobs.get(req.request_id, []):
+                    sample.logprobs.append(self._to_logprob_dict(entry))
+            update = sample.detokenizer.update(new_ids)
+            sample.text += update.delta_text
+            if update.stop_str is not None:
+                sample.finish_reason, sample.stop_reason = FinishReason.STOP, update.stop_str
+                stopped.append(req.request_id)
+            elif req.is_finished:
+                sample.text += sample.detokenizer.flush()
+                sample.finish_reason = req.finish_reason
+                sample.stop_reason = getattr(req, "stop_reason", None)
+            metrics = prompt.metrics
+            metrics.first_scheduled_time = metrics.first_scheduled_time or req.first_scheduled_time
+            metrics.first_token_time = metrics.first_token_time or now
+            metrics.num_cached_tokens = max(metrics.num_cached_tokens, req.num_cached_tokens)
+            changed[parent_id] = prompt
+        outputs = [self._make_output(p) for p in changed.values()]
+        return outputs, stopped
+
+    def finish(self, request_id: str, reason: FinishReason, error: Optional[str] = None) -> Optional[RequestOutput]:
+        """Ends every unfinished sample of a prompt (abort or error); returns its final output."""
+        prompt = self.prompts.get(request_id)
+        if prompt is None:
+            return None
+        for sample in prompt.samples.values():
+            if sample.finish_reason is None:
+                sample.finish_reason = reason
+        prompt.error = error or prompt.error
+        return self._make_output(prompt)
+
+    def _make_output(self, prompt: PromptState) -> RequestOutput:
+        outputs = [CompletionOutput(index=s.index, text=s.text, token_ids=list(s.token_ids),
+                                    logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                                    finish_reason=s.finish_reason.value if s.finish_reason else None,
+                                    stop_reason=s.stop_reason)
+                   for s in sorted(prompt.samples.values(), key=lambda s: s.index)]
+        finished = prompt.finished
+        if finished:
+            prompt.metrics.finished_time = time.monotonic()
+            self.prompts.pop(prompt.request_id, None)
+            for child_id in prompt.samples:
+                self.parent_of.pop(child_id, None)
+        return RequestOutput(request_id=prompt.request_id, prompt=prompt.prompt,
+                             prompt_token_ids=prompt.prompt_token_ids, outputs=outputs,
+                             finished=finished, metrics=prompt.metrics, error=prompt.error)
+
+    def _to_logprob_dict(self, entry: TokenLogprobs) -> dict[int, Logprob]:
+        out = {entry.token_id: Logprob(entry.logprob, entry.rank, decode_token(self.tokenizer, entry.token_id))}
+        for rank, (tok, lp) in enumerate(zip(entry.top_token_ids, entry.top_logprobs), start=1):
+            out.setdefault(tok, Logprob(lp, rank, decode_token(self.tokenizer, tok)))
+        return out
