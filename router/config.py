@@ -1,0 +1,367 @@
+"""Typed deployment configuration: one YAML file describes one served model.
+
+Frozen dataclasses nested by concern, Enums for choices, validated at load time
+with a ``ValueError`` that names the file and the bad field. Unknown keys are
+errors (a typo must not silently fall back to a default). No I/O happens in
+``__post_init__``: API keys named by an environment variable are read when the
+ingress starts (``AuthConfig.resolve_api_keys``), not when the file is parsed.
+
+    name: kvmesh                      # Serve application name
+    model: kvmesh-tiny                # local HF folder or the built-in model
+    served_model_name: kvmesh-tiny    # name clients send as "model" (default: model)
+    engine:                           # flat EngineConfig.create(...) options
+      max_model_len: 1024
+      block_size: 16
+    replicas: {min_replicas: 1, max_replicas: 3, initial_replicas: 1,
+               num_cpus: 0.25, num_gpus: 0, max_ongoing_requests: 64}
+    autoscaling: {target_waiting_per_replica: 2, upscale_delay_s: 5, downscale_delay_s: 30}
+    routing: {kind: prefix_aware, stats_period_s: 0.5, policy: {...}}  # policy: RouterPolicyConfig
+    admission: {max_waiting_per_replica: 32}
+    auth: {api_keys: [sk-...], api_keys_env: KVMESH_API_KEYS}
+    http: {host: 127.0.0.1, port: 8000}
+    ingress: {num_cpus: 0.1, num_replicas: 1}
+    redis_url: redis://127.0.0.1:6379/0   # optional shared router state
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from engine.config import EngineConfig
+
+
+class RouterKind(str, enum.Enum):
+    PREFIX_AWARE = "prefix_aware"  # kvmesh PrefixAwareRequestRouter (router/request_router.py)
+    POWER_OF_TWO = "power_of_two"  # Ray Serve's default power-of-two-choices router
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """How many engine replicas, and what each one reserves from Ray."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    initial_replicas: Optional[int] = None  # None: min_replicas
+    num_cpus: float = 1.0  # Ray CPUs per replica; fractional is fine (0.25)
+    num_gpus: float = 0.0  # Ray GPUs per replica
+    max_ongoing_requests: int = 64  # Serve's cap on in-flight calls per replica
+
+    def __post_init__(self) -> None:
+        _check(self.min_replicas >= 1, f"min_replicas must be >= 1, got {self.min_replicas}")
+        _check(self.max_replicas >= self.min_replicas,
+               f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
+        if self.initial_replicas is not None:
+            _check(self.min_replicas <= self.initial_replicas <= self.max_replicas,
+                   f"initial_replicas must be in [min_replicas, max_replicas] = "
+                   f"[{self.min_replicas}, {self.max_replicas}], got {self.initial_replicas}")
+        _check(self.num_cpus > 0, f"num_cpus must be > 0, got {self.num_cpus}")
+        _check(self.num_gpus >= 0, f"num_gpus must be >= 0, got {self.num_gpus}")
+        _check(self.max_ongoing_requests >= 1,
+               f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")
+
+    @property
+    def is_autoscaling(self) -> bool:
+        return self.max_replicas > self.min_replicas
+
+
+@dataclass(frozen=True)
+class AutoscalingConfig:
+    """Scale on queue depth: waiting (not yet running) requests per replica."""
+
+    target_waiting_per_replica: float = 2.0
+    upscale_delay_s: float = 10.0  # sustained overload before adding a replica
+    downscale_delay_s: float = 60.0  # sustained idleness before removing one
+    metrics_interval_s: float = 1.0  # how often replicas report to the controller
+
+    def __post_init__(self) -> None:
+        _check(self.target_waiting_per_replica > 0,
+               f"target_waiting_per_replica must be > 0, got {self.target_waiting_per_replica}")
+        _check(self.upscale_delay_s >= 0, f"upscale_delay_s must be >= 0, got {self.upscale_delay_s}")
+        _check(self.downscale_delay_s >= 0,
+               f"downscale_delay_s must be >= 0, got {self.downscale_delay_s}")
+        _check(self.metrics_interval_s > 0,
+               f"metrics_interval_s must be > 0, got {self.metrics_interval_s}")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    kind: RouterKind = RouterKind.PREFIX_AWARE
+    stats_period_s: float = 1.0  # how often Serve pulls each replica's ReplicaStats
+    # router.policy.RouterPolicyConfig (thresholds of the prefix-aware policy); None: its defaults.
+    policy: Optional[Any] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", RouterKind(self.kind))
+        _check(self.stats_period_s > 0, f"stats_period_s must be > 0, got {self.stats_period_s}")
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Load shedding in the ingress (HTTP 429) before a request reaches a replica."""
+
+    max_waiting_per_replica: Optional[int] = 64  # None: never shed load
+
+    def __post_init__(self) -> None:
+        _check(self.max_waiting_per_replica is None or self.max_waiting_per_replica >= 1,
+               f"max_waiting_per_replica must be >= 1 or null, got {self.max_waiting_per_replica}")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """API keys accepted as ``Authorization: Bearer <key>``; none configured: no auth."""
+
+    api_keys: tuple[str, ...] = ()
+    api_keys_env: Optional[str] = None  # env var holding comma-separated keys, read at startup
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        _check(all(isinstance(k, str) and k for k in self.api_keys),
+               "api_keys must be a list of non-empty strings")
+        _check(self.api_keys_env is None or bool(self.api_keys_env),
+               "api_keys_env must be a non-empty environment variable name")
+
+    def resolve_api_keys(self) -> frozenset[str]:
+        """The configured keys plus those in ``api_keys_env`` (read now, from the environment)."""
+        keys = set(self.api_keys)
+        if self.api_keys_env:
+            keys.update(k.strip() for k in os.environ.get(self.api_keys_env, "").split(",") if k.strip())
+        return frozenset(keys)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def __post_init__(self) -> None:
+        _check(bool(self.host), "host must be non-empty")
+        _check(0 < self.port < 65536, f"port must be in [1, 65535], got {self.port}")
+
+
+@dataclass(frozen=True)
+class IngressConfig:
+    num_cpus: float = 0.1  # the ingress only tokenizes and relays
+    num_replicas: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.num_cpus > 0, f"num_cpus must be > 0, got {self.num_cpus}")
+        _check(self.num_replicas >= 1, f"num_replicas must be >= 1, got {self.num_replicas}")
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    name: str = "kvmesh"  # Serve application name
+    served_model_name: str = "kvmesh-tiny"  # the "model" clients ask for
+    replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    ingress: IngressConfig = field(default_factory=IngressConfig)
+    redis_url: Optional[str] = None  # shared router state across ingress replicas
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "name must be non-empty")
+        _check(bool(self.served_model_name), "served_model_name must be non-empty")
+        _check(self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+               f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+
+    @property
+    def block_size(self) -> int:
+        return self.engine.cache.block_size
+
+
+# ---- loading ------------------------------------------------------------------------------------
+_SECTIONS: dict[str, type] = {
+    "replicas": ReplicaConfig,
+    "autoscaling": AutoscalingConfig,
+    "admission": AdmissionConfig,
+    "auth": AuthConfig,
+    "http": HttpConfig,
+    "ingress": IngressConfig,
+}
+_TOP_LEVEL = {"name", "model", "served_model_name", "engine", "routing", "redis_url", *_SECTIONS}
+
+
+def load_deployment_config(path: str | os.PathLike) -> DeploymentConfig:
+    """Reads and validates a deployment YAML; raises ``ValueError`` naming the file and field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read deployment config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: invalid YAML: {exc}") from None
+    return parse_deployment_config(data if data is not None else {}, source=str(path))
+
+
+def parse_deployment_config(data: Any, source: str = "<config>") -> DeploymentConfig:
+    """Builds a ``DeploymentConfig`` from already-parsed YAML/JSON data."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    _reject_unknown(data, _TOP_LEVEL, source, "")
+    model = data.get("model", "kvmesh-tiny")
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"{source}: model must be a non-empty string, got {model!r}")
+    engine_kwargs = data.get("engine") or {}
+    if not isinstance(engine_kwargs, dict):
+        raise ValueError(f"{source}: engine must be a mapping of engine options")
+    if "model" in engine_kwargs:
+        raise ValueError(f"{source}: engine.model is not allowed; set the top-level 'model'")
+    try:
+        engine = EngineConfig.create(model=model, **engine_kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{source}: engine: {exc}") from None
+
+    kwargs: dict[str, Any] = {"engine": engine}
+    for key in ("name", "served_model_name", "redis_url"):
+        if key in data:
+            kwargs[key] = _coerce(data[key], DeploymentConfig, key, source, "")
+    kwargs.setdefault("served_model_name", engine.model.served_model_name or _default_served_name(model))
+    for key, cls in _SECTIONS.items():
+        if key in data:
+            kwargs[key] = _build_section(cls, data[key], source, key)
+    if "routing" in data:
+        kwargs["routing"] = _build_routing(data["routing"], source)
+    try:
+        return DeploymentConfig(**kwargs)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+
+
+def _default_served_name(model: str) -> str:
+    return model if model == "kvmesh-tiny" else Path(model.rstrip("/")).name or model
+
+
+def _build_routing(data: Any, source: str) -> RoutingConfig:
+    if data is None:
+        return RoutingConfig()
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: routing must be a mapping")
+    _reject_unknown(data, {"kind", "stats_period_s", "policy"}, source, "routing")
+    kwargs: dict[str, Any] = {}
+    if "kind" in data:
+        kwargs["kind"] = _coerce(data["kind"], RoutingConfig, "kind", source, "routing")
+    if "stats_period_s" in data:
+        kwargs["stats_period_s"] = _coerce(data["stats_period_s"], RoutingConfig, "stats_period_s",
+                                           source, "routing")
+    if data.get("policy") is not None:
+        policy_cls = router_policy_config_class()
+        if policy_cls is None:
+            raise ValueError(f"{source}: routing.policy needs router.policy.RouterPolicyConfig, "
+                             "which is not available in this build")
+        kwargs["policy"] = _build_section(policy_cls, data["policy"], source, "routing.policy")
+    try:
+        return RoutingConfig(**kwargs)
+    except ValueError as exc:
+        raise ValueError(f"{source}: routing: {exc}") from None
+
+
+def router_policy_config_class() -> Optional[type]:
+    """``router.policy.RouterPolicyConfig`` if that module is present, else None."""
+    try:
+        from router.policy import RouterPolicyConfig
+    except ImportError:
+        return None
+    return RouterPolicyConfig
+
+
+def _reject_unknown(data: dict, known: set[str], source: str, section: str) -> None:
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        where = f"{section}." if section else ""
+        raise ValueError(f"{source}: unknown key(s) {', '.join(where + k for k in unknown)}; "
+                         f"known keys{' in ' + section if section else ''}: {sorted(known)}")
+
+
+def _build_section(cls: type, data: Any, source: str, section: str) -> Any:
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: {section} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    _reject_unknown(data, names, source, section)
+    kwargs = {k: _coerce(v, cls, k, source, section) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{source}: {section}: {exc}") from None
+
+
+def _coerce(value: Any, cls: type, name: str, source: str, section: str) -> Any:
+    """Checks ``value`` against the declared type of ``cls.name`` (ints for floats are fine)."""
+    hint = typing.get_type_hints(cls)[name]
+    where = f"{section}.{name}" if section else name
+    try:
+        return _coerce_to(value, hint)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: {where}: {exc}") from None
+
+
+def _coerce_to(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce_to(value, arg)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise ValueError("; ".join(errors))
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list, got {value!r}")
+        item = typing.get_args(hint)[0] if typing.get_args(hint) else Any
+        items = [_coerce_to(v, item) for v in value]
+        return tuple(items) if origin is tuple else items
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping, got {value!r}")
+        return _build_section(hint, value, "<nested>", hint.__name__)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ValueError(f"expected one of {[m.value for m in hint]}, got {value!r}") from None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r}")
