@@ -98,7 +98,9 @@ class OutputProcessor:
             elif req.is_finished:
                 sample.text += sample.detokenizer.flush()
                 sample.finish_reason = req.finish_reason
-                sample.stop_reason = getattr(req, "stop_reason", None)
+                sample.stop_reason = req.stop_reason
+                if req.finish_reason == FinishReason.ERROR:
+                    prompt.error = req.error or "request failed"
             metrics = prompt.metrics
             metrics.first_scheduled_time = metrics.first_scheduled_time or req.first_scheduled_time
             metrics.first_token_time = metrics.first_token_time or now

@@ -52,6 +52,8 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)  # hash chain of full blocks (prefix cache)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: Optional[FinishReason] = None
+    stop_reason: Optional[int] = None  # the stop token id that finished it, if any
+    error: Optional[str] = None  # why it failed, when finish_reason is ERROR
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache on first schedule
     first_scheduled_time: Optional[float] = None
