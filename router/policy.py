@@ -1,0 +1,170 @@
+"""Prefix-affinity routing policy: which replica should serve a request.
+
+Plain Python (no torch, no ray). The request router feeds it one ``ReplicaView``
+per candidate replica (its load and how many leading blocks of the request's
+block-hash chain it already caches) and gets back a ``RoutingDecision``: every
+candidate ranked best first, plus the rule that decided. With the defaults:
+
+- **Affinity.** A replica matching at least ``min_match_blocks`` (1) leading
+  blocks is preferred by ``score = matched_blocks - load_weight * load``
+  (``load_weight`` 4.0: one unit of load costs as much as 4 cached blocks).
+- **Imbalance guard.** If the best-scoring prefix owner's load exceeds the least
+  loaded replica's by more than ``imbalance_threshold`` (8.0 load units), the
+  owner is flooded: rank by load instead (``LOAD_OVERRIDE``).
+- **Cold prompts.** Without a usable match, sample two replicas with ``rng``
+  and take the less loaded (``FALLBACK_P2C``); ties go to the replica caching
+  fewer blocks, so distinct cold prefixes spread over replicas.
+- **Load** of a replica is ``max(inflight_requests, queue_depth + running) +
+  inflight_tokens / inflight_tokens_per_load_unit`` (4096): requests in flight
+  counted at dispatch, corrected by the replica's own report, plus prompt size.
+  If every replica's load reaches ``max_load_per_replica`` (off by default),
+  the decision is ``SATURATED`` so the ingress may answer 429.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+
+class RoutingPolicyKind(enum.Enum):
+    PREFIX_AFFINITY = "prefix_affinity"  # the policy described above
+    POWER_OF_TWO = "power_of_two"  # ignore prefixes: P2C on load only
+
+
+class DecisionKind(enum.Enum):
+    AFFINITY = "affinity"  # best prefix match, load acceptable
+    LOAD_OVERRIDE = "load_override"  # prefix owner flooded: least loaded wins
+    FALLBACK_P2C = "fallback_p2c"  # cold prompt (or no block hashes): power of two choices
+    SATURATED = "saturated"  # every replica at max_load_per_replica: ranked by load
+    NO_REPLICAS = "no_replicas"
+
+
+@dataclass(frozen=True)
+class RouterPolicyConfig:
+    policy: RoutingPolicyKind = RoutingPolicyKind.PREFIX_AFFINITY
+    min_match_blocks: int = 1  # fewer matched leading blocks than this is a cold prompt
+    load_weight: float = 4.0  # matched blocks one unit of load is worth in the score
+    imbalance_threshold: float = 8.0  # owner load - min load above this: LOAD_OVERRIDE
+    inflight_tokens_per_load_unit: int = 4096  # in-flight prompt tokens that make one load unit
+    max_load_per_replica: Optional[float] = None  # all replicas at or above: SATURATED (429)
+    index_capacity_blocks: int = 1_000_000  # block hashes the prefix index keeps (LRU)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.policy, RoutingPolicyKind):
+            raise ValueError(f"policy must be a RoutingPolicyKind, got {self.policy!r}")
+        if self.min_match_blocks < 1:
+            raise ValueError(f"min_match_blocks must be >= 1, got {self.min_match_blocks}")
+        if self.load_weight < 0:
+            raise ValueError(f"load_weight must be >= 0, got {self.load_weight}")
+        if self.imbalance_threshold < 0:
+            raise ValueError(f"imbalance_threshold must be >= 0, got {self.imbalance_threshold}")
+        if self.inflight_tokens_per_load_unit < 1:
+            raise ValueError("inflight_tokens_per_load_unit must be >= 1, "
+                             f"got {self.inflight_tokens_per_load_unit}")
+        if self.max_load_per_replica is not None and self.max_load_per_replica <= 0:
+            raise ValueError(f"max_load_per_replica must be > 0, got {self.max_load_per_replica}")
+        if self.index_capacity_blocks < 1:
+            raise ValueError(f"index_capacity_blocks must be >= 1, got {self.index_capacity_blocks}")
+
+    def to_dict(self) -> dict:
+        """JSON-safe form, for ``RequestRouterConfig.request_router_kwargs``."""
+        return {"policy": self.policy.value, "min_match_blocks": self.min_match_blocks,
+                "load_weight": self.load_weight, "imbalance_threshold": self.imbalance_threshold,
+                "inflight_tokens_per_load_unit": self.inflight_tokens_per_load_unit,
+                "max_load_per_replica": self.max_load_per_replica,
+                "index_capacity_blocks": self.index_capacity_blocks}
+
+    @classmethod
+    def from_dict(cls, data: Optional[dict]) -> "RouterPolicyConfig":
+        """Inverse of ``to_dict``; unknown keys raise ``ValueError``."""
+        data = dict(data or {})
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown router policy fields: {sorted(unknown)}")
+        if "policy" in data and not isinstance(data["policy"], RoutingPolicyKind):
+            data["policy"] = RoutingPolicyKind(data["policy"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    queue_depth: int = 0  # replica-reported waiting requests
+    running: int = 0  # replica-reported running requests
+    inflight_requests: int = 0  # dispatched by routers, not yet completed
+    inflight_tokens: int = 0  # prompt tokens of those requests
+    kv_usage: float = 0.0  # replica-reported share of KV blocks in use (informational)
+
+    def units(self, cfg: RouterPolicyConfig) -> float:
+        """Load in load units (see module docstring)."""
+        num_requests = max(self.inflight_requests, self.queue_depth + self.running)
+        return num_requests + self.inflight_tokens / cfg.inflight_tokens_per_load_unit
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    replica_id: str
+    load: ReplicaLoad = field(default_factory=ReplicaLoad)
+    matched_blocks: int = 0  # leading blocks of the request's chain this replica caches
+    num_cached_blocks: int = 0  # blocks the index holds for this replica (cold tie-break)
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    ranked_replica_ids: list[str]  # every candidate, best first
+    kind: DecisionKind
+    matched_blocks: int = 0  # matched blocks of the first-ranked replica
+
+    @property
+    def replica_id(self) -> Optional[str]:
+        return self.ranked_replica_ids[0] if self.ranked_replica_ids else None
+
+
+def choose(request_block_hashes: Sequence[int], replicas: Sequence[ReplicaView],
+           rng: random.Random, cfg: RouterPolicyConfig = RouterPolicyConfig()) -> RoutingDecision:
+    """Rank ``replicas`` for a request whose chain is ``request_block_hashes``.
+
+    ``matched_blocks`` in each view must already be computed for this chain
+    (``PrefixIndex.match``); the hashes themselves are only used to tell a
+    request that has none (no GenerateRequest) from one that has.
+    """
+    if not replicas:
+        return RoutingDecision([], DecisionKind.NO_REPLICAS)
+    loads = {r.replica_id: r.load.units(cfg) for r in replicas}
+    min_load = min(loads.values())
+    by_load = sorted(replicas, key=lambda r: (loads[r.replica_id], r.num_cached_blocks,
+                                              -r.matched_blocks))
+    if cfg.max_load_per_replica is not None and min_load >= cfg.max_load_per_replica:
+        return _decision(by_load, DecisionKind.SATURATED)
+
+    use_prefix = cfg.policy is RoutingPolicyKind.PREFIX_AFFINITY and len(request_block_hashes) > 0
+    owners = [r for r in replicas if r.matched_blocks >= cfg.min_match_blocks] if use_prefix else []
+    if owners:
+        def score(r: ReplicaView) -> float:
+            return r.matched_blocks - cfg.load_weight * loads[r.replica_id]
+        best = max(owners, key=lambda r: (score(r), -loads[r.replica_id], -r.num_cached_blocks))
+        if loads[best.replica_id] - min_load > cfg.imbalance_threshold:
+            return _decision(by_load, DecisionKind.LOAD_OVERRIDE)
+        # Owners by score first, then the others by load, so Serve's fallback
+        # (best rank full) still prefers cached prefixes.
+        ranked_owners = sorted(owners, key=lambda r: (-score(r), loads[r.replica_id]))
+        ranked_owners.remove(best)
+        owner_ids = {r.replica_id for r in owners}
+        rest = [r for r in by_load if r.replica_id not in owner_ids]
+        return _decision([best] + ranked_owners + rest, DecisionKind.AFFINITY)
+
+    # Cold prompt: power of two choices on load; cache size breaks ties.
+    if len(replicas) <= 2:
+        pair = list(replicas)
+    else:
+        pair = rng.sample(list(replicas), 2)
+    pair.sort(key=lambda r: (loads[r.replica_id], r.num_cached_blocks, rng.random()))
+    pair_ids = {r.replica_id for r in pair}
+    return _decision(pair + [r for r in by_load if r.replica_id not in pair_ids],
+                     DecisionKind.FALLBACK_P2C)
+
+
+def _decision(ranked: list[ReplicaView], kind: DecisionKind) -> RoutingDecision:
+    return RoutingDecision([r.replica_id for r in ranked], kind, ranked[0].matched_blocks)
