@@ -1,0 +1,282 @@
+"""Building blocks of the decoder, written for tensor parallelism (TP).
+
+Every linear layer knows its ``tp_rank`` / ``tp_size`` and holds only its own
+shard; its ``weight_loader(param, loaded_weight, shard_id)`` takes the FULL
+checkpoint tensor and copies the rank's slice. With ``tp_size == 1`` the shard
+is the whole tensor and no collective is ever called.
+
+    ColumnParallelLinear   W (out, in)  split on out   -> each rank: its slice of the outputs
+    RowParallelLinear      W (out, in)  split on in    -> partial sums, all_reduce(comm)
+    VocabParallelEmbedding E (vocab, H) split on vocab -> masked lookup, all_reduce(comm)
+    ParallelLMHead         E (vocab, H) split on vocab -> logits slice, all_gather(comm)
+
+A Megatron MLP is Column (gate_up) then Row (down): one all_reduce per MLP;
+attention is Column (qkv, heads split) then Row (o_proj): one per attention.
+KV heads are replicated when ``num_kv_heads < tp_size`` (each rank keeps one).
+
+Weights are created with ``torch.empty`` so the loader can build the model on
+the meta device and materialise it once, in the target dtype, on the target device.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Communicator(Protocol):
+    """The collectives TP layers need; implemented by the distributed executor."""
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the TP group; returns the reduced tensor."""
+
+    def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """Concatenate the ranks' tensors along ``dim`` in rank order."""
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator != 0:
+        raise ValueError(f"{what} ({numerator}) is not divisible by tensor_parallel_size ({denominator})")
+    return numerator // denominator
+
+
+class TPLayer(nn.Module):
+    """Holds the rank, group size and communicator of a TP-aware layer."""
+
+    def __init__(self, tp_rank: int, tp_size: int, comm: Optional[Communicator]) -> None:
+        super().__init__()
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank must be in [0, {tp_size}), got {tp_rank}")
+        if tp_size > 1 and comm is None:
+            raise ValueError("tensor parallelism (tp_size > 1) needs a communicator")
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.comm = comm
+
+
+def _copy_into(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"{name}: checkpoint shard has shape {tuple(loaded.shape)}, "
+                         f"expected {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+# ---- norms and activations ------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32; optionally fused with the residual add."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) -> (..., hidden) in x's dtype."""
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def forward(self, x: torch.Tensor,
+                residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (norm(x + residual), x + residual); with no residual, (norm(x), x)."""
+        if residual is not None:
+            x = x + residual
+        return self.normalize(x), x
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """(..., 2 * I) laid out [gate | up] -> (..., I) = silu(gate) * up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# ---- linear layers --------------------------------------------------------------------------
+
+class ReplicatedLinear(nn.Module):
+    """Every rank holds the whole weight (routers, small gates)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(output_size, input_size))
+        self.bias = nn.Parameter(torch.empty(output_size)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        _copy_into(param, loaded_weight, type(self).__name__)
+
+
+class ColumnParallelLinear(TPLayer):
+    """y = x W^T + b with W (output_size, input_size) split on outputs; y stays split."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1, comm: Optional[Communicator] = None) -> None:
+        super().__init__(tp_rank, tp_size, comm)
+        self.input_size = input_size
+        self.output_size_per_rank = divide(output_size, tp_size, "output size")
+        self.weight = nn.Parameter(torch.empty(self.output_size_per_rank, input_size))
+        self.bias = nn.Parameter(torch.empty(self.output_size_per_rank)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)  # (T, output_size / tp)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        size = param.shape[0]
+        _copy_into(param, loaded_weight.narrow(0, self.tp_rank * size, size), type(self).__name__)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one matmul, e.g. [gate | up] of an MLP.
+
+    Per rank: W = [gate rows of this rank ; up rows of this rank], so the
+    output splits in halves locally without any communication.
+    """
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1, comm: Optional[Communicator] = None) -> None:
+        self.output_sizes_per_rank = [divide(s, tp_size, "output size") for s in output_sizes]
+        super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size, comm)
+        shards = tuple(range(len(output_sizes)))
+        self.shard_ids = {"weight": shards, "bias": shards}  # every shard must be loaded
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        """shard_id: index into output_sizes (0 = gate, 1 = up); the full sub-matrix is given."""
+        if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes_per_rank):
+            raise ValueError(f"MergedColumnParallelLinear needs shard_id in "
+                             f"0..{len(self.output_sizes_per_rank) - 1}, got {shard_id!r}")
+        size = self.output_sizes_per_rank[shard_id]
+        offset = sum(self.output_sizes_per_rank[:shard_id])
+        src = loaded_weight.narrow(0, self.tp_rank * size, size)
+        _copy_into(param.data.narrow(0, offset, size), src, f"merged shard {shard_id}")
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k, v projections in one matmul; heads split across ranks.
+
+    Per rank output (T, (Hq + 2 * Hkv) * D) laid out [q heads | k heads | v heads].
+    With num_kv_heads < tp_size each KV head is replicated on tp_size / num_kv_heads ranks.
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, tp_rank: int = 0, tp_size: int = 1,
+                 comm: Optional[Communicator] = None) -> None:
+        self.head_dim = head_dim
+        self.num_heads = divide(num_heads, tp_size, "num_attention_heads")
+        if num_kv_heads >= tp_size:
+            self.num_kv_heads = divide(num_kv_heads, tp_size, "num_key_value_heads")
+            self.num_kv_replicas = 1
+        else:
+            self.num_kv_heads = 1
+            self.num_kv_replicas = divide(tp_size, num_kv_heads, "tp_size over num_key_value_heads")
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
+        super().__init__(hidden_size, out, bias, tp_rank, tp_size, comm)
+        self.q_size = self.num_heads * head_dim  # per rank
+        self.kv_size = self.num_kv_heads * head_dim  # per rank
+        self.shard_ids = {"weight": ("q", "k", "v"), "bias": ("q", "k", "v")}  # every shard must be loaded
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        """shard_id: "q", "k" or "v"; the full q/k/v matrix (or bias) is given."""
+        if shard_id == "q":
+            offset, size, src_index = 0, self.q_size, self.tp_rank
+        elif shard_id in ("k", "v"):
+            offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
+            size, src_index = self.kv_size, self.tp_rank // self.num_kv_replicas
+        else:
+            raise ValueError(f"QKVParallelLinear needs shard_id 'q', 'k' or 'v', got {shard_id!r}")
+        src = loaded_weight.narrow(0, src_index * size, size)
+        _copy_into(param.data.narrow(0, offset, size), src, f"{shard_id}_proj")
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(T, q_size + 2 kv_size) -> q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, D)."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        num_tokens = qkv.shape[0]
+        return (q.view(num_tokens, self.num_heads, self.head_dim),
+                k.view(num_tokens, self.num_kv_heads, self.head_dim),
+                v.view(num_tokens, self.num_kv_heads, self.head_dim))
+
+
+class RowParallelLinear(TPLayer):
+    """y = x W^T + b with W (output_size, input_size) split on inputs; x arrives split.
+
+    Each rank computes a partial sum; ``all_reduce`` completes it. The bias is
+    added once, after the reduction. ``reduce_results=False`` leaves the partial
+    sum for the caller to reduce (an MoE block reduces experts + shared expert once).
+    """
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1, comm: Optional[Communicator] = None,
+                 reduce_results: bool = True) -> None:
+        super().__init__(tp_rank, tp_size, comm)
+        self.input_size_per_rank = divide(input_size, tp_size, "input size")
+        self.reduce_results = reduce_results
+        self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_rank))
+        self.bias = nn.Parameter(torch.empty(output_size)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)  # (T, output_size), partial over ranks
+        if self.tp_size > 1 and self.reduce_results:
+            y = self.comm.all_reduce(y)
+        return y + self.bias if self.bias is not None else y
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        if param.dim() == 1:  # bias: replicated
+            _copy_into(param, loaded_weight, "row-parallel bias")
+            return
+        size = param.shape[1]
+        _copy_into(param, loaded_weight.narrow(1, self.tp_rank * size, size), type(self).__name__)
+
+
+# ---- embeddings and LM head -----------------------------------------------------------------
+
+class VocabParallelEmbedding(TPLayer):
+    """Embedding table split on the vocabulary; rank r owns ids [start, end).
+
+    vocab_size is padded up to a multiple of tp_size; padding rows are zero
+    and never looked up (ids are < vocab_size).
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp_rank: int = 0, tp_size: int = 1,
+                 comm: Optional[Communicator] = None) -> None:
+        super().__init__(tp_rank, tp_size, comm)
+        self.vocab_size = vocab_size
+        self.num_rows_per_rank = -(-vocab_size // tp_size)  # ceil
+        self.vocab_start = tp_rank * self.num_rows_per_rank
+        self.vocab_end = min(self.vocab_start + self.num_rows_per_rank, vocab_size)
+        self.weight = nn.Parameter(torch.empty(self.num_rows_per_rank, hidden_size))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(T,) -> (T, hidden)."""
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        is_mine = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
+        local_ids = torch.where(is_mine, input_ids - self.vocab_start, 0)
+        out = F.embedding(local_ids, self.weight) * is_mine.unsqueeze(-1).to(self.weight.dtype)
+        return self.comm.all_reduce(out)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        if loaded_weight.shape[0] != self.vocab_size:
+            raise ValueError(f"embedding has {loaded_weight.shape[0]} rows, expected vocab_size "
+                             f"{self.vocab_size}")
+        num_rows = self.vocab_end - self.vocab_start
+        param.data.zero_()
+        _copy_into(param.data[:num_rows], loaded_weight.narrow(0, self.vocab_start, num_rows),
+                   type(self).__name__)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Output projection hidden -> vocab, split on the vocabulary like the embedding."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(R, hidden) -> (R, vocab_size) float32."""
+        logits = F.linear(hidden, self.weight)  # (R, vocab / tp)
+        if self.tp_size > 1:
+            logits = self.comm.all_gather(logits, dim=-1)  # (R, padded vocab)
+        return logits[:, :self.vocab_size].float()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise TypeError("ParallelLMHead is not an embedding; call compute_logits(hidden)")
