@@ -85,6 +85,7 @@ class AutoscalingConfig:
     target_waiting_per_replica: float = 2.0
     upscale_delay_s: float = 10.0  # sustained overload before adding a replica
     downscale_delay_s: float = 60.0  # sustained idleness before removing one
+    downscale_running_per_replica: float = 8.0  # running requests each remaining replica absorbs
     metrics_interval_s: float = 1.0  # how often replicas report to the controller
 
     def __post_init__(self) -> None:
@@ -93,6 +94,8 @@ class AutoscalingConfig:
         _check(self.upscale_delay_s >= 0, f"upscale_delay_s must be >= 0, got {self.upscale_delay_s}")
         _check(self.downscale_delay_s >= 0,
                f"downscale_delay_s must be >= 0, got {self.downscale_delay_s}")
+        _check(self.downscale_running_per_replica >= 0,
+               f"downscale_running_per_replica must be >= 0, got {self.downscale_running_per_replica}")
         _check(self.metrics_interval_s > 0,
                f"metrics_interval_s must be > 0, got {self.metrics_interval_s}")
 

@@ -1,0 +1,147 @@
+"""Builds the Serve application from a ``DeploymentConfig`` and serves it.
+
+    HTTP ──▶ Serve proxy ──▶ OpenAIIngress (FastAPI; tokenizes, block hashes, admission)
+                                  │ handle.options(stream=True).generate(GenerateRequest)
+                                  ▼ request router (prefix-aware, or Serve's default)
+                             LLMServer × N (AsyncLLM each; autoscaled on queue depth)
+                                  │ stats every routing.stats_period_s
+                                  ▼
+                             ReplicaStatsBoard (1 replica) ◀── ingress: /metrics, /health, status
+
+Ray is imported here and in the deployments only; nothing in this module does I/O
+at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import threading
+from typing import Any, Optional
+
+from router.config import DeploymentConfig, RouterKind
+from router.ingress import RendererFactory
+from router.replica import EngineFactory, LLMServer, ReplicaStatsBoard
+
+logger = logging.getLogger(__name__)
+
+INGRESS_NAME = "OpenAIIngress"
+REPLICA_NAME = "LLMServer"
+BOARD_NAME = "ReplicaStatsBoard"
+
+
+@functools.cache
+def _ingress_class() -> type:
+    # serve.ingress rewrites the FastAPI app's routes in place, so it must wrap it once.
+    from ray import serve
+
+    from router.ingress import OpenAIIngress, app
+    return serve.ingress(app)(OpenAIIngress)
+
+
+def request_router_config(cfg: DeploymentConfig) -> Optional[Any]:
+    """Serve ``RequestRouterConfig`` for the prefix-aware router; None for Serve's default."""
+    if cfg.routing.kind is not RouterKind.PREFIX_AWARE:
+        return None
+    try:
+        from router import request_router
+    except ImportError:
+        logger.warning("router.request_router is not available; using Serve's default router")
+        return None
+    return request_router.build_request_router_config(
+        policy=cfg.routing.policy, redis_url=cfg.redis_url, namespace=cfg.name,
+        stats_period_s=cfg.routing.stats_period_s)
+
+
+def _autoscaling_options(cfg: DeploymentConfig) -> dict[str, Any]:
+    replicas = cfg.replicas
+    if not replicas.is_autoscaling:
+        return {"num_replicas": replicas.min_replicas}
+    from router.autoscaling import QueueDepthScalingConfig, autoscaling_config
+    scaling = cfg.autoscaling
+    policy = QueueDepthScalingConfig(target_waiting_per_replica=scaling.target_waiting_per_replica,
+                                     upscale_delay_s=scaling.upscale_delay_s,
+                                     downscale_delay_s=scaling.downscale_delay_s,
+                                     downscale_running_per_replica=scaling.downscale_running_per_replica)
+    return {"autoscaling_config": autoscaling_config(
+        replicas.min_replicas, replicas.max_replicas, policy,
+        initial_replicas=replicas.initial_replicas, metrics_interval_s=scaling.metrics_interval_s)}
+
+
+def build_app(cfg: DeploymentConfig, *, engine_factory: Optional[EngineFactory] = None,
+              renderer_factory: Optional[RendererFactory] = None) -> Any:
+    """The Serve application: ingress → (request router) → LLMServer replicas, plus the stats board.
+
+    ``engine_factory`` / ``renderer_factory`` replace the real engine and tokenizer
+    (router unit tests only).
+    """
+    from ray import serve
+
+    board = serve.deployment(
+        ReplicaStatsBoard, name=BOARD_NAME, num_replicas=1, max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(ttl_s=max(3.0, 6 * cfg.routing.stats_period_s))
+
+    replica_options: dict[str, Any] = {
+        "name": REPLICA_NAME,
+        "max_ongoing_requests": cfg.replicas.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": cfg.replicas.num_cpus, "num_gpus": cfg.replicas.num_gpus},
+        "health_check_period_s": 5.0,
+        "health_check_timeout_s": 30.0,
+        "graceful_shutdown_timeout_s": 5.0,
+        **_autoscaling_options(cfg),
+    }
+    router_config = request_router_config(cfg)
+    if router_config is not None:
+        replica_options["request_router_config"] = router_config
+    llm = serve.deployment(LLMServer, **replica_options).bind(cfg, board, engine_factory)
+
+    return serve.deployment(
+        _ingress_class(), name=INGRESS_NAME, num_replicas=cfg.ingress.num_replicas,
+        max_ongoing_requests=10_000, ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
+        graceful_shutdown_timeout_s=5.0,
+    ).bind(cfg, llm, board, renderer_factory)
+
+
+def deploy(cfg: DeploymentConfig, host: Optional[str] = None, port: Optional[int] = None,
+           **factories: Any) -> str:
+    """Starts (or joins) Ray and Serve, deploys the app, returns its base URL."""
+    import ray
+    from ray import serve
+
+    host = host or cfg.http.host
+    port = port or cfg.http.port
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        address = os.environ.get("RAY_ADDRESS")
+        # "local" starts a private cluster even if another one runs on this host.
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(cfg, **factories), name=cfg.name, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def serve_forever(cfg: DeploymentConfig, host: Optional[str] = None, port: Optional[int] = None) -> None:
+    """Deploys, prints the URL, serves until SIGINT/SIGTERM, then shuts Serve and Ray down."""
+    import ray
+    from ray import serve
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        url = deploy(cfg, host, port)
+        print(f"kvmesh: serving '{cfg.served_model_name}' at {url}/v1 "
+              f"(OpenAI API; {url}/metrics, {url}/health). Ctrl-C to stop.", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("kvmesh: shutting down", flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        try:
+            serve.shutdown()
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()

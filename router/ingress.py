@@ -1,0 +1,637 @@
+"""OpenAI-compatible HTTP ingress (FastAPI inside a Serve deployment).
+
+Life of a request here:
+1. Check the API key (401), parse the body strictly (400), check the model name (404)
+   and build ``SamplingParams`` (400 on bad values).
+2. Render the chat template and tokenize ONCE; reject prompts that do not fit
+   ``max_model_len`` (400). Compute the prompt's block-hash chain with the
+   engine's block size (``engine.block_hash``) for the prefix-aware router.
+3. Admission from the replicas' reported stats: no healthy replica (503), too many
+   waiting requests per replica (429).
+4. Send one ``GenerateRequest`` per prompt through the replica handle with
+   ``.options(stream=True)``; the request router picks the replica.
+5. Turn the cumulative ``RequestOutput`` stream into SSE chunks (deltas per choice
+   index, ``data: [DONE]`` last) or one response with exact ``usage``.
+6. If the client goes away, Serve cancels this handler; we cancel the replica calls,
+   and the replica aborts the engine request (its KV blocks are freed).
+
+Errors are OpenAI error objects ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.block_hash import block_hash_chain
+from router.config import DeploymentConfig
+from router.messages import GenerateRequest
+from router.metrics import CONTENT_TYPE, RequestTimer, get_metrics
+from router.protocol import (APIError, AssistantMessage, ChatCompletionChoice, ChatCompletionChunk,
+                             ChatCompletionChunkChoice, ChatCompletionRequest,
+                             ChatCompletionResponse, ChatLogprobAlternative, ChatLogprobs,
+                             ChatLogprobToken, CompletionChoice, CompletionLogprobs,
+                             CompletionRequest, CompletionResponse, DeltaMessage, ModelCard,
+                             ModelList, UsageInfo, dump, validation_error_to_api_error)
+
+logger = logging.getLogger(__name__)
+
+STATS_MAX_AGE_S = 0.25  # the ingress re-reads the stats board at most this often
+
+
+# ---- prompt rendering ---------------------------------------------------------------------------
+class PromptRenderer:
+    """Chat template + tokenizer of the served model (the engine's own helpers)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_model_info(cls, info: dict) -> "PromptRenderer":
+        from engine.tokenizer import load_tokenizer
+        return cls(load_tokenizer(info.get("tokenizer") or info["model_path"]))
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        from engine.tokenizer import apply_chat_template
+        return apply_chat_template(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+
+    def encode(self, text: str) -> list[int]:
+        from engine.tokenizer import encode_prompt
+        return encode_prompt(self.tokenizer, text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+
+RendererFactory = Callable[[dict], PromptRenderer]
+
+
+# ---- per-choice streaming state -----------------------------------------------------------------
+@dataclass
+class _ChoiceState:
+    text: str = ""
+    num_tokens: int = 0
+    num_logprobs: int = 0
+    text_offset: int = 0  # completions logprobs: offset of the next token in the text
+    finish_reason: Optional[str] = None
+    has_role: bool = False
+
+
+@dataclass
+class _Job:
+    """One ``GenerateRequest`` of an API request (one prompt), and its stream."""
+
+    prompt_index: int
+    request: GenerateRequest
+    prompt_text: str
+    stream: Any = None  # DeploymentResponseGenerator
+    final: Any = None  # last RequestOutput
+    is_done: bool = False
+
+
+_END = object()
+
+app = FastAPI(title="kvmesh", description="OpenAI-compatible API served by kvmesh")
+
+
+@app.exception_handler(APIError)
+async def _api_error_handler(request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(dump(exc.to_response()), status_code=exc.status_code)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    err = APIError(exc.status_code, str(exc.detail), type="invalid_request_error",
+                   code="not_found" if exc.status_code == 404 else None)
+    return JSONResponse(dump(err.to_response()), status_code=exc.status_code)
+
+
+@app.exception_handler(Exception)
+async def _internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("internal error on %s", request.url.path)
+    err = APIError(500, f"internal error: {exc!r}", type="internal_server_error")
+    return JSONResponse(dump(err.to_response()), status_code=500)
+
+
+@app.middleware("http")
+async def _count_http_requests(request: Request, call_next):
+    response = await call_next(request)
+    route = request.scope.get("route")
+    path = getattr(route, "path", "other")
+    get_metrics().http_requests.labels(request.method, path, str(response.status_code)).inc()
+    return response
+
+
+class OpenAIIngress:
+    """The ingress deployment body; ``router.app`` wraps it with ``serve.ingress(app)``."""
+
+    def __init__(self, cfg: DeploymentConfig, llm_handle: Any, board_handle: Any,
+                 renderer_factory: Optional[RendererFactory] = None) -> None:
+        self.cfg = cfg
+        self.llm = llm_handle
+        self.board = board_handle
+        self.api_keys = cfg.auth.resolve_api_keys()
+        self.metrics = get_metrics()
+        self._renderer_factory = renderer_factory or PromptRenderer.from_model_info
+        self._renderer: Optional[PromptRenderer] = None
+        self._model_info: Optional[dict] = None
+        self._init_lock: Optional[asyncio.Lock] = None
+        self._stats: dict[str, dict] = {}
+        self._stats_time = 0.0
+        self._stats_lock: Optional[asyncio.Lock] = None
+
+    # ---- endpoints ----------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        self._authorize(request)
+        body = self._parse(ChatCompletionRequest, await request.body())
+        self._check_model(body.model)
+        params = self._sampling_params(body)
+        renderer, info = await self._ready()
+        try:
+            text = renderer.render_chat(body.to_template_messages(), body.add_generation_prompt)
+        except Exception as exc:
+            raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
+        token_ids = renderer.encode(text)
+        self._check_prompt(token_ids, params, info, "messages")
+        api_id = f"chatcmpl-{uuid.uuid4().hex}"
+        jobs = [_Job(0, self._generate_request(f"{api_id}-0", token_ids, params, text, body.priority), text)]
+        await self._admit()
+        timer = RequestTimer(self.metrics, "chat", arrival)
+        first = await self._start(jobs)
+        self.metrics.prompt_tokens.labels("chat").inc(len(token_ids))
+        if body.stream:
+            return self._sse(self._chat_stream(api_id, body, jobs, first, timer, renderer))
+        await self._drain(jobs, first, timer)
+        return JSONResponse(dump(self._chat_response(api_id, body, jobs, renderer)))
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        self._authorize(request)
+        body = self._parse(CompletionRequest, await request.body())
+        self._check_model(body.model)
+        params = self._sampling_params(body)
+        renderer, info = await self._ready()
+        try:
+            prompts = body.prompts()
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="prompt") from None
+        api_id = f"cmpl-{uuid.uuid4().hex}"
+        jobs = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                text, token_ids = prompt, (renderer.encode(prompt) if prompt else [])
+            else:
+                text, token_ids = None, list(prompt)
+            self._check_prompt(token_ids, params, info, "prompt")
+            if text is None:
+                text = renderer.decode(token_ids) if body.echo else ""
+            jobs.append(_Job(i, self._generate_request(f"{api_id}-{i}", token_ids, params, text,
+                                                       body.priority), text))
+        await self._admit()
+        timer = RequestTimer(self.metrics, "completions", arrival)
+        first = await self._start(jobs)
+        self.metrics.prompt_tokens.labels("completions").inc(sum(j.request.num_prompt_tokens for j in jobs))
+        if body.stream:
+            return self._sse(self._completion_stream(api_id, body, jobs, first, timer, renderer))
+        await self._drain(jobs, first, timer)
+        return JSONResponse(dump(self._completion_response(api_id, body, jobs, renderer)))
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        max_len = self._model_info["max_model_len"] if self._model_info else None
+        return JSONResponse(dump(ModelList(data=[ModelCard(id=self.cfg.served_model_name,
+                                                           max_model_len=max_len)])))
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        healthy = [s for s in (await self._replica_stats()).values() if s.get("is_healthy")]
+        if not healthy:
+            return JSONResponse({"status": "unhealthy", "num_healthy_replicas": 0}, status_code=503)
+        return JSONResponse({"status": "ok", "num_healthy_replicas": len(healthy)})
+
+    @app.get("/metrics")
+    async def prometheus_metrics(self) -> Response:
+        self.metrics.replicas.update(await self._replica_stats(max_age_s=0.0))
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/kvmesh/status")
+    async def status(self) -> Response:
+        """Per-replica load and cache figures (what ``kvmesh status`` prints)."""
+        stats = await self._replica_stats(max_age_s=0.0)
+        return JSONResponse({"app": self.cfg.name, "model": self.cfg.served_model_name,
+                             "min_replicas": self.cfg.replicas.min_replicas,
+                             "max_replicas": self.cfg.replicas.max_replicas,
+                             "router": self.cfg.routing.kind.value,
+                             "replicas": [stats[r] for r in sorted(stats)]})
+
+    # ---- request checks -----------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if not self.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or key.strip() not in self.api_keys:
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           type="authentication_error", code="invalid_api_key")
+
+    @staticmethod
+    def _parse(model_cls: type, raw: bytes) -> Any:
+        try:
+            return model_cls.model_validate_json(raw or b"")
+        except ValidationError as exc:
+            raise validation_error_to_api_error(exc) from None
+
+    def _check_model(self, model: str) -> None:
+        if model != self.cfg.served_model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves "
+                                f"'{self.cfg.served_model_name}'", param="model", code="model_not_found")
+
+    @staticmethod
+    def _sampling_params(body: Union[ChatCompletionRequest, CompletionRequest]) -> Any:
+        try:
+            return body.to_sampling_params()
+        except (ValueError, TypeError) as exc:
+            param = str(exc).split(" ", 1)[0]
+            raise APIError(400, str(exc), param=param if param.isidentifier() else None,
+                           code="invalid_value") from None
+
+    @staticmethod
+    def _check_prompt(token_ids: list[int], params: Any, info: dict, param: str) -> None:
+        max_len = info["max_model_len"]
+        if not token_ids:
+            raise APIError(400, "the prompt is empty", param=param)
+        if len(token_ids) >= max_len:
+            raise APIError(400, f"this model's maximum context length is {max_len} tokens, but the "
+                                f"prompt has {len(token_ids)} tokens", param=param,
+                           code="context_length_exceeded")
+        if params.max_tokens is not None and len(token_ids) + params.max_tokens > max_len:
+            raise APIError(400, f"this model's maximum context length is {max_len} tokens; the prompt "
+                                f"({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) "
+                                "exceeds it", param="max_tokens", code="context_length_exceeded")
+
+    def _generate_request(self, request_id: str, token_ids: list[int], params: Any, text: str,
+                          priority: int) -> GenerateRequest:
+        block_size = self._model_info["block_size"] if self._model_info else self.cfg.block_size
+        hashes = block_hash_chain(token_ids, block_size, salt=self.cfg.engine.cache.cache_salt)
+        return GenerateRequest(request_id=request_id, prompt_token_ids=token_ids,
+                               sampling_params=params, block_hashes=hashes, prompt=text,
+                               priority=priority)
+
+    async def _ready(self) -> tuple[PromptRenderer, dict]:
+        """Model facts from a replica and the tokenizer, loaded once on first use."""
+        if self._renderer is not None:
+            return self._renderer, self._model_info
+        if self._init_lock is None:
+            self._init_lock = asyncio.Lock()
+        async with self._init_lock:
+            if self._renderer is None:
+                try:
+                    info = await asyncio.wait_for(self.llm.model_info.remote(), timeout=60)
+                except Exception as exc:
+                    raise APIError(503, f"no healthy replica: {exc!r}", type="service_unavailable",
+                                   code="no_healthy_replica") from None
+                self._renderer = await asyncio.to_thread(self._renderer_factory, info)
+                self._model_info = info
+        return self._renderer, self._model_info
+
+    async def _replica_stats(self, max_age_s: float = STATS_MAX_AGE_S) -> dict[str, dict]:
+        if self._stats_lock is None:
+            self._stats_lock = asyncio.Lock()
+        async with self._stats_lock:
+            if time.monotonic() - self._stats_time > max_age_s:
+                try:
+                    self._stats = await asyncio.wait_for(self.board.snapshot.remote(), timeout=5)
+                except Exception as exc:
+                    logger.warning("cannot read the replica stats board: %r", exc)
+                    self._stats = {}
+                self._stats_time = time.monotonic()
+        return self._stats
+
+    async def _admit(self) -> None:
+        stats = await self._replica_stats()
+        if not stats:
+            stats = await self._replica_stats(max_age_s=0.0)
+        healthy = [s for s in stats.values() if s.get("is_healthy")]
+        if not healthy:
+            raise APIError(503, "no healthy replica is available", type="service_unavailable",
+                           code="no_healthy_replica")
+        limit = self.cfg.admission.max_waiting_per_replica
+        if limit is not None:
+            waiting = sum(s.get("num_waiting", 0) for s in healthy) / len(healthy)
+            if waiting >= limit:
+                raise APIError(429, f"server overloaded: {waiting:.0f} requests waiting per replica "
+                                    f"(limit {limit}); retry later", type="rate_limit_error",
+                               code="overloaded")
+
+    # ---- talking to replicas ------------------------------------------------------------------
+    async def _start(self, jobs: list[_Job]) -> "_PrefilledQueue":
+        """Starts every job's replica call; waits for the first output so input errors are 4xx."""
+        queue: asyncio.Queue = asyncio.Queue()
+        handle = self.llm.options(stream=True)
+        tasks = []
+        for job in jobs:
+            job.stream = handle.generate.remote(job.request)
+            tasks.append(asyncio.get_running_loop().create_task(self._pump(job, queue)))
+        # Wait for one output (or an error) per job before answering with a status code.
+        pending: list = []
+        seen: set[int] = set()
+        try:
+            while len(seen) < len(jobs):
+                item = await queue.get()
+                index, payload = item
+                if isinstance(payload, BaseException):
+                    raise _api_error_from(payload)
+                seen.add(index)
+                pending.append(item)
+        except BaseException:
+            self._cancel(jobs, tasks)
+            raise
+        return _PrefilledQueue(queue, pending, tasks)
+
+    @staticmethod
+    async def _pump(job: _Job, queue: asyncio.Queue) -> None:
+        try:
+            async for out in job.stream:
+                await queue.put((job.prompt_index, out))
+            await queue.put((job.prompt_index, _END))
+        except asyncio.CancelledError:
+            job.stream.cancel()
+            raise
+        except Exception as exc:  # delivered to the consumer, which maps it to an API error
+            await queue.put((job.prompt_index, exc))
+
+    @staticmethod
+    def _cancel(jobs: list[_Job], tasks: list[asyncio.Task]) -> None:
+        for task in tasks:
+            task.cancel()
+        for job in jobs:
+            if job.stream is not None and not job.is_done:
+                job.stream.cancel()
+
+    async def _events(self, jobs: list[_Job], queue: "_PrefilledQueue",
+                      timer: RequestTimer) -> AsyncIterator[tuple[_Job, Any]]:
+        """(job, cumulative RequestOutput) until every job finished; cancels on early exit."""
+        by_index = {j.prompt_index: j for j in jobs}
+        num_tokens: dict[tuple[int, int], int] = {}
+        try:
+            while not all(j.is_done for j in jobs):
+                index, payload = await queue.get()
+                job = by_index[index]
+                if payload is _END:
+                    job.is_done = True
+                    continue
+                if isinstance(payload, BaseException):
+                    raise _api_error_from(payload)
+                new = 0
+                for c in payload.outputs:
+                    key = (index, c.index)
+                    new += len(c.token_ids) - num_tokens.get(key, 0)
+                    num_tokens[key] = len(c.token_ids)
+                timer.on_tokens(new, time.monotonic())
+                job.final = payload
+                if payload.finished:
+                    job.is_done = True
+                yield job, payload
+            timer.on_finish(time.monotonic(), [c.finish_reason for j in jobs if j.final
+                                               for c in j.final.outputs])
+        finally:
+            self._cancel(jobs, queue.tasks)
+
+    async def _drain(self, jobs: list[_Job], queue: "_PrefilledQueue", timer: RequestTimer) -> None:
+        async for _ in self._events(jobs, queue, timer):
+            pass
+        for job in jobs:
+            for c in job.final.outputs:
+                if c.finish_reason == "error":
+                    raise APIError(500, f"generation failed: {job.final.error or 'engine error'}",
+                                   type="internal_server_error")
+
+    @staticmethod
+    def _sse(chunks: AsyncIterator[str]) -> StreamingResponse:
+        return StreamingResponse(chunks, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ---- chat responses -----------------------------------------------------------------------
+    def _chat_response(self, api_id: str, body: ChatCompletionRequest, jobs: list[_Job],
+                       renderer: PromptRenderer) -> ChatCompletionResponse:
+        out = jobs[0].final
+        choices = []
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            logprobs = (ChatLogprobs(content=_chat_logprobs(c.token_ids, c.logprobs or [],
+                                                            body.top_logprobs or 0, renderer))
+                        if body.logprobs else None)
+            choices.append(ChatCompletionChoice(index=c.index, message=AssistantMessage(content=c.text),
+                                                logprobs=logprobs, finish_reason=c.finish_reason))
+        return ChatCompletionResponse(id=api_id, model=self.cfg.served_model_name, choices=choices,
+                                      usage=_usage(jobs))
+
+    async def _chat_stream(self, api_id: str, body: ChatCompletionRequest, jobs: list[_Job],
+                           queue: "_PrefilledQueue", timer: RequestTimer,
+                           renderer: PromptRenderer) -> AsyncIterator[str]:
+        model = self.cfg.served_model_name
+        created = int(time.time())
+        states: dict[int, _ChoiceState] = {}
+        try:
+            async for _, out in self._events(jobs, queue, timer):
+                for c in out.outputs:
+                    st = states.setdefault(c.index, _ChoiceState())
+                    delta_text, new_logprobs, new_ids = _advance(st, c)
+                    finish = c.finish_reason if c.finish_reason and st.finish_reason is None else None
+                    if finish:
+                        st.finish_reason = finish
+                    if not (delta_text or finish or not st.has_role or new_logprobs):
+                        continue
+                    delta = DeltaMessage(content=delta_text)
+                    if not st.has_role:
+                        delta.role, st.has_role = "assistant", True
+                    logprobs = (ChatLogprobs(content=_chat_logprobs(new_ids, new_logprobs,
+                                                                    body.top_logprobs or 0, renderer))
+                                if body.logprobs else None)
+                    chunk = ChatCompletionChunk(
+                        id=api_id, created=created, model=model,
+                        choices=[ChatCompletionChunkChoice(index=c.index, delta=delta, logprobs=logprobs,
+                                                           finish_reason=finish)])
+                    yield _sse_data(chunk)
+            if body.include_usage:
+                yield _sse_data(ChatCompletionChunk(id=api_id, created=created, model=model,
+                                                    choices=[], usage=_usage(jobs)))
+        except APIError as exc:
+            yield f"data: {json.dumps(dump(exc.to_response()))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    # ---- completion responses -----------------------------------------------------------------
+    def _completion_response(self, api_id: str, body: CompletionRequest, jobs: list[_Job],
+                             renderer: PromptRenderer) -> CompletionResponse:
+        n = body.n
+        choices = []
+        for job in jobs:
+            prefix = job.prompt_text if body.echo else ""
+            for c in sorted(job.final.outputs, key=lambda c: c.index):
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = _completion_logprobs(c.token_ids, c.logprobs or [], body.logprobs,
+                                                    renderer, len(prefix))
+                choices.append(CompletionChoice(index=job.prompt_index * n + c.index, text=prefix + c.text,
+                                                logprobs=logprobs, finish_reason=c.finish_reason))
+        return CompletionResponse(id=api_id, model=self.cfg.served_model_name, choices=choices,
+                                  usage=_usage(jobs))
+
+    async def _completion_stream(self, api_id: str, body: CompletionRequest, jobs: list[_Job],
+                                 queue: "_PrefilledQueue", timer: RequestTimer,
+                                 renderer: PromptRenderer) -> AsyncIterator[str]:
+        model = self.cfg.served_model_name
+        created = int(time.time())
+        states: dict[int, _ChoiceState] = {}
+        try:
+            async for job, out in self._events(jobs, queue, timer):
+                for c in out.outputs:
+                    index = job.prompt_index * body.n + c.index
+                    is_new = index not in states
+                    st = states.setdefault(index, _ChoiceState())
+                    if is_new and body.echo:
+                        st.text_offset = len(job.prompt_text)
+                    delta_text, new_logprobs, new_ids = _advance(st, c)
+                    finish = c.finish_reason if c.finish_reason and st.finish_reason is None else None
+                    if finish:
+                        st.finish_reason = finish
+                    if is_new and body.echo:
+                        delta_text = job.prompt_text + delta_text
+                    if not (delta_text or finish or new_logprobs):
+                        continue
+                    logprobs = None
+                    if body.logprobs is not None:
+                        logprobs = _completion_logprobs(new_ids, new_logprobs, body.logprobs, renderer,
+                                                        st.text_offset)
+                        st.text_offset += sum(len(t) for t in logprobs.tokens)
+                    chunk = CompletionResponse(
+                        id=api_id, created=created, model=model,
+                        choices=[CompletionChoice(index=index, text=delta_text, logprobs=logprobs,
+                                                  finish_reason=finish)])
+                    yield _sse_data(chunk)
+            if body.include_usage:
+                yield _sse_data(CompletionResponse(id=api_id, created=created, model=model, choices=[],
+                                                   usage=_usage(jobs)))
+        except APIError as exc:
+            yield f"data: {json.dumps(dump(exc.to_response()))}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+class _PrefilledQueue:
+    """The merged output queue with the outputs ``_start`` already took off it put back first."""
+
+    def __init__(self, queue: asyncio.Queue, pending: list, tasks: list[asyncio.Task]) -> None:
+        self._queue = queue
+        self._pending = list(pending)
+        self.tasks = tasks
+
+    async def get(self) -> tuple[int, Any]:
+        if self._pending:
+            return self._pending.pop(0)
+        return await self._queue.get()
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _sse_data(model: Any) -> str:
+    return f"data: {model.model_dump_json()}\n\n"
+
+
+def _usage(jobs: list[_Job]) -> UsageInfo:
+    """Exact token counts: prompt tokens once per prompt, completion tokens over all n choices."""
+    prompt = sum(j.request.num_prompt_tokens for j in jobs)
+    completion = sum(len(c.token_ids) for j in jobs if j.final for c in j.final.outputs)
+    return UsageInfo.of(prompt, completion)
+
+
+def _advance(st: _ChoiceState, c: Any) -> tuple[str, list, list[int]]:
+    """New text, new logprob entries and new token ids of a choice since the last chunk."""
+    if c.text.startswith(st.text):
+        delta = c.text[len(st.text):]
+    else:  # the detokenizer revised its tail; send what is new past the common prefix
+        common = 0
+        while common < min(len(c.text), len(st.text)) and c.text[common] == st.text[common]:
+            common += 1
+        delta = c.text[common:]
+    st.text = c.text
+    new_ids = list(c.token_ids[st.num_tokens:])
+    st.num_tokens = len(c.token_ids)
+    new_logprobs = list((c.logprobs or [])[st.num_logprobs:])
+    st.num_logprobs += len(new_logprobs)
+    return delta, new_logprobs, new_ids
+
+
+def _token_text(token_id: int, logprob: Any, renderer: PromptRenderer) -> str:
+    text = getattr(logprob, "decoded_token", None)
+    return text if text is not None else renderer.decode([token_id])
+
+
+def _top(entry: dict, k: int) -> list[tuple[int, Any]]:
+    items = sorted(entry.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30,
+                                                  -kv[1].logprob))
+    return items[:k]
+
+
+def _chat_logprobs(token_ids: list[int], entries: list[dict], k: int,
+                   renderer: PromptRenderer) -> list[ChatLogprobToken]:
+    result = []
+    for token_id, entry in zip(token_ids, entries):
+        chosen = entry.get(token_id)
+        token = _token_text(token_id, chosen, renderer)
+        alternatives = [ChatLogprobAlternative(token=(t := _token_text(tid, lp, renderer)),
+                                               logprob=lp.logprob, bytes=list(t.encode()))
+                        for tid, lp in _top(entry, k)]
+        result.append(ChatLogprobToken(token=token, logprob=chosen.logprob if chosen else float("-inf"),
+                                       bytes=list(token.encode()), top_logprobs=alternatives))
+    return result
+
+
+def _completion_logprobs(token_ids: list[int], entries: list[dict], k: int, renderer: PromptRenderer,
+                         offset: int) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for token_id, entry in zip(token_ids, entries):
+        chosen = entry.get(token_id)
+        token = _token_text(token_id, chosen, renderer)
+        out.tokens.append(token)
+        out.token_logprobs.append(chosen.logprob if chosen else None)
+        out.top_logprobs.append({_token_text(tid, lp, renderer): lp.logprob for tid, lp in _top(entry, k)}
+                                if k else None)
+        out.text_offset.append(offset)
+        offset += len(token)
+    return out
+
+
+def _api_error_from(exc: BaseException) -> APIError:
+    """Maps an error from a replica call to the HTTP error the client gets."""
+    if isinstance(exc, APIError):
+        return exc
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "BackPressureError" in names:
+        return APIError(429, "server overloaded: replica queues are full; retry later",
+                        type="rate_limit_error", code="overloaded")
+    if names & {"EngineDeadError", "RayActorError", "ActorDiedError", "ActorUnavailableError",
+                "DeploymentUnavailableError", "ReplicaUnavailableError"}:
+        return APIError(503, f"no healthy replica: {_cause_message(exc)}", type="service_unavailable",
+                        code="no_healthy_replica")
+    if isinstance(exc, ValueError):
+        return APIError(400, _cause_message(exc), code="invalid_value")
+    return APIError(500, f"generation failed: {_cause_message(exc)}", type="internal_server_error")
+
+
+def _cause_message(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        return str(cause)
+    return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__

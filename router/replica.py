@@ -1,0 +1,184 @@
+"""The engine replica deployment (``LLMServer``) and the board where replicas post their stats.
+
+    ingress ──GenerateRequest──▶ LLMServer.generate ──▶ AsyncLLM.generate
+            ◀──RequestOutput (cumulative, streamed)──┘
+    LLMServer ──every stats_period_s──▶ ReplicaStatsBoard ◀── ingress (/metrics, /health,
+                                                               admission, kvmesh status)
+    Serve's request router ◀── LLMServer.record_routing_stats() (ReplicaStats.to_dict())
+
+Invariants:
+- A replica owns exactly one ``AsyncLLM``; it never tokenizes or renders (the ingress did).
+- A ``generate`` call that ends early (client gone, Serve cancels the call) aborts
+  the engine request before the cancellation propagates, so its KV blocks are free.
+- The board keeps the latest report of each replica for ``ttl_s``; a replica that
+  stops reporting (dead, scaled down) drops out of the ingress's view by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable, Optional
+
+from engine.config import EngineConfig
+from router.config import DeploymentConfig
+from router.messages import GenerateRequest, ReplicaStats
+
+logger = logging.getLogger(__name__)
+
+EngineFactory = Callable[[EngineConfig], Any]  # returns an object with the AsyncLLM API
+
+
+def _default_engine_factory(config: EngineConfig) -> Any:
+    from engine import AsyncLLM  # torch is imported here, in the replica only
+    return AsyncLLM.from_config(config)
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside Serve (unit tests)
+        return uuid.uuid4().hex[:8]
+
+
+class LLMServer:
+    """One engine replica. Deployed by ``router.app.build_app`` with the config's resources."""
+
+    async def __init__(self, cfg: DeploymentConfig, board: Any = None,
+                       engine_factory: Optional[EngineFactory] = None) -> None:
+        self.cfg = cfg
+        self.replica_id = _replica_id()
+        self.engine = (engine_factory or _default_engine_factory)(cfg.engine)
+        self.board = board
+        self._started_at = time.time()
+        self._publisher: Optional[asyncio.Task] = None
+        if board is not None:
+            await self._publish_once()  # visible to the ingress as soon as Serve marks us ready
+            self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
+
+    # ---- requests -----------------------------------------------------------------------------
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Any]:
+        """Streams the engine's cumulative ``RequestOutput``s for one request.
+
+        Raises ``ValueError`` (before any output) for a request the engine rejects.
+        """
+        finished = False
+        try:
+            async for out in self.engine.generate(req.prompt_token_ids, req.sampling_params,
+                                                  req.request_id, priority=req.priority):
+                finished = out.finished
+                yield out
+        except asyncio.CancelledError:
+            # The caller went away: free the request's KV blocks before we stop.
+            if not finished:
+                await asyncio.shield(self.engine.abort(req.request_id))
+            raise
+        except GeneratorExit:
+            if not finished:
+                asyncio.get_running_loop().create_task(self.engine.abort(req.request_id))
+            raise
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    def model_info(self) -> dict:
+        """What the ingress needs to render, tokenize and validate prompts like the engine."""
+        engine = self.engine
+        model_path = getattr(getattr(engine, "engine", None), "model_path", None)
+        return {
+            "model": self.cfg.engine.model.model,
+            "model_path": str(model_path) if model_path else None,
+            "tokenizer": self.cfg.engine.model.tokenizer,
+            "max_model_len": int(engine.max_model_len),
+            "block_size": int(engine.config.cache.block_size),
+        }
+
+    # ---- health and stats ---------------------------------------------------------------------
+    def check_health(self) -> None:
+        """Called by Serve periodically; raising makes Serve replace this replica."""
+        self.engine.check_health()
+
+    def record_routing_stats(self) -> dict:
+        """Serve's routing-stats hook: ``ReplicaStats`` for the request router."""
+        s = self.engine.get_stats()
+        return ReplicaStats(num_waiting=s.num_waiting, num_running=s.num_running,
+                            kv_usage=s.kv_usage, prefix_cache_hit_rate=s.prefix_cache_hit_rate,
+                            num_preemptions=s.num_preemptions,
+                            cached_block_hashes=list(s.cached_block_hashes)).to_dict()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics hook: this replica's queue depth and running count."""
+        from router.autoscaling import RUNNING_METRIC, WAITING_METRIC
+        s = self.engine.get_stats()
+        return {WAITING_METRIC: float(s.num_waiting), RUNNING_METRIC: float(s.num_running)}
+
+    def get_stats(self) -> dict:
+        """This replica's load and cache figures (no block hashes), for status and /metrics."""
+        s = self.engine.get_stats()
+        try:
+            self.engine.check_health()
+            is_healthy = True
+        except Exception:
+            is_healthy = False
+        return {
+            "replica_id": self.replica_id,
+            "node": socket.gethostname(),
+            "pid": os.getpid(),
+            "is_healthy": is_healthy,
+            "uptime_s": round(time.time() - self._started_at, 1),
+            "num_waiting": s.num_waiting,
+            "num_running": s.num_running,
+            "kv_usage": s.kv_usage,
+            "num_blocks": s.num_blocks,
+            "num_free_blocks": s.num_free_blocks,
+            "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
+            "prefix_cache_queries": s.prefix_cache_queries,
+            "prefix_cache_hits": s.prefix_cache_hits,
+            "num_preemptions": s.num_preemptions,
+            "num_prompt_tokens": s.num_prompt_tokens,
+            "num_generation_tokens": s.num_generation_tokens,
+            "num_cached_blocks": len(s.cached_block_hashes),
+        }
+
+    async def _publish_once(self) -> None:
+        try:
+            await self.board.report.remote(self.replica_id, self.get_stats())
+        except Exception as exc:  # the board is best effort; serving goes on without it
+            logger.warning("replica %s could not report stats: %r", self.replica_id, exc)
+
+    async def _publish_loop(self) -> None:
+        period = self.cfg.routing.stats_period_s
+        while True:
+            await asyncio.sleep(period)
+            await self._publish_once()
+
+    def __del__(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+        try:
+            self.engine.shutdown()
+        except Exception:
+            pass
+
+
+class ReplicaStatsBoard:
+    """Latest ``LLMServer.get_stats()`` of every live replica (a 1-replica Serve deployment)."""
+
+    def __init__(self, ttl_s: float = 3.0) -> None:
+        self.ttl_s = ttl_s
+        self._reports: dict[str, tuple[float, dict]] = {}
+
+    def report(self, replica_id: str, stats: dict) -> None:
+        self._reports[replica_id] = (time.monotonic(), stats)
+
+    def snapshot(self) -> dict[str, dict]:
+        """Fresh reports by replica id; stale ones (older than ``ttl_s``) are dropped."""
+        now = time.monotonic()
+        for replica_id in [r for r, (t, _) in self._reports.items() if now - t > self.ttl_s]:
+            del self._reports[replica_id]
+        return {replica_id: stats for replica_id, (_, stats) in self._reports.items()}
