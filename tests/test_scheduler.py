@@ -269,6 +269,25 @@ def test_fork_child_runs_alone_when_its_leader_is_gone():
     assert child.output_token_ids == expected_output(prompt, 8)
 
 
+def test_copy_on_write_of_a_running_request_is_sent_as_a_replaced_block():
+    scheduler, runner = make_scheduler(enable_prefix_caching=False)
+    request = make_request("r", prompt_of(6))
+    scheduler.add_request(request)
+    step(scheduler, runner)
+    pool = scheduler.kv_cache_manager.block_pool
+    shared = request.block_ids[1]
+    pool.touch([shared])  # a second holder of the block being written, as after a fork
+    so = scheduler.schedule()
+    (diff,) = so.scheduled_cached_reqs
+    assert so.block_copies == [(shared, request.block_ids[1])] and shared not in request.block_ids
+    assert diff.replaced_blocks == [(1, request.block_ids[1])] and diff.new_block_ids == []
+    scheduler.update_from_output(so, runner.execute(so))
+    pool.free_blocks([shared])
+    scheduler.check_invariants()
+    run_all(scheduler, runner)
+    assert request.output_token_ids == expected_output(request.prompt_token_ids, 8)
+
+
 # ---- finishing ---------------------------------------------------------------------------------
 def test_abort_frees_blocks_at_once_and_late_outputs_are_ignored():
     scheduler, runner = make_scheduler(num_blocks=16)
