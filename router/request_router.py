@@ -1,0 +1,180 @@
+"""Ray Serve request router: load-aware prefix affinity over the replica deployment.
+
+Serve builds one ``PrefixAwareRequestRouter`` inside every process holding a
+handle to the replica deployment (the ingress replicas) and calls
+``initialize_state(**request_router_kwargs)`` once. Per request:
+
+1. ``choose_replicas`` finds the ``GenerateRequest`` among the call's args, asks
+   the ``RouterState`` for each candidate's load and matched prefix blocks (one
+   Redis round trip when shared), and returns every candidate as its own rank,
+   best first (``router.policy.choose``); Serve takes the first with room.
+2. When Serve resolves the request's future with a replica, the router counts
+   the request in flight there and inserts its block hashes for that replica
+   (optimistic: the replica is about to cache them). This happens before the
+   next decision of this process, so a burst cannot pile onto one replica.
+3. ``on_request_completed`` (unary and streaming calls alike: Serve fires it
+   when the replica's generator finishes, fails or is cancelled) takes the
+   request out of the in-flight count.
+4. Replica reports (``record_routing_stats`` -> ``ReplicaStats.to_dict()``)
+   arrive with ``update_replicas`` and correct queue depth and cached blocks;
+   dead or removed replicas leave the index.
+
+Not ``FIFOMixin``: with it, a replica chosen for one request's prefix may be
+handed to whichever request is oldest, which breaks affinity under load. The
+base ``RequestRouter`` gives each decision to the request it was made for.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import defaultdict
+from typing import Any, List, Optional
+
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from router import router_metrics
+from router.messages import GenerateRequest, ReplicaStats
+from router.policy import RouterPolicyConfig, choose
+from router.shared_state import LocalRouterState, RedisRouterState, RouterState
+
+logger = logging.getLogger(__name__)
+
+ROUTER_CLASS_PATH = "router.request_router:PrefixAwareRequestRouter"
+
+
+def request_router_config(policy_cfg: Optional[RouterPolicyConfig] = None,
+                          redis_url: Optional[str] = None, namespace: str = "default",
+                          stats_period_s: float = 1.0) -> RequestRouterConfig:
+    """The replica deployment's ``request_router_config``.
+
+    ``redis_url`` None keeps the state in each router process; with Redis, all
+    ingress replicas share the index and loads under ``namespace`` (use the
+    Serve app name). ``stats_period_s`` is how often Serve pulls each
+    replica's ``record_routing_stats()``.
+    """
+    return RequestRouterConfig(
+        request_router_class=PrefixAwareRequestRouter,
+        request_router_kwargs={"policy": (policy_cfg or RouterPolicyConfig()).to_dict(),
+                               "redis_url": redis_url, "namespace": namespace},
+        request_routing_stats_period_s=stats_period_s)
+
+
+def find_generate_request(pending_request: Optional[PendingRequest]) -> Optional[GenerateRequest]:
+    """The first ``GenerateRequest`` among the call's positional, then keyword, args."""
+    if pending_request is None:
+        return None
+    for arg in list(pending_request.args) + list(pending_request.kwargs.values()):
+        if isinstance(arg, GenerateRequest):
+            return arg
+    return None
+
+
+class PrefixAwareRequestRouter(RequestRouter):
+    """Prefix-affinity, load-aware routing; see the module docstring."""
+
+    def initialize_state(self, policy: Optional[dict] = None, redis_url: Optional[str] = None,
+                         namespace: str = "default", seed: Optional[int] = None,
+                         state: Optional[RouterState] = None, **_: Any) -> None:
+        """Called by Serve with ``request_router_kwargs``; ``state`` may be injected in tests."""
+        self._cfg = RouterPolicyConfig.from_dict(policy)
+        if state is not None:
+            self._state = state
+        elif redis_url:
+            self._state = RedisRouterState(redis_url, namespace,
+                                           capacity_blocks=self._cfg.index_capacity_blocks)
+        else:
+            self._state = LocalRouterState(self._cfg.index_capacity_blocks)
+        self._rng = random.Random(seed)
+        # Futures of requests we decided for, until Serve resolves them to a replica.
+        self._watched: dict[Any, tuple[str, int, list[int]]] = {}
+        # (replica unique id, internal request id) -> prompt tokens, per dispatch.
+        self._inflight: defaultdict[tuple[str, str], list[int]] = defaultdict(list)
+        self._last_stats: dict[str, dict] = {}
+
+    @property
+    def state(self) -> RouterState:
+        return self._state
+
+    async def choose_replicas(self, candidate_replicas: List[RunningReplica],
+                              pending_request: Optional[PendingRequest] = None
+                              ) -> List[List[RunningReplica]]:
+        self._account_resolved()
+        if not candidate_replicas:
+            return []
+        start = time.perf_counter()
+        request = find_generate_request(pending_request)
+        block_hashes = request.block_hashes if request is not None else []
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        views = await self._state.views(block_hashes, list(by_id))
+        self._account_resolved()  # others may have been routed while we awaited
+        decision = choose(block_hashes, views, self._rng, self._cfg)
+        if pending_request is not None:
+            # Once all ranks are tried, back off instead of spinning (Serve's contract).
+            pending_request.routing_context.should_backoff = True
+            self._watch(pending_request, request)
+        router_metrics.record_decision(decision.kind.value, time.perf_counter() - start,
+                                       decision.matched_blocks)
+        return [[by_id[replica_id]] for replica_id in decision.ranked_replica_ids]
+
+    def _watch(self, pending_request: PendingRequest, request: Optional[GenerateRequest]) -> None:
+        future = pending_request.future
+        if future in self._watched:
+            return
+        num_tokens = request.num_prompt_tokens if request is not None else 0
+        hashes = list(request.block_hashes) if request is not None else []
+        self._watched[future] = (pending_request.metadata.internal_request_id, num_tokens, hashes)
+        future.add_done_callback(self._on_future_done)
+
+    def _on_future_done(self, future) -> None:
+        entry = self._watched.pop(future, None)
+        if entry is None or future.cancelled() or future.exception() is not None:
+            return
+        replica_id = future.result().replica_id.unique_id
+        internal_request_id, num_tokens, hashes = entry
+        self._state.on_dispatch(replica_id, num_tokens)
+        self._inflight[(replica_id, internal_request_id)].append(num_tokens)
+        if hashes:
+            self._state.insert_blocks(replica_id, hashes)
+
+    def _account_resolved(self) -> None:
+        """Count requests already given a replica whose done-callback has not run yet."""
+        for future in [f for f in self._watched if f.done()]:
+            self._on_future_done(future)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._account_resolved()
+        key = (replica_id.unique_id, internal_request_id)
+        num_tokens_list = self._inflight.get(key)
+        if not num_tokens_list:
+            return
+        num_tokens = num_tokens_list.pop()
+        if not num_tokens_list:
+            del self._inflight[key]
+        self._state.on_complete(replica_id.unique_id, num_tokens)
+
+    def update_replicas(self, replicas: List[RunningReplica]) -> None:
+        old_ids = {rid.unique_id for rid in self._replica_id_set}
+        super().update_replicas(replicas)
+        new_ids = set()
+        for replica in replicas:
+            replica_id = replica.replica_id.unique_id
+            new_ids.add(replica_id)
+            stats = replica.routing_stats
+            if stats and stats != self._last_stats.get(replica_id):
+                self._last_stats[replica_id] = stats
+                self._state.update_replica_stats(replica_id, ReplicaStats.from_dict(stats))
+        for replica_id in old_ids - new_ids:
+            self._forget(replica_id)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._forget(replica_id.unique_id)
+
+    def _forget(self, replica_id: str) -> None:
+        self._state.remove_replica(replica_id)
+        self._last_stats.pop(replica_id, None)
+        for key in [k for k in self._inflight if k[0] == replica_id]:
+            del self._inflight[key]
