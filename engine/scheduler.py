@@ -315,7 +315,7 @@ class Scheduler:
 
     def _fail(self, request: Request, message: str) -> None:
         logger.warning("failing request %s: %s", request.request_id, message)
-        request.error = message  # read by the output processor, like stop_reason
+        request.error = message  # the output processor puts it on the RequestOutput
         self._finish(request, FinishReason.ERROR)
         self._failed.append(request)
 
@@ -331,7 +331,8 @@ class Scheduler:
 
         Returns the requests that got tokens (finished ones included) and those
         failed during the last ``schedule()``. Outputs of requests finished in
-        between (aborted) are ignored.
+        between (aborted) are ignored. Blocks are cached before finished requests
+        free theirs, so a finished request's prefix stays hittable until evicted.
         """
         manager = self.kv_cache_manager
         updated, self._failed = self._failed, []

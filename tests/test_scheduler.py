@@ -373,7 +373,7 @@ operations = st.lists(st.one_of(
 ), max_size=40)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=operations, policy=st.sampled_from(list(SchedulingPolicy)), chunked=st.booleans())
 def test_random_interleavings_keep_invariants_and_outputs(ops, policy, chunked):
     scheduler, runner = make_scheduler(num_blocks=12, max_num_batched_tokens=16, max_num_seqs=4,
