@@ -24,3 +24,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_multi)
         elif "gpu" in item.keywords and num_gpus < 1:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm():
+    """The built-in kvmesh-tiny model in an offline LLM, shared by the session."""
+    from engine import LLM
+    return LLM(model="kvmesh-tiny")
