@@ -14,7 +14,6 @@ at import time.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import signal
@@ -32,15 +31,6 @@ REPLICA_NAME = "LLMServer"
 BOARD_NAME = "ReplicaStatsBoard"
 
 
-@functools.cache
-def _ingress_class() -> type:
-    # serve.ingress rewrites the FastAPI app's routes in place, so it must wrap it once.
-    from ray import serve
-
-    from router.ingress import OpenAIIngress, app
-    return serve.ingress(app)(OpenAIIngress)
-
-
 def request_router_config(cfg: DeploymentConfig) -> Optional[Any]:
     """Serve ``RequestRouterConfig`` for the prefix-aware router; None for Serve's default."""
     if cfg.routing.kind is not RouterKind.PREFIX_AWARE:
@@ -50,8 +40,8 @@ def request_router_config(cfg: DeploymentConfig) -> Optional[Any]:
     except ImportError:
         logger.warning("router.request_router is not available; using Serve's default router")
         return None
-    return request_router.build_request_router_config(
-        policy=cfg.routing.policy, redis_url=cfg.redis_url, namespace=cfg.name,
+    return request_router.request_router_config(
+        cfg.routing.policy, redis_url=cfg.redis_url, namespace=cfg.name,
         stats_period_s=cfg.routing.stats_period_s)
 
 
@@ -98,8 +88,9 @@ def build_app(cfg: DeploymentConfig, *, engine_factory: Optional[EngineFactory] 
         replica_options["request_router_config"] = router_config
     llm = serve.deployment(LLMServer, **replica_options).bind(cfg, board, engine_factory)
 
+    from router.ingress import OpenAIIngressDeployment
     return serve.deployment(
-        _ingress_class(), name=INGRESS_NAME, num_replicas=cfg.ingress.num_replicas,
+        OpenAIIngressDeployment, name=INGRESS_NAME, num_replicas=cfg.ingress.num_replicas,
         max_ongoing_requests=10_000, ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
         graceful_shutdown_timeout_s=5.0,
     ).bind(cfg, llm, board, renderer_factory)

@@ -31,6 +31,7 @@ from typing import Any, AsyncIterator, Callable, Optional, Union
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.block_hash import block_hash_chain
@@ -528,6 +529,12 @@ class OpenAIIngress:
         except APIError as exc:
             yield f"data: {json.dumps(dump(exc.to_response()))}\n\n"
         yield "data: [DONE]\n\n"
+
+
+# serve.ingress rewrites the routes of ``app`` (and the signatures of the methods above) in
+# place. It must run at import time, so every process that unpickles the deployment
+# (the ingress replicas) sees the same rewritten routes.
+OpenAIIngressDeployment = serve.ingress(app)(OpenAIIngress)
 
 
 class _PrefilledQueue:
