@@ -22,6 +22,7 @@ of (seed, output_index, vocab index), computed with a counter-based integer hash
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -36,37 +37,43 @@ SamplingRequest = tuple[SamplingParams, int, int, Sequence[int], Sequence[int]]
 
 _MASK32 = 0xFFFFFFFF
 
+logger = logging.getLogger(__name__)
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixer (xorshift-multiply, constants from Wellons' hash prospector).
 
-    ``x`` holds 32-bit values in int64 lanes (0 <= x < 2**32). Both multipliers are < 2**31, so
+def _hash32_(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (xorshift-multiply, constants from Wellons' hash prospector), in place.
+
+    ``x`` (a temporary: it is overwritten) holds 32-bit values in int64 lanes (0 <= x < 2**32). Both multipliers are < 2**31, so
     every product stays below 2**63: no signed overflow, and masking keeps the exact low 32 bits.
     The map is a bijection on 32-bit values with good avalanche.
     """
-    x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & _MASK32
-    x = x ^ (x >> 15)
+    x ^= x >> 16
+    x *= 0x21F0AAAD
+    x &= _MASK32
+    x ^= x >> 15
+    x *= 0x735A2D97
+    x &= _MASK32
+    x ^= x >> 15
     return x
 
 
 def exponential_noise(seeds: torch.Tensor, output_indices: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """E ~ Exp(1), shape (R, V), a deterministic function of (seed, output index, vocab index).
 
-    seeds: (R,) int64 in [0, 2**63); output_indices: (R,) int64 >= 0.
+    seeds: (R,) int64 in [0, 2**63); output_indices: (R,) int64 >= 0. Exact integer math, so
+    the bits are the same on every device; only the final log may differ by an ulp across devices.
     """
     lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32  # (R,) each
-    # Row key from the 64-bit seed and the draw index; two keys for the two per-token rounds.
-    key = _hash32(_hash32(_hash32(lo ^ 0x5BD1E995) ^ hi) ^ (output_indices & _MASK32))  # (R,)
-    key2 = _hash32(key ^ 0x27D4EB2F)  # (R,)
+    # Row key from the 64-bit seed and the draw index (a chain of bijections: distinct draws of
+    # one request never share a key).
+    key = _hash32_(_hash32_(_hash32_(lo ^ 0x5BD1E995) ^ hi) ^ (output_indices & _MASK32))  # (R,)
     vocab = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)  # (V,)
-    token_hash = _hash32(vocab ^ 0x165667B1)  # (V,) the same for every row: hashed once
-    bits = _hash32(_hash32(token_hash[None, :] ^ key[:, None]) ^ key2[:, None])  # (R, V)
+    token_hash = _hash32_(vocab ^ 0x165667B1)  # (V,) the same for every row: hashed once
+    bits = _hash32_(token_hash[None, :] ^ key[:, None])  # (R, V), the one full-size hash
     # Top 24 bits -> u in (0, 1), exact in fp32, never 0 or 1, so E is finite and > 0.
-    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
-    return -torch.log(u)
+    bits >>= 8
+    u = bits.to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24))
+    return u.log_().neg_()
 
 
 @dataclass
@@ -227,7 +234,16 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Stateless: everything a row needs is in its ``SamplingBatch`` row."""
+    """Stateless apart from the compiled noise kernel: a row's draw depends only on its batch row.
+
+    use_compile: fuse the noise hash with ``torch.compile`` on CUDA (None: when on CUDA). Eager,
+    the hash is ~15 passes over an int64 (R, V) tensor (about 2 ms at 256 x 128k on an H200);
+    fused it is one (about 0.3 ms). If compiling fails, the sampler logs it and stays eager.
+    """
+
+    def __init__(self, use_compile: Optional[bool] = None) -> None:
+        self.use_compile = use_compile
+        self._compiled_noise = None
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = logits.float()  # (R, V)
@@ -244,16 +260,28 @@ class Sampler:
             logprobs = _gather_logprobs(raw_logprobs, sampled, batch.max_num_logprobs)
         return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
 
-    @staticmethod
-    def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def _sample_random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits = logits / batch.temperature[:, None]
         if batch.needs_top_k_top_p:
             logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
         if batch.needs_min_p:
             logits = apply_min_p(logits, batch.min_p)
         probs = logits.softmax(dim=-1)  # (R, V); masked tokens have prob 0 and can never win
-        noise = exponential_noise(batch.seeds, batch.output_indices, logits.shape[-1])  # (R, V)
-        return (probs / noise).argmax(dim=-1)
+        noise = self._noise(batch.seeds, batch.output_indices, logits.shape[-1])  # (R, V)
+        return probs.div_(noise).argmax(dim=-1)
+
+    def _noise(self, seeds: torch.Tensor, output_indices: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        use_compile = self.use_compile if self.use_compile is not None else seeds.is_cuda
+        if not use_compile:
+            return exponential_noise(seeds, output_indices, vocab_size)
+        if self._compiled_noise is None:
+            self._compiled_noise = torch.compile(exponential_noise, dynamic=True)
+        try:
+            return self._compiled_noise(seeds, output_indices, vocab_size)
+        except Exception:  # noqa: BLE001 - a missing compiler must not take sampling down
+            logger.warning("torch.compile of the sampling noise failed; using eager mode", exc_info=True)
+            self.use_compile = False
+            return exponential_noise(seeds, output_indices, vocab_size)
 
 
 def _gather_logprobs(logprobs: torch.Tensor, sampled: torch.Tensor, k: int) -> SamplerLogprobs:

@@ -226,10 +226,20 @@ def test_missing_seed_is_rejected():
 
 @pytest.mark.gpu
 def test_cuda_matches_cpu(logits):
-    rows = [(SamplingParams(temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, logprobs=2), s, s % 3)
-            for s in range(16)]
-    cpu = Sampler()(logits[None].repeat(16, 1), make_batch(rows)).sampled_token_ids
-    full = [(*r, [], []) for r in rows]
-    gpu_batch = SamplingBatch.from_requests(full, vocab_size=V, device="cuda")
-    gpu = Sampler()(logits[None].repeat(16, 1).cuda(), gpu_batch).sampled_token_ids
-    assert gpu.cpu().tolist() == cpu.tolist()
+    rows = [(SamplingParams(temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, logprobs=2), s, s % 3, [], [])
+            for s in range(64)]
+    cpu = Sampler()(logits[None].repeat(64, 1), SamplingBatch.from_requests(rows, vocab_size=V))
+    gpu_batch = SamplingBatch.from_requests(rows, vocab_size=V, device="cuda")
+    for use_compile in (False, True):
+        gpu = Sampler(use_compile=use_compile)(logits[None].repeat(64, 1).cuda(), gpu_batch)
+        assert gpu.sampled_token_ids.cpu().tolist() == cpu.sampled_token_ids.tolist()
+        assert gpu.logprobs.ranks.cpu().tolist() == cpu.logprobs.ranks.tolist()
+
+
+@pytest.mark.gpu
+def test_compiled_noise_matches_eager():
+    seeds = torch.arange(16, dtype=torch.int64, device="cuda") * 7919
+    idx = torch.arange(16, dtype=torch.int64, device="cuda")
+    eager = exponential_noise(seeds, idx, 5000)
+    fused = Sampler(use_compile=True)._noise(seeds, idx, 5000)
+    assert torch.allclose(eager, fused, rtol=1e-6, atol=0)
