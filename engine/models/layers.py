@@ -57,6 +57,16 @@ class TPLayer(nn.Module):
         self.comm = comm
 
 
+def shard_of(loaded: torch.Tensor, dim: int, index: int, size: int, num_shards: int,
+             name: str) -> torch.Tensor:
+    """Slice ``index`` of ``num_shards`` equal slices of ``size`` along ``dim``, after checking
+    that the full checkpoint tensor has exactly ``num_shards * size`` there."""
+    if loaded.dim() <= dim or loaded.shape[dim] != size * num_shards:
+        raise ValueError(f"{name}: checkpoint tensor has shape {tuple(loaded.shape)}, expected "
+                         f"{size * num_shards} along dim {dim}")
+    return loaded.narrow(dim, index * size, size)
+
+
 def _copy_into(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
     if param.shape != loaded.shape:
         raise ValueError(f"{name}: checkpoint shard has shape {tuple(loaded.shape)}, "
@@ -126,8 +136,9 @@ class ColumnParallelLinear(TPLayer):
         return F.linear(x, self.weight, self.bias)  # (T, output_size / tp)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        name = type(self).__name__
         size = param.shape[0]
-        _copy_into(param, loaded_weight.narrow(0, self.tp_rank * size, size), type(self).__name__)
+        _copy_into(param, shard_of(loaded_weight, 0, self.tp_rank, size, self.tp_size, name), name)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -151,8 +162,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
                              f"0..{len(self.output_sizes_per_rank) - 1}, got {shard_id!r}")
         size = self.output_sizes_per_rank[shard_id]
         offset = sum(self.output_sizes_per_rank[:shard_id])
-        src = loaded_weight.narrow(0, self.tp_rank * size, size)
-        _copy_into(param.data.narrow(0, offset, size), src, f"merged shard {shard_id}")
+        name = f"merged shard {shard_id}"
+        src = shard_of(loaded_weight, 0, self.tp_rank, size, self.tp_size, name)
+        _copy_into(param.data.narrow(0, offset, size), src, name)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -182,14 +194,16 @@ class QKVParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         """shard_id: "q", "k" or "v"; the full q/k/v matrix (or bias) is given."""
         if shard_id == "q":
-            offset, size, src_index = 0, self.q_size, self.tp_rank
+            offset, size, src_index, num_shards = 0, self.q_size, self.tp_rank, self.tp_size
         elif shard_id in ("k", "v"):
             offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
             size, src_index = self.kv_size, self.tp_rank // self.num_kv_replicas
+            num_shards = self.tp_size // self.num_kv_replicas
         else:
             raise ValueError(f"QKVParallelLinear needs shard_id 'q', 'k' or 'v', got {shard_id!r}")
-        src = loaded_weight.narrow(0, src_index * size, size)
-        _copy_into(param.data.narrow(0, offset, size), src, f"{shard_id}_proj")
+        name = f"{shard_id}_proj"
+        src = shard_of(loaded_weight, 0, src_index, size, num_shards, name)
+        _copy_into(param.data.narrow(0, offset, size), src, name)
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(T, q_size + 2 kv_size) -> q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, D)."""
@@ -227,8 +241,9 @@ class RowParallelLinear(TPLayer):
         if param.dim() == 1:  # bias: replicated
             _copy_into(param, loaded_weight, "row-parallel bias")
             return
+        name = type(self).__name__
         size = param.shape[1]
-        _copy_into(param, loaded_weight.narrow(1, self.tp_rank * size, size), type(self).__name__)
+        _copy_into(param, shard_of(loaded_weight, 1, self.tp_rank, size, self.tp_size, name), name)
 
 
 # ---- embeddings and LM head -----------------------------------------------------------------

@@ -183,9 +183,12 @@ class LlamaForCausalLM(nn.Module):
                 loader = getattr(module, "weight_loader", None)
                 with torch.no_grad():
                     if loader is not None:
-                        loader(params[param_name], part, shard_id)
+                        try:
+                            loader(params[param_name], part, shard_id)
+                        except ValueError as e:
+                            raise ValueError(f"checkpoint weight {hf_name!r}: {e}") from None
                     elif params[param_name].shape != part.shape:
-                        raise ValueError(f"{hf_name}: shape {tuple(part.shape)} in checkpoint, "
+                        raise ValueError(f"checkpoint weight {hf_name!r}: shape {tuple(part.shape)}, "
                                          f"expected {tuple(params[param_name].shape)}")
                     else:
                         params[param_name].copy_(part)

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.layers import Communicator, ReplicatedLinear, TPLayer, divide, silu_and_mul
+from engine.models.layers import (Communicator, ReplicatedLinear, TPLayer, divide, shard_of,
+                                  silu_and_mul)
 from engine.models.llama import DenseMLP, LlamaForCausalLM, WeightTarget
 from engine.models.spec import ModelSpec
 
@@ -65,16 +66,17 @@ class FusedExperts(TPLayer):
         """shard_id (proj, expert): one expert's full gate/up (I, H) or down (H, I) matrix."""
         proj, expert = shard_id
         size = self.intermediate_size_per_rank
+        name = f"expert {expert} {proj}"
         if proj in ("gate", "up"):
-            src = loaded_weight.narrow(0, self.tp_rank * size, size)  # (I/tp, H)
+            src = shard_of(loaded_weight, 0, self.tp_rank, size, self.tp_size, name)  # (I/tp, H)
             dst = param.data[expert].narrow(0, 0 if proj == "gate" else size, size)
         elif proj == "down":
-            src = loaded_weight.narrow(1, self.tp_rank * size, size)  # (H, I/tp)
+            src = shard_of(loaded_weight, 1, self.tp_rank, size, self.tp_size, name)  # (H, I/tp)
             dst = param.data[expert]
         else:
             raise ValueError(f"unknown expert projection {proj!r}")
         if dst.shape != src.shape:
-            raise ValueError(f"expert {expert} {proj}: checkpoint shard has shape {tuple(src.shape)}, "
+            raise ValueError(f"{name}: checkpoint shard has shape {tuple(src.shape)}, "
                              f"expected {tuple(dst.shape)}")
         dst.copy_(src)
 
