@@ -77,14 +77,12 @@ class PrefixIndex:
                 break
             if i == 0:
                 alive = set(holders)
-            else:
-                dropped = alive - holders
-                if dropped:
-                    for replica_id in dropped:
-                        matched[replica_id] = i
-                    alive -= dropped
-            if not alive:
-                break
+            elif not alive <= holders:  # someone's run ends here (rare: cheap subset test first)
+                for replica_id in alive - holders:
+                    matched[replica_id] = i
+                alive &= holders
+                if not alive:
+                    break
             num_matched = i + 1
         for replica_id in alive:
             matched[replica_id] = num_matched

@@ -5,8 +5,9 @@ Every router process keeps a ``LocalRouterState`` (the mirror). Writes
 a burst of decisions in one process always sees the in-flight requests of the
 previous ones. ``RedisRouterState`` also queues each write for a background
 flusher (one pipeline per flush) and, when deciding, reads the request's chain
-and the candidates' loads from Redis in ONE pipelined round trip, so several
-ingress processes decide alike. Key layout (``p`` = ``kvmesh:<namespace>``)::
+and the candidates' loads from Redis in ONE round trip (a Lua script walks the
+chain server side and stops at the first missing block), so several ingress
+processes decide alike. Key layout (``p`` = ``kvmesh:<namespace>``)::
 
     p:b:<hash hex>   HASH replica_id -> insert ts   who holds this block (EXPIRE block_ttl_s)
     p:rb:<replica>   SET  <hash hex>                 blocks of a replica (size, removal, correction)
@@ -210,25 +211,20 @@ class RedisRouterState(RouterState):
         local = self.mirror.views_now(block_hashes, replica_ids)
         if not self._available:
             return local
-        pipe = self._client.pipeline(transaction=False)
-        for h in block_hashes:
-            pipe.hkeys(f"{self._prefix}:b:{h:x}")
-        for r in replica_ids:
-            pipe.scard(f"{self._prefix}:rb:{r}")
-            pipe.hgetall(f"{self._prefix}:st:{r}")
-            pipe.hgetall(f"{self._prefix}:if:{r}")
+        args = [self._prefix, len(block_hashes), *(f"{h:x}" for h in block_hashes), *replica_ids]
         try:
-            replies = await asyncio.wait_for(pipe.execute(), self.op_timeout_s)
+            reply = await asyncio.wait_for(self._read_script(args=args), self.op_timeout_s)
         except Exception as exc:  # noqa: BLE001 - any Redis failure: serve from the mirror
             self._mark_unavailable(exc)
             return local
-        matched = _longest_prefixes(replies[:len(block_hashes)])
+        flat = reply[0]
+        matched = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
         now = time.time()
         views = []
         for i, view in enumerate(local):
-            num_cached, st, inflight = replies[len(block_hashes) + 3 * i:len(block_hashes) + 3 * i + 3]
-            views.append(self._merge(view, matched.get(view.replica_id, 0), num_cached, st,
-                                     inflight, now))
+            num_cached, st, inflight = reply[1 + 3 * i:4 + 3 * i]
+            views.append(self._merge(view, matched.get(view.replica_id, 0), int(num_cached),
+                                     _pairs(st), _pairs(inflight), now))
         return views
 
     def _merge(self, view: ReplicaView, matched: int, num_cached: int, st: dict,
@@ -262,6 +258,7 @@ class RedisRouterState(RouterState):
         self._client = aioredis.Redis.from_url(
             self.url, decode_responses=True, socket_timeout=self.op_timeout_s,
             socket_connect_timeout=self.op_timeout_s, retry=Retry(NoBackoff(), 0))
+        self._read_script = self._client.register_script(_READ_SCRIPT)
         self._tasks.append(self._loop.create_task(self._flush_loop()))
 
     def _kick(self) -> None:
@@ -307,10 +304,11 @@ class RedisRouterState(RouterState):
                 await self._drop_replica_blocks(r, keep=())
             for r, hashes in replace.items():
                 await self._drop_replica_blocks(r, keep=hashes)
+                await self._push_blocks(r, hashes)
             pipe = self._client.pipeline(transaction=False)
             for r in remove:
                 pipe.delete(f"{self._prefix}:st:{r}", f"{self._prefix}:if:{r}")
-            for r, hashes in list(replace.items()) + inserts:
+            for r, hashes in inserts:
                 if r not in remove:
                     self._queue_insert(pipe, r, hashes)
             for r in dirty_inflight - remove:
@@ -379,7 +377,7 @@ class RedisRouterState(RouterState):
                 backoff_s = min(backoff_s * 2, self.max_probe_backoff_s)
                 try:
                     await asyncio.wait_for(self._client.ping(), self.op_timeout_s)
-                    await self._resync()
+                    await self.resync()
                 except Exception:  # noqa: BLE001 - still down: keep probing
                     continue
                 self._available = True
@@ -389,15 +387,18 @@ class RedisRouterState(RouterState):
         finally:
             self._probing = False
 
-    async def _resync(self) -> None:
+    async def _push_blocks(self, replica_id: str, block_hashes: Sequence[int]) -> None:
+        chunk = 2000  # blocks per pipeline: bounded request size and latency
+        for i in range(0, len(block_hashes), chunk):
+            pipe = self._client.pipeline(transaction=False)
+            self._queue_insert(pipe, replica_id, block_hashes[i:i + chunk])
+            await asyncio.wait_for(pipe.execute(), self.op_timeout_s * 10)
+
+    async def resync(self) -> None:
         """Push the whole mirror: blocks per replica (in chunks), own in-flight, stats."""
-        chunk = 2000
+        self._ensure_started()
         for replica_id in self.mirror.index.replica_ids:
-            blocks = list(self.mirror.index.blocks_of(replica_id))
-            for i in range(0, len(blocks), chunk):
-                pipe = self._client.pipeline(transaction=False)
-                self._queue_insert(pipe, replica_id, blocks[i:i + chunk])
-                await asyncio.wait_for(pipe.execute(), self.op_timeout_s * 10)
+            await self._push_blocks(replica_id, list(self.mirror.index.blocks_of(replica_id)))
         pipe = self._client.pipeline(transaction=False)
         for replica_id in self.mirror.loads:
             self._queue_inflight(pipe, replica_id)
@@ -412,20 +413,41 @@ class RedisRouterState(RouterState):
             await self._client.aclose()
 
 
-def _longest_prefixes(holders_per_block: list[list[str]]) -> dict[str, int]:
-    """``{replica: leading blocks held}`` from each block's holders, in chain order."""
-    matched: dict[str, int] = {}
-    alive: Optional[set[str]] = None
-    for i, holders in enumerate(holders_per_block):
-        held = set(holders)
-        if alive is None:
-            alive = held
-        else:
-            for replica_id in alive - held:
-                matched[replica_id] = i
-            alive &= held
-        if not alive:
-            return matched
-    for replica_id in alive or ():
-        matched[replica_id] = len(holders_per_block)
-    return matched
+def _pairs(flat: list) -> dict:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+# One decision's read, server side: walk the chain's holders until the first
+# block nobody holds (longest prefix per replica), then each candidate's block
+# count, report and in-flight fields. ARGV: prefix, num blocks, hex hashes...,
+# replica ids... Reads keys it is not passed, so standalone Redis only (not Cluster).
+_READ_SCRIPT = """
+local p, nb = ARGV[1], tonumber(ARGV[2])
+local alive, matched, n = nil, {}, 0
+for i = 1, nb do
+  local holders = redis.call('HKEYS', p .. ':b:' .. ARGV[2 + i])
+  if #holders == 0 then break end
+  local held = {}
+  for _, r in ipairs(holders) do held[r] = true end
+  if alive == nil then
+    alive = held
+  else
+    for r in pairs(alive) do
+      if not held[r] then matched[r] = i - 1; alive[r] = nil end
+    end
+  end
+  if next(alive) == nil then break end
+  n = i
+end
+for r in pairs(alive or {}) do matched[r] = n end
+local flat = {}
+for r, m in pairs(matched) do flat[#flat + 1] = r; flat[#flat + 1] = m end
+local out = {flat}
+for j = 3 + nb, #ARGV do
+  local r = ARGV[j]
+  out[#out + 1] = redis.call('SCARD', p .. ':rb:' .. r)
+  out[#out + 1] = redis.call('HGETALL', p .. ':st:' .. r)
+  out[#out + 1] = redis.call('HGETALL', p .. ':if:' .. r)
+end
+return out
+"""
