@@ -168,6 +168,7 @@ class RedisRouterState(RouterState):
         self._pending_inserts: collections.deque = collections.deque(maxlen=10_000)
         self._pending_replace: dict[str, list[int]] = {}
         self._pending_remove: set[str] = set()
+        self._last_full_push: dict[str, float] = {}  # replica -> last full block push (TTL refresh)
         router_metrics.set_redis_available(namespace, self.router_id, True)
 
     @property
@@ -302,8 +303,14 @@ class RedisRouterState(RouterState):
         try:
             for r in remove:
                 await self._drop_replica_blocks(r, keep=())
+                self._last_full_push.pop(r, None)
             for r, hashes in replace.items():
-                await self._drop_replica_blocks(r, keep=hashes)
+                held = await self._drop_replica_blocks(r, keep=hashes)
+                # Push only new blocks, except for a full TTL refresh now and then.
+                if time.time() - self._last_full_push.get(r, 0.0) >= self.block_ttl_s / 3:
+                    self._last_full_push[r] = time.time()
+                else:
+                    hashes = [h for h in hashes if f"{h:x}" not in held]
                 await self._push_blocks(r, hashes)
             pipe = self._client.pipeline(transaction=False)
             for r in remove:
@@ -319,7 +326,8 @@ class RedisRouterState(RouterState):
         except Exception as exc:  # noqa: BLE001 - the re-sync rewrites everything later
             self._mark_unavailable(exc)
 
-    async def _drop_replica_blocks(self, replica_id: str, keep: Sequence[int]) -> None:
+    async def _drop_replica_blocks(self, replica_id: str, keep: Sequence[int]) -> set[str]:
+        """Unlink the replica from blocks not in ``keep``; returns the hex hashes Redis had."""
         key = f"{self._prefix}:rb:{replica_id}"
         held = await asyncio.wait_for(self._client.smembers(key), self.op_timeout_s * 10)
         stale = held - {f"{h:x}" for h in keep}
@@ -329,6 +337,7 @@ class RedisRouterState(RouterState):
         if stale:
             pipe.srem(key, *stale)
         await asyncio.wait_for(pipe.execute(), self.op_timeout_s * 10)
+        return held
 
     def _queue_insert(self, pipe, replica_id: str, block_hashes: Sequence[int]) -> None:
         now, ttl = time.time(), int(self.block_ttl_s)

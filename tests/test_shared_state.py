@@ -114,6 +114,11 @@ async def test_replica_report_correction_is_shared(redis_server):
         await a.flush()
         by_id = {v.replica_id: v for v in await b.views(CHAIN_A, ["r0"])}
         assert by_id["r0"].matched_blocks == 2 and by_id["r0"].num_cached_blocks == 2
+        # A later report pushes only the difference.
+        a.update_replica_stats("r0", ReplicaStats(cached_block_hashes=[11, 12, 13]))
+        await a.flush()
+        by_id = {v.replica_id: v for v in await b.views(CHAIN_A, ["r0"])}
+        assert by_id["r0"].matched_blocks == 3 and by_id["r0"].num_cached_blocks == 3
     finally:
         await a.close()
         await b.close()
