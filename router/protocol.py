@@ -52,15 +52,38 @@ class APIError(Exception):
 
 
 def validation_error_to_api_error(exc: ValidationError) -> APIError:
-    """The first pydantic error as a 400 naming the offending field."""
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()))
+    """The first pydantic error as a 400 naming the offending field (``messages.0.role``)."""
+    errors = exc.errors()
+    err = errors[0]
     if err.get("type") == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {err.get('msg')}", code="invalid_json")
+    if err.get("type") == "model_type" and not err.get("loc"):
+        return APIError(400, "request body must be a JSON object", code="invalid_json")
+    loc = _field_path(err.get("loc", ()))
     if err.get("type") == "missing":
         return APIError(400, f"missing required field '{loc}'", param=loc or None, code="missing_field")
-    return APIError(400, f"invalid value for '{loc}': {err.get('msg')}" if loc else err.get("msg", ""),
+    # A value that fits none of a union's members yields one error per member, tagged by type.
+    expected = sorted({_type_tag(e["loc"]) for e in errors
+                       if _field_path(e.get("loc", ())) == loc and _type_tag(e["loc"])})
+    detail = f"expected {' or '.join(expected)}" if len(expected) > 1 else err.get("msg", "")
+    return APIError(400, f"invalid value for '{loc}': {detail}" if loc else detail,
                     param=loc or None, code="invalid_value")
+
+
+def _is_type_tag(part: Any) -> bool:
+    return isinstance(part, str) and (not part.isidentifier() or part in _TYPE_NAMES or part[:1].isupper())
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _field_path(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not _is_type_tag(p))
+
+
+def _type_tag(loc: tuple) -> Optional[str]:
+    tags = [p for p in loc if _is_type_tag(p)]
+    return tags[0] if tags else None
 
 
 # ---- shared request fields ----------------------------------------------------------------------
