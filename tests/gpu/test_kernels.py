@@ -1,0 +1,117 @@
+"""Fused kernels (engine/kernels) against their torch fallbacks and the model layers.
+
+The fallback tests run on the CPU (CI); the Triton ones need a GPU (``gpu`` marker).
+Outputs are poisoned with NaN where the kernel writes into given memory.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels import torch_ops
+from engine.models.layers import RMSNorm, silu_and_mul as layers_silu_and_mul
+from engine.models.rotary import RotaryEmbedding
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# ---- fallbacks == model layers (CPU) --------------------------------------------------------------
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_fallback_matches_layer(with_residual):
+    norm = RMSNorm(64, 1e-6)
+    norm.weight.data = torch.randn(64).bfloat16().float()
+    x, res = torch.randn(5, 64), torch.randn(5, 64)
+    expect = norm(x, res if with_residual else None)
+    got = torch_ops.rms_norm(x, norm.weight.data, 1e-6, res if with_residual else None)
+    for e, g in zip(expect, got):
+        torch.testing.assert_close(g, e)
+
+
+def test_rotary_fallback_matches_layer():
+    rope = RotaryEmbedding(32, 100, 10000.0)
+    positions = torch.randint(0, 100, (7,))
+    q, k = torch.randn(7, 4, 32), torch.randn(7, 2, 32)
+    eq, ek = rope(positions, q, k)
+    gq, gk = torch_ops.rotary_embedding(positions, q.clone(), k.clone(), rope._cache(q.device))
+    torch.testing.assert_close(gq, eq)
+    torch.testing.assert_close(gk, ek)
+
+
+def test_silu_and_mul_fallback_matches_layer():
+    x = torch.randn(3, 5, 48)
+    torch.testing.assert_close(torch_ops.silu_and_mul(x), layers_silu_and_mul(x))
+
+
+# ---- Triton == fallbacks (GPU) --------------------------------------------------------------------
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 4096, 5120])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_triton(dtype, hidden, with_residual):
+    from engine.kernels import triton_ops
+    x = torch.randn(37, hidden, device="cuda").to(dtype)
+    res = torch.randn(37, hidden, device="cuda").to(dtype) if with_residual else None
+    w = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(dtype)
+    out, new_res = triton_ops.rms_norm(x, w, 1e-5, res)
+    ref_out, ref_res = torch_ops.rms_norm(x.float(), w.float(), 1e-5,
+                                          res.float() if res is not None else None)
+    assert not out.isnan().any()
+    assert rel_err(out, ref_out) < TOL[dtype]
+    if with_residual:
+        assert torch.equal(new_res, (x.float() + res.float()).to(dtype))  # one rounding, as torch
+    else:
+        assert new_res is x
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,rot_dim", [(128, 128), (64, 64), (128, 64)])
+@pytest.mark.parametrize("heads", [(32, 8), (12, 4), (8, 8)])
+def test_rotary_triton_in_place_on_qkv_views(dtype, head_dim, rot_dim, heads):
+    from engine.kernels import triton_ops
+    num_q, num_kv = heads
+    num_tokens = 53
+    rope = RotaryEmbedding(rot_dim, 4096, 500000.0)
+    cache = rope._cache(torch.device("cuda"))  # (4096, rot_dim) fp32 [cos | sin]
+    positions = torch.randint(0, 4096, (num_tokens,), device="cuda")
+    qkv = torch.randn(num_tokens, (num_q + 2 * num_kv) * head_dim, device="cuda").to(dtype)
+    q, k, v = qkv.split([num_q * head_dim, num_kv * head_dim, num_kv * head_dim], dim=-1)
+    q = q.view(num_tokens, num_q, head_dim)  # strided views of the fused projection
+    k = k.view(num_tokens, num_kv, head_dim)
+    v_before = v.clone()
+    ref_q, ref_k = torch_ops.rotary_embedding(positions, q.float().clone(), k.float().clone(), cache)
+    out_q, out_k = triton_ops.rotary_embedding(positions, q, k, cache)
+    assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr()
+    assert rel_err(q, ref_q) < TOL[dtype] and rel_err(k, ref_k) < TOL[dtype]
+    assert torch.equal(v, v_before)  # neighbours untouched
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 128), (37, 28672), (4, 3, 2 * 1000)])
+def test_silu_and_mul_triton(dtype, shape):
+    from engine.kernels import triton_ops
+    x = torch.randn(*shape, device="cuda").to(dtype)
+    out = triton_ops.silu_and_mul(x)
+    ref = torch_ops.silu_and_mul(x.float())
+    assert out.shape == ref.shape and not out.isnan().any()
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.gpu
+def test_dispatch_picks_triton_on_cuda_and_fallback_on_cpu():
+    import engine.kernels as kernels
+    x = torch.randn(4, 64)
+    w = torch.ones(64)
+    cpu_out, _ = kernels.rms_norm(x, w, 1e-6)
+    gpu_out, _ = kernels.rms_norm(x.cuda(), w.cuda(), 1e-6)
+    assert rel_err(gpu_out.cpu(), cpu_out) < 1e-5
