@@ -39,8 +39,10 @@ class PagedKV:
     """
 
     def __init__(self, model: torch.nn.Module, num_blocks: int = 128) -> None:
+        weight = model.lm_head.weight
+        self.device = weight.device
         self.kv_caches = allocate_kv_cache(model.num_layers, num_blocks, BLOCK_SIZE, model.num_kv_heads,
-                                           model.head_dim, torch.float32, torch.device("cpu"))
+                                           model.head_dim, weight.dtype, self.device)
         self.block_tables: dict[int, list[int]] = {}
         self.seq_lens: dict[int, int] = {}
         self.num_blocks_used = 0
@@ -64,11 +66,13 @@ class PagedKV:
             self.seq_lens[seq_id] = end
         tables = [self.block_tables[seq_id] for seq_id, _ in chunks]
         width = max(len(t) for t in tables)
+        dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
+                                      device=dev),
             max_query_len=max(len(c) for _, c in chunks),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=query_start,
@@ -76,7 +80,8 @@ class PagedKV:
         )
         ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
         with torch.inference_mode():
-            return model(torch.tensor(ids, dtype=torch.long), torch.tensor(positions), ctx)
+            return model(torch.tensor(ids, dtype=torch.long, device=dev),
+                         torch.tensor(positions, device=dev), ctx)
 
 
 def make_prompts(seed: int, lens=PROMPT_LENS) -> list[list[int]]:
@@ -111,20 +116,21 @@ def greedy_decode(model, prompts: list[list[int]], num_new: int = NUM_NEW_TOKENS
 
 def hf_logits(hf, prompt: list[int]) -> torch.Tensor:
     with torch.no_grad():
-        return hf(torch.tensor([prompt])).logits[0].float()  # (L, vocab)
+        return hf(torch.tensor([prompt], device=hf.device)).logits[0].float()  # (L, vocab)
 
 
 def hf_greedy(hf, prompt: list[int], num_new: int = NUM_NEW_TOKENS) -> list[int]:
     # No eos: our loop never stops early. (HF fills unset fields from hf.generation_config.)
     hf.generation_config.eos_token_id = None
     config = GenerationConfig(max_new_tokens=num_new, do_sample=False, eos_token_id=None, pad_token_id=0)
-    out = hf.generate(torch.tensor([prompt]), generation_config=config)
+    out = hf.generate(torch.tensor([prompt], device=hf.device), generation_config=config)
     return out[0, len(prompt):].tolist()
 
 
-def ours(path: str, dtype=torch.float32, **kw) -> torch.nn.Module:
-    return load_model(path, ModelSpec.from_hf_config(path), dtype, torch.device("cpu"),
-                      LoadFormat.AUTO, seed=0, **kw)
+def ours(path: str, dtype=torch.float32, device="cpu", load_format=LoadFormat.AUTO,
+         **kw) -> torch.nn.Module:
+    return load_model(path, ModelSpec.from_hf_config(path), dtype, torch.device(device),
+                      load_format, seed=0, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +147,12 @@ def checkpoint(tmp_path_factory) -> Callable[..., str]:
     return get
 
 
-def assert_matches_hf(path: str, model=None, prompt_lens=PROMPT_LENS) -> None:
-    hf = load_hf_model(path)
+def assert_matches_hf(path: str, model=None, prompt_lens=PROMPT_LENS, atol: float = ATOL) -> None:
     model = model or ours(path)
+    hf = load_hf_model(path).to(model.lm_head.weight.device)
     prompts = make_prompts(seed=len(prompt_lens), lens=prompt_lens)
     for prompt, got in zip(prompts, chunked_prefill_logits(model, PagedKV(model), prompts)):
-        torch.testing.assert_close(got, hf_logits(hf, prompt), atol=ATOL, rtol=0)
+        torch.testing.assert_close(got, hf_logits(hf, prompt), atol=atol, rtol=0)
     for prompt, got in zip(prompts, greedy_decode(model, prompts)):
         assert got == hf_greedy(hf, prompt), f"greedy tokens differ for prompt of length {len(prompt)}"
 
@@ -209,7 +215,6 @@ def test_bfloat16_load_runs(checkpoint):
     model = ours(path, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     kv = PagedKV(model)
-    kv.kv_caches = [c.to(torch.bfloat16) for c in kv.kv_caches]
     logits = model.compute_logits(kv.step(model, [(0, [5, 6, 7])]))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     expected = hf_logits(load_hf_model(path), [5, 6, 7])
@@ -278,3 +283,17 @@ def test_tensor_parallel_shards_match_single_rank(checkpoint, arch, tp_size):
     for rank_logits in results:
         for got, want in zip(rank_logits, expected):
             torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2_moe", "qwen3_moe"])
+def test_cuda_matches_hf(checkpoint, arch):
+    """Same checks on the GPU (fp32, TF32 off), plus bf16 real and dummy loads straight to the GPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    path = checkpoint(arch)
+    assert_matches_hf(path, ours(path, device="cuda"), atol=1e-3)
+    for load_format in (LoadFormat.AUTO, LoadFormat.DUMMY):
+        model = ours(path, dtype=torch.bfloat16, device="cuda", load_format=load_format)
+        assert {(p.dtype, p.device.type) for p in model.parameters()} == {(torch.bfloat16, "cuda")}
+        logits = model.compute_logits(PagedKV(model).step(model, [(0, [5, 6, 7]), (1, [9])]))
+        assert logits.shape == (4, 512) and torch.isfinite(logits).all()

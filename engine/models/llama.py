@@ -197,9 +197,10 @@ class LlamaForCausalLM(nn.Module):
         for param_name in params:
             module_name, _, local_name = param_name.rpartition(".")
             expected = getattr(self.get_submodule(module_name), "shard_ids", {}).get(local_name, (None,))
-            if not set(expected) <= loaded[param_name]:
+            absent = set(expected) - loaded[param_name]
+            if absent:
                 missing.append(param_name if expected == (None,) else
-                               f"{param_name} (shards {sorted(map(str, set(expected) - loaded[param_name]))})")
+                               f"{param_name} (shards {sorted(map(str, absent))})")
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             raise ValueError(f"checkpoint is missing weights for {shown}")
