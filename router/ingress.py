@@ -136,8 +136,8 @@ async def _count_http_requests(request: Request, call_next):
 class OpenAIIngress:
     """The ingress deployment body; ``router.app`` wraps it with ``serve.ingress(app)``."""
 
-    def __init__(self, cfg: DeploymentConfig, llm_handle: Any, board_handle: Any,
-                 renderer_factory: Optional[RendererFactory] = None) -> None:
+    async def __init__(self, cfg: DeploymentConfig, llm_handle: Any, board_handle: Any,
+                       renderer_factory: Optional[RendererFactory] = None) -> None:
         self.cfg = cfg
         self.llm = llm_handle
         self.board = board_handle
@@ -150,6 +150,8 @@ class OpenAIIngress:
         self._stats: dict[str, dict] = {}
         self._stats_time = 0.0
         self._stats_lock: Optional[asyncio.Lock] = None
+        # Load the tokenizer in the background now, so the first requests do not wait for it.
+        self._warmup = asyncio.get_running_loop().create_task(self._warm_up())
 
     # ---- endpoints ----------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -308,6 +310,12 @@ class OpenAIIngress:
                 self._renderer = await asyncio.to_thread(self._renderer_factory, info)
                 self._model_info = info
         return self._renderer, self._model_info
+
+    async def _warm_up(self) -> None:
+        try:
+            await self._ready()
+        except Exception as exc:  # retried by the first request
+            logger.warning("ingress warm-up failed: %r", exc)
 
     async def _replica_stats(self, max_age_s: float = STATS_MAX_AGE_S) -> dict[str, dict]:
         if self._stats_lock is None:

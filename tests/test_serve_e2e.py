@@ -248,3 +248,70 @@ def test_kvmesh_serve_subprocess_answers_and_exits_on_sigint(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # our own process group only
             proc.wait()
         log.close()
+
+
+# ---- admission and error mapping (unit level: the ingress with stand-in handles) ----------------
+class _Call:
+    def __init__(self, value):
+        self.value = value
+
+    def remote(self):
+        async def result():
+            return self.value
+        return result()
+
+
+class _Board:
+    def __init__(self, snapshot):
+        self.snapshot = _Call(snapshot)
+
+
+async def _ingress(snapshot, **admission):
+    from router.config import parse_deployment_config
+    from router.ingress import OpenAIIngress
+    cfg = parse_deployment_config({"admission": admission} if admission else {})
+    ingress = OpenAIIngress.__new__(OpenAIIngress)
+    ingress.cfg = cfg
+    ingress.board = _Board(snapshot)
+    ingress._stats, ingress._stats_time, ingress._stats_lock = {}, 0.0, None
+    return ingress
+
+
+def _replica(num_waiting=0, is_healthy=True):
+    return {"is_healthy": is_healthy, "num_waiting": num_waiting}
+
+
+@pytest.mark.parametrize("snapshot, status", [
+    ({}, 503),
+    ({"a": _replica(is_healthy=False)}, 503),
+    ({"a": _replica(num_waiting=40), "b": _replica(num_waiting=30)}, 429),
+    ({"a": _replica(num_waiting=40), "b": _replica(num_waiting=0)}, None),
+    ({"a": _replica(num_waiting=40), "b": _replica(num_waiting=0, is_healthy=False)}, 429),
+])
+async def test_admission_sheds_load_and_needs_a_healthy_replica(snapshot, status):
+    from router.protocol import APIError
+    ingress = await _ingress(snapshot, max_waiting_per_replica=32)
+    if status is None:
+        await ingress._admit()
+        return
+    with pytest.raises(APIError) as info:
+        await ingress._admit()
+    assert info.value.status_code == status
+
+
+async def test_admission_can_be_disabled():
+    ingress = await _ingress({"a": _replica(num_waiting=10_000)}, max_waiting_per_replica=None)
+    await ingress._admit()
+
+
+def test_replica_errors_map_to_http_status():
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    from router.ingress import _api_error_from
+    assert _api_error_from(ValueError("prompt is empty")).status_code == 400
+    assert _api_error_from(BackPressureError(num_queued_requests=5, max_queued_requests=5)).status_code == 429
+    assert _api_error_from(RayActorError()).status_code == 503
+    dead = type("EngineDeadError", (RuntimeError,), {})("engine loop died")
+    assert _api_error_from(dead).status_code == 503
+    assert _api_error_from(RuntimeError("boom")).status_code == 500
