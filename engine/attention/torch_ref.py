@@ -1,9 +1,11 @@
 """Reference attention backend in plain PyTorch (CPU and GPU).
 
 Readable rather than fast: scatter the new K/V into their slots, then for each
-request gather its whole context from the block table and run causal
-scaled-dot-product attention for its new tokens. The GPU kernels are checked
-against this.
+request with several new tokens (a prompt chunk) gather its whole context from
+the block table and run causal scaled-dot-product attention; requests with one
+new token (decodes) are batched into one padded attention call, since on CPU a
+Python loop over hundreds of decodes costs more than the math. The GPU kernels
+are checked against this.
 """
 
 from __future__ import annotations
@@ -41,22 +43,47 @@ class TorchRefBackend(AttentionBackend):
                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv(key, value, kv_cache, meta.slot_mapping)
         out = torch.empty_like(query)
-        num_q_heads = query.shape[1]
+        qsl = meta.query_start_loc_cpu
+        decode_rows = [r for r in range(meta.num_reqs) if qsl[r + 1] - qsl[r] == 1]
+        if len(decode_rows) > 1:
+            self._batched_decode(query, kv_cache, meta, decode_rows, scale, out)
+            decode_set = set(decode_rows)
+        else:
+            decode_set = set()
         for r in range(meta.num_reqs):
-            q_start, q_end = meta.query_start_loc_cpu[r], meta.query_start_loc_cpu[r + 1]
-            if q_end == q_start:
+            q_start, q_end = qsl[r], qsl[r + 1]
+            if q_end == q_start or r in decode_set:
                 continue
             seq_len = meta.seq_lens_cpu[r]
             k, v = gather_context(kv_cache, meta.block_tables[r], seq_len)  # (S, Hkv, D)
-            group = num_q_heads // k.shape[1]
-            k = k.repeat_interleave(group, dim=1).transpose(0, 1).to(query.dtype)  # (Hq, S, D)
-            v = v.repeat_interleave(group, dim=1).transpose(0, 1).to(query.dtype)
+            k = k.transpose(0, 1).to(query.dtype)  # (Hkv, S, D); SDPA broadcasts over the group
+            v = v.transpose(0, 1).to(query.dtype)
             q = query[q_start:q_end].transpose(0, 1)  # (Hq, Q, D)
             num_new = q_end - q_start
             # Query i sits at absolute position seq_len - num_new + i and sees keys 0..that position.
             q_pos = torch.arange(seq_len - num_new, seq_len, device=query.device)[:, None]
             k_pos = torch.arange(seq_len, device=query.device)[None, :]
             mask = k_pos <= q_pos  # (Q, S)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
             out[q_start:q_end] = o.transpose(0, 1)
         return out
+
+    @staticmethod
+    def _batched_decode(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                        rows: list[int], scale: float, out: torch.Tensor) -> None:
+        """One padded attention call for requests that each have a single new token."""
+        block_size = kv_cache.shape[2]
+        rows_t = torch.tensor(rows, device=query.device)
+        seq_lens = meta.seq_lens[rows_t].long()  # (R,)
+        max_len = max(meta.seq_lens_cpu[r] for r in rows)
+        num_blocks = (max_len + block_size - 1) // block_size
+        tables = meta.block_tables[rows_t, :num_blocks].long()  # (R, nb)
+        k = kv_cache[0, tables].flatten(1, 2)[:, :max_len]  # (R, S, Hkv, D)
+        v = kv_cache[1, tables].flatten(1, 2)[:, :max_len]
+        token_idx = torch.tensor([meta.query_start_loc_cpu[r] for r in rows], device=query.device)
+        q = query[token_idx].unsqueeze(2)  # (R, Hq, 1, D)
+        mask = (torch.arange(max_len, device=query.device)[None, :] < seq_lens[:, None])  # (R, S)
+        o = F.scaled_dot_product_attention(
+            q, k.transpose(1, 2).to(query.dtype), v.transpose(1, 2).to(query.dtype),
+            attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)  # (R, Hq, 1, D)
+        out[token_idx] = o.squeeze(2)
