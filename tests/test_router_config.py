@@ -114,3 +114,21 @@ def test_config_is_frozen():
     cfg = parse_deployment_config({})
     with pytest.raises(Exception):
         cfg.name = "x"  # type: ignore[misc]
+
+
+def test_routing_policy_nests_router_policy_config():
+    from router.policy import RouterPolicyConfig, RoutingPolicyKind
+    cfg = parse_deployment_config({"routing": {"policy": {"policy": "power_of_two", "load_weight": 2}}})
+    assert isinstance(cfg.routing.policy, RouterPolicyConfig)
+    assert cfg.routing.policy.policy is RoutingPolicyKind.POWER_OF_TWO
+    assert cfg.routing.policy.load_weight == 2.0
+
+
+@pytest.mark.parametrize("policy, fragment", [
+    ({"load_wieght": 2}, "routing.policy.load_wieght"),
+    ({"policy": "random"}, "routing.policy.policy"),
+    ({"min_match_blocks": 0}, "min_match_blocks must be >= 1"),
+])
+def test_bad_routing_policy(policy, fragment):
+    with pytest.raises(ValueError, match=fragment.replace(".", r"\.")):
+        parse_deployment_config({"routing": {"policy": policy}})
