@@ -18,7 +18,7 @@ Block table row r lists request r's block ids in logical order; entries past
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,9 @@ class AttentionMetadata:
     # Host copies of the two length vectors, so backends never sync the device to read them.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Backend-private tensors derived from the fields above, computed by the first layer of
+    # a step and reused by the others (the metadata lives for exactly one step).
+    backend_cache: dict = field(default_factory=dict)
 
     @property
     def num_reqs(self) -> int:

@@ -69,21 +69,33 @@ class TorchRefBackend(AttentionBackend):
         return out
 
     @staticmethod
-    def _batched_decode(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+    def _decode_plan(meta: AttentionMetadata, rows: list[int], block_size: int, device) -> tuple:
+        """Per step: token rows of the decodes, flat cache slots of their contexts, padding mask."""
+        plan = meta.backend_cache.get("torch_ref_decode")
+        if plan is None:
+            rows_t = torch.tensor(rows, device=device)
+            seq_lens = meta.seq_lens[rows_t].long()  # (R,)
+            max_len = max(meta.seq_lens_cpu[r] for r in rows)
+            positions = torch.arange(max_len, device=device)
+            tables = meta.block_tables[rows_t].long()  # (R, max_blocks)
+            # slot of context position p of row r: table[r, p // bs] * bs + p % bs    (R, S)
+            slots = tables[:, positions // block_size] * block_size + positions % block_size
+            mask = positions[None, :] < seq_lens[:, None]  # (R, S)
+            token_idx = torch.tensor([meta.query_start_loc_cpu[r] for r in rows], device=device)
+            plan = (token_idx, slots.flatten(), mask[:, None, None, :], max_len)
+            meta.backend_cache["torch_ref_decode"] = plan
+        return plan
+
+    def _batched_decode(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                         rows: list[int], scale: float, out: torch.Tensor) -> None:
         """One padded attention call for requests that each have a single new token."""
-        block_size = kv_cache.shape[2]
-        rows_t = torch.tensor(rows, device=query.device)
-        seq_lens = meta.seq_lens[rows_t].long()  # (R,)
-        max_len = max(meta.seq_lens_cpu[r] for r in rows)
-        num_blocks = (max_len + block_size - 1) // block_size
-        tables = meta.block_tables[rows_t, :num_blocks].long()  # (R, nb)
-        k = kv_cache[0, tables].flatten(1, 2)[:, :max_len]  # (R, S, Hkv, D)
-        v = kv_cache[1, tables].flatten(1, 2)[:, :max_len]
-        token_idx = torch.tensor([meta.query_start_loc_cpu[r] for r in rows], device=query.device)
+        _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+        token_idx, slots, mask, max_len = self._decode_plan(meta, rows, block_size, query.device)
+        flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+        k = flat[0].index_select(0, slots).view(len(rows), max_len, num_kv_heads, head_dim)
+        v = flat[1].index_select(0, slots).view(len(rows), max_len, num_kv_heads, head_dim)
         q = query[token_idx].unsqueeze(2)  # (R, Hq, 1, D)
-        mask = (torch.arange(max_len, device=query.device)[None, :] < seq_lens[:, None])  # (R, S)
         o = F.scaled_dot_product_attention(
             q, k.transpose(1, 2).to(query.dtype), v.transpose(1, 2).to(query.dtype),
-            attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)  # (R, Hq, 1, D)
+            attn_mask=mask, scale=scale, enable_gqa=True)  # (R, Hq, 1, D)
         out[token_idx] = o.squeeze(2)
