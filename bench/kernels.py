@@ -8,9 +8,9 @@ Decode attention at the Llama-3.1-8B shape (32 query heads, 8 KV heads, head_dim
   * the bytes floor: KV bytes read / measured device copy bandwidth (read + write),
   * torch SDPA on the same K/V gathered into contiguous (B, Hkv, S, D) tensors.
 
-Each timed unit is a CUDA graph of one forward (the engine's decode path); the
-timing replays graphs round-robin over enough independent input sets that they
-don't fit in L2. Also: prefill attention throughput (TFLOP/s of the causal
+Decode is timed as many forwards back to back inside one CUDA graph (as the
+engine's decode step runs), cycling over enough independent input sets that
+they don't fit in L2. Also: prefill attention throughput (TFLOP/s of the causal
 attention actually computed) and the fused RMSNorm / rotary / SiLU-and-mul kernels
 against their torch fallbacks. Prints a table and writes JSON with the GPU name.
 """
@@ -22,6 +22,7 @@ import json
 import math
 import os
 import statistics
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -51,19 +52,46 @@ def time_graphs(graphs: list, iters: int = 50, repeats: int = 7) -> float:
     return statistics.median(samples)
 
 
-def capture(fn):
-    """A CUDA graph of ``fn``; ``fn`` itself if capture fails (then timed with its launches)."""
-    fn()  # compile / warm up outside the capture
+def time_in_graph(fns: list, reps: int, repeats: int = 5) -> float:
+    """Median seconds per call, with ``reps`` calls cycling through ``fns`` in ONE CUDA graph.
+
+    Back-to-back inside a graph, as the engine's decode step runs its layers: the
+    host's per-graph launch cost (several us) stays out of small cases, which
+    replaying one small graph per call would measure instead. Falls back to eager
+    launches if the capture fails.
+    """
+    for fn in fns:
+        fn()  # compile / warm up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
-            fn()
+            for i in range(reps):
+                fns[i % len(fns)]()
+        run = graph.replay
     except RuntimeError as e:
         print(f"  (graph capture failed, timing eager launches: {str(e).splitlines()[0][:80]})")
         torch.cuda.synchronize()
-        return fn
-    return graph
+
+        def run():
+            for i in range(reps):
+                fns[i % len(fns)]()
+    run()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / reps)
+    return statistics.median(samples)
+
+
+def graph_reps(bytes_per_call: int, num_fns: int) -> int:
+    """Calls in one timed graph: ~1 GB of traffic, every input set at least once, <= 256."""
+    return max(num_fns, min(256, math.ceil(1e9 / bytes_per_call)))
 
 
 def copy_bandwidth() -> float:
@@ -82,7 +110,7 @@ def num_sets(bytes_per_set: int) -> int:
 
 # ---- decode ------------------------------------------------------------------------------------------
 
-def decode_case(batch: int, ctx: int, backend: TritonBackend, check: bool) -> dict:
+def decode_case(batch: int, ctx: int, backend: TritonBackend, check: bool, with_sdpa: bool = True) -> dict:
     blocks_per_req = ctx // BS
     kv_bytes = batch * ctx * HKV * D * 2 * DTYPE.itemsize  # K and V of every context token
     sets = num_sets(kv_bytes)
@@ -94,7 +122,7 @@ def decode_case(batch: int, ctx: int, backend: TritonBackend, check: bool) -> di
     v_new = torch.randn_like(k_new)
     pos = ctx - 1  # the new token's position
     out = torch.empty_like(q)
-    metas, graphs = [], []
+    metas = []
     for s in range(sets):
         tables = perm[s]
         slots = (tables[:, pos // BS].long() * BS + pos % BS)
@@ -104,8 +132,15 @@ def decode_case(batch: int, ctx: int, backend: TritonBackend, check: bool) -> di
             max_query_len=1, max_seq_len=ctx, query_start_loc_cpu=list(range(batch + 1)),
             seq_lens_cpu=[ctx] * batch)
         metas.append(meta)
-        graphs.append(capture(lambda m=meta: backend.forward(q, k_new, v_new, cache, m, D ** -0.5, out=out)))
-    t_triton = time_graphs(graphs)
+    reps = graph_reps(kv_bytes, sets)
+    t_triton = time_in_graph([lambda m=m: backend.forward(q, k_new, v_new, cache, m, D ** -0.5, out=out)
+                              for m in metas], reps)
+    floor = kv_bytes / BANDWIDTH
+    row = dict(batch=batch, ctx=ctx, kv_bytes=kv_bytes, input_sets=sets,
+               splits=backend.num_decode_splits(batch, cache), triton_us=t_triton * 1e6,
+               floor_us=floor * 1e6, triton_tb_s=kv_bytes / t_triton / 1e12, of_floor=floor / t_triton)
+    if not with_sdpa:
+        return row
 
     # SDPA on contiguous copies of the same K/V: (B, Hkv, S, D)
     def gather(s):
@@ -114,23 +149,21 @@ def decode_case(batch: int, ctx: int, backend: TritonBackend, check: bool) -> di
         v = cache[1, ids].flatten(1, 2).transpose(1, 2).contiguous()
         return k, v
     q4 = q.unsqueeze(2)  # (B, Hq, 1, D)
-    sdpa_graphs, err = [], None
+    sdpa_fns, err = [], None
     for s in range(sets):
         k, v = gather(s)
-        sdpa_graphs.append(capture(lambda k=k, v=v: F.scaled_dot_product_attention(
-            q4, k, v, scale=D ** -0.5, enable_gqa=True)))
+        sdpa_fns.append(lambda k=k, v=v: F.scaled_dot_product_attention(
+            q4, k, v, scale=D ** -0.5, enable_gqa=True))
         if check and s == 0:
             backend.forward(q, k_new, v_new, cache, metas[0], D ** -0.5, out=out)
             ref = F.scaled_dot_product_attention(q4.float(), k.float(), v.float(), scale=D ** -0.5,
                                                  enable_gqa=True).squeeze(2)
             err = ((out.float() - ref).norm() / ref.norm()).item()
         del k, v
-    t_sdpa = time_graphs(sdpa_graphs)
-    floor = kv_bytes / BANDWIDTH
-    return dict(batch=batch, ctx=ctx, kv_bytes=kv_bytes, input_sets=sets,
-                splits=backend.num_decode_splits(batch, cache), triton_us=t_triton * 1e6,
-                sdpa_us=t_sdpa * 1e6, floor_us=floor * 1e6, triton_tb_s=kv_bytes / t_triton / 1e12,
-                of_floor=floor / t_triton, vs_sdpa=t_sdpa / t_triton, rel_err_vs_sdpa=err)
+    t_sdpa = time_in_graph(sdpa_fns, reps)
+    del sdpa_fns
+    row.update(sdpa_us=t_sdpa * 1e6, vs_sdpa=t_sdpa / t_triton, rel_err_vs_sdpa=err)
+    return row
 
 
 # ---- prefill ---------------------------------------------------------------------------------------
@@ -163,9 +196,13 @@ def prefill_case(lens: list[tuple[int, int]], config: TritonAttentionConfig, wit
     t = time_graphs([lambda: backend.forward(q, k, v, cache, meta, D ** -0.5, out=out)], iters=10, repeats=5)
     pairs = sum(sum(c + i + 1 for i in range(n)) for c, n in lens)  # (query, key) pairs computed
     flops = 4 * HQ * D * pairs
+    large = (config.prefill_large_min_query_len is not None
+             and meta.max_query_len >= config.prefill_large_min_query_len)
     row = dict(lens=lens, triton_ms=t * 1e3, triton_tflops=flops / t / 1e12,
-               block_m=config.prefill_large_block_m if meta.max_query_len >= config.prefill_large_min_query_len
-               else config.prefill_block_m)
+               block_m=config.prefill_large_block_m if large else config.prefill_block_m,
+               block_n=config.prefill_block_n,
+               num_warps=config.prefill_large_num_warps if large else config.prefill_num_warps,
+               num_stages=config.prefill_num_stages)
     if with_sdpa and all(c == 0 for c, _ in lens) and len({n for _, n in lens}) == 1:
         B, L = len(lens), lens[0][1]
         qs = torch.randn(B, HQ, L, D, device="cuda", dtype=DTYPE)
@@ -199,11 +236,53 @@ def fused_cases() -> list[dict]:
               2 * T * (HQ + HKV) * D * e)]
     rows = []
     for name, fn, nbytes in cases:
-        t_tr = time_graphs([lambda: fn(triton_ops)], iters=20, repeats=5)
-        t_th = time_graphs([lambda: fn(torch_ops)], iters=20, repeats=5)
+        t_tr = time_in_graph([lambda: fn(triton_ops)], reps=20)
+        t_th = time_in_graph([lambda: fn(torch_ops)], reps=20)
         rows.append(dict(kernel=name, bytes=nbytes, triton_us=t_tr * 1e6, torch_us=t_th * 1e6,
                          floor_us=nbytes / BANDWIDTH * 1e6, of_floor=nbytes / BANDWIDTH / t_tr))
     return rows
+
+
+def sweep(result: dict) -> None:
+    """Variants of the decode split policy and the prefill tile; the default is timed first
+    and last, so its spread shows the noise."""
+    base = TritonAttentionConfig()
+    decode_variants = [("default", base), ("min_split 256", replace(base, decode_min_split_len=256)),
+                       ("min_split 64, max 64", replace(base, decode_max_splits=64)),
+                       ("stages 3", replace(base, decode_num_stages=3)),
+                       ("warps 8", replace(base, decode_num_warps=8)),
+                       ("pps 8", replace(base, decode_programs_per_sm=8)),
+                       ("default again", base)]
+    print("\ndecode variants (us a forward)")
+    shapes = [(1, 512), (1, 2048), (1, 8192), (16, 512), (16, 2048), (16, 8192), (64, 512), (128, 2048)]
+    print(f"  {'variant':<22}" + "".join(f"{f'{b}x{c}':>10}" for b, c in shapes))
+    for name, cfg in decode_variants:
+        backend = TritonBackend(cfg)
+        times = []
+        for b, c in shapes:
+            row = decode_case(b, c, backend, check=False, with_sdpa=False)
+            row.update(variant=name)
+            result["decode_variants"].append(row)
+            times.append(row["triton_us"])
+            torch.cuda.empty_cache()
+        print(f"  {name:<22}" + "".join(f"{t:>10.1f}" for t in times), flush=True)
+    print("\nprefill variants (TFLOP/s)")
+    pshapes = [[(0, 2048)] * 4, [(4096, 512)] * 4, [(0, 1000)] + [(1500, 1)] * 32]
+    large = replace(base, prefill_large_min_query_len=1)
+    prefill_variants = [("M64 N64 w4 s2", base), ("M64 N64 w4 s3", replace(base, prefill_num_stages=3)),
+                        ("M64 N32 w4 s3", replace(base, prefill_block_n=32, prefill_num_stages=3)),
+                        ("M64 N128 w8 s2", replace(base, prefill_block_n=128, prefill_num_warps=8)),
+                        ("M128 N64 w8 s3", replace(large, prefill_num_stages=3)),
+                        ("M128 N32 w4 s2", replace(large, prefill_block_n=32, prefill_large_num_warps=4)),
+                        ("M64 N64 w4 s2 again", base)]
+    print(f"  {'variant':<22}{'4x2048':>10}{'4x4096+512':>12}{'mixed':>10}")
+    for name, cfg in prefill_variants:
+        rows = [prefill_case(lens, cfg, with_sdpa=False) for lens in pshapes]
+        for row in rows:
+            row.update(variant=name)
+            result["prefill_variants"].append(row)
+        print(f"  {name:<22}{rows[0]['triton_tflops']:>10.0f}{rows[1]['triton_tflops']:>12.0f}"
+              f"{rows[2]['triton_tflops']:>10.0f}", flush=True)
 
 
 def main() -> None:
@@ -211,6 +290,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="also time tile / split variants")
+    parser.add_argument("--skip-prefill", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -218,7 +299,8 @@ def main() -> None:
     print(f"{props.name}: {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB, "
           f"copy bandwidth {BANDWIDTH / 1e12:.2f} TB/s (read + write)")
     result = dict(gpu=props.name, num_sms=props.multi_processor_count, torch=torch.__version__,
-                  copy_bandwidth_tb_s=BANDWIDTH / 1e12, decode=[], decode_variants=[], prefill=[], fused=[])
+                  copy_bandwidth_tb_s=BANDWIDTH / 1e12, decode=[], prefill=[], fused=[],
+                  decode_variants=[], prefill_variants=[])
 
     backend = TritonBackend()
     batches, ctxs = ([1, 64], [512, 8192]) if args.quick else ([1, 16, 64, 128], [512, 2048, 8192])
@@ -234,31 +316,18 @@ def main() -> None:
                   f"{row['vs_sdpa']:>7.2f} {row['rel_err_vs_sdpa']:>8.1e}", flush=True)
             torch.cuda.empty_cache()
 
-    if not args.quick:
-        print("\ndecode variants (block_n / warps / programs per SM)")
-        for b, c in [(16, 8192), (128, 2048), (1, 8192)]:
-            for bn, warps, pps in [(64, 4, 4), (32, 4, 4), (128, 8, 4), (64, 8, 4), (64, 4, 8)]:
-                cfg = TritonAttentionConfig(decode_block_n=bn, decode_num_warps=warps,
-                                            decode_programs_per_sm=pps)
-                row = decode_case(b, c, TritonBackend(cfg), check=False)
-                row.update(block_n=bn, num_warps=warps, programs_per_sm=pps)
-                result["decode_variants"].append(row)
-                print(f"  batch {b:>3} ctx {c:>5} block_n {bn:>3} warps {warps} pps {pps}: "
-                      f"{row['triton_us']:8.1f} us ({row['of_floor']:.0%} of floor)", flush=True)
-                torch.cuda.empty_cache()
-
     print("\nprefill (causal, K/V through the block table; TFLOP/s of attention computed)")
     prefill_sets = [[(0, 2048)] * 4, [(0, 512)] * 16, [(4096, 512)] * 4, [(0, 8192)],
                     [(0, 1000)] + [(1500, 1)] * 32]
-    for lens in prefill_sets[:2] if args.quick else prefill_sets:
-        for cfg in (TritonAttentionConfig(),
-                    TritonAttentionConfig(prefill_large_min_query_len=1 << 30)):  # small tile only
-            row = prefill_case(lens, cfg, with_sdpa=True)
-            result["prefill"].append(row)
-            desc = f"{len(lens)} x (ctx {lens[0][0]}, new {lens[0][1]})" + (" + mixed" if len(set(lens)) > 1 else "")
-            extra = (f"  sdpa {row['sdpa_ms']:.3f} ms {row['sdpa_tflops']:.0f} TFLOP/s" if "sdpa_ms" in row else "")
-            print(f"  {desc:<34} M{row['block_m']:<4} {row['triton_ms']:8.3f} ms "
-                  f"{row['triton_tflops']:6.0f} TFLOP/s{extra}", flush=True)
+    for lens in [] if args.skip_prefill else prefill_sets[:2] if args.quick else prefill_sets:
+        row = prefill_case(lens, TritonAttentionConfig(), with_sdpa=True)
+        result["prefill"].append(row)
+        desc = f"{len(lens)} x (ctx {lens[0][0]}, new {lens[0][1]})" + (" + mixed" if len(set(lens)) > 1 else "")
+        extra = (f"  sdpa {row['sdpa_ms']:.3f} ms {row['sdpa_tflops']:.0f} TFLOP/s" if "sdpa_ms" in row else "")
+        print(f"  {desc:<34} {row['triton_ms']:8.3f} ms {row['triton_tflops']:6.0f} TFLOP/s{extra}", flush=True)
+
+    if args.sweep:
+        sweep(result)
 
     print("\nfused layer kernels, 4096 tokens (bf16)")
     for row in fused_cases():

@@ -30,18 +30,19 @@ class TritonAttentionConfig:
     """Tile sizes and split policy; the defaults were chosen on an H100 (docs/gpu_notes.md)."""
 
     decode_block_n: int = 64  # keys a decode program takes per step
-    decode_min_split_len: int = 256  # a decode split gets at least this many keys
+    decode_min_split_len: int = 64  # a decode split gets at least this many keys
     decode_max_splits: int = 32
     decode_programs_per_sm: int = 4  # splits are chosen to give about this many programs per SM
     decode_num_warps: int = 4
     decode_num_stages: int = 2
-    # Prefill: query rows (tokens x heads of a group) a program takes, and its warps; the
-    # large tile (wgmma-sized) when some request brings many tokens, else the small one.
+    # Prefill: query rows (tokens x heads of a group) a program takes, and its warps. The
+    # large tile is used when some request brings >= prefill_large_min_query_len tokens
+    # (None: never; on the H100 the 64-row tile won at every size measured, see notes).
     prefill_block_m: int = 64
     prefill_num_warps: int = 4
     prefill_large_block_m: int = 128
     prefill_large_num_warps: int = 8
-    prefill_large_min_query_len: int = 256
+    prefill_large_min_query_len: Optional[int] = None
     prefill_block_n: int = 64
     prefill_num_stages: int = 2
     decode_num_splits: Optional[int] = None  # fixed split count (tests); None: from batch size
@@ -74,7 +75,8 @@ class TritonBackend(AttentionBackend):
                             block_n=c.decode_block_n, min_split_len=c.decode_min_split_len,
                             num_warps=c.decode_num_warps, num_stages=c.decode_num_stages)
         else:
-            large = meta.max_query_len >= c.prefill_large_min_query_len
+            large = (c.prefill_large_min_query_len is not None
+                     and meta.max_query_len >= c.prefill_large_min_query_len)
             tk.paged_prefill(query, kv_cache, meta.block_tables, meta.seq_lens,
                              meta.query_start_loc, num_reqs, scale, out,
                              block_m=c.prefill_large_block_m if large else c.prefill_block_m,
