@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import kernels as fused
+
 
 class Communicator(Protocol):
     """The collectives TP layers need; implemented by the distributed executor."""
@@ -93,6 +95,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor,
                 residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual); with no residual, (norm(x), x)."""
+        if x.is_cuda:  # one fused Triton pass (add + norm) instead of several elementwise kernels
+            return fused.rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
         return self.normalize(x), x
@@ -100,6 +104,8 @@ class RMSNorm(nn.Module):
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """(..., 2 * I) laid out [gate | up] -> (..., I) = silu(gate) * up."""
+    if gate_up.is_cuda:
+        return fused.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 

@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from engine import kernels as fused
+
 from engine.models.spec import RopeScaling, RopeType
 
 
@@ -64,6 +66,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (T,); q (T, Hq, D), k (T, Hkv, D) -> rotated q, k (same shapes/dtypes)."""
+        if q.is_cuda:  # fused Triton kernel, in place (q, k are views into the qkv output)
+            return fused.rotary_embedding(positions, q, k, self._cache(q.device))
         cos, sin = self._cache(q.device)[positions].unsqueeze(1).chunk(2, dim=-1)  # (T, 1, D/2) each
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
