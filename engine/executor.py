@@ -36,6 +36,16 @@ def resolve_dtype(config: EngineConfig, spec: ModelSpec, device: torch.device) -
             Dtype.FLOAT16: torch.float16}[dtype]
 
 
+def resolve_max_model_len(config: EngineConfig, spec: ModelSpec) -> int:
+    limit = spec.max_position_embeddings
+    wanted = config.model.max_model_len
+    if wanted is None:
+        return limit
+    if wanted > limit:
+        raise ValueError(f"max_model_len {wanted} exceeds the model's max_position_embeddings {limit}")
+    return wanted
+
+
 class Executor(ABC):
     @abstractmethod
     def determine_num_blocks(self) -> int:
@@ -59,7 +69,8 @@ class UniprocExecutor(Executor):
             raise ValueError("tensor/pipeline/expert parallel sizes > 1 need the Ray executor, "
                              "which is not available in this build")
         device = resolve_device(config)
-        self.runner = ModelRunner(config, spec, model_path, device, resolve_dtype(config, spec, device))
+        self.runner = ModelRunner(config, spec, model_path, device, resolve_dtype(config, spec, device),
+                                  resolve_max_model_len(config, spec))
 
     def determine_num_blocks(self) -> int:
         return self.runner.determine_num_blocks()

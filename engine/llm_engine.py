@@ -19,7 +19,7 @@ import time
 from typing import Optional, Sequence
 
 from engine.config import EngineConfig
-from engine.executor import Executor, UniprocExecutor
+from engine.executor import Executor, UniprocExecutor, resolve_max_model_len
 from engine.models.spec import ModelSpec
 from engine.output_processor import OutputProcessor
 from engine.outputs import EngineStats, RequestOutput
@@ -40,7 +40,7 @@ class LLMEngine:
         model_path = resolve_model_path(config.model.model)
         self.model_path = model_path
         self.spec = ModelSpec.from_hf_config(model_path)
-        self.max_model_len = self._resolve_max_model_len(config, self.spec)
+        self.max_model_len = resolve_max_model_len(config, self.spec)
         self.tokenizer = load_tokenizer(config.model.tokenizer or model_path)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.spec.eos_token_ids)
         start = time.monotonic()
@@ -56,16 +56,6 @@ class LLMEngine:
         self._seed_rng = random.Random(config.model.seed)
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
-
-    @staticmethod
-    def _resolve_max_model_len(config: EngineConfig, spec: ModelSpec) -> int:
-        limit = spec.max_position_embeddings
-        wanted = config.model.max_model_len
-        if wanted is None:
-            return limit
-        if wanted > limit:
-            raise ValueError(f"max_model_len {wanted} exceeds the model's max_position_embeddings {limit}")
-        return wanted
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:

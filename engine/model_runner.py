@@ -23,6 +23,7 @@ import torch
 from engine.attention.base import AttentionMetadata, ForwardContext, allocate_kv_cache, copy_blocks
 from engine.attention.selector import get_attention_backend
 from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphRunner
 from engine.models.loader import load_model
 from engine.models.spec import ModelSpec
 from engine.sampler import Sampler, SamplingBatch, to_token_logprobs
@@ -48,9 +49,10 @@ class RunnerRequestState:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, spec: ModelSpec, model_path: str, device: torch.device,
-                 dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1) -> None:
+                 dtype: torch.dtype, max_model_len: int, tp_rank: int = 0, tp_size: int = 1) -> None:
         self.config = config
         self.spec = spec
+        self.max_model_len = max_model_len
         self.device = device
         self.dtype = dtype
         self.block_size = config.cache.block_size
@@ -59,6 +61,7 @@ class ModelRunner:
         self.backend = get_attention_backend(config.device.attention_backend, device)
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
+        self.graph_runner: DecodeGraphRunner | None = None
         self.requests: dict[str, RunnerRequestState] = {}
 
     # ---- KV cache ---------------------------------------------------------------------------
@@ -67,29 +70,75 @@ class ModelRunner:
         return 2 * self.model.num_layers * self.block_size * self.model.num_kv_heads * self.model.head_dim * elem
 
     def determine_num_blocks(self) -> int:
+        """Blocks for the scheduler's pool (one more, the CUDA-graph scratch block, is allocated)."""
         cache = self.config.cache
         if cache.num_blocks is not None:
             return cache.num_blocks
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            activation_bytes = self._profile_peak_activation()
             free, total = torch.cuda.mem_get_info(self.device)
-            used_by_others = total - free
-            peak = torch.cuda.max_memory_allocated(self.device)
-            budget = total * cache.gpu_memory_utilization - used_by_others - peak * 0.1
-            num_blocks = int(budget // self.kv_bytes_per_block())
+            weights = torch.cuda.memory_allocated(self.device)
+            not_ours = total - free - torch.cuda.memory_reserved(self.device)  # CUDA context, others
+            graph_reserve = 0 if self.config.device.enforce_eager else 256 << 20
+            budget = total * cache.gpu_memory_utilization - weights - activation_bytes - not_ours - graph_reserve
+            logger.info("GPU memory: total %.1f GiB, weights %.1f GiB, peak activations %.2f GiB, "
+                        "other %.2f GiB -> KV cache %.1f GiB", total / 2**30, weights / 2**30,
+                        activation_bytes / 2**30, not_ours / 2**30, max(budget, 0) / 2**30)
+            num_blocks = int(budget // self.kv_bytes_per_block()) - 1
         else:
-            num_blocks = int(cache.cpu_kv_cache_gib * (1 << 30) // self.kv_bytes_per_block())
+            num_blocks = int(cache.cpu_kv_cache_gib * (1 << 30) // self.kv_bytes_per_block()) - 1
         if num_blocks < 1:
             raise ValueError("no memory left for the KV cache: lower max_model_len or raise "
                              "gpu_memory_utilization / cpu_kv_cache_gib")
         return num_blocks
 
+    @torch.inference_mode()
+    def _profile_peak_activation(self) -> int:
+        """Peak extra memory of the largest step: a full token budget of prefill, then logits."""
+        num_tokens = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
+        num_blocks = (num_tokens + self.block_size - 1) // self.block_size
+        kv = allocate_kv_cache(self.model.num_layers, num_blocks, self.block_size,
+                               self.model.num_kv_heads, self.model.head_dim, self.dtype, self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=dev),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=dev),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=dev)[None],
+            max_query_len=num_tokens, max_seq_len=num_tokens,
+            query_start_loc_cpu=[0, num_tokens], seq_lens_cpu=[num_tokens])
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
+        hidden = self.model(ids, torch.arange(num_tokens, device=dev), ForwardContext(meta, kv, self.backend))
+        num_rows = min(self.config.scheduler.max_num_seqs, num_tokens)
+        self.model.compute_logits(hidden[:num_rows])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del kv, hidden
+        torch.cuda.empty_cache()
+        return peak
+
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = allocate_kv_cache(self.model.num_layers, num_blocks, self.block_size,
+        # One block past the scheduler's pool: the scratch block padded CUDA-graph rows write to.
+        self.kv_caches = allocate_kv_cache(self.model.num_layers, num_blocks + 1, self.block_size,
                                            self.model.num_kv_heads, self.model.head_dim,
                                            self.dtype, self.device)
-        logger.info("KV cache: %d blocks x %d tokens (%.2f GiB)", num_blocks, self.block_size,
-                    num_blocks * self.kv_bytes_per_block() / (1 << 30))
+        logger.info("KV cache: %d blocks x %d tokens (%.2f GiB), max concurrency at %d tokens: %.1f",
+                    num_blocks, self.block_size, num_blocks * self.kv_bytes_per_block() / (1 << 30),
+                    self.max_model_len, num_blocks * self.block_size / self.max_model_len)
+        if self._use_cuda_graphs():
+            self.graph_runner = DecodeGraphRunner(
+                self.model, self.backend, self.kv_caches, self.spec.hidden_size, self.dtype, self.device,
+                self.block_size, max_blocks_per_req=(self.max_model_len + self.block_size - 1) // self.block_size,
+                scratch_block=num_blocks, max_batch=self.config.scheduler.max_num_seqs)
+            self.graph_runner.capture()
+
+    def _use_cuda_graphs(self) -> bool:
+        return (self.device.type == "cuda" and not self.config.device.enforce_eager
+                and self.spec.moe is None and self.backend.name == "triton")
 
     # ---- state updates from the scheduler's diffs ---------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -115,8 +164,11 @@ class ModelRunner:
             return ModelOutput()
         copy_blocks(self.kv_caches, so.block_copies)
         input_ids, positions, meta, sample_rows = self._prepare_inputs(so)
-        ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
-        hidden = self.model(input_ids, positions, ctx)  # (num_tokens, hidden)
+        if self.graph_runner is not None and self.graph_runner.can_run(meta):
+            hidden = self.graph_runner.run(input_ids, positions, meta)  # (num_reqs, hidden)
+        else:
+            ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
+            hidden = self.model(input_ids, positions, ctx)  # (num_tokens, hidden)
         # Advance computed counts now: the scheduler already did so on its side.
         for req_id, n in so.num_scheduled_tokens.items():
             self.requests[req_id].num_computed_tokens += n
