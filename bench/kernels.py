@@ -304,7 +304,7 @@ def main() -> None:
 
     backend = TritonBackend()
     batches, ctxs = ([1, 64], [512, 8192]) if args.quick else ([1, 16, 64, 128], [512, 2048, 8192])
-    print(f"\ndecode, Llama-3.1-8B shape (Hq {HQ}, Hkv {HKV}, D {D}, bf16, block {BS}); graph replays")
+    print(f"\ndecode, Llama-3.1-8B shape (Hq {HQ}, Hkv {HKV}, D {D}, bf16, block {BS}); back to back in one CUDA graph")
     print(f"{'batch':>5} {'ctx':>5} {'splits':>6} {'triton us':>10} {'sdpa us':>9} {'floor us':>9} "
           f"{'TB/s':>6} {'of floor':>8} {'x sdpa':>7} {'err':>8}")
     for b in batches:
