@@ -20,9 +20,10 @@ def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; run on the device machine")
     skip_multi = pytest.mark.skip(reason="needs >= 2 CUDA GPUs; run on nvidia-h100-x2/x4")
     for item in items:
-        if "multigpu" in item.keywords and num_gpus < 2:
+        # Markers, not keywords: the folder name tests/gpu is a keyword of every test in it.
+        if item.get_closest_marker("multigpu") and num_gpus < 2:
             item.add_marker(skip_multi)
-        elif "gpu" in item.keywords and num_gpus < 1:
+        elif item.get_closest_marker("gpu") and num_gpus < 1:
             item.add_marker(skip_gpu)
 
 
