@@ -57,6 +57,7 @@ class DecodeGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
+        self.num_replays = 0
 
     def _metadata(self, batch: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -107,4 +108,5 @@ class DecodeGraphRunner:
         if batch > num_reqs:
             self._pad_rows(num_reqs)
         self.graphs[batch].replay()
+        self.num_replays += 1
         return self.outputs[batch][:num_reqs]
