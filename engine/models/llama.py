@@ -4,6 +4,16 @@ One flattened forward over all scheduled tokens of a step::
 
     input_ids (T,) -> embed -> [ norm -> attention -> norm -> MLP ] x L -> norm -> hidden (T, H)
 
+Pipeline parallel (``pp_size > 1``): stage p builds only its layers
+``stage_layers(L, p, pp_size)`` (the others are ``nn.Identity`` placeholders, so
+parameter names keep their global layer index); the first stage owns the
+embedding, the last the final norm and LM head. A non-last stage returns
+``IntermediateTensors(hidden, residual)`` for the next stage, which passes it back
+in as ``intermediate``::
+
+    stage 0: ids -> embed -> layers[0:L/2]  -> (x, residual) ──send──▶
+    stage 1:                 (x, residual) -> layers[L/2:L] -> norm -> hidden -> logits
+
 Residual adds are fused into the norms (``RMSNorm(x, residual)``), so a layer
 passes ``(x, residual)`` on. Attention layer i reads and writes the paged KV
 cache ``ctx.kv_caches[i]`` through ``ctx.backend``; the model never sees blocks.
@@ -17,12 +27,14 @@ unknown or missing weights. ``moe.py`` reuses everything here but the MLP.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 
 from engine.attention.base import ForwardContext
+from engine.distributed.topology import stage_layers
 from engine.models.layers import (Communicator, MergedColumnParallelLinear, ParallelLMHead,
                                   QKVParallelLinear, RMSNorm, RowParallelLinear,
                                   VocabParallelEmbedding, silu_and_mul)
@@ -41,6 +53,14 @@ SKIPPED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed, never loaded
 
 # One tensor for one (param, shard) of ours: (param name, shard id, tensor).
 WeightTarget = tuple[str, Any, torch.Tensor]
+
+
+@dataclass
+class IntermediateTensors:
+    """What one pipeline stage hands the next: the last layer's output and the residual."""
+
+    hidden: torch.Tensor  # (T, H)
+    residual: torch.Tensor  # (T, H)
 
 
 class Attention(nn.Module):
@@ -99,20 +119,29 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, spec: ModelSpec, layers: list[DecoderLayer], tp_rank: int, tp_size: int,
+    """Embedding (first stage), this stage's layers, final norm (last stage)."""
+
+    def __init__(self, spec: ModelSpec, layers: list[nn.Module], layer_range: range,
+                 is_first_stage: bool, is_last_stage: bool, tp_rank: int, tp_size: int,
                  comm: Optional[Communicator]) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size,
-                                                   tp_rank, tp_size, comm)
-        self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.embed_tokens = (VocabParallelEmbedding(spec.vocab_size, spec.hidden_size,
+                                                    tp_rank, tp_size, comm) if is_first_stage else None)
+        self.layers = nn.ModuleList(layers)  # all L entries; nn.Identity outside layer_range
+        self.layer_range = layer_range
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps) if is_last_stage else None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                ctx: ForwardContext) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # (T, H)
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, ctx)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                intermediate: Optional[IntermediateTensors] = None
+                ) -> "torch.Tensor | IntermediateTensors":
+        if self.embed_tokens is not None:
+            x, residual = self.embed_tokens(input_ids), None  # (T, H)
+        else:
+            x, residual = intermediate.hidden, intermediate.residual
+        for i in self.layer_range:
+            x, residual = self.layers[i](positions, x, residual, ctx)
+        if self.norm is None:
+            return IntermediateTensors(x, residual)
         x, _ = self.norm(x, residual)
         return x  # (T, H)
 
@@ -121,50 +150,83 @@ class LlamaForCausalLM(nn.Module):
     """The model contract every architecture follows (see ``registry.py``)."""
 
     def __init__(self, spec: ModelSpec, tp_rank: int = 0, tp_size: int = 1,
-                 comm: Optional[Communicator] = None) -> None:
+                 comm: Optional[Communicator] = None, pp_rank: int = 0, pp_size: int = 1,
+                 ep_rank: int = 0, ep_size: int = 1) -> None:
+        """``comm`` is the stage group's communicator (TP collectives, and EP for MoE layers);
+        ``pp_*`` pick this stage's layers; ``ep_*`` partition MoE experts (see moe.py)."""
         super().__init__()
         self.spec = spec
         self.tp_rank, self.tp_size, self.comm = tp_rank, tp_size, comm
+        self.ep_rank, self.ep_size = ep_rank, ep_size
+        self.layer_range = stage_layers(spec.num_layers, pp_rank, pp_size)
+        if len(self.layer_range) == 0:
+            raise ValueError(f"pipeline stage {pp_rank} of {pp_size} has no layers "
+                             f"(num_hidden_layers {spec.num_layers})")
+        self.is_first_stage, self.is_last_stage = pp_rank == 0, pp_rank == pp_size - 1
         rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta,
                                  spec.rope_scaling)
-        layers = [DecoderLayer(spec, Attention(spec, i, rotary, tp_rank, tp_size, comm), self._make_mlp(i))
+        start = self.layer_range.start  # attention i reads ctx.kv_caches[i - start]: this stage's caches
+        layers = [DecoderLayer(spec, Attention(spec, i - start, rotary, tp_rank, tp_size, comm),
+                               self._make_mlp(i)) if i in self.layer_range else nn.Identity()
                   for i in range(spec.num_layers)]
-        self.model = DecoderModel(spec, layers, tp_rank, tp_size, comm)
-        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, tp_rank, tp_size, comm)
+        self.model = DecoderModel(spec, layers, self.layer_range, self.is_first_stage,
+                                  self.is_last_stage, tp_rank, tp_size, comm)
+        self.lm_head = (ParallelLMHead(spec.vocab_size, spec.hidden_size, tp_rank, tp_size, comm)
+                        if self.is_last_stage else None)
         self.tie_weights()
-        self.num_layers = spec.num_layers
+        self.num_layers = len(self.layer_range)  # this stage's layers = its KV cache tensors
         self.head_dim = spec.head_dim
-        self.num_kv_heads = layers[0].self_attn.qkv_proj.num_kv_heads  # per rank
+        self.num_kv_heads = layers[start].self_attn.qkv_proj.num_kv_heads  # per rank
 
     def tie_weights(self) -> None:
-        """lm_head shares the embedding tensor (same vocab sharding) when the spec says so."""
-        if self.spec.tie_word_embeddings:
+        """lm_head shares the embedding tensor (same vocab sharding) when the spec says so.
+
+        Only when one stage holds both; with pipeline stages the last stage loads the
+        checkpoint's embedding into its own ``lm_head`` (``map_weight``)."""
+        if self.spec.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def _make_mlp(self, layer_idx: int) -> nn.Module:
         return DenseMLP(self.spec.hidden_size, self.spec.intermediate_size,
                         self.tp_rank, self.tp_size, self.comm)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                ctx: ForwardContext) -> torch.Tensor:
-        """input_ids, positions (T,) -> hidden (T, hidden_size)."""
-        return self.model(input_ids, positions, ctx)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                intermediate: Optional[IntermediateTensors] = None
+                ) -> "torch.Tensor | IntermediateTensors":
+        """input_ids, positions (T,) -> hidden (T, hidden_size) on the last stage, else the
+        ``IntermediateTensors`` for the next stage (which passes them as ``intermediate``)."""
+        return self.model(input_ids, positions, ctx, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (R, hidden_size) -> logits (R, vocab_size) float32."""
+        """hidden (R, hidden_size) -> logits (R, vocab_size) float32. Last stage only."""
         return self.lm_head.compute_logits(hidden)
 
     # ---- weights ------------------------------------------------------------------------------
     def map_weight(self, name: str, tensor: torch.Tensor) -> list[WeightTarget]:
         """HF checkpoint name -> the (param, shard) it fills; [] for weights we skip."""
-        if name.endswith(SKIPPED_WEIGHT_SUFFIXES):
+        if name.endswith(SKIPPED_WEIGHT_SUFFIXES) or not self._is_on_this_stage(name):
             return []
         if name == "lm_head.weight" and self.spec.tie_word_embeddings:
             return []  # some tied checkpoints still store it; the embedding is the source
+        if name == "model.embed_tokens.weight" and self.spec.tie_word_embeddings:
+            targets = [(name, None, tensor)] if self.is_first_stage else []
+            if self.is_last_stage and not self.is_first_stage:  # untied copy on the last stage
+                targets.append(("lm_head.weight", None, tensor))
+            return targets
         for fused, hf, shard_id in STACKED_PARAMS:
             if hf in name:
                 return [(name.replace(hf, fused), shard_id, tensor)]
         return [(name, None, tensor)]
+
+    def _is_on_this_stage(self, name: str) -> bool:
+        """Whether a checkpoint weight belongs to this pipeline stage."""
+        if name.startswith("model.layers."):
+            return int(name.split(".")[2]) in self.layer_range
+        if name.startswith("model.embed_tokens."):
+            return self.is_first_stage or (self.is_last_stage and self.spec.tie_word_embeddings)
+        if name.startswith(("model.norm.", "lm_head.")):
+            return self.is_last_stage
+        return True
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load full HF tensors (any order, any device); each layer keeps its rank's shard.

@@ -36,15 +36,18 @@ DUMMY_WEIGHT_STD = 0.02  # small, so dummy activations stay finite through many 
 
 def load_model(model_path: str, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
                load_format: LoadFormat, seed: int, tp_rank: int = 0, tp_size: int = 1,
-               comm: Optional[Communicator] = None) -> nn.Module:
-    """Returns the model of rank ``tp_rank`` in eval mode, weights on ``device`` in ``dtype``."""
+               comm: Optional[Communicator] = None, pp_rank: int = 0, pp_size: int = 1,
+               ep_rank: int = 0, ep_size: int = 1) -> nn.Module:
+    """Returns the model of one rank in eval mode, weights on ``device`` in ``dtype``: its TP
+    shard of pipeline stage ``pp_rank``'s layers, with its EP share of the experts."""
     load_format = LoadFormat(load_format)
     device = torch.device(device)
     files = [] if load_format == LoadFormat.DUMMY else safetensors_files(model_path)
     start = time.monotonic()
     model_cls = get_model_class(spec.architecture)
     with torch.device("meta"):
-        model = model_cls(spec, tp_rank=tp_rank, tp_size=tp_size, comm=comm)
+        model = model_cls(spec, tp_rank=tp_rank, tp_size=tp_size, comm=comm,
+                          pp_rank=pp_rank, pp_size=pp_size, ep_rank=ep_rank, ep_size=ep_size)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()  # to_empty makes new tensors, which unties shared parameters
     if load_format == LoadFormat.DUMMY:
@@ -53,8 +56,9 @@ def load_model(model_path: str, spec: ModelSpec, dtype: torch.dtype, device: tor
         model.load_weights(iter_safetensors(files))
     model.requires_grad_(False).eval()
     num_params = sum(p.numel() for p in model.parameters())
-    logger.info("loaded %s (%s, rank %d/%d): %.1fM parameters, %s on %s in %.1fs",
-                spec.architecture.value, load_format.value, tp_rank, tp_size, num_params / 1e6,
+    logger.info("loaded %s (%s, tp %d/%d, pp %d/%d, ep %d/%d): %.1fM parameters, %s on %s in %.1fs",
+                spec.architecture.value, load_format.value, tp_rank, tp_size, pp_rank, pp_size,
+                ep_rank, ep_size, num_params / 1e6,
                 str(dtype).removeprefix("torch."), device, time.monotonic() - start)
     return model
 

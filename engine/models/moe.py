@@ -15,6 +15,19 @@ kernel can replace ``FusedExperts.forward`` later)::
     w13: (E, 2 * I / tp, H)   rows [gate_e ; up_e] of expert e, this rank's slice of I
     w2:  (E, H, I / tp)
 
+Expert parallel (``ep_size > 1``): rank r holds whole experts
+``[r * E / ep, (r + 1) * E / ep)`` (no I slicing) and the others are never loaded.
+Every rank of the stage group sees the same tokens (one scheduler per replica,
+activations replicated), so dispatch needs no communication: each rank runs
+its own experts on the tokens routed to them, and one all-reduce over the
+group combines the top-k contributions (the reduce-scatter + all-gather pair)::
+
+    rank 0: experts 0..E/2-1  ─┐
+    rank 1: experts E/2..E-1  ─┴─ all_reduce(partial outputs) -> out (T, H) on every rank
+
+With ``tp > 1`` as well (``ep == tp``), attention stays TP-sharded over the same
+ranks and the one all-reduce covers routed and shared experts together.
+
 Checkpoint layouts accepted for expert weights (both appear in the wild):
 
     legacy (hub checkpoints; transformers 5 save_pretrained by default):
@@ -46,24 +59,28 @@ _EXPERT_PROJ = {"w1": "gate", "w3": "up", "w2": "down",
 
 
 class FusedExperts(TPLayer):
-    """The routed experts of one layer; each rank holds a slice of every expert's I."""
+    """The routed experts of one layer held by this rank: with ``ep_size`` 1 a slice of every
+    expert's I (``tp_*``), else whole experts ``[expert_start, expert_start + num_local_experts)``."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 tp_rank: int = 0, tp_size: int = 1, comm: Optional[Communicator] = None) -> None:
+                 tp_rank: int = 0, tp_size: int = 1, comm: Optional[Communicator] = None,
+                 ep_rank: int = 0, ep_size: int = 1) -> None:
         super().__init__(tp_rank, tp_size, comm)
         self.num_experts = num_experts
+        self.num_local_experts = divide(num_experts, ep_size, "num_experts (by expert_parallel_size)")
+        self.expert_start = ep_rank * self.num_local_experts
         self.intermediate_size_per_rank = divide(intermediate_size, tp_size, "moe_intermediate_size")
-        size = self.intermediate_size_per_rank
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, size))
-        self.shard_ids = {  # every (projection, expert) must be loaded
-            "w13": tuple((proj, e) for e in range(num_experts) for proj in ("gate", "up")),
-            "w2": tuple(("down", e) for e in range(num_experts)),
+        size, num_local = self.intermediate_size_per_rank, self.num_local_experts
+        self.w13 = nn.Parameter(torch.empty(num_local, 2 * size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_local, hidden_size, size))
+        self.shard_ids = {  # every (projection, local expert) must be loaded
+            "w13": tuple((proj, e) for e in range(num_local) for proj in ("gate", "up")),
+            "w2": tuple(("down", e) for e in range(num_local)),
         }
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
                       shard_id: tuple[str, int]) -> None:
-        """shard_id (proj, expert): one expert's full gate/up (I, H) or down (H, I) matrix."""
+        """shard_id (proj, local expert): one expert's full gate/up (I, H) or down (H, I) matrix."""
         proj, expert = shard_id
         size = self.intermediate_size_per_rank
         name = f"expert {expert} {proj}"
@@ -82,11 +99,17 @@ class FusedExperts(TPLayer):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
-        """x (T, H); topk_weights, topk_ids (T, k) -> (T, H), a partial sum when tp > 1."""
+        """x (T, H); topk_weights, topk_ids (T, k) global ids -> (T, H), a partial sum when
+        tp > 1 (slices of I) or ep > 1 (only this rank's experts contribute)."""
         k = topk_ids.shape[1]
-        flat_ids = topk_ids.flatten()  # (T * k,) entry t * k + j: token t's j-th expert
-        order = torch.argsort(flat_ids, stable=True)  # entries grouped by expert
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()  # one host sync
+        # (T * k,) entry t * k + j: token t's j-th expert, as a local index; other ranks'
+        # experts map to num_local_experts, a bucket past the end that is never computed.
+        local_ids = topk_ids.flatten() - self.expert_start
+        is_local = (local_ids >= 0) & (local_ids < self.num_local_experts)
+        flat_ids = torch.where(is_local, local_ids, self.num_local_experts)
+        order = torch.argsort(flat_ids, stable=True)  # entries grouped by local expert
+        counts = torch.bincount(flat_ids, minlength=self.num_local_experts + 1).tolist()  # one host sync
+        counts = counts[:self.num_local_experts]
         token_idx = order // k  # (T * k,) token of each grouped entry
         weights = topk_weights.flatten()[order]  # (T * k,)
         out = torch.zeros_like(x)
@@ -104,15 +127,16 @@ class FusedExperts(TPLayer):
 
 class SparseMoeBlock(nn.Module):
     def __init__(self, spec: ModelSpec, tp_rank: int, tp_size: int,
-                 comm: Optional[Communicator]) -> None:
+                 comm: Optional[Communicator], ep_rank: int = 0, ep_size: int = 1) -> None:
         super().__init__()
         moe = spec.moe
         self.top_k = moe.top_k
         self.norm_topk_prob = moe.norm_topk_prob
-        self.tp_size, self.comm = tp_size, comm
+        self.tp_size, self.ep_size, self.comm = tp_size, ep_size, comm
         self.gate = ReplicatedLinear(spec.hidden_size, moe.num_experts)  # router
+        expert_tp_rank, expert_tp_size = (tp_rank, tp_size) if ep_size == 1 else (0, 1)
         self.experts = FusedExperts(moe.num_experts, spec.hidden_size, moe.moe_intermediate_size,
-                                    tp_rank, tp_size, comm)
+                                    expert_tp_rank, expert_tp_size, comm, ep_rank, ep_size)
         self.shared_expert: Optional[DenseMLP] = None
         self.shared_expert_gate: Optional[ReplicatedLinear] = None
         if moe.shared_expert_intermediate_size:
@@ -126,12 +150,15 @@ class SparseMoeBlock(nn.Module):
         topk_weights, topk_ids = probs.topk(self.top_k, dim=-1)  # (T, k)
         if self.norm_topk_prob:
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        out = self.experts(x, topk_weights.to(x.dtype), topk_ids)  # (T, H)
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        if self.tp_size > 1:  # one reduction for routed + shared experts
+        out = self.experts(x, topk_weights.to(x.dtype), topk_ids)  # (T, H), partial over the group
+        shared = None
+        if self.shared_expert is not None:  # partial over TP ranks, whole when tp == 1
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.tp_size > 1:  # one reduction for routed + shared experts (ep is 1 or tp)
+            return self.comm.all_reduce(out if shared is None else out + shared)
+        if self.ep_size > 1:  # attention replicated: reduce the routed part only
             out = self.comm.all_reduce(out)
-        return out
+        return out if shared is None else out + shared
 
 
 class MoEForCausalLM(LlamaForCausalLM):
@@ -139,26 +166,35 @@ class MoEForCausalLM(LlamaForCausalLM):
 
     def _make_mlp(self, layer_idx: int) -> nn.Module:
         if self.spec.moe.is_moe_layer(layer_idx):
-            return SparseMoeBlock(self.spec, self.tp_rank, self.tp_size, self.comm)
+            return SparseMoeBlock(self.spec, self.tp_rank, self.tp_size, self.comm,
+                                  self.ep_rank, self.ep_size)
         return super()._make_mlp(layer_idx)  # Qwen MoE: mlp_only_layers / decoder_sparse_step
 
     def map_weight(self, name: str, tensor: torch.Tensor) -> list[WeightTarget]:
         name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's name for the MoE block
+        if not self._is_on_this_stage(name):
+            return []
+        # Expert ids below are global; only this EP rank's experts are kept, as local indices.
+        experts_per_rank = self.spec.moe.num_experts // self.ep_size
+        start = self.ep_rank * experts_per_rank
+        local = range(start, start + experts_per_rank)
         legacy = _LEGACY_EXPERT.fullmatch(name)
         if legacy:
             prefix, expert, hf_proj = legacy.groups()
+            if int(expert) not in local:
+                return []
             proj = _EXPERT_PROJ[hf_proj]
             param = f"{prefix}.experts.{'w2' if proj == 'down' else 'w13'}"
-            return [(param, (proj, int(expert)), tensor)]
+            return [(param, (proj, int(expert) - start), tensor)]
         fused = _FUSED_EXPERT.fullmatch(name)
         if fused:
             prefix, hf_param = fused.groups()
             if hf_param == "down_proj":  # (E, H, I)
-                return [(f"{prefix}.experts.w2", ("down", e), tensor[e]) for e in range(tensor.shape[0])]
+                return [(f"{prefix}.experts.w2", ("down", e - start), tensor[e]) for e in local]
             targets = []
-            for e in range(tensor.shape[0]):  # (E, 2I, H) rows [gate ; up]
+            for e in local:  # (E, 2I, H) rows [gate ; up]
                 gate, up = tensor[e].chunk(2, dim=0)
-                targets += [(f"{prefix}.experts.w13", ("gate", e), gate),
-                            (f"{prefix}.experts.w13", ("up", e), up)]
+                targets += [(f"{prefix}.experts.w13", ("gate", e - start), gate),
+                            (f"{prefix}.experts.w13", ("up", e - start), up)]
             return targets
         return super().map_weight(name, tensor)

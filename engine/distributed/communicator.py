@@ -1,0 +1,62 @@
+"""The collectives a replica's workers use, behind one small interface.
+
+Two groups per worker (see ``topology.py``):
+
+* ``stage``: the ranks of its pipeline stage; ``all_reduce`` / ``all_gather`` for
+  tensor-parallel layers and expert-parallel MoE (this object is what the model
+  layers receive as their ``Communicator``);
+* ``world``: every rank of the replica; ``send`` / ``recv`` move hidden states from
+  one stage to the next by global rank.
+
+Backends (``DistributedBackend``): ``GLOO`` wraps torch.distributed on CPU tensors
+(CI runs everything through it); ``NCCL`` wraps CuPy's NCCL bindings on CUDA
+tensors, on the current torch stream. Both are built by ``group.init_worker_groups``.
+
+Invariants: every rank of a group calls the same collectives in the same order
+with tensors of the same shape and dtype; ``recv`` is given the shape and dtype
+the peer sends (the runner derives both from the step's token count).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class Communicator(ABC):
+    """Collectives over one group of ranks. ``rank`` and peers are ranks *within* the group."""
+
+    rank: int
+    world_size: int
+
+    @abstractmethod
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the group; returns the reduced tensor (may be ``tensor`` itself, reduced in place)."""
+
+    @abstractmethod
+    def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """Concatenate the ranks' equally-shaped tensors along ``dim`` in rank order."""
+
+    @abstractmethod
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        """Point-to-point send; returns once ``tensor`` may be reused (stream-ordered on NCCL)."""
+
+    @abstractmethod
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
+        """Point-to-point receive of a tensor of the given shape and dtype."""
+
+    def barrier(self) -> None:
+        self.all_reduce(torch.zeros(1, device=self.device))
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    def destroy(self) -> None:
+        pass
+
+
+def gather_parts(parts: torch.Tensor, dim: int) -> torch.Tensor:
+    """(world, *shape) stacked parts -> shape with the parts concatenated along ``dim``."""
+    return torch.cat(list(parts.unbind(0)), dim=dim)

@@ -1,0 +1,82 @@
+"""NCCL collectives through CuPy (``cupy.cuda.nccl``), for CUDA workers.
+
+Each group is one ``NcclCommunicator`` built from a unique id that one member
+creates (``new_unique_id``) and the executor hands to all members through Ray.
+Collectives are enqueued on torch's current CUDA stream, so they order with
+the surrounding kernels without extra synchronisation; tensors are used in
+place through their data pointers (no copies, no CuPy arrays).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.distributed.communicator import Communicator, gather_parts
+
+
+def _nccl():
+    from cupy.cuda import nccl  # imported on GPU workers only
+    return nccl
+
+
+def new_unique_id() -> tuple:
+    """A fresh NCCL unique id (a tuple of ints: picklable, so Ray can ship it)."""
+    return _nccl().get_unique_id()
+
+
+def _nccl_dtype(dtype: torch.dtype) -> int:
+    nccl = _nccl()
+    table = {torch.float32: nccl.NCCL_FLOAT32, torch.float16: nccl.NCCL_FLOAT16,
+             torch.bfloat16: getattr(nccl, "NCCL_BFLOAT16", 9),  # ncclBfloat16 = 9 in nccl.h
+             torch.int64: nccl.NCCL_INT64, torch.int32: nccl.NCCL_INT32,
+             torch.uint8: nccl.NCCL_UINT8}
+    try:
+        return table[dtype]
+    except KeyError:
+        raise ValueError(f"NCCL communicator does not handle dtype {dtype}") from None
+
+
+class NcclCommunicator(Communicator):
+    def __init__(self, unique_id: tuple, rank: int, world_size: int, device: torch.device) -> None:
+        """Collective over all members: every rank must construct it concurrently."""
+        import cupy
+        self._device = torch.device(device)
+        torch.cuda.set_device(self._device)
+        with cupy.cuda.Device(self._device.index or 0):
+            self.comm = _nccl().NcclCommunicator(world_size, unique_id, rank)
+        self.rank = rank
+        self.world_size = world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self._device).cuda_stream
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        self.comm.allReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(),
+                            _nccl_dtype(tensor.dtype), _nccl().NCCL_SUM, self._stream())
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        parts = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        self.comm.allGather(tensor.data_ptr(), parts.data_ptr(), tensor.numel(),
+                            _nccl_dtype(tensor.dtype), self._stream())
+        return gather_parts(parts, dim)
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        tensor = tensor.contiguous()
+        self.comm.send(tensor.data_ptr(), tensor.numel(), _nccl_dtype(tensor.dtype), dst, self._stream())
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype, device=self._device)
+        self.comm.recv(out.data_ptr(), out.numel(), _nccl_dtype(dtype), src, self._stream())
+        return out
+
+    def destroy(self) -> None:
+        comm, self.comm = getattr(self, "comm", None), None
+        if comm is not None:
+            comm.destroy()
