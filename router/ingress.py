@@ -11,7 +11,9 @@ Life of a request here:
 4. Send one ``GenerateRequest`` per prompt through the replica handle with
    ``.options(stream=True)``; the request router picks the replica.
 5. Turn the cumulative ``RequestOutput`` stream into SSE chunks (deltas per choice
-   index, ``data: [DONE]`` last) or one response with exact ``usage``.
+   index, ``data: [DONE]`` last) or one response with exact ``usage``. The
+   ``x-kvmesh-replica`` header names the replica that served each prompt, and
+   ``x-kvmesh-ingress`` the ingress replica whose router chose it.
 6. If the client goes away, Serve cancels this handler; we cancel the replica calls,
    and the replica aborts the engine request (its KV blocks are freed).
 
@@ -36,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.block_hash import block_hash_chain
 from router.config import DeploymentConfig
-from router.messages import GenerateRequest
+from router.messages import GenerateRequest, ReplicaOutput
 from router.metrics import CONTENT_TYPE, RequestTimer, get_metrics
 from router.protocol import (APIError, AssistantMessage, ChatCompletionChoice, ChatCompletionChunk,
                              ChatCompletionChunkChoice, ChatCompletionRequest,
@@ -48,6 +50,8 @@ from router.protocol import (APIError, AssistantMessage, ChatCompletionChoice, C
 logger = logging.getLogger(__name__)
 
 STATS_MAX_AGE_S = 0.25  # the ingress re-reads the stats board at most this often
+REPLICA_HEADER = "x-kvmesh-replica"  # replica id(s) that served the request, one per prompt
+INGRESS_HEADER = "x-kvmesh-ingress"  # the ingress replica (and so the router) that routed it
 
 
 # ---- prompt rendering ---------------------------------------------------------------------------
@@ -97,6 +101,7 @@ class _Job:
     prompt_text: str
     stream: Any = None  # DeploymentResponseGenerator
     final: Any = None  # last RequestOutput
+    replica_id: Optional[str] = None  # set by the first ReplicaOutput
     is_done: bool = False
 
 
@@ -141,6 +146,7 @@ class OpenAIIngress:
         self.cfg = cfg
         self.llm = llm_handle
         self.board = board_handle
+        self.ingress_id = serve.get_replica_context().replica_id.unique_id
         self.api_keys = cfg.auth.resolve_api_keys()
         self.metrics = get_metrics()
         self._renderer_factory = renderer_factory or PromptRenderer.from_model_info
@@ -175,9 +181,11 @@ class OpenAIIngress:
         first = await self._start(jobs)
         self.metrics.prompt_tokens.labels("chat").inc(len(token_ids))
         if body.stream:
-            return self._sse(self._chat_stream(api_id, body, jobs, first, timer, renderer))
+            return self._sse(self._chat_stream(api_id, body, jobs, first, timer, renderer),
+                             self._routing_headers(jobs))
         await self._drain(jobs, first, timer)
-        return JSONResponse(dump(self._chat_response(api_id, body, jobs, renderer)))
+        return JSONResponse(dump(self._chat_response(api_id, body, jobs, renderer)),
+                            headers=self._routing_headers(jobs))
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -208,9 +216,11 @@ class OpenAIIngress:
         first = await self._start(jobs)
         self.metrics.prompt_tokens.labels("completions").inc(sum(j.request.num_prompt_tokens for j in jobs))
         if body.stream:
-            return self._sse(self._completion_stream(api_id, body, jobs, first, timer, renderer))
+            return self._sse(self._completion_stream(api_id, body, jobs, first, timer, renderer),
+                             self._routing_headers(jobs))
         await self._drain(jobs, first, timer)
-        return JSONResponse(dump(self._completion_response(api_id, body, jobs, renderer)))
+        return JSONResponse(dump(self._completion_response(api_id, body, jobs, renderer)),
+                            headers=self._routing_headers(jobs))
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
@@ -374,8 +384,11 @@ class OpenAIIngress:
     @staticmethod
     async def _pump(job: _Job, queue: asyncio.Queue) -> None:
         try:
-            async for out in job.stream:
-                await queue.put((job.prompt_index, out))
+            async for item in job.stream:
+                if isinstance(item, ReplicaOutput):
+                    job.replica_id = item.replica_id
+                    item = item.output
+                await queue.put((job.prompt_index, item))
             await queue.put((job.prompt_index, _END))
         except asyncio.CancelledError:
             job.stream.cancel()
@@ -429,10 +442,19 @@ class OpenAIIngress:
                     raise APIError(500, f"generation failed: {job.final.error or 'engine error'}",
                                    type="internal_server_error")
 
+    def _routing_headers(self, jobs: list[_Job]) -> dict[str, str]:
+        """Who served each prompt (``_start`` saw one output of every job, so all are known)."""
+        replica_ids = [j.replica_id for j in sorted(jobs, key=lambda j: j.prompt_index) if j.replica_id]
+        headers = {INGRESS_HEADER: self.ingress_id}
+        if replica_ids:
+            headers[REPLICA_HEADER] = ",".join(replica_ids)
+        return headers
+
     @staticmethod
-    def _sse(chunks: AsyncIterator[str]) -> StreamingResponse:
+    def _sse(chunks: AsyncIterator[str], headers: dict[str, str]) -> StreamingResponse:
         return StreamingResponse(chunks, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                          **headers})
 
     # ---- chat responses -----------------------------------------------------------------------
     def _chat_response(self, api_id: str, body: ChatCompletionRequest, jobs: list[_Job],

@@ -4,14 +4,16 @@ The ingress renders and tokenizes the prompt once, computes its block-hash
 chain with the engine's block size (``engine.block_hash``), and sends a
 ``GenerateRequest`` through the replica deployment's handle. The request
 router (inside that handle) reads ``block_hashes`` to pick a replica; the
-replica streams back ``engine.outputs.RequestOutput`` objects (cumulative).
+replica streams back ``engine.outputs.RequestOutput`` objects (cumulative),
+each in a ``ReplicaOutput`` naming the replica, which the ingress returns as
+the ``x-kvmesh-replica`` response header (routing is observable from outside).
 Replicas publish ``ReplicaStats`` as their Serve routing stats (a plain dict).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from engine.sampling_params import SamplingParams
 
@@ -28,6 +30,12 @@ class GenerateRequest:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+
+@dataclass
+class ReplicaOutput:
+    replica_id: str  # Serve replica unique id of the replica that ran the request
+    output: Any  # engine.outputs.RequestOutput (cumulative)
 
 
 @dataclass

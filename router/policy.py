@@ -6,8 +6,12 @@ block-hash chain it already caches) and gets back a ``RoutingDecision``: every
 candidate ranked best first, plus the rule that decided. With the defaults:
 
 - **Affinity.** A replica matching at least ``min_match_blocks`` (1) leading
-  blocks is preferred by ``score = matched_blocks - load_weight * load``
+  blocks, and at least ``min_match_ratio`` (1/8) of the request's blocks, is
+  preferred by ``score = matched_blocks - load_weight * load``
   (``load_weight`` 4.0: one unit of load costs as much as 4 cached blocks).
+  The ratio keeps a chat template's header (the first block or two, the same
+  in every chat) from making the first replica that saw it the owner of every
+  prompt: such prompts are cold and spread.
 - **Imbalance guard.** If the best-scoring prefix owner's load exceeds the least
   loaded replica's by more than ``imbalance_threshold`` (8.0 load units), the
   owner is flooded: rank by load instead (``LOAD_OVERRIDE``).
@@ -24,6 +28,7 @@ candidate ranked best first, plus the rule that decided. With the defaults:
 from __future__ import annotations
 
 import enum
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -46,6 +51,7 @@ class DecisionKind(enum.Enum):
 class RouterPolicyConfig:
     policy: RoutingPolicyKind = RoutingPolicyKind.PREFIX_AFFINITY
     min_match_blocks: int = 1  # fewer matched leading blocks than this is a cold prompt
+    min_match_ratio: float = 0.125  # matched share of the request's blocks below this: cold
     load_weight: float = 4.0  # matched blocks one unit of load is worth in the score
     imbalance_threshold: float = 8.0  # owner load - min load above this: LOAD_OVERRIDE
     inflight_tokens_per_load_unit: int = 4096  # in-flight prompt tokens that make one load unit
@@ -57,6 +63,8 @@ class RouterPolicyConfig:
             raise ValueError(f"policy must be a RoutingPolicyKind, got {self.policy!r}")
         if self.min_match_blocks < 1:
             raise ValueError(f"min_match_blocks must be >= 1, got {self.min_match_blocks}")
+        if not 0.0 <= self.min_match_ratio <= 1.0:
+            raise ValueError(f"min_match_ratio must be in [0, 1], got {self.min_match_ratio}")
         if self.load_weight < 0:
             raise ValueError(f"load_weight must be >= 0, got {self.load_weight}")
         if self.imbalance_threshold < 0:
@@ -72,6 +80,7 @@ class RouterPolicyConfig:
     def to_dict(self) -> dict:
         """JSON-safe form, for ``RequestRouterConfig.request_router_kwargs``."""
         return {"policy": self.policy.value, "min_match_blocks": self.min_match_blocks,
+                "min_match_ratio": self.min_match_ratio,
                 "load_weight": self.load_weight, "imbalance_threshold": self.imbalance_threshold,
                 "inflight_tokens_per_load_unit": self.inflight_tokens_per_load_unit,
                 "max_load_per_replica": self.max_load_per_replica,
@@ -140,7 +149,8 @@ def choose(request_block_hashes: Sequence[int], replicas: Sequence[ReplicaView],
         return _decision(by_load, DecisionKind.SATURATED)
 
     use_prefix = cfg.policy is RoutingPolicyKind.PREFIX_AFFINITY and len(request_block_hashes) > 0
-    owners = [r for r in replicas if r.matched_blocks >= cfg.min_match_blocks] if use_prefix else []
+    min_blocks = max(cfg.min_match_blocks, math.ceil(cfg.min_match_ratio * len(request_block_hashes)))
+    owners = [r for r in replicas if r.matched_blocks >= min_blocks] if use_prefix else []
     if owners:
         def score(r: ReplicaView) -> float:
             return r.matched_blocks - cfg.load_weight * loads[r.replica_id]

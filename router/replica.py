@@ -1,7 +1,7 @@
 """The engine replica deployment (``LLMServer``) and the board where replicas post their stats.
 
     ingress ──GenerateRequest──▶ LLMServer.generate ──▶ AsyncLLM.generate
-            ◀──RequestOutput (cumulative, streamed)──┘
+            ◀──ReplicaOutput(replica_id, RequestOutput) (cumulative, streamed)──┘
     LLMServer ──every stats_period_s──▶ ReplicaStatsBoard ◀── ingress (/metrics, /health,
                                                                admission, kvmesh status)
     Serve's request router ◀── LLMServer.record_routing_stats() (ReplicaStats.to_dict())
@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from engine.config import EngineConfig
 from router.config import DeploymentConfig
-from router.messages import GenerateRequest, ReplicaStats
+from router.messages import GenerateRequest, ReplicaOutput, ReplicaStats
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ class LLMServer:
 
     # ---- requests -----------------------------------------------------------------------------
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Any]:
-        """Streams the engine's cumulative ``RequestOutput``s for one request.
+        """Streams the engine's cumulative ``RequestOutput``s for one request, each in a
+        ``ReplicaOutput`` naming this replica.
 
         Raises ``ValueError`` (before any output) for a request the engine rejects.
         """
@@ -72,7 +73,7 @@ class LLMServer:
             async for out in self.engine.generate(req.prompt_token_ids, req.sampling_params,
                                                   req.request_id, priority=req.priority):
                 finished = out.finished
-                yield out
+                yield ReplicaOutput(self.replica_id, out)
         except asyncio.CancelledError:
             # The caller went away: free the request's KV blocks before we stop.
             if not finished:
