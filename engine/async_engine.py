@@ -18,9 +18,11 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional
 
 from engine.config import EngineConfig
+from engine.kv_transfer.plan import (KVArrival, KVExport, KVReservation, KVTransferPlan,
+                                     TransferFailurePolicy)
 from engine.llm_engine import LLMEngine, PromptType
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -41,6 +43,7 @@ class _Add:
     params: SamplingParams
     priority: int
     stream: "_Stream"
+    kv_mode: Any = None  # KVTransferPlan (prefill only) or _RemotePrefill; None: local
 
 
 @dataclass
@@ -48,6 +51,27 @@ class _Abort:
     request_id: str
     done: "asyncio.Future[None]"
     loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _RemotePrefill:
+    """Decode side: reserve blocks for the prompt's KV instead of computing it."""
+
+    lease_timeout_s: float
+    min_remote_tokens: int
+    on_failure: TransferFailurePolicy
+
+
+@dataclass
+class _Reserved:
+    """First stream item of a remote-prefill request: its reservation, or None (computed here)."""
+
+    reservation: Optional[KVReservation]
+
+
+@dataclass
+class _DeliverKV:
+    arrival: KVArrival
 
 
 @dataclass
@@ -89,6 +113,53 @@ class AsyncLLM:
         Raises ``ValueError`` before the first output for an invalid request. If the
         consumer stops iterating (client gone), the request is aborted.
         """
+        async for item in self._run_request(prompt, sampling_params, request_id, priority, None):
+            yield item
+
+    # ---- disaggregated serving (engine/kv_transfer) --------------------------------------------
+    async def generate_with_remote_prefill(
+            self, prompt: PromptType, sampling_params: Optional[SamplingParams], request_id: str,
+            lease_timeout_s: float, min_remote_tokens: int = 1,
+            on_failure: TransferFailurePolicy = TransferFailurePolicy.RECOMPUTE,
+            priority: int = 0) -> AsyncIterator[Optional[KVReservation] | RequestOutput]:
+        """Decode side: first yields the ``KVReservation`` a prefill replica must fill, or
+        None when the prompt is computed here; then cumulative outputs like ``generate``.
+
+        The KV comes in through ``deliver_kv``; if it does not within the lease, the
+        request is computed here or failed (``on_failure``). Leaving early aborts it
+        and frees its reserved blocks.
+        """
+        mode = _RemotePrefill(lease_timeout_s, min_remote_tokens, on_failure)
+        async for item in self._run_request(prompt, sampling_params, request_id, priority, mode):
+            yield item.reservation if isinstance(item, _Reserved) else item
+
+    async def prefill(self, prompt: PromptType, sampling_params: Optional[SamplingParams],
+                      request_id: str, plan: KVTransferPlan,
+                      priority: int = 0) -> tuple[RequestOutput, Optional[KVExport]]:
+        """Prefill side: computes the prompt and samples the first token.
+
+        Returns that output (not finished) and the staged KV the plan asks for, or
+        the final output and None when the first token already ended the request.
+        """
+        items = self._run_request(prompt, sampling_params, request_id, priority, plan)
+        output: Optional[RequestOutput] = None
+        try:
+            async for item in items:
+                if isinstance(item, KVExport):
+                    return output, item
+                output = item
+                if output.finished:
+                    return output, None
+        finally:
+            await items.aclose()
+        raise EngineDeadError(f"prefill of {request_id} ended without output")
+
+    def deliver_kv(self, arrival: KVArrival) -> None:
+        """Hands KV that arrived for a reservation to the engine thread (any thread may call)."""
+        self._commands.put(_DeliverKV(arrival))
+
+    async def _run_request(self, prompt: PromptType, sampling_params: Optional[SamplingParams],
+                           request_id: str, priority: int, kv_mode: Any) -> AsyncIterator[Any]:
         self.check_health()
         params = sampling_params or SamplingParams()
         # Validate here, in the caller, so bad input fails fast with a clear error.
@@ -99,14 +170,15 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = stream
         self._commands.put(_Add(request_id, token_ids if not isinstance(prompt, str) else prompt,
-                                params, priority, stream))
+                                params, priority, stream, kv_mode))
         finished = False
         try:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                finished = item.finished
+                # A prefill-only request ends here with its staged KV.
+                finished = isinstance(item, KVExport) or getattr(item, "finished", False)
                 yield item
                 if finished:
                     return
@@ -136,6 +208,7 @@ class AsyncLLM:
     def check_health(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(f"engine loop died: {self._dead!r}")
+        self.engine.check_health()  # a replica whose worker died must be replaced
 
     @property
     def is_running(self) -> bool:
@@ -154,8 +227,11 @@ class AsyncLLM:
             while not self._stopping.is_set():
                 block = not self.engine.has_unfinished_requests()
                 self._drain_commands(block)
+                self._publish(self.engine.expire_kv_leases())
                 if self.engine.has_unfinished_requests():
                     self._publish(self.engine.step())
+                    for export in self.engine.take_kv_exports():
+                        self._publish_item(export.plan.request_id, export)
                 now = time.monotonic()
                 if now - last_stats > STATS_REFRESH_S or not self.engine.has_unfinished_requests():
                     self._stats = self.engine.get_stats(with_block_hashes=True)
@@ -181,14 +257,33 @@ class AsyncLLM:
     def _handle(self, command: object) -> None:
         if isinstance(command, _Add):
             try:
-                self.engine.add_request(command.request_id, command.prompt, command.params,
-                                        priority=command.priority)
+                self._add(command)
             except ValueError as exc:
                 command.stream.put(exc)
+        elif isinstance(command, _DeliverKV):
+            self._publish(self.engine.import_remote_kv(command.arrival))
         elif isinstance(command, _Abort):
             self._publish(self.engine.abort_request(command.request_id))
             self._stats = self.engine.get_stats(with_block_hashes=True)
             command.loop.call_soon_threadsafe(_set_result, command.done)
+
+    def _add(self, command: _Add) -> None:
+        mode, engine = command.kv_mode, self.engine
+        if mode is None:
+            engine.add_request(command.request_id, command.prompt, command.params, priority=command.priority)
+        elif isinstance(mode, KVTransferPlan):
+            engine.add_prefill_request(command.request_id, command.prompt, command.params, mode,
+                                       priority=command.priority)
+        else:
+            reservation = engine.add_remote_prefill_request(
+                command.request_id, command.prompt, command.params, mode.lease_timeout_s,
+                mode.min_remote_tokens, mode.on_failure, priority=command.priority)
+            command.stream.put(_Reserved(reservation))
+
+    def _publish_item(self, request_id: str, item: Any) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put(item)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

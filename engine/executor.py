@@ -2,13 +2,15 @@
 
 The engine talks to workers only through this interface: size the KV cache,
 allocate it, and execute one ``SchedulerOutput``. ``UniprocExecutor`` runs one
-runner in this process; a Ray executor (one actor per GPU, tensor/pipeline
-parallel) implements the same three calls.
+runner in this process; ``RayExecutor`` (``executor_ray.py``: one actor per GPU,
+tensor/pipeline/expert parallel) implements the same calls. ``make_executor``
+picks one from the parallel config; Ray is imported only when it picks the latter.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
@@ -57,8 +59,33 @@ class Executor(ABC):
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelOutput: ...
 
+    def check_health(self) -> None:
+        """Raises if the executor can no longer run steps (e.g. a worker died)."""
+
+    def export_kv(self, block_ids: list[int]) -> Any:
+        """Disaggregated prefill: the blocks' KV in one staging tensor (engine/kv_transfer/blocks.py).
+
+        Executors with several workers return one tensor per rank (a rank sends its own shard).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot export KV blocks")
+
+    def import_kv(self, block_ids: list[int], kv: Any) -> None:
+        """Disaggregated decode: writes a staging tensor from ``export_kv`` into the blocks."""
+        raise NotImplementedError(f"{type(self).__name__} cannot import KV blocks")
+
     def shutdown(self) -> None:
         pass
+
+
+def make_executor(config: EngineConfig, spec: ModelSpec, model_path: str) -> Executor:
+    """One runner in this process for a single-worker replica, else Ray worker actors."""
+    from engine.distributed.topology import num_workers, validate_parallel_sizes
+
+    validate_parallel_sizes(config.parallel, spec)  # before any worker or GPU is reserved
+    if num_workers(config.parallel) == 1:
+        return UniprocExecutor(config, spec, model_path)
+    from engine.executor_ray import RayExecutor
+    return RayExecutor(config, spec, model_path)
 
 
 class UniprocExecutor(Executor):
@@ -66,8 +93,8 @@ class UniprocExecutor(Executor):
         from engine.model_runner import ModelRunner
 
         if config.parallel.world_size > 1 or config.parallel.expert_parallel_size > 1:
-            raise ValueError("tensor/pipeline/expert parallel sizes > 1 need the Ray executor, "
-                             "which is not available in this build")
+            raise ValueError("tensor/pipeline/expert parallel sizes > 1 need several workers: "
+                             "build the executor with make_executor (RayExecutor)")
         device = resolve_device(config)
         self.runner = ModelRunner(config, spec, model_path, device, resolve_dtype(config, spec, device),
                                   resolve_max_model_len(config, spec))
@@ -80,3 +107,9 @@ class UniprocExecutor(Executor):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelOutput:
         return self.runner.execute_model(scheduler_output)
+
+    def export_kv(self, block_ids: list[int]) -> Any:
+        return self.runner.export_kv(block_ids)
+
+    def import_kv(self, block_ids: list[int], kv: Any) -> None:
+        self.runner.import_kv(block_ids, kv)

@@ -19,10 +19,12 @@ import time
 from typing import Optional, Sequence
 
 from engine.config import EngineConfig
-from engine.executor import Executor, UniprocExecutor, resolve_max_model_len
+from engine.executor import Executor, make_executor, resolve_max_model_len
 from engine.models.spec import ModelSpec
 from engine.output_processor import OutputProcessor
 from engine.outputs import EngineStats, RequestOutput
+from engine.kv_transfer.plan import (KVArrival, KVExport, KVReservation, KVTransferPlan, KVTransferRole,
+                                     TransferFailurePolicy)
 from engine.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -44,7 +46,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.model.tokenizer or model_path)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.spec.eos_token_ids)
         start = time.monotonic()
-        self.executor = executor or UniprocExecutor(config, self.spec, model_path)
+        self.executor = executor or make_executor(config, self.spec, model_path)
         self.num_blocks = self.executor.determine_num_blocks()
         self.executor.initialize_kv_cache(self.num_blocks)
         logger.info("engine ready in %.1fs: %d KV blocks of %d tokens, max_model_len %d, "
@@ -56,6 +58,10 @@ class LLMEngine:
         self._seed_rng = random.Random(config.model.seed)
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
+        # Disaggregated serving: plans of prefill-only requests, and their staged KV after a step.
+        self._export_plans: dict[str, KVTransferPlan] = {}
+        self._kv_exports: list[KVExport] = []
+        self.num_kv_recomputes = 0  # decode side: leases that fell back to computing the prompt
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
@@ -70,7 +76,8 @@ class LLMEngine:
         return None, token_ids
 
     def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
-                    priority: int = 0, arrival_time: Optional[float] = None) -> None:
+                    priority: int = 0, arrival_time: Optional[float] = None,
+                    kv_role: Optional[KVTransferRole] = None) -> None:
         """Validates and queues one prompt (``params.n`` samples). Raises ValueError on bad input."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -90,7 +97,7 @@ class LLMEngine:
                 request_id=child_id, prompt_token_ids=prompt_ids, sampling_params=child_params,
                 eos_token_ids=self.eos_token_ids, arrival_time=arrival, priority=priority,
                 sample_index=i, fork_of=request_id if i > 0 else None,
-                cache_salt=self.config.cache.cache_salt))
+                cache_salt=self.config.cache.cache_salt, kv_role=kv_role))
         self.num_prompt_tokens_total += len(prompt_ids)
 
     def _validate_prompt(self, prompt_ids: list[int]) -> None:
@@ -131,6 +138,7 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process(updated, logprobs)
         if stopped:
             self.scheduler.finish_requests(stopped, FinishReason.STOP)
+        self._export_finished_prefills(logprobs)
         self.num_generation_tokens_total += sum(len(t) for t in model_output.sampled_token_ids)
         return outputs
 
@@ -144,6 +152,120 @@ class LLMEngine:
                 outputs.append(out)
         return outputs
 
+    # ---- disaggregated serving (engine/kv_transfer) --------------------------------------------
+    def add_prefill_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams],
+                            plan: KVTransferPlan, priority: int = 0) -> None:
+        """Prefill only: compute the prompt, sample the first token, export the prompt's KV.
+
+        After the step that samples the first token, the staged KV of the blocks the
+        plan asks for is in ``take_kv_exports()`` and the request is gone from this
+        engine (its blocks stay in the prefix cache). If that token already ends
+        the request (a stop, ``max_tokens=1``) its output is final and nothing is exported.
+        """
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("disaggregated prefill supports n == 1 only")
+        reservation = plan.reservation
+        _, prompt_ids = self.tokenize_prompt(prompt)
+        num_blocks = self.scheduler.kv_cache_manager.num_blocks_for(len(prompt_ids))
+        if (reservation.num_prompt_tokens != len(prompt_ids)
+                or reservation.first_block_index + reservation.num_blocks != num_blocks):
+            raise ValueError(f"the KV reservation for {request_id} ({reservation.first_block_index} cached "
+                             f"+ {reservation.num_blocks} reserved blocks, {reservation.num_prompt_tokens} "
+                             f"tokens) does not match this prompt ({len(prompt_ids)} tokens, {num_blocks} "
+                             "blocks): do both pools use the same block size?")
+        self.add_request(request_id, prompt_ids, params, priority, kv_role=KVTransferRole.EXPORT)
+        self._export_plans[request_id] = plan
+
+    def take_kv_exports(self) -> list[KVExport]:
+        """Staged KV of prefill-only requests finished since the last call."""
+        exports, self._kv_exports = self._kv_exports, []
+        return exports
+
+    def _export_finished_prefills(self, logprobs: dict) -> None:
+        manager = self.scheduler.kv_cache_manager
+        for request in self.scheduler.remote_kv.take_exports():
+            plan = self._export_plans.pop(request.request_id)
+            first = plan.reservation.first_block_index
+            block_ids = request.block_ids[first:manager.num_blocks_for(request.num_prompt_tokens)]
+            kv = self.executor.export_kv(block_ids)
+            token_logprobs = logprobs.get(request.request_id)
+            self._kv_exports.append(KVExport(plan, kv, request.output_token_ids[0],
+                                             token_logprobs[0] if token_logprobs else None))
+            self.scheduler.finish_requests(request.request_id, FinishReason.TRANSFERRED)
+            self.output_processor.drop(request.request_id)
+        for request_id in [r for r in self._export_plans if self.scheduler.get_request(r) is None]:
+            del self._export_plans[request_id]  # finished by its first token, aborted or failed
+
+    def add_remote_prefill_request(self, request_id: str, prompt: PromptType,
+                                   params: Optional[SamplingParams], lease_timeout_s: float,
+                                   min_remote_tokens: int = 1,
+                                   on_failure: TransferFailurePolicy = TransferFailurePolicy.RECOMPUTE,
+                                   priority: int = 0) -> Optional[KVReservation]:
+        """Remote prefill: reserve blocks for the prompt's KV under a lease of ``lease_timeout_s``.
+
+        Returns the reservation a prefill replica fills (``import_remote_kv``), or
+        None when the prompt is computed here instead, queued like ``add_request``'s:
+        n > 1, fewer than ``min_remote_tokens`` uncached prompt tokens, or no room.
+        """
+        params = params or SamplingParams()
+        self.add_request(request_id, prompt, params, priority)
+        if params.n != 1:
+            return None
+        request = self.scheduler.get_request(request_id)
+        return self.scheduler.remote_kv.reserve(request, lease_timeout_s, min_remote_tokens, on_failure)
+
+    def import_remote_kv(self, arrival: KVArrival) -> list[RequestOutput]:
+        """Writes arrived KV into its lease's blocks; the request decodes from the next step.
+
+        A failed arrival releases the lease (recompute here, or fail, per its
+        policy); an arrival for a lease that is gone is dropped untouched.
+        """
+        header = arrival.header
+        lease = self.scheduler.remote_kv.get(header.request_id, header.transfer_id)
+        if lease is None:
+            logger.info("dropping KV of %s: its lease is gone", header.request_id)
+            return []
+        if arrival.error is not None:
+            return self._release_kv_lease(header.request_id, f"KV transfer failed: {arrival.error}")
+        try:
+            self.executor.import_kv(list(lease.reservation.dst_block_ids), arrival.kv)
+        except Exception as exc:  # noqa: BLE001 - a bad payload fails this request only
+            return self._release_kv_lease(header.request_id, f"KV import failed: {exc}")
+        request = self.scheduler.remote_kv.admit(header.request_id, header.first_token_id)
+        metrics = self.output_processor.prompts[header.request_id].metrics
+        metrics.kv_transfer_bytes = arrival.num_bytes
+        metrics.kv_transfer_s = arrival.transfer_s
+        metrics.kv_transfer_started = header.sent_at
+        first_logprobs = {request.request_id: [header.first_token_logprobs]} if header.first_token_logprobs else {}
+        outputs, stopped = self.output_processor.process([request], first_logprobs)
+        if stopped:
+            self.scheduler.finish_requests(stopped, FinishReason.STOP)
+        return outputs
+
+    def expire_kv_leases(self) -> list[RequestOutput]:
+        """Releases leases whose KV did not arrive in time (outputs of requests failed by it)."""
+        outputs = []
+        for request_id in self.scheduler.remote_kv.expired():
+            timeout = self.scheduler.remote_kv.leases[request_id].reservation.lease_timeout_s
+            outputs += self._release_kv_lease(
+                request_id, f"the prompt's KV did not arrive from the prefill replica within the "
+                            f"lease of {timeout:g}s")
+        return outputs
+
+    def _release_kv_lease(self, request_id: str, reason: str) -> list[RequestOutput]:
+        lease = self.scheduler.remote_kv.release(request_id)
+        if lease is None:
+            return []
+        if lease.on_failure is TransferFailurePolicy.RECOMPUTE:
+            logger.warning("request %s: %s; computing its prompt here instead", request_id, reason)
+            self.num_kv_recomputes += 1
+            return []
+        self.scheduler.finish_requests(request_id, FinishReason.ERROR)
+        out = self.output_processor.finish(request_id, FinishReason.ERROR,
+                                           error=f"disaggregated prefill failed: {reason}")
+        return [out] if out is not None else []
+
     def get_stats(self, with_block_hashes: bool = False) -> EngineStats:
         stats = self.scheduler.get_stats()
         stats.num_prompt_tokens = self.num_prompt_tokens_total
@@ -151,6 +273,10 @@ class LLMEngine:
         if not with_block_hashes:
             stats.cached_block_hashes = []
         return stats
+
+    def check_health(self) -> None:
+        """Raises if the replica can no longer serve (its executor lost a worker)."""
+        self.executor.check_health()
 
     def shutdown(self) -> None:
         self.executor.shutdown()

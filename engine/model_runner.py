@@ -10,12 +10,29 @@ One step, for the requests in scheduling order::
     flat batch: [ r0 tokens | r1 tokens | ... ]                       (num_tokens,)
     slot of position p of r = block_ids_r[p // block_size] * block_size + p % block_size
     r samples a token iff c_r + n_r == len(tokens_r) (its known tokens are all computed)
+
+In a replica with several workers (``engine/worker.py``) every worker runs this
+same code on the same ``SchedulerOutput``: TP ranks of a stage do identical
+steps with collectives inside the layers. With pipeline stages the step's
+requests are cut into up to ``pp_size`` micro-batches that flow through the
+stages one after another, so stage 0 computes micro-batch 1 while stage 1
+computes micro-batch 0 (GPipe within one step)::
+
+    stage 0:  mb0 ─send▶ mb1 ─send▶                 (then idle until the next step)
+    stage 1:        mb0 ─send▶ mb1 ─send▶
+    stage 2:              mb0 → sample  mb1 → sample  ─▶ ModelOutput
+
+Only the last stage samples; the executor returns the output of its stage rank 0.
+The pipeline is drained at the end of every step (the scheduler needs the step's
+tokens before it schedules the next one), so the bubble is (P-1)/(M+P-1) of a
+step with M micro-batches.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -24,6 +41,9 @@ from engine.attention.base import AttentionMetadata, ForwardContext, allocate_kv
 from engine.attention.selector import get_attention_backend
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphRunner
+from engine.distributed.communicator import Communicator
+from engine.distributed.topology import SINGLE_RANK, ParallelRank
+from engine.models.llama import IntermediateTensors
 from engine.models.loader import load_model
 from engine.models.spec import ModelSpec
 from engine.sampler import Sampler, SamplingBatch, to_token_logprobs
@@ -49,15 +69,23 @@ class RunnerRequestState:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, spec: ModelSpec, model_path: str, device: torch.device,
-                 dtype: torch.dtype, max_model_len: int, tp_rank: int = 0, tp_size: int = 1) -> None:
+                 dtype: torch.dtype, max_model_len: int, rank: ParallelRank = SINGLE_RANK,
+                 stage_comm: Optional[Communicator] = None,
+                 world_comm: Optional[Communicator] = None) -> None:
+        """``rank``: this worker's place in the replica; ``stage_comm``: its stage group (TP/EP
+        collectives in the layers); ``world_comm``: pipeline send/recv by global rank."""
         self.config = config
         self.spec = spec
         self.max_model_len = max_model_len
         self.device = device
         self.dtype = dtype
         self.block_size = config.cache.block_size
+        self.rank = rank
+        self.world_comm = world_comm
         self.model = load_model(model_path, spec, dtype, device, config.model.load_format,
-                                config.model.seed, tp_rank=tp_rank, tp_size=tp_size)
+                                config.model.seed, tp_rank=rank.tp_rank, tp_size=rank.tp_size,
+                                comm=stage_comm, pp_rank=rank.pp_rank, pp_size=rank.pp_size,
+                                ep_rank=rank.ep_rank, ep_size=rank.ep_size)
         self.backend = get_attention_backend(config.device.attention_backend, device)
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
@@ -112,9 +140,15 @@ class ModelRunner:
             max_query_len=num_tokens, max_seq_len=num_tokens,
             query_start_loc_cpu=[0, num_tokens], seq_lens_cpu=[num_tokens])
         ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
-        hidden = self.model(ids, torch.arange(num_tokens, device=dev), ForwardContext(meta, kv, self.backend))
-        num_rows = min(self.config.scheduler.max_num_seqs, num_tokens)
-        self.model.compute_logits(hidden[:num_rows])
+        intermediate = None
+        if not self.rank.is_first_stage:
+            zeros = torch.zeros(num_tokens, self.spec.hidden_size, dtype=self.dtype, device=dev)
+            intermediate = IntermediateTensors(zeros, zeros.clone())
+        hidden = self.model(ids, torch.arange(num_tokens, device=dev), ForwardContext(meta, kv, self.backend),
+                            intermediate)
+        if self.rank.is_last_stage:
+            num_rows = min(self.config.scheduler.max_num_seqs, num_tokens)
+            self.model.compute_logits(hidden[:num_rows])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         del kv, hidden
@@ -136,9 +170,25 @@ class ModelRunner:
                 scratch_block=num_blocks, max_batch=self.config.scheduler.max_num_seqs)
             self.graph_runner.capture()
 
+    # ---- KV export / import (disaggregated prefill, engine/kv_transfer) -------------------------
+    def export_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """The blocks' KV (this worker's layers and heads) gathered into one staging tensor."""
+        from engine.kv_transfer.blocks import gather_blocks
+        kv = gather_blocks(self.kv_caches, block_ids)
+        if kv.is_cuda:  # a sender thread on its own stream reads it next
+            torch.cuda.current_stream(kv.device).synchronize()
+        return kv
+
+    def import_kv(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        """Writes a staging tensor (from a peer's ``export_kv``) into the blocks."""
+        from engine.kv_transfer.blocks import scatter_blocks
+        scatter_blocks(self.kv_caches, block_ids, kv)
+
     def _use_cuda_graphs(self) -> bool:
+        # Pipeline stages hand IntermediateTensors on, which the graph runner does not capture;
+        # TP collectives (NCCL on the torch stream) are captured like any kernel.
         return (self.device.type == "cuda" and not self.config.device.enforce_eager
-                and self.spec.moe is None and self.backend.name == "triton")
+                and self.spec.moe is None and self.backend.name == "triton" and self.rank.pp_size == 1)
 
     # ---- state updates from the scheduler's diffs ---------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -159,24 +209,58 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelOutput:
+        """Runs the step; returns the sampled tokens on the output rank, an empty output elsewhere."""
         self._update_states(so)
         if so.is_empty:
             return ModelOutput()
         copy_blocks(self.kv_caches, so.block_copies)
-        input_ids, positions, meta, sample_rows = self._prepare_inputs(so)
+        scheduled = list(so.num_scheduled_tokens.items())
+        if self.rank.pp_size == 1:
+            output = self._run_batch(scheduled, intermediate=None)
+        else:
+            output = self._run_pipelined(scheduled)
+        # Advance computed counts now: the scheduler already did so on its side.
+        for req_id, n in scheduled:
+            self.requests[req_id].num_computed_tokens += n
+        return output
+
+    def _run_pipelined(self, scheduled: list[tuple[str, int]]) -> ModelOutput:
+        """This stage's share of one step: receive, run and pass on each micro-batch in turn."""
+        outputs = []
+        hidden_size = self.spec.hidden_size
+        for batch in split_microbatches(scheduled, self.rank.pp_size):
+            intermediate = None
+            if not self.rank.is_first_stage:
+                num_tokens = sum(n for _, n in batch)
+                packed = self.world_comm.recv((2, num_tokens, hidden_size), self.dtype,
+                                              self.rank.prev_rank)  # [hidden ; residual]
+                intermediate = IntermediateTensors(packed[0], packed[1])
+            output = self._run_batch(batch, intermediate)
+            if isinstance(output, IntermediateTensors):
+                self.world_comm.send(torch.stack([output.hidden, output.residual]), self.rank.next_rank)
+            else:
+                outputs.append(output)
+        return merge_model_outputs(outputs)
+
+    def _run_batch(self, scheduled: list[tuple[str, int]], intermediate: Optional[IntermediateTensors]
+                   ) -> "ModelOutput | IntermediateTensors":
+        """Forward of (a micro-batch of) the step; samples on the last stage, else returns what
+        the next stage needs. Does not advance the requests' computed counts."""
+        input_ids, positions, meta, sample_rows = self._prepare_inputs(scheduled)
         if self.graph_runner is not None and self.graph_runner.can_run(meta):
             hidden = self.graph_runner.run(input_ids, positions, meta)  # (num_reqs, hidden)
         else:
             ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
-            hidden = self.model(input_ids, positions, ctx)  # (num_tokens, hidden)
-        # Advance computed counts now: the scheduler already did so on its side.
-        for req_id, n in so.num_scheduled_tokens.items():
-            self.requests[req_id].num_computed_tokens += n
+            hidden = self.model(input_ids, positions, ctx, intermediate)  # (num_tokens, hidden)
+        if not self.rank.is_last_stage:
+            return hidden  # IntermediateTensors
         if not sample_rows:
             return ModelOutput()
         req_ids = [req_id for req_id, _ in sample_rows]
         logits_idx = torch.tensor([row for _, row in sample_rows], device=self.device)
         logits = self.model.compute_logits(hidden[logits_idx])  # (num_sampling_reqs, vocab) fp32
+        if not self.rank.is_output_rank:  # the other TP ranks joined the all_gather above; done
+            return ModelOutput()
         states = [self.requests[r] for r in req_ids]
         batch = SamplingBatch.from_requests(
             [(s.sampling_params, s.sampling_params.seed, len(s.output_token_ids),
@@ -187,11 +271,13 @@ class ModelRunner:
         logprobs = to_token_logprobs(out, batch) if out.logprobs is not None else [None] * len(req_ids)
         return ModelOutput(req_ids=req_ids, sampled_token_ids=[[t] for t in token_ids], logprobs=logprobs)
 
-    def _prepare_inputs(self, so: SchedulerOutput):
+    def _prepare_inputs(self, scheduled: list[tuple[str, int]]):
+        """(request id, tokens to compute) in batch order -> flat ids, positions, metadata, and
+        the (request id, row) pairs that sample."""
         bs = self.block_size
         ids_parts, pos_parts, slot_parts = [], [], []
         query_start, seq_lens, tables, sample_rows = [0], [], [], []
-        for req_id, n in so.num_scheduled_tokens.items():
+        for req_id, n in scheduled:
             state = self.requests[req_id]
             start = state.num_computed_tokens
             pos = np.arange(start, start + n, dtype=np.int64)
@@ -216,9 +302,40 @@ class ModelRunner:
             query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             block_tables=torch.from_numpy(table_arr).to(dev),
-            max_query_len=max(so.num_scheduled_tokens.values()),
+            max_query_len=max(n for _, n in scheduled),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=query_start,
             seq_lens_cpu=seq_lens,
         )
         return input_ids, positions, meta, sample_rows
+
+
+def split_microbatches(scheduled: list[tuple[str, int]], max_num: int) -> list[list[tuple[str, int]]]:
+    """Cuts the step's requests, in order, into at most ``max_num`` runs of similar token counts.
+
+    Whole requests only (a request's tokens stay in one forward), so a step with one
+    long prefill has one micro-batch. Deterministic: every stage cuts alike.
+    """
+    num = min(max_num, len(scheduled))
+    total = sum(n for _, n in scheduled)
+    batches: list[list[tuple[str, int]]] = [[]]
+    done = 0
+    for i, (req_id, n) in enumerate(scheduled):
+        remaining_reqs = len(scheduled) - i
+        remaining_batches = num - len(batches)
+        # close the current batch once it holds its share, or when each later batch needs a request
+        if batches[-1] and remaining_batches > 0 and (done >= total * len(batches) / num
+                                                      or remaining_reqs == remaining_batches):
+            batches.append([])
+        batches[-1].append((req_id, n))
+        done += n
+    return batches
+
+
+def merge_model_outputs(outputs: list[ModelOutput]) -> ModelOutput:
+    merged = ModelOutput()
+    for out in outputs:
+        merged.req_ids += out.req_ids
+        merged.sampled_token_ids += out.sampled_token_ids
+        merged.logprobs += out.logprobs
+    return merged
