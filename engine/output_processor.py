@@ -120,6 +120,12 @@ class OutputProcessor:
         prompt.error = error or prompt.error
         return self._make_output(prompt)
 
+    def drop(self, request_id: str) -> None:
+        """Forgets a prompt without a final output (its samples continue on another replica)."""
+        prompt = self.prompts.pop(request_id, None)
+        for child_id in (prompt.samples if prompt else ()):
+            self.parent_of.pop(child_id, None)
+
     def _make_output(self, prompt: PromptState) -> RequestOutput:
         outputs = [CompletionOutput(index=s.index, text=s.text, token_ids=list(s.token_ids),
                                     logprobs=list(s.logprobs) if s.logprobs is not None else None,

@@ -38,6 +38,10 @@ class RequestMetrics:
     first_token_time: Optional[float] = None
     finished_time: Optional[float] = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # Disaggregated serving (decode side): the prompt's KV came from a prefill replica.
+    kv_transfer_bytes: int = 0
+    kv_transfer_s: Optional[float] = None  # header taken -> bytes received
+    kv_transfer_started: Optional[float] = None  # sender's time.time() when it posted the header
 
 
 @dataclass
@@ -67,6 +71,7 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up
     prefix_cache_hits: int = 0  # of which found cached
     num_preemptions: int = 0
+    num_waiting_for_kv: int = 0  # decode side: requests holding reserved blocks for remote KV
     num_prompt_tokens: int = 0  # totals since start
     num_generation_tokens: int = 0
     cached_block_hashes: list[int] = field(default_factory=list)

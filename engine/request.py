@@ -18,12 +18,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from engine.kv_transfer.plan import KVTransferRole
 from engine.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued, no blocks (new, or preempted and awaiting recompute)
     RUNNING = "running"  # holds blocks, scheduled each step
+    WAITING_FOR_KV = "waiting_for_kv"  # remote prefill: holds reserved blocks under a lease
     FINISHED = "finished"
 
 
@@ -32,6 +34,7 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens or max_model_len
     ABORT = "abort"  # client went away or abort() called
     ERROR = "error"  # the request failed; the engine kept going
+    TRANSFERRED = "transferred"  # prefill only: its KV went to a decode replica, which continues it
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Request:
     sample_index: int = 0  # which of the n samples this is
     fork_of: Optional[str] = None  # request_id of the leader whose prompt blocks we share
     cache_salt: Optional[str] = None
+    kv_role: Optional[KVTransferRole] = None  # disaggregated serving (engine/kv_transfer); None: local
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache

@@ -26,6 +26,11 @@ One ``schedule()`` under the token budget ``max_num_batched_tokens`` and at most
 3. ``num_computed_tokens`` advances by the scheduled amount at once: the runner
    computes those tokens in this step's forward.
 
+Disaggregated serving (``self.remote_kv``, engine/kv_transfer/leases.py): a
+decode replica's request may hold reserved blocks in ``WAITING_FOR_KV`` (a seat
+under ``max_num_seqs``) until its prompt's KV arrives from a prefill replica; a
+prefill replica's request (``KVTransferRole.EXPORT``) ends after its first token.
+
 Chunked prefill disabled: a waiting request is admitted only with all its tokens.
 If they exceed the remaining budget it waits, unless nothing has been scheduled
 yet this step: then it runs alone over the budget (it could never fit otherwise).
@@ -50,6 +55,7 @@ from typing import Iterable, Optional
 from engine.config import CacheConfig, SchedulerConfig, SchedulingPolicy
 from engine.kv_cache.block_pool import BlockPool
 from engine.kv_cache.manager import KVCacheManager
+from engine.kv_transfer.leases import RemoteKVManager
 from engine.outputs import EngineStats
 from engine.request import FinishReason, Request, RequestStatus
 from engine.scheduler_output import (CachedRequestData, ModelOutput, NewRequestData,
@@ -91,6 +97,8 @@ class Scheduler:
         self._sent: dict[str, _SentState] = {}
         self._finished_req_ids: set[str] = set()  # finished since the last schedule()
         self._failed: list[Request] = []  # failed in schedule(); reported by update_from_output
+        # Disaggregated serving: leases of requests waiting for remote KV, and exports.
+        self.remote_kv = RemoteKVManager(self)
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -141,6 +149,7 @@ class Scheduler:
                            prefix_cache_queries=manager.prefix_cache_queries,
                            prefix_cache_hits=manager.prefix_cache_hits,
                            num_preemptions=self.num_preemptions,
+                           num_waiting_for_kv=self.remote_kv.num_waiting_for_kv,
                            cached_block_hashes=pool.cached_block_hashes())
 
     # ---- schedule -----------------------------------------------------------------------------
@@ -191,7 +200,8 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         manager = self.kv_cache_manager
         for request in self._waiting_order():
-            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+            num_seats_taken = len(self.running) + self.remote_kv.num_waiting_for_kv
+            if budget <= 0 or num_seats_taken >= self.config.max_num_seqs:
                 break
             decision, leader = self._fork_decision(request, out)
             if decision is _ForkDecision.WAIT:
@@ -257,6 +267,9 @@ class Scheduler:
 
     def _admit(self, request: Request) -> None:
         self.waiting.remove(request)
+        self._add_running(request)
+
+    def _add_running(self, request: Request) -> None:
         request.status = RequestStatus.RUNNING
         if request.first_scheduled_time is None:
             request.first_scheduled_time = time.monotonic()
@@ -306,6 +319,8 @@ class Scheduler:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
+        elif request.status is RequestStatus.WAITING_FOR_KV:
+            self.remote_kv.drop(request)
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
@@ -380,13 +395,14 @@ class Scheduler:
         pool = self.kv_cache_manager.block_pool
         pool.check_invariants()
         expected = [0] * pool.num_blocks
-        for request in self.running:
-            assert request.status is RequestStatus.RUNNING, request.request_id
+        waiting_for_kv = [lease.request for lease in self.remote_kv.leases.values()]
+        for request in self.running + waiting_for_kv:
+            assert request.status in (RequestStatus.RUNNING, RequestStatus.WAITING_FOR_KV), request.request_id
             for block_id in request.block_ids:
                 expected[block_id] += 1
         for request in self.waiting:
             assert request.status is RequestStatus.WAITING and not request.block_ids, request.request_id
             assert request.num_computed_tokens == 0, request.request_id
         assert [b.ref_cnt for b in pool.blocks] == expected
-        assert len(self.running) <= self.config.max_num_seqs
-        assert set(self.requests) == {r.request_id for r in self.running + self.waiting}
+        assert len(self.running) + len(waiting_for_kv) <= self.config.max_num_seqs
+        assert set(self.requests) == {r.request_id for r in self.running + self.waiting + waiting_for_kv}

@@ -1,0 +1,42 @@
+"""Gather a request's KV blocks into one staging tensor, and scatter one back.
+
+Per layer the cache is ``(2, num_blocks, block_size, num_kv_heads, head_dim)``
+(engine/attention/base.py). The staging tensor of ``n`` blocks stacks the layers::
+
+    kv: (num_layers, 2, n, block_size, num_kv_heads, head_dim)
+        kv[l, :, i] = cache_l[:, block_ids[i]]
+
+One contiguous tensor means one send per transfer, whatever the block ids. With
+tensor parallelism each rank stages its own heads (``num_kv_heads`` per rank);
+rank r of the prefill replica sends to rank r of the decode replica.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def gather_blocks(kv_caches: list[torch.Tensor], block_ids: Sequence[int]) -> torch.Tensor:
+    """A new contiguous staging tensor with the blocks' K and V of every layer."""
+    first = kv_caches[0]
+    index = torch.tensor(list(block_ids), dtype=torch.long, device=first.device)
+    out = torch.empty((len(kv_caches), 2, len(block_ids), *first.shape[2:]), dtype=first.dtype,
+                      device=first.device)
+    for layer, cache in enumerate(kv_caches):
+        torch.index_select(cache, 1, index, out=out[layer])
+    return out
+
+
+def scatter_blocks(kv_caches: list[torch.Tensor], block_ids: Sequence[int], kv: torch.Tensor) -> None:
+    """Writes a staging tensor into the blocks (shape and dtype must match the cache's)."""
+    first = kv_caches[0]
+    expected = (len(kv_caches), 2, len(block_ids), *first.shape[2:])
+    if tuple(kv.shape) != expected or kv.dtype != first.dtype:
+        raise ValueError(f"KV of shape {tuple(kv.shape)} {kv.dtype} does not fit {len(block_ids)} "
+                         f"blocks of this cache: expected {expected} {first.dtype}")
+    kv = kv.to(first.device, non_blocking=True)
+    index = torch.tensor(list(block_ids), dtype=torch.long, device=first.device)
+    for layer, cache in enumerate(kv_caches):
+        cache.index_copy_(1, index, kv[layer])

@@ -1,0 +1,101 @@
+"""NCCL pair communicators through CuPy (GPU to GPU: NVLink within a node, IB/RoCE across).
+
+The sender makes an NCCL unique id; both ranks build a 2-rank communicator
+from it once per pair. Each send/recv runs on the pair's own CUDA stream and
+moves raw bytes (``ncclUint8``), so any KV dtype works. Completion is polled
+with a CUDA event so a peer that died cannot hang us: after ``timeout_s`` the
+communicator is aborted and the pair dropped.
+
+Not supported: communicator init cannot be interrupted (a peer that never joins
+leaves a parked daemon thread behind, see ``call_with_timeout``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from engine.kv_transfer.base import (CommunicatorBackend, KVTransferError, KVTransportKind,
+                                     PairCommunicator, call_with_timeout)
+
+_NCCL_UINT8 = 1  # ncclUint8 in NCCL's datatype enum
+
+
+def _nccl():
+    try:
+        from cupy.cuda import nccl
+    except ImportError as exc:
+        raise KVTransferError("the nccl KV transport needs CuPy with NCCL "
+                              "(pip install cupy-cuda12x)") from exc
+    return nccl
+
+
+class NcclPair(PairCommunicator):
+    def __init__(self, comm: Any, rank: int, device: torch.device) -> None:
+        self._comm = comm
+        self._peer = 1 - rank
+        self._device = device
+        self._stream = torch.cuda.Stream(device)
+
+    def send(self, tensor: torch.Tensor, timeout_s: float) -> None:
+        self._run("send", tensor, timeout_s)
+
+    def recv(self, tensor: torch.Tensor, timeout_s: float) -> None:
+        self._run("recv", tensor, timeout_s)
+
+    def _run(self, op: str, tensor: torch.Tensor, timeout_s: float) -> None:
+        if self._comm is None:
+            raise KVTransferError("the NCCL pair was closed")
+        assert tensor.is_contiguous() and tensor.device == self._device
+        nbytes = tensor.numel() * tensor.element_size()
+        with torch.cuda.device(self._device):
+            # The staging tensor was written on the compute stream; order after that work.
+            self._stream.wait_stream(torch.cuda.current_stream(self._device))
+            getattr(self._comm, op)(tensor.data_ptr(), nbytes, _NCCL_UINT8, self._peer,
+                                    self._stream.cuda_stream)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        deadline = time.monotonic() + timeout_s
+        while not done.query():
+            if time.monotonic() > deadline:
+                self.close()
+                raise KVTransferError(f"NCCL {op} of {nbytes} bytes timed out after {timeout_s:.1f}s")
+            time.sleep(0.0002)
+
+    def close(self) -> None:
+        comm, self._comm = self._comm, None
+        if comm is not None:
+            try:
+                comm.abort()
+            except Exception:
+                pass
+
+
+class NcclBackend(CommunicatorBackend):
+    kind = KVTransportKind.NCCL
+
+    def __init__(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"the nccl KV transport needs CUDA KV caches, got device {device}")
+        self._device = torch.device("cuda", device.index if device.index is not None
+                                    else torch.cuda.current_device())
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def new_rendezvous(self) -> Any:
+        return _nccl().get_unique_id()
+
+    def connect(self, info: Any, rank: int, timeout_s: float) -> NcclPair:
+        nccl = _nccl()
+
+        def join() -> NcclPair:
+            import cupy
+            with cupy.cuda.Device(self._device.index):
+                comm = nccl.NcclCommunicator(2, info, rank)
+            return NcclPair(comm, rank, self._device)
+
+        return call_with_timeout(join, timeout_s, f"NCCL pair init (rank {rank})")
