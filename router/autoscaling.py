@@ -86,8 +86,11 @@ class QueueDepthPolicy:
         num_waiting, num_running = _queue_metrics(ctx)
         now_s = ctx.current_time if ctx.current_time is not None else time.time()
         own_state = (ctx.policy_state or {}).get("kvmesh", {})
+        # Start from the autoscaler's current target, not the running count: while a new
+        # replica starts, answering with the running count would cancel the scale-up.
+        target = getattr(ctx, "target_num_replicas", None)
         num_replicas, new_state = decide_num_replicas(
-            num_waiting, num_running, ctx.current_num_replicas,
+            num_waiting, num_running, target if target is not None else ctx.current_num_replicas,
             ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas,
             now_s, own_state, self.cfg)
         return num_replicas, {"kvmesh": new_state}
