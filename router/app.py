@@ -4,6 +4,7 @@
                                   │ handle.options(stream=True).generate(GenerateRequest)
                                   ▼ request router (prefix-aware, or Serve's default)
                              LLMServer × N (AsyncLLM each; autoscaled on queue depth)
+                             (disaggregated: PrefillServer × P ══KV══▶ DecodeServer × D, router/disagg.py)
                                   │ stats every routing.stats_period_s
                                   ▼
                              ReplicaStatsBoard (1 replica) ◀── ingress: /metrics, /health, status
@@ -14,13 +15,14 @@ at import time.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import threading
 from typing import Any, Optional
 
-from router.config import DeploymentConfig, RouterKind
+from router.config import AutoscalingConfig, DeploymentConfig, ReplicaConfig, RouterKind
 from router.ingress import RendererFactory
 from router.replica import EngineFactory, LLMServer, ReplicaStatsBoard
 
@@ -29,6 +31,8 @@ logger = logging.getLogger(__name__)
 INGRESS_NAME = "OpenAIIngress"
 REPLICA_NAME = "LLMServer"
 BOARD_NAME = "ReplicaStatsBoard"
+PREFILL_NAME = "PrefillServer"  # disaggregated mode: the prefill pool
+DECODE_NAME = "DecodeServer"  # disaggregated mode: the decode pool (the ingress's ``llm`` handle)
 
 
 def request_router_config(cfg: DeploymentConfig) -> Optional[Any]:
@@ -45,12 +49,11 @@ def request_router_config(cfg: DeploymentConfig) -> Optional[Any]:
         stats_period_s=cfg.routing.stats_period_s)
 
 
-def _autoscaling_options(cfg: DeploymentConfig) -> dict[str, Any]:
-    replicas = cfg.replicas
+def _autoscaling_options(replicas: ReplicaConfig, scaling: AutoscalingConfig) -> dict[str, Any]:
+    """Fixed replica count, or queue-depth autoscaling on this deployment's own replicas' queues."""
     if not replicas.is_autoscaling:
         return {"num_replicas": replicas.min_replicas}
     from router.autoscaling import QueueDepthScalingConfig, autoscaling_config
-    scaling = cfg.autoscaling
     policy = QueueDepthScalingConfig(target_waiting_per_replica=scaling.target_waiting_per_replica,
                                      upscale_delay_s=scaling.upscale_delay_s,
                                      downscale_delay_s=scaling.downscale_delay_s,
@@ -74,26 +77,44 @@ def build_app(cfg: DeploymentConfig, *, engine_factory: Optional[EngineFactory] 
         ray_actor_options={"num_cpus": 0},
     ).bind(ttl_s=max(3.0, 6 * cfg.routing.stats_period_s))
 
-    replica_options: dict[str, Any] = {
-        "name": REPLICA_NAME,
-        "max_ongoing_requests": cfg.replicas.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": cfg.replicas.num_cpus, "num_gpus": cfg.replicas.num_gpus},
-        "health_check_period_s": 5.0,
-        "health_check_timeout_s": 30.0,
-        "graceful_shutdown_timeout_s": 5.0,
-        **_autoscaling_options(cfg),
-    }
-    router_config = request_router_config(cfg)
-    if router_config is not None:
-        replica_options["request_router_config"] = router_config
-    llm = serve.deployment(LLMServer, **replica_options).bind(cfg, board, engine_factory)
+    prefill = None
+    if cfg.disaggregation.is_disaggregated:
+        # Two pools, each sized and autoscaled on its own queue depth. Prefill replicas are
+        # picked by prefix affinity and load; decode replicas by Serve's load-aware default.
+        from router.disagg import DecodeServer, PrefillServer
+        disagg = cfg.disaggregation
+        prefill_options = _replica_options(PREFILL_NAME, disagg.prefill.replicas, disagg.prefill.autoscaling)
+        router_config = request_router_config(dataclasses.replace(cfg, name=f"{cfg.name}-prefill"))
+        if router_config is not None:
+            prefill_options["request_router_config"] = router_config
+        prefill = serve.deployment(PrefillServer, **prefill_options).bind(cfg, board, engine_factory)
+        decode_options = _replica_options(DECODE_NAME, disagg.decode.replicas, disagg.decode.autoscaling)
+        llm = serve.deployment(DecodeServer, **decode_options).bind(cfg, board, engine_factory)
+    else:
+        replica_options = _replica_options(REPLICA_NAME, cfg.replicas, cfg.autoscaling)
+        router_config = request_router_config(cfg)
+        if router_config is not None:
+            replica_options["request_router_config"] = router_config
+        llm = serve.deployment(LLMServer, **replica_options).bind(cfg, board, engine_factory)
 
     from router.ingress import OpenAIIngressDeployment
     return serve.deployment(
         OpenAIIngressDeployment, name=INGRESS_NAME, num_replicas=cfg.ingress.num_replicas,
         max_ongoing_requests=10_000, ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
         graceful_shutdown_timeout_s=5.0,
-    ).bind(cfg, llm, board, renderer_factory)
+    ).bind(cfg, llm, board, renderer_factory, prefill)
+
+
+def _replica_options(name: str, replicas: ReplicaConfig, scaling: AutoscalingConfig) -> dict[str, Any]:
+    return {
+        "name": name,
+        "max_ongoing_requests": replicas.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": replicas.num_cpus, "num_gpus": replicas.num_gpus},
+        "health_check_period_s": 5.0,
+        "health_check_timeout_s": 30.0,
+        "graceful_shutdown_timeout_s": 5.0,
+        **_autoscaling_options(replicas, scaling),
+    }
 
 
 def deploy(cfg: DeploymentConfig, host: Optional[str] = None, port: Optional[int] = None,

@@ -21,6 +21,14 @@ ingress starts (``AuthConfig.resolve_api_keys``), not when the file is parsed.
     http: {host: 127.0.0.1, port: 8000}
     ingress: {num_cpus: 0.1, num_replicas: 1}
     redis_url: redis://127.0.0.1:6379/0   # optional shared router state
+    disaggregation:                   # optional; default mode: colocated (one pool)
+      mode: disaggregated             # colocated | disaggregated | auto
+      transport: gloo                 # gloo (CPU) | nccl (GPU, CuPy)
+      auto_min_uncached_tokens: 256   # auto: prompts with fewer uncached tokens skip the prefill pool
+      lease_timeout_s: 30             # decode side holds reserved blocks this long for the KV
+      on_transfer_failure: recompute  # recompute | fail
+      prefill: {replicas: {...}, autoscaling: {...}, tensor_parallel_size: 1}
+      decode:  {replicas: {...}, autoscaling: {...}, tensor_parallel_size: 1}
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from typing import Any, Optional, Union
 import yaml
 
 from engine.config import EngineConfig
+from engine.kv_transfer.base import KVTransportKind
+from engine.kv_transfer.plan import TransferFailurePolicy
 
 
 class RouterKind(str, enum.Enum):
@@ -165,6 +175,65 @@ class IngressConfig:
         _check(self.num_replicas >= 1, f"num_replicas must be >= 1, got {self.num_replicas}")
 
 
+class DeploymentMode(str, enum.Enum):
+    COLOCATED = "colocated"  # one pool: every replica prefills and decodes
+    DISAGGREGATED = "disaggregated"  # prompts run on the prefill pool, their KV moves to the decode pool
+    AUTO = "auto"  # disaggregated, but prompts with a short uncached part stay on the decode pool
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One pool of a disaggregated deployment: its replicas, autoscaling and parallel sizes."""
+
+    replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.tensor_parallel_size >= 1 and self.pipeline_parallel_size >= 1,
+               "tensor_parallel_size and pipeline_parallel_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class DisaggregationConfig:
+    """Prefill/decode disaggregation (router/disagg.py); the default keeps one colocated pool."""
+
+    mode: DeploymentMode = DeploymentMode.COLOCATED
+    transport: KVTransportKind = KVTransportKind.GLOO
+    auto_min_uncached_tokens: int = 256  # AUTO: fewer uncached prompt tokens run on the decode pool
+    lease_timeout_s: float = 30.0  # how long the decode side holds reserved blocks for the KV
+    transfer_timeout_s: float = 30.0  # one pair send/recv (and pair creation)
+    on_transfer_failure: TransferFailurePolicy = TransferFailurePolicy.RECOMPUTE
+    max_decode_retries: int = 1  # a dead decode replica: restart the request on another this often
+    prefill: PoolConfig = field(default_factory=PoolConfig)
+    decode: PoolConfig = field(default_factory=PoolConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in (("mode", DeploymentMode), ("transport", KVTransportKind),
+                          ("on_transfer_failure", TransferFailurePolicy)):
+            object.__setattr__(self, name, cls(getattr(self, name)))
+        _check(self.auto_min_uncached_tokens >= 1,
+               f"auto_min_uncached_tokens must be >= 1, got {self.auto_min_uncached_tokens}")
+        _check(self.lease_timeout_s > 0, f"lease_timeout_s must be > 0, got {self.lease_timeout_s}")
+        _check(self.transfer_timeout_s > 0, f"transfer_timeout_s must be > 0, got {self.transfer_timeout_s}")
+        _check(self.max_decode_retries >= 0, f"max_decode_retries must be >= 0, got {self.max_decode_retries}")
+        # Rank r of a prefill replica sends its KV shard to rank r of the decode replica.
+        _check((self.prefill.tensor_parallel_size, self.prefill.pipeline_parallel_size)
+               == (self.decode.tensor_parallel_size, self.decode.pipeline_parallel_size),
+               "prefill and decode pools must use the same tensor_parallel_size and "
+               "pipeline_parallel_size (KV resharding between different sizes is not supported)")
+
+    @property
+    def is_disaggregated(self) -> bool:
+        return self.mode is not DeploymentMode.COLOCATED
+
+    @property
+    def min_remote_tokens(self) -> int:
+        """Uncached prompt tokens from which a prompt goes through the prefill pool."""
+        return self.auto_min_uncached_tokens if self.mode is DeploymentMode.AUTO else 1
+
+
 @dataclass(frozen=True)
 class DeploymentConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -178,6 +247,7 @@ class DeploymentConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     ingress: IngressConfig = field(default_factory=IngressConfig)
     redis_url: Optional[str] = None  # shared router state across ingress replicas
+    disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "name must be non-empty")
@@ -189,6 +259,12 @@ class DeploymentConfig:
     def block_size(self) -> int:
         return self.engine.cache.block_size
 
+    def pool_engine_config(self, pool: PoolConfig) -> EngineConfig:
+        """The engine config of one pool's replicas: the shared options with the pool's sizes."""
+        parallel = dataclasses.replace(self.engine.parallel, tensor_parallel_size=pool.tensor_parallel_size,
+                                       pipeline_parallel_size=pool.pipeline_parallel_size)
+        return dataclasses.replace(self.engine, parallel=parallel)
+
 
 # ---- loading ------------------------------------------------------------------------------------
 _SECTIONS: dict[str, type] = {
@@ -198,6 +274,7 @@ _SECTIONS: dict[str, type] = {
     "auth": AuthConfig,
     "http": HttpConfig,
     "ingress": IngressConfig,
+    "disaggregation": DisaggregationConfig,
 }
 _TOP_LEVEL = {"name", "model", "served_model_name", "engine", "routing", "redis_url", *_SECTIONS}
 

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.block_hash import block_hash_chain
 from router.config import DeploymentConfig
+from router.disagg import DisaggregatedFlow
 from router.messages import GenerateRequest, ReplicaOutput
 from router.metrics import CONTENT_TYPE, RequestTimer, get_metrics
 from router.protocol import (APIError, AssistantMessage, ChatCompletionChoice, ChatCompletionChunk,
@@ -142,9 +143,13 @@ class OpenAIIngress:
     """The ingress deployment body; ``router.app`` wraps it with ``serve.ingress(app)``."""
 
     async def __init__(self, cfg: DeploymentConfig, llm_handle: Any, board_handle: Any,
-                       renderer_factory: Optional[RendererFactory] = None) -> None:
+                       renderer_factory: Optional[RendererFactory] = None,
+                       prefill_handle: Any = None) -> None:
         self.cfg = cfg
-        self.llm = llm_handle
+        self.llm = llm_handle  # the replicas, or the decode pool when disaggregated
+        # Disaggregated mode: each request goes through the prefill pool, then the decode pool.
+        self.disagg = (DisaggregatedFlow(cfg.disaggregation, prefill_handle, llm_handle, get_metrics())
+                       if prefill_handle is not None else None)
         self.board = board_handle
         self.ingress_id = serve.get_replica_context().replica_id.unique_id
         self.api_keys = cfg.auth.resolve_api_keys()
@@ -363,7 +368,8 @@ class OpenAIIngress:
         handle = self.llm.options(stream=True)
         tasks = []
         for job in jobs:
-            job.stream = handle.generate.remote(job.request)
+            job.stream = (self.disagg.start(job.request) if self.disagg is not None
+                          else handle.generate.remote(job.request))
             tasks.append(asyncio.get_running_loop().create_task(self._pump(job, queue)))
         # Wait for one output (or an error) per job before answering with a status code.
         pending: list = []

@@ -21,6 +21,12 @@ disappears from the output instead of freezing at its last value.
 | `kvmesh_generation_tokens_total` | counter | `endpoint` | generated tokens (all choices) |
 | `kvmesh_requests_finished_total` | counter | `endpoint`, `finish_reason` | finished choices by reason (stop, length, abort, error) |
 | `kvmesh_http_requests_total` | counter | `method`, `path`, `status` | HTTP requests answered, by status code |
+| `kvmesh_pool_num_requests_waiting` | gauge | `pool` | queue depth of a pool (colocated, prefill, decode): its autoscaling signal |
+| `kvmesh_pool_num_replicas` | gauge | `pool` | replicas of a pool reporting stats |
+| `kvmesh_kv_transfer_bytes_total` | counter | | prompt KV bytes moved from prefill to decode replicas |
+| `kvmesh_kv_transfer_seconds` | histogram | | one request's KV transfer, header taken to bytes received (decode side) |
+| `kvmesh_ttft_phase_seconds` | histogram | `phase` | disaggregated TTFT split: `queue` (prefill replica queue), `prefill` (compute), `transfer` (KV to the decode replica; after the first token) |
+| `kvmesh_disagg_requests_total` | counter | `path` | disaggregated requests by path: `remote` (prefill pool), `local` (computed on the decode pool), `prefill_failed`, `decode_retry` |
 | `kvmesh_router_*` | | | request-router series, see `router/router_metrics.py` |
 """
 
@@ -65,6 +71,18 @@ class ReplicaGaugeCollector(Collector):
                 family.add_metric([replica_id], float(stats.get(key, 0.0)))
             yield family
         yield GaugeMetricFamily("kvmesh_num_replicas", "Replicas reporting stats.", value=len(snapshot))
+        waiting = GaugeMetricFamily("kvmesh_pool_num_requests_waiting", "Requests waiting in a pool.",
+                                    labels=["pool"])
+        replicas = GaugeMetricFamily("kvmesh_pool_num_replicas", "Replicas of a pool reporting stats.",
+                                     labels=["pool"])
+        pools: dict[str, list[dict]] = {}
+        for stats in snapshot.values():
+            pools.setdefault(str(stats.get("pool", "colocated")), []).append(stats)
+        for pool, members in sorted(pools.items()):
+            waiting.add_metric([pool], float(sum(m.get("num_waiting", 0) for m in members)))
+            replicas.add_metric([pool], float(len(members)))
+        yield waiting
+        yield replicas
 
 
 class ServingMetrics:
@@ -86,6 +104,14 @@ class ServingMetrics:
                                          ["endpoint"], registry=registry)
         self.finished = Counter("kvmesh_requests_finished", "Finished choices by finish reason.",
                                 ["endpoint", "finish_reason"], registry=registry)
+        self.kv_transfer_bytes = Counter("kvmesh_kv_transfer_bytes", "Prompt KV bytes moved to decode.",
+                                         registry=registry)
+        self.kv_transfer_seconds = Histogram("kvmesh_kv_transfer_seconds", "One request's KV transfer.",
+                                             buckets=LATENCY_BUCKETS, registry=registry)
+        self.ttft_phase = Histogram("kvmesh_ttft_phase_seconds", "Disaggregated TTFT by phase.", ["phase"],
+                                    buckets=LATENCY_BUCKETS, registry=registry)
+        self.disagg_requests = Counter("kvmesh_disagg_requests", "Disaggregated requests by path.", ["path"],
+                                       registry=registry)
         self.http_requests = Counter("kvmesh_http_requests", "HTTP requests by status code.",
                                      ["method", "path", "status"], registry=registry)
 

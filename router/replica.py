@@ -68,20 +68,26 @@ class LLMServer:
 
         Raises ``ValueError`` (before any output) for a request the engine rejects.
         """
+        stream = self.engine.generate(req.prompt_token_ids, req.sampling_params, req.request_id,
+                                      priority=req.priority)
+        async for out in self._guarded(req.request_id, stream):
+            yield ReplicaOutput(self.replica_id, out)
+
+    async def _guarded(self, request_id: str, stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """Relays an engine stream; if the caller goes away first, aborts the request (frees its blocks)."""
         finished = False
         try:
-            async for out in self.engine.generate(req.prompt_token_ids, req.sampling_params,
-                                                  req.request_id, priority=req.priority):
-                finished = out.finished
-                yield ReplicaOutput(self.replica_id, out)
+            async for item in stream:
+                finished = bool(getattr(item, "finished", False))
+                yield item
         except asyncio.CancelledError:
             # The caller went away: free the request's KV blocks before we stop.
             if not finished:
-                await asyncio.shield(self.engine.abort(req.request_id))
+                await asyncio.shield(self.engine.abort(request_id))
             raise
         except GeneratorExit:
             if not finished:
-                asyncio.get_running_loop().create_task(self.engine.abort(req.request_id))
+                asyncio.get_running_loop().create_task(self.engine.abort(request_id))
             raise
 
     async def abort(self, request_id: str) -> None:
@@ -144,6 +150,7 @@ class LLMServer:
             "num_prompt_tokens": s.num_prompt_tokens,
             "num_generation_tokens": s.num_generation_tokens,
             "num_cached_blocks": len(s.cached_block_hashes),
+            "pool": "colocated",  # PrefillServer / DecodeServer (router/disagg.py) say theirs
         }
 
     async def _publish_once(self) -> None:

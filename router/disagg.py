@@ -1,0 +1,256 @@
+"""Disaggregated serving in the Serve app: the two pool deployments and the ingress-side flow.
+
+    ingress (DisaggregatedFlow, one per request)
+      1 ──GenerateRequest──▶ DecodeServer.generate_remote   (decode pool: Serve's load-aware router)
+        ◀── KVTransferPlan (blocks reserved under a lease), or None: "computed here"
+      2 ──(GenerateRequest, plan)──▶ PrefillServer.prefill   (prefill pool: prefix-aware router)
+        ◀── PrefillReply: first token (streamed to the client now: TTFT), queue/prefill times
+             └─ the prefill replica sends the KV to the decode replica's pair (gloo / NCCL)
+      3 ◀── decode stream: cumulative outputs (first token included), until finished
+
+Outputs reach the client in order through one stream: outputs are cumulative,
+and the flow forwards an output only when it carries more tokens than the
+client has (or is final). Faults:
+
+* prefill replica dies or the transfer stalls: the decode side's lease expires
+  (or the pair reports the error) and it recomputes the prompt or fails the
+  request with a clear error (``on_transfer_failure``); the flow keeps reading
+  the decode stream either way.
+* decode replica dies: the flow restarts the request (new reservation, prefill
+  again, mostly prefix-cache hits) on another decode replica, up to
+  ``max_decode_retries`` times, skipping tokens the client already has. The
+  ingress fixes the request's seed first, so the retry samples the same tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional
+
+from router.config import DeploymentConfig, DisaggregationConfig
+from router.messages import GenerateRequest, ReplicaOutput
+from router.replica import EngineFactory, LLMServer
+
+logger = logging.getLogger(__name__)
+
+PREFILL_POOL = "prefill"
+DECODE_POOL = "decode"
+# Errors meaning "that replica is gone" (by class name: they come from Ray and Serve).
+_REPLICA_GONE = {"RayActorError", "ActorDiedError", "ActorUnavailableError", "EngineDeadError",
+                 "DeploymentUnavailableError", "ReplicaUnavailableError"}
+
+
+@dataclass
+class PrefillReply:
+    replica_id: str
+    output: Any  # engine.outputs.RequestOutput: the first token (final if it ended the request)
+    timings: Any  # engine.kv_transfer.plan.PrefillTimings
+
+
+def _backend(cfg: DeploymentConfig):
+    from engine.executor import resolve_device
+    from engine.kv_transfer.base import create_backend
+    try:
+        import ray
+        host = ray.util.get_node_ip_address()
+    except Exception:
+        host = "127.0.0.1"
+    return create_backend(cfg.disaggregation.transport, resolve_device(cfg.engine), host=host)
+
+
+class PrefillServer(LLMServer):
+    """A prefill-pool replica: computes prompts and sends their KV to decode replicas."""
+
+    pool = PREFILL_POOL
+
+    async def __init__(self, cfg: DeploymentConfig, board: Any = None,
+                       engine_factory: Optional[EngineFactory] = None) -> None:
+        from engine.kv_transfer.connector import PrefillConnector
+        cfg = dataclasses.replace(cfg, engine=cfg.pool_engine_config(cfg.disaggregation.prefill))
+        await super().__init__(cfg, board, engine_factory)
+        self.connector = PrefillConnector(self.engine, _backend(cfg), f"prefill-{self.replica_id}",
+                                          timeout_s=cfg.disaggregation.transfer_timeout_s)
+
+    async def prefill(self, req: GenerateRequest, plan: Any) -> PrefillReply:
+        """Computes the prompt and the first token; the KV goes to ``plan``'s endpoint in the background."""
+        output, timings = await self.connector.prefill(req.prompt_token_ids, req.sampling_params,
+                                                       req.request_id, plan, priority=req.priority)
+        return PrefillReply(self.replica_id, output, timings)
+
+    def inject_transfer_stall(self, seconds: float) -> None:
+        """Fault injection (tests): pause every send between its header and its bytes."""
+        self.connector.sender.stall_s = seconds
+
+    def get_stats(self) -> dict:
+        stats = super().get_stats()
+        sender = self.connector.sender.stats
+        stats.update(pool=self.pool, kv_sends=sender.num_transfers, kv_send_failures=sender.num_failures,
+                     kv_bytes_sent=sender.num_bytes, kv_send_s=round(sender.seconds, 6))
+        return stats
+
+
+class DecodeServer(LLMServer):
+    """A decode-pool replica: reserves blocks, receives the prompt's KV, decodes."""
+
+    pool = DECODE_POOL
+
+    async def __init__(self, cfg: DeploymentConfig, board: Any = None,
+                       engine_factory: Optional[EngineFactory] = None) -> None:
+        from engine.kv_transfer.connector import DecodeConnector
+        from engine.kv_transfer.mailbox import RayMailbox
+        cfg = dataclasses.replace(cfg, engine=cfg.pool_engine_config(cfg.disaggregation.decode))
+        await super().__init__(cfg, board, engine_factory)
+        self.connector = DecodeConnector(self.engine, _backend(cfg), RayMailbox.create(),
+                                         f"decode-{self.replica_id}",
+                                         timeout_s=cfg.disaggregation.transfer_timeout_s)
+        self.connector.start()
+
+    async def generate_remote(self, req: GenerateRequest) -> AsyncIterator[Any]:
+        """First the ``KVTransferPlan`` for a prefill replica (None: computed here), then outputs."""
+        disagg = self.cfg.disaggregation
+        stream = self.connector.generate(req.prompt_token_ids, req.sampling_params, req.request_id,
+                                         disagg.lease_timeout_s, disagg.min_remote_tokens,
+                                         disagg.on_transfer_failure, priority=req.priority)
+        first = True
+        async for item in self._guarded(req.request_id, stream):
+            yield item if first else ReplicaOutput(self.replica_id, item)
+            first = False
+
+    def get_stats(self) -> dict:
+        stats = super().get_stats()
+        receiver = self.connector.receiver.stats
+        engine = getattr(self.engine, "engine", None)
+        stats.update(pool=self.pool, num_waiting_for_kv=self.engine.get_stats().num_waiting_for_kv,
+                     kv_recvs=receiver.num_transfers, kv_recv_failures=receiver.num_failures,
+                     kv_bytes_received=receiver.num_bytes, kv_recv_s=round(receiver.seconds, 6),
+                     kv_recomputes=getattr(engine, "num_kv_recomputes", 0))
+        return stats
+
+
+# ---- the ingress side ---------------------------------------------------------------------------
+class DisaggregatedFlow:
+    """Runs requests through the two pools (one ``start`` per request); see the module docstring."""
+
+    def __init__(self, cfg: DisaggregationConfig, prefill_handle: Any, decode_handle: Any,
+                 metrics: Any = None) -> None:
+        self.cfg = cfg
+        self.prefill = prefill_handle
+        self.decode = decode_handle
+        self.metrics = metrics  # router.metrics.ServingMetrics or None
+        self._rng = random.Random()
+
+    def start(self, req: GenerateRequest) -> "DisaggregatedStream":
+        if req.sampling_params.seed is None:  # a retry must sample what the client already has
+            params = dataclasses.replace(req.sampling_params, seed=self._rng.randrange(1 << 31))
+            req = dataclasses.replace(req, sampling_params=params)
+        return DisaggregatedStream(self, req)
+
+
+class DisaggregatedStream:
+    """One request's merged stream: ``ReplicaOutput``s in order; ``cancel()`` stops both pools' calls."""
+
+    def __init__(self, flow: DisaggregatedFlow, req: GenerateRequest) -> None:
+        self.flow = flow
+        self.req = req
+        self.decode_replica_id: Optional[str] = None  # tests: whom to kill
+        self.plan: Any = None
+        self._calls: list[Any] = []
+        self._num_sent = 0  # tokens the client has
+
+    def __aiter__(self) -> AsyncIterator[ReplicaOutput]:
+        return self._run()
+
+    def cancel(self) -> None:
+        for call in self._calls:
+            call.cancel()
+
+    async def _run(self) -> AsyncIterator[ReplicaOutput]:
+        flow = self.flow
+        attempt = 0
+        while True:
+            try:
+                async for item in self._attempt():
+                    yield item
+                return
+            except Exception as exc:  # noqa: BLE001 - classified below
+                gone = {cls.__name__ for cls in type(exc).__mro__} & _REPLICA_GONE
+                if not gone or attempt >= flow.cfg.max_decode_retries:
+                    raise
+                attempt += 1
+                logger.warning("request %s: decode replica %s is gone (%s); retrying on another",
+                               self.req.request_id, self.decode_replica_id, type(exc).__name__)
+                self._count("decode_retry")
+
+    async def _attempt(self) -> AsyncIterator[ReplicaOutput]:
+        flow, req = self.flow, self.req
+        decode = flow.decode.options(stream=True).generate_remote.remote(req)
+        self._calls.append(decode)
+        plan = await decode.__anext__()
+        self.plan = plan
+        if plan is None:
+            self._count("local")
+        else:
+            self.decode_replica_id = plan.endpoint.endpoint_id.removeprefix("decode-")
+            self._count("remote")
+            reply = await self._prefill(plan)
+            if reply is not None:
+                self._observe_prefill(reply)
+                item = self._forward(ReplicaOutput(reply.replica_id, reply.output))
+                if item is not None:
+                    yield item
+                if reply.output.finished:  # the first token ended it: free the reservation
+                    decode.cancel()
+                    return
+        async for item in decode:
+            if self.decode_replica_id is None:
+                self.decode_replica_id = item.replica_id
+            self._observe_transfer(item.output)
+            forwarded = self._forward(item)
+            if forwarded is not None:
+                yield forwarded
+
+    async def _prefill(self, plan: Any) -> Optional[PrefillReply]:
+        call = self.flow.prefill.prefill.remote(self.req, plan)
+        self._calls.append(call)
+        try:
+            return await call
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, ValueError) or not {c.__name__ for c in type(exc).__mro__} & _REPLICA_GONE:
+                raise
+            # The decode side's lease covers it: it recomputes the prompt or fails the request.
+            logger.warning("request %s: prefill replica failed (%s); the decode side takes over",
+                           self.req.request_id, type(exc).__name__)
+            self._count("prefill_failed")
+            return None
+
+    def _forward(self, item: ReplicaOutput) -> Optional[ReplicaOutput]:
+        out = item.output
+        num_tokens = len(out.outputs[0].token_ids) if out.outputs else 0
+        if num_tokens <= self._num_sent and not out.finished:
+            return None  # the client has these tokens (first token, or a retry catching up)
+        self._num_sent = max(self._num_sent, num_tokens)
+        return item
+
+    # ---- metrics ------------------------------------------------------------------------------
+    def _count(self, path: str) -> None:
+        if self.flow.metrics is not None:
+            self.flow.metrics.disagg_requests.labels(path).inc()
+
+    def _observe_prefill(self, reply: PrefillReply) -> None:
+        metrics = self.flow.metrics
+        if metrics is not None:
+            metrics.ttft_phase.labels("queue").observe(reply.timings.queue_s)
+            metrics.ttft_phase.labels("prefill").observe(reply.timings.prefill_s)
+
+    def _observe_transfer(self, out: Any) -> None:
+        m = out.metrics
+        if self.flow.metrics is None or m is None or not m.kv_transfer_bytes or getattr(self, "_seen_kv", False):
+            return
+        self._seen_kv = True
+        self.flow.metrics.ttft_phase.labels("transfer").observe(m.kv_transfer_s or 0.0)
+        self.flow.metrics.kv_transfer_bytes.inc(m.kv_transfer_bytes)
+        self.flow.metrics.kv_transfer_seconds.observe(m.kv_transfer_s or 0.0)
