@@ -143,9 +143,14 @@ def test_prefill_side_prefix_cache_is_used(client, base_url, colocated):
     for tail in ([1, 2, 3], [4, 5, 6, 7]):
         out = client.completions.create(model=MODEL, prompt=shared + tail, max_tokens=8, temperature=0)
         assert out.choices[0].text == expected(colocated, shared + tail, 8)
-    time.sleep(0.6)
-    after = [r for r in status(base_url) if r["pool"] == "prefill"]
-    hits = sum(r["prefix_cache_hits"] - before.get(r["replica_id"], {}).get("prefix_cache_hits", 0) for r in after)
+    deadline = time.monotonic() + 10  # replicas report every stats_period_s
+    while True:
+        after = [r for r in status(base_url) if r["pool"] == "prefill"]
+        hits = sum(r["prefix_cache_hits"] - before.get(r["replica_id"], {}).get("prefix_cache_hits", 0)
+                   for r in after)
+        if hits >= 96 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
     assert hits >= 96  # the second prompt's 6 shared blocks came from the prefill replica's cache
     assert_no_leaks(base_url)
 
