@@ -56,7 +56,7 @@ class LLM:
             for i, (prompt, params) in enumerate(zip(prompts, params_list)):
                 request_id = f"offline-{next(self._ids)}"
                 self.engine.add_request(request_id, prompt, params,
-                                        priority=priority[i] if priority else 0)
+                                        priority=priority[i] if priority else 0, stream=False)
                 ids.append(request_id)
         except Exception:
             self.engine.abort_request(ids)  # leave nothing half-added

@@ -77,8 +77,12 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
                     priority: int = 0, arrival_time: Optional[float] = None,
-                    kv_role: Optional[KVTransferRole] = None) -> None:
-        """Validates and queues one prompt (``params.n`` samples). Raises ValueError on bad input."""
+                    kv_role: Optional[KVTransferRole] = None, stream: bool = True) -> None:
+        """Validates and queues one prompt (``params.n`` samples). Raises ValueError on bad input.
+
+        ``stream=False``: only the final output is wanted, so text is decoded once at the end
+        (unless stop strings must be watched for) and no intermediate outputs are built.
+        """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
@@ -90,7 +94,7 @@ class LLMEngine:
             params = dataclasses.replace(params, seed=self._seed_rng.randrange(1 << 31))
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         child_ids = [request_id if i == 0 else f"{request_id}#{i}" for i in range(params.n)]
-        self.output_processor.add(request_id, text, prompt_ids, params, child_ids, arrival)
+        self.output_processor.add(request_id, text, prompt_ids, params, child_ids, arrival, stream=stream)
         for i, child_id in enumerate(child_ids):
             child_params = dataclasses.replace(params, n=1, seed=params.seed + i)
             self.scheduler.add_request(Request(

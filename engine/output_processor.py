@@ -25,6 +25,7 @@ class SampleState:
     detokenizer: IncrementalDetokenizer
     text: str = ""
     num_tokens_seen: int = 0
+    num_tokens_detokenized: int = 0
     token_ids: list[int] = field(default_factory=list)
     logprobs: Optional[SampleLogprobs] = None
     finish_reason: Optional[FinishReason] = None
@@ -39,7 +40,13 @@ class PromptState:
     params: SamplingParams
     samples: dict[str, SampleState]  # child request id -> state
     metrics: RequestMetrics
+    stream: bool = True  # False: the caller wants only the final output (offline LLM.generate)
     error: Optional[str] = None
+
+    @property
+    def detokenize_each_step(self) -> bool:
+        """Streams need text as it comes; stop strings must be looked for as it comes."""
+        return self.stream or bool(self.params.stop)
 
     @property
     def finished(self) -> bool:
@@ -53,7 +60,8 @@ class OutputProcessor:
         self.parent_of: dict[str, str] = {}  # child request id -> prompt request id
 
     def add(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
-            params: SamplingParams, child_ids: list[str], arrival_time: float) -> None:
+            params: SamplingParams, child_ids: list[str], arrival_time: float,
+            stream: bool = True) -> None:
         samples = {}
         for i, child_id in enumerate(child_ids):
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
@@ -64,7 +72,7 @@ class OutputProcessor:
                                             logprobs=[] if params.logprobs is not None else None)
             self.parent_of[child_id] = request_id
         self.prompts[request_id] = PromptState(request_id, prompt, prompt_token_ids, params, samples,
-                                               RequestMetrics(arrival_time=arrival_time))
+                                               RequestMetrics(arrival_time=arrival_time), stream=stream)
 
     def child_ids(self, request_id: str) -> list[str]:
         state = self.prompts.get(request_id)
@@ -90,7 +98,11 @@ class OutputProcessor:
             if sample.logprobs is not None:
                 for entry in logprobs.get(req.request_id, []):
                     sample.logprobs.append(self._to_logprob_dict(entry))
-            update = sample.detokenizer.update(new_ids)
+            if not prompt.detokenize_each_step and not req.is_finished:
+                changed[parent_id] = prompt  # tokens only; the text is decoded once at the end
+                continue
+            update = sample.detokenizer.update(sample.token_ids[sample.num_tokens_detokenized:])
+            sample.num_tokens_detokenized = len(sample.token_ids)
             sample.text += update.delta_text
             if update.stop_str is not None:
                 sample.finish_reason, sample.stop_reason = FinishReason.STOP, update.stop_str
@@ -106,7 +118,7 @@ class OutputProcessor:
             metrics.first_token_time = metrics.first_token_time or now
             metrics.num_cached_tokens = max(metrics.num_cached_tokens, req.num_cached_tokens)
             changed[parent_id] = prompt
-        outputs = [self._make_output(p) for p in changed.values()]
+        outputs = [self._make_output(p) for p in changed.values() if p.stream or p.finished]
         return outputs, stopped
 
     def finish(self, request_id: str, reason: FinishReason, error: Optional[str] = None) -> Optional[RequestOutput]:
@@ -116,6 +128,11 @@ class OutputProcessor:
             return None
         for sample in prompt.samples.values():
             if sample.finish_reason is None:
+                if sample.num_tokens_detokenized < len(sample.token_ids):  # deferred text
+                    sample.text += sample.detokenizer.update(
+                        sample.token_ids[sample.num_tokens_detokenized:]).delta_text
+                    sample.num_tokens_detokenized = len(sample.token_ids)
+                sample.text += sample.detokenizer.flush()
                 sample.finish_reason = reason
         prompt.error = error or prompt.error
         return self._make_output(prompt)
