@@ -1,0 +1,102 @@
+"""Replica worker groups on 2 GPUs: NCCL (CuPy) collectives, bf16, Ray actors.
+
+- TP=2, PP=2 (Llama) and EP=2 (Mixtral) give one GPU's greedy tokens within bf16 noise:
+  most sequences identical, and on the shared prefix the chosen tokens' logprobs within 0.1;
+- with TP=2 the decode CUDA graphs capture the NCCL all-reduces and replay them;
+- an 8B-shape model (dummy bf16 weights) serves at TP=2, each GPU holding half the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from tests.engine_helpers import assert_no_leaks, checkpoint_with_tokenizer
+
+pytestmark = pytest.mark.multigpu
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
+OPTIONS = dict(dtype="bfloat16", device="cuda", block_size=16, num_blocks=48, max_num_batched_tokens=32,
+               max_model_len=256)
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(5, vocab) for _ in range(n)] for n in (3, 17, 40, 9, 70, 1)]
+
+
+def _run(llm: LLM, prompts):
+    outs = llm.generate(prompts, PARAMS)
+    return [(o.outputs[0].token_ids, [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
+            for o in outs]
+
+
+@pytest.mark.parametrize("arch,options", [
+    ("llama", dict(tensor_parallel_size=2)),
+    ("llama", dict(pipeline_parallel_size=2)),
+    ("mixtral", dict(expert_parallel_size=2)),
+], ids=["llama-tp2", "llama-pp2", "mixtral-ep2"])
+def test_two_gpus_match_one_gpu_in_bf16(ray_cluster, tmp_path, arch, options):
+    path, vocab = checkpoint_with_tokenizer(arch, tmp_path)
+    prompts = _prompts(vocab)
+    single = LLM(model=path, **OPTIONS)
+    expected = _run(single, prompts)
+    del single
+    torch.cuda.empty_cache()
+    llm = LLM(model=path, **OPTIONS, **options)
+    try:
+        got = _run(llm, prompts)
+        num_same = sum(g[0] == e[0] for g, e in zip(got, expected))
+        assert num_same >= len(prompts) - 2, (got, expected)
+        for (g_ids, g_lp), (e_ids, e_lp) in zip(got, expected):
+            n = next((i for i, (a, b) in enumerate(zip(g_ids, e_ids)) if a != b), len(g_ids))
+            assert n >= 1, (g_ids, e_ids)  # the first token, straight from the prompt, agrees
+            assert max((abs(a - b) for a, b in zip(g_lp[:n], e_lp[:n])), default=0.0) < 0.1
+        assert_no_leaks(llm)
+        if options.get("tensor_parallel_size", 1) > 1:
+            replays = ray_cluster.get([w.__ray_call__.remote(
+                lambda w: w.runner.graph_runner.num_replays if w.runner.graph_runner else -1)
+                for w in llm.engine.executor.workers])
+            assert all(r > 0 for r in replays), replays  # NCCL all-reduce inside CUDA graphs
+    finally:
+        llm.engine.shutdown()
+
+
+LLAMA_8B_SHAPE = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
+    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+    max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=1,
+    eos_token_id=2, tie_word_embeddings=False, torch_dtype="bfloat16", hidden_act="silu")
+
+
+def llama_8b_shape_dir(path) -> str:
+    """A folder with only an 8B-shape config.json (weights: load_format='dummy')."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(LLAMA_8B_SHAPE, f)
+    return str(path)
+
+
+def test_8b_shape_serves_at_tp2(ray_cluster, tmp_path):
+    from engine.tiny_model import ensure_tiny_model
+
+    path = llama_8b_shape_dir(tmp_path / "llama8b")
+    llm = LLM(model=path, tokenizer=ensure_tiny_model(), load_format="dummy", dtype="bfloat16",
+              device="cuda", tensor_parallel_size=2, max_model_len=2048, max_num_seqs=32,
+              gpu_memory_utilization=0.8)
+    try:
+        outs = llm.generate([[5 + i] * (16 + i) for i in range(4)],
+                            SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+        assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
+        params = ray_cluster.get([w.__ray_call__.remote(
+            lambda w: sum(p.numel() for p in w.runner.model.parameters()))
+            for w in llm.engine.executor.workers])
+        full = 8.03e9
+        assert all(0.45 * full < p < 0.55 * full for p in params), params  # each rank: its half
+    finally:
+        llm.engine.shutdown()
