@@ -6,12 +6,14 @@ What matters, and is asserted:
 - each rank holds only its part of the model (layers, vocab rows, experts);
 - sizes that do not fit the model fail at start-up, naming the numbers, before any worker starts;
 - a worker killed mid-generation ends the in-flight requests with an error (no hang) and
-  ``check_health`` raises from then on.
+  ``check_health`` raises from then on; a worker that dies while idle is noticed as well;
+- configs/tiny-tp2.yaml serves configs/tiny.yaml's tokens through two gloo workers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -212,6 +214,8 @@ def test_tiny_tp2_config_serves_tiny_yaml_tokens(ray_cluster):
     from engine.llm_engine import LLMEngine
     from router.config import load_deployment_config
 
+    from engine.executor_ray import WorkerDiedError
+
     configs = Path(__file__).resolve().parent.parent / "configs"
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     tokens = []
@@ -222,7 +226,14 @@ def test_tiny_tp2_config_serves_tiny_yaml_tokens(ray_cluster):
             while engine.has_unfinished_requests():
                 outs = engine.step()
             tokens.append(outs[-1].outputs[0].token_ids)
+            if name == "tiny-tp2.yaml":  # a worker dying while the replica is idle is noticed too
+                assert type(engine.executor).__name__ == "RayExecutor"
+                ray_cluster.kill(engine.executor.workers[0])
+                with pytest.raises(WorkerDiedError):
+                    deadline = time.monotonic() + 10
+                    while time.monotonic() < deadline:
+                        engine.check_health()
+                        time.sleep(0.1)
         finally:
             engine.shutdown()
-    assert type(engine.executor).__name__ == "RayExecutor"
     assert tokens[0] == tokens[1] and len(tokens[0]) == 6
