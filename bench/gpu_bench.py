@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
-LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+LLAMA_8B = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                 rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
                 rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
@@ -35,16 +35,46 @@ LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, nu
                                  "original_max_position_embeddings": 8192})
 
 
-def make_dummy_checkpoint(path: str) -> str:
-    """config.json of the 8B shape plus kvmesh-tiny's tokenizer (ids past it decode to nothing)."""
-    from transformers import LlamaConfig
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer with exactly ``vocab_size`` entries, every id a word.
+
+    Random dummy weights sample ids across the whole 128k vocabulary; with a real-size
+    vocabulary every sampled id decodes to text, so streamed chunks are never empty and
+    TTFT / ITL measured through the HTTP API count every token. Built in ~2 s, offline.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     from engine.tiny_model import ensure_tiny_model
     from engine.tokenizer import load_tokenizer
 
+    tiny = load_tokenizer(ensure_tiny_model())  # for its special tokens and chat template
+    specials = list(dict.fromkeys(list(tiny.all_special_tokens)
+                                  + [t for t in tiny.get_vocab() if t.startswith("<|")]))
+    vocab: dict[str, int] = {}
+    for word in ["<unk>", *specials]:
+        vocab.setdefault(word, len(vocab))
+    i = 0
+    while len(vocab) < vocab_size:
+        vocab.setdefault(f"w{i}", len(vocab))
+        i += 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=tiny.bos_token, eos_token=tiny.eos_token, unk_token="<unk>",
+        additional_special_tokens=[t for t in specials if t not in (tiny.bos_token, tiny.eos_token)])
+    fast.chat_template = tiny.chat_template
+    return fast
+
+
+def make_dummy_checkpoint(path: str) -> str:
+    """config.json of the 8B shape plus a 128,256-word tokenizer (see ``word_tokenizer``)."""
+    from transformers import LlamaConfig
+
     os.makedirs(path, exist_ok=True)
     LlamaConfig(**LLAMA_8B, torch_dtype="bfloat16").save_pretrained(path)
-    load_tokenizer(ensure_tiny_model()).save_pretrained(path)
+    word_tokenizer(LLAMA_8B["vocab_size"]).save_pretrained(path)
     return path
 
 

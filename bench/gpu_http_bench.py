@@ -2,7 +2,7 @@
 
 Starts ``kvmesh serve`` on a generated config (one GPU replica), waits for
 ``/health``, then runs ``bench/load_gen.py`` at concurrency 1, 16 and 128 with
-~256-token chat prompts and 64 output tokens, and gathers p50/p99 into one JSON.
+~256-token chat prompts (word-level tokenizer: one word, one token) and 64 output tokens, and gathers p50/p99 into one JSON.
 
     python bench/gpu_http_bench.py --out bench/results/gpu_http_h100.json
 """
@@ -86,7 +86,7 @@ def main() -> None:
             name = f"gpu_http_c{conc}"
             cmd = [sys.executable, "bench/load_gen.py", "--base-url", f"http://127.0.0.1:{args.port}",
                    "--model", "llama8b-dummy", "--num-requests", str(num), "--concurrency", str(conc),
-                   "--shared-prefix-ratio", "0", "--prefix-len", "88", "--suffix-len", "10",
+                   "--shared-prefix-ratio", "0", "--prefix-len", "232", "--suffix-len", "10",
                    "--max-tokens", "64", "--ignore-eos", "--name", name, "--no-plot"]
             subprocess.run(cmd, check=True, timeout=300)
             with open(os.path.join("bench", "results", f"{name}.json")) as f:

@@ -275,16 +275,19 @@ class ModelRunner:
         """(request id, tokens to compute) in batch order -> flat ids, positions, metadata, and
         the (request id, row) pairs that sample."""
         bs = self.block_size
-        ids_parts, pos_parts, slot_parts = [], [], []
+        input_ids, positions, slots = [], [], []
         query_start, seq_lens, tables, sample_rows = [0], [], [], []
         for req_id, n in scheduled:
             state = self.requests[req_id]
             start = state.num_computed_tokens
-            pos = np.arange(start, start + n, dtype=np.int64)
-            table = np.asarray(state.block_ids, dtype=np.int64)
-            ids_parts.append(state.token_ids[start:start + n])
-            pos_parts.append(pos)
-            slot_parts.append(table[pos // bs] * bs + pos % bs)
+            input_ids.extend(state.token_ids[start:start + n])
+            if n == 1:  # a decode: plain Python beats numpy for one token
+                positions.append(start)
+                slots.append(state.block_ids[start // bs] * bs + start % bs)
+            else:
+                pos = np.arange(start, start + n, dtype=np.int64)
+                positions.extend(pos.tolist())
+                slots.extend((np.asarray(state.block_ids, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist())
             query_start.append(query_start[-1] + n)
             seq_lens.append(start + n)
             tables.append(state.block_ids)
@@ -295,10 +298,8 @@ class ModelRunner:
         for i, t in enumerate(tables):
             table_arr[i, :len(t)] = t
         dev = self.device
-        input_ids = torch.tensor([t for part in ids_parts for t in part], dtype=torch.long, device=dev)
-        positions = torch.from_numpy(np.concatenate(pos_parts)).to(dev)
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slot_parts)).to(dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             block_tables=torch.from_numpy(table_arr).to(dev),
@@ -307,7 +308,8 @@ class ModelRunner:
             query_start_loc_cpu=query_start,
             seq_lens_cpu=seq_lens,
         )
-        return input_ids, positions, meta, sample_rows
+        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev), meta, sample_rows)
 
 
 def split_microbatches(scheduled: list[tuple[str, int]], max_num: int) -> list[list[tuple[str, int]]]:

@@ -92,6 +92,8 @@ class OutputProcessor:
             sample = prompt.samples[req.request_id]
             if sample.finish_reason is not None:
                 continue
+            if not prompt.detokenize_each_step and not req.is_finished and sample.logprobs is None:
+                continue  # final-only output: the tokens are read from the request when it ends
             new_ids = req.output_token_ids[sample.num_tokens_seen:]
             sample.num_tokens_seen = len(req.output_token_ids)
             sample.token_ids.extend(new_ids)
@@ -99,8 +101,7 @@ class OutputProcessor:
                 for entry in logprobs.get(req.request_id, []):
                     sample.logprobs.append(self._to_logprob_dict(entry))
             if not prompt.detokenize_each_step and not req.is_finished:
-                changed[parent_id] = prompt  # tokens only; the text is decoded once at the end
-                continue
+                continue  # tokens only; the text is decoded once at the end
             update = sample.detokenizer.update(sample.token_ids[sample.num_tokens_detokenized:])
             sample.num_tokens_detokenized = len(sample.token_ids)
             sample.text += update.delta_text
@@ -115,7 +116,7 @@ class OutputProcessor:
                     prompt.error = req.error or "request failed"
             metrics = prompt.metrics
             metrics.first_scheduled_time = metrics.first_scheduled_time or req.first_scheduled_time
-            metrics.first_token_time = metrics.first_token_time or now
+            metrics.first_token_time = metrics.first_token_time or req.first_token_time or now
             metrics.num_cached_tokens = max(metrics.num_cached_tokens, req.num_cached_tokens)
             changed[parent_id] = prompt
         outputs = [self._make_output(p) for p in changed.values() if p.stream or p.finished]

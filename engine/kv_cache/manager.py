@@ -93,6 +93,8 @@ class KVCacheManager:
         """Offers the request's full blocks among its first ``num_computed_tokens`` to the cache."""
         if not self.enable_prefix_caching:
             return
+        if num_computed_tokens // self.block_size <= self._num_cached_blocks.get(request.request_id, 0):
+            return  # no block filled up since the last call (the common decode step)
         hashes = self._update_block_hashes(request)
         num_full = min(num_computed_tokens // self.block_size, len(hashes), len(request.block_ids))
         start = self._num_cached_blocks.get(request.request_id, 0)
