@@ -230,9 +230,10 @@ def main() -> None:
         result["kvmesh_max_load_512x128"] = engine_throughput(llm, fixed)
         print(f"[gpu_bench] kvmesh 512x128: {result['kvmesh_max_load_512x128']['output_tok_s']:.0f} tok/s", flush=True)
         save()
-        result["kvmesh_mixed"] = engine_throughput(llm, mixed)
-        print(f"[gpu_bench] kvmesh mixed: {result['kvmesh_mixed']['output_tok_s']:.0f} tok/s", flush=True)
-        save()
+        if mixed:
+            result["kvmesh_mixed"] = engine_throughput(llm, mixed)
+            print(f"[gpu_bench] kvmesh mixed: {result['kvmesh_mixed']['output_tok_s']:.0f} tok/s", flush=True)
+            save()
         del llm
         gc.collect()
         torch.cuda.empty_cache()
