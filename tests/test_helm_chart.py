@@ -89,7 +89,8 @@ def _strict(schema: Any) -> Any:
 
 @lru_cache(maxsize=None)
 def crd_validator(kind_file: str, version: str = "v1") -> Any:
-    crd = yaml.safe_load((CRDS / kind_file).read_text())
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRD is 1 MB of YAML
+    crd = yaml.load((CRDS / kind_file).read_text(), Loader=loader)
     schema = next(v for v in crd["spec"]["versions"] if v["name"] == version)["schema"]["openAPIV3Schema"]
     return jsonschema.Draft7Validator(_strict(schema))
 
