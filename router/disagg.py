@@ -158,6 +158,7 @@ class DisaggregatedStream:
         self.req = req
         self.decode_replica_id: Optional[str] = None  # tests: whom to kill
         self.plan: Any = None
+        self.num_retries = 0  # decode replicas lost and replaced by another
         self._calls: list[Any] = []
         self._num_sent = 0  # tokens the client has
 
@@ -181,6 +182,7 @@ class DisaggregatedStream:
                 if not gone or attempt >= flow.cfg.max_decode_retries:
                     raise
                 attempt += 1
+                self.num_retries = attempt
                 logger.warning("request %s: decode replica %s is gone (%s); retrying on another",
                                self.req.request_id, self.decode_replica_id, type(exc).__name__)
                 self._count("decode_retry")
