@@ -19,9 +19,13 @@ handle to the replica deployment (the ingress replicas) and calls
    arrive with ``update_replicas`` and correct queue depth and cached blocks;
    dead or removed replicas leave the index.
 
-Not ``FIFOMixin``: with it, a replica chosen for one request's prefix may be
-handed to whichever request is oldest, which breaks affinity under load. The
-base ``RequestRouter`` gives each decision to the request it was made for.
+Each decision goes to the call it was made for (``_fulfill_next_pending_request``),
+found by the call's own ``RequestMetadata`` object. Not by ``internal_request_id``
+as Serve's base class does: every handle call made while one request is served
+shares that id (the ingress sends one call per prompt of a batch), and the base
+class indexes only the first of them, so the others would never get a replica.
+Not ``FIFOMixin`` either: it hands a replica chosen for one request's prefix to
+whichever request is oldest, which breaks affinity under load.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import time
 from collections import defaultdict
 from typing import Any, List, Optional
 
+from ray.serve._private.common import RequestMetadata
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
@@ -118,6 +123,24 @@ class PrefixAwareRequestRouter(RequestRouter):
         router_metrics.record_decision(decision.kind.value, time.perf_counter() - start,
                                        decision.matched_blocks)
         return [[by_id[replica_id]] for replica_id in decision.ranked_replica_ids]
+
+    def _fulfill_next_pending_request(self, replica: RunningReplica,
+                                      request_metadata: Optional[RequestMetadata] = None) -> None:
+        """Gives ``replica`` to the pending call whose routing chose it (Serve calls this).
+
+        Matched by identity of the call's ``RequestMetadata``, which is unique per
+        handle call; ``internal_request_id`` is not (see the module docstring). If that
+        call was cancelled or fulfilled meanwhile, nobody gets this replica.
+        """
+        for pending in self._pending_requests_to_fulfill:
+            if pending.metadata is request_metadata and not pending.future.done():
+                break
+        else:
+            return
+        self._cancel_routing_task_for_pending_request(pending)
+        self._record_queue_wait_time(pending)
+        pending.future.set_result(replica)
+        self._remove_pending_request_from_indices(pending)
 
     def _watch(self, pending_request: PendingRequest, request: Optional[GenerateRequest]) -> None:
         future = pending_request.future

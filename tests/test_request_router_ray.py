@@ -74,6 +74,24 @@ class FakeEngine:
         return ReplicaStats(num_waiting=num_waiting, num_running=self.num_running).to_dict()
 
 
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
+class FanOut:
+    """Like the ingress with a batch of prompts: one call in, several handle calls out.
+
+    The calls share this request's ``internal_request_id`` (Serve copies it from
+    the request context), which is what the router must not match decisions on.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    async def fan_out(self, num_calls: int, timeout_s: float) -> list[str]:
+        calls = [self.engine.generate.remote(make_request(500 + i, i)) for i in range(num_calls)]
+        # A call the router never assigns hangs forever; fail with a clear timeout instead.
+        results = await asyncio.wait_for(asyncio.gather(*calls), timeout_s)
+        return [request_id for _, request_id in results]
+
+
 def make_request(prefix_id: int, suffix_id: int, sleep_s: float = 0.01) -> GenerateRequest:
     shared = [prefix_id * 1000 + i for i in range(4 * BLOCK_SIZE)]  # 4 shared blocks
     tokens = shared + [suffix_id * 7 + i for i in range(BLOCK_SIZE + 3)]
@@ -183,3 +201,19 @@ def test_calls_without_generate_request_use_load_only(app):
     replicas = {handle.ping.remote().result(timeout_s=30) for _ in range(12)}
     assert len(replicas) >= 2
     assert REGISTRY.get_sample_value("kvmesh_router_decisions_total", {"kind": "fallback_p2c"}) > 0
+
+
+def test_concurrent_calls_of_one_request_all_get_a_replica(app):
+    """Calls sharing an internal request id (a batch of prompts) are each routed."""
+    _, _, namespace, redis_server = app
+    control_name = f"stats-control-{namespace}"
+    engine = FakeEngine.options(name="FanOutEngine", num_replicas=2, request_router_config=(
+        request_router_config(RouterPolicyConfig(), redis_url=redis_server.url,
+                              namespace=f"{namespace}-fanout", stats_period_s=0.2)))
+    handle = serve.run(FanOut.bind(engine.bind(control_name)), name=f"{APP}-fanout", route_prefix=None)
+    try:
+        for num_calls in (2, 2, 5, 8):
+            request_ids = handle.fan_out.remote(num_calls, timeout_s=20).result(timeout_s=60)
+            assert len(set(request_ids)) == num_calls
+    finally:
+        serve.delete(f"{APP}-fanout")
