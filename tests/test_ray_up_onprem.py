@@ -175,7 +175,17 @@ def _wait_for(what: str, check, timeout_s: float, period_s: float = 1.0):
 def _setup_host(repo: Path, work: Path) -> tuple[dict, Path, subprocess.Popen]:
     """Loopback, private /tmp and home, keys, sshd. Returns (env for the ray CLI, client key, sshd)."""
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    # A checkout under /tmp (CI clones may live there) must stay visible at its own path once
+    # the private tmpfs covers /tmp: park a bind mount of it outside /tmp, then put it back.
+    repo_under_tmp = Path("/tmp") in repo.resolve().parents
+    parked = Path("/run/kvmesh-ray-up-repo")
+    if repo_under_tmp:
+        parked.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "--bind", str(repo), str(parked)], check=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", "/tmp"], check=True)
+    if repo_under_tmp:
+        repo.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "--bind", str(parked), str(repo)], check=True)
     home = Path("/tmp/home")
     (home / ".ssh").mkdir(parents=True, mode=0o700)
     home.chmod(0o700)
