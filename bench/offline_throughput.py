@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -26,18 +25,10 @@ import torch  # noqa: E402
 
 
 def machine_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU: {cpu} ({os.cpu_count()} cores)"
+    """The GPU's name, else the CPU line that bench/load_gen.py writes."""
+    from bench.load_gen import machine_name as cpu_machine_name
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_machine_name()
 
 
 def make_requests(vocab_size: int, num: int, seed: int, prompt_range, output_range):

@@ -49,10 +49,8 @@ class LLMEngine:
         self.executor = executor or make_executor(config, self.spec, model_path)
         self.num_blocks = self.executor.determine_num_blocks()
         self.executor.initialize_kv_cache(self.num_blocks)
-        logger.info("engine ready in %.1fs: %d KV blocks of %d tokens, max_model_len %d, "
-                    "max concurrency at full length %.1f", time.monotonic() - start, self.num_blocks,
-                    config.cache.block_size, self.max_model_len,
-                    self.num_blocks * config.cache.block_size / self.max_model_len)
+        logger.info("engine ready in %.1fs: %d KV blocks of %d tokens, max_model_len %d",
+                    time.monotonic() - start, self.num_blocks, config.cache.block_size, self.max_model_len)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._seed_rng = random.Random(config.model.seed)
