@@ -49,6 +49,20 @@ def request_router_config(cfg: DeploymentConfig) -> Optional[Any]:
         stats_period_s=cfg.routing.stats_period_s)
 
 
+def decode_request_router_config(cfg: DeploymentConfig) -> Optional[Any]:
+    """The decode pool's Serve ``RequestRouterConfig`` (free-KV-block aware); None for Serve's default."""
+    if cfg.routing.kind is not RouterKind.PREFIX_AWARE:
+        return None
+    try:
+        from router import request_router
+    except ImportError:
+        logger.warning("router.request_router is not available; using Serve's default router")
+        return None
+    return request_router.decode_request_router_config(
+        cfg.routing.policy, block_size=cfg.block_size, redis_url=cfg.redis_url,
+        namespace=f"{cfg.name}-decode", stats_period_s=cfg.routing.stats_period_s)
+
+
 def _autoscaling_options(replicas: ReplicaConfig, scaling: AutoscalingConfig) -> dict[str, Any]:
     """Fixed replica count, or queue-depth autoscaling on this deployment's own replicas' queues."""
     if not replicas.is_autoscaling:
@@ -80,7 +94,8 @@ def build_app(cfg: DeploymentConfig, *, engine_factory: Optional[EngineFactory] 
     prefill = None
     if cfg.disaggregation.is_disaggregated:
         # Two pools, each sized and autoscaled on its own queue depth. Prefill replicas are
-        # picked by prefix affinity and load; decode replicas by Serve's load-aware default.
+        # picked by prefix affinity and load; decode replicas by load among those with free
+        # KV blocks for the prompt (DecodeRequestRouter).
         from router.disagg import DecodeServer, PrefillServer
         disagg = cfg.disaggregation
         prefill_options = _replica_options(PREFILL_NAME, disagg.prefill.replicas, disagg.prefill.autoscaling)
@@ -89,6 +104,9 @@ def build_app(cfg: DeploymentConfig, *, engine_factory: Optional[EngineFactory] 
             prefill_options["request_router_config"] = router_config
         prefill = serve.deployment(PrefillServer, **prefill_options).bind(cfg, board, engine_factory)
         decode_options = _replica_options(DECODE_NAME, disagg.decode.replicas, disagg.decode.autoscaling)
+        decode_router_config = decode_request_router_config(cfg)
+        if decode_router_config is not None:
+            decode_options["request_router_config"] = decode_router_config
         llm = serve.deployment(DecodeServer, **decode_options).bind(cfg, board, engine_factory)
     else:
         replica_options = _replica_options(REPLICA_NAME, cfg.replicas, cfg.autoscaling)

@@ -23,6 +23,20 @@ candidate ranked best first, plus the rule that decided. With the defaults:
   counted at dispatch, corrected by the replica's own report, plus prompt size.
   If every replica's load reaches ``max_load_per_replica`` (off by default),
   the decision is ``SATURATED`` so the ingress may answer 429.
+
+The decode pool of a disaggregated deployment uses ``choose_decode`` instead:
+its replicas receive a prompt's KV into blocks reserved up front, so a replica
+without enough free blocks would have to compute the prompt itself (exactly
+the long prefill that disaggregation keeps off decode replicas). Each
+``DecodeReplicaView`` carries the replica's load and its estimated free KV
+blocks (``FreeBlockLedger``: last report minus blocks routed there since):
+
+- **Room.** Replicas with at least the prompt's block need free (or not
+  reported yet) are ranked by load, ties to more free blocks (``KV_ROOM``);
+  the replicas short of blocks follow, by load, for Serve's fallback.
+- **All short.** If no replica has room, all are ranked by load, ties to more
+  free blocks (``KV_SHORT``): the chosen one computes the prompt itself or
+  waits for blocks, as before.
 """
 
 from __future__ import annotations
@@ -30,8 +44,9 @@ from __future__ import annotations
 import enum
 import math
 import random
+import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 
 class RoutingPolicyKind(enum.Enum):
@@ -45,6 +60,8 @@ class DecisionKind(enum.Enum):
     FALLBACK_P2C = "fallback_p2c"  # cold prompt (or no block hashes): power of two choices
     SATURATED = "saturated"  # every replica at max_load_per_replica: ranked by load
     NO_REPLICAS = "no_replicas"
+    KV_ROOM = "kv_room"  # decode pool: least loaded replica with free KV blocks for the prompt
+    KV_SHORT = "kv_short"  # decode pool: no replica has the blocks: least loaded of all
 
 
 @dataclass(frozen=True)
@@ -178,3 +195,90 @@ def choose(request_block_hashes: Sequence[int], replicas: Sequence[ReplicaView],
 
 def _decision(ranked: list[ReplicaView], kind: DecisionKind) -> RoutingDecision:
     return RoutingDecision([r.replica_id for r in ranked], kind, ranked[0].matched_blocks)
+
+
+# ---- the decode pool ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DecodeReplicaView:
+    replica_id: str
+    load: ReplicaLoad = field(default_factory=ReplicaLoad)
+    num_free_blocks: Optional[int] = None  # estimated free KV blocks; None: no report yet
+
+
+def num_blocks_needed(num_prompt_tokens: int, block_size: int) -> int:
+    """KV blocks a decode replica reserves for a prompt and its first sampled token."""
+    return -(-(num_prompt_tokens + 1) // block_size)
+
+
+def choose_decode(num_blocks: int, replicas: Sequence[DecodeReplicaView], rng: random.Random,
+                  cfg: RouterPolicyConfig = RouterPolicyConfig()) -> RoutingDecision:
+    """Rank decode ``replicas`` for a prompt needing ``num_blocks`` KV blocks (module docstring).
+
+    A replica whose ``num_free_blocks`` is None has not reported yet and counts
+    as having room (a fresh replica has all its blocks free).
+    """
+    if not replicas:
+        return RoutingDecision([], DecisionKind.NO_REPLICAS)
+    loads = {r.replica_id: r.load.units(cfg) for r in replicas}
+    tie_break = {r.replica_id: rng.random() for r in replicas}
+
+    def rank(group: Sequence[DecodeReplicaView]) -> list[DecodeReplicaView]:
+        free = {r.replica_id: math.inf if r.num_free_blocks is None else r.num_free_blocks for r in group}
+        return sorted(group, key=lambda r: (loads[r.replica_id], -free[r.replica_id], tie_break[r.replica_id]))
+
+    def decision(ranked: list[DecodeReplicaView], kind: DecisionKind) -> RoutingDecision:
+        return RoutingDecision([r.replica_id for r in ranked], kind)
+
+    if cfg.max_load_per_replica is not None and min(loads.values()) >= cfg.max_load_per_replica:
+        return decision(rank(replicas), DecisionKind.SATURATED)
+    with_room = [r for r in replicas if r.num_free_blocks is None or r.num_free_blocks >= num_blocks]
+    if not with_room:
+        return decision(rank(replicas), DecisionKind.KV_SHORT)
+    room_ids = {r.replica_id for r in with_room}
+    short = [r for r in replicas if r.replica_id not in room_ids]
+    return decision(rank(with_room) + rank(short), DecisionKind.KV_ROOM)
+
+
+class FreeBlockLedger:
+    """Estimated free KV blocks per decode replica, between the replicas' reports.
+
+    A replica reports its free blocks every few tenths of a second; requests
+    routed to it meanwhile are not in the report yet, so the estimate is the
+    last report minus the blocks of requests routed there since (still in
+    flight). A report forgets the requests routed more than ``grace_s`` before
+    it arrived: the replica reserved their blocks before taking it (a report
+    reaches the router with some delay, so younger ones stay counted).
+    """
+
+    def __init__(self, grace_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.grace_s = grace_s
+        self._clock = clock
+        self._reported: dict[str, int] = {}
+        # replica id -> [(request key, blocks, routed at)], requests not yet in a report
+        self._unreported: dict[str, list[tuple[Hashable, int, float]]] = {}
+
+    def report(self, replica_id: str, num_free_blocks: int) -> None:
+        self._reported[replica_id] = num_free_blocks
+        horizon = self._clock() - self.grace_s
+        self._unreported[replica_id] = [e for e in self._unreported.get(replica_id, ()) if e[2] >= horizon]
+
+    def on_dispatch(self, replica_id: str, request_key: Hashable, num_blocks: int) -> None:
+        self._unreported.setdefault(replica_id, []).append((request_key, num_blocks, self._clock()))
+
+    def on_complete(self, replica_id: str, request_key: Hashable) -> None:
+        entries = self._unreported.get(replica_id, [])
+        for i, entry in enumerate(entries):
+            if entry[0] == request_key:
+                del entries[i]
+                return
+
+    def num_free_blocks(self, replica_id: str) -> Optional[int]:
+        """The estimate; None before the replica's first report."""
+        reported = self._reported.get(replica_id)
+        if reported is None:
+            return None
+        return max(0, reported - sum(e[1] for e in self._unreported.get(replica_id, ())))
+
+    def remove(self, replica_id: str) -> None:
+        self._reported.pop(replica_id, None)
+        self._unreported.pop(replica_id, None)

@@ -113,10 +113,14 @@ class LLMServer:
     def record_routing_stats(self) -> dict:
         """Serve's routing-stats hook: ``ReplicaStats`` for the request router."""
         s = self.engine.get_stats()
-        return ReplicaStats(num_waiting=s.num_waiting, num_running=s.num_running,
-                            kv_usage=s.kv_usage, prefix_cache_hit_rate=s.prefix_cache_hit_rate,
-                            num_preemptions=s.num_preemptions,
-                            cached_block_hashes=list(s.cached_block_hashes)).to_dict()
+        stats = ReplicaStats(num_waiting=s.num_waiting, num_running=s.num_running,
+                             kv_usage=s.kv_usage, prefix_cache_hit_rate=s.prefix_cache_hit_rate,
+                             num_preemptions=s.num_preemptions,
+                             cached_block_hashes=list(s.cached_block_hashes)).to_dict()
+        # Free KV blocks (cached-and-evictable ones included): the decode pool's router
+        # (request_router.DecodeRequestRouter) sends prompts only where their blocks fit.
+        stats.update(num_free_blocks=int(s.num_free_blocks), num_blocks=int(s.num_blocks))
+        return stats
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics hook: this replica's queue depth and running count."""

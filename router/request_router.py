@@ -26,6 +26,11 @@ shares that id (the ingress sends one call per prompt of a batch), and the base
 class indexes only the first of them, so the others would never get a replica.
 Not ``FIFOMixin`` either: it hands a replica chosen for one request's prefix to
 whichever request is oldest, which breaks affinity under load.
+
+``DecodeRequestRouter`` routes a disaggregated deployment's decode pool with the
+same bookkeeping but ``router.policy.choose_decode``: least loaded among the
+replicas with free KV blocks for the prompt (reported ``num_free_blocks`` minus
+blocks routed there since, ``FreeBlockLedger``), least loaded of all when none has.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from router import router_metrics
 from router.messages import GenerateRequest, ReplicaStats
-from router.policy import RouterPolicyConfig, choose
+from router.policy import (DecodeReplicaView, FreeBlockLedger, RouterPolicyConfig, choose,
+                           choose_decode, num_blocks_needed)
 from router.shared_state import LocalRouterState, RedisRouterState, RouterState
 
 logger = logging.getLogger(__name__)
@@ -64,6 +70,22 @@ def request_router_config(policy_cfg: Optional[RouterPolicyConfig] = None,
         request_router_class=PrefixAwareRequestRouter,
         request_router_kwargs={"policy": (policy_cfg or RouterPolicyConfig()).to_dict(),
                                "redis_url": redis_url, "namespace": namespace},
+        request_routing_stats_period_s=stats_period_s)
+
+
+def decode_request_router_config(policy_cfg: Optional[RouterPolicyConfig] = None, *, block_size: int,
+                                 redis_url: Optional[str] = None, namespace: str = "default",
+                                 stats_period_s: float = 1.0) -> RequestRouterConfig:
+    """The decode pool's ``request_router_config`` (``DecodeRequestRouter``).
+
+    ``block_size`` is the engine's, to turn a prompt's tokens into the blocks a
+    decode replica reserves for it.
+    """
+    return RequestRouterConfig(
+        request_router_class=DecodeRequestRouter,
+        request_router_kwargs={"policy": (policy_cfg or RouterPolicyConfig()).to_dict(),
+                               "redis_url": redis_url, "namespace": namespace,
+                               "block_size": block_size, "stats_period_s": stats_period_s},
         request_routing_stats_period_s=stats_period_s)
 
 
@@ -201,3 +223,68 @@ class PrefixAwareRequestRouter(RequestRouter):
         self._last_stats.pop(replica_id, None)
         for key in [k for k in self._inflight if k[0] == replica_id]:
             del self._inflight[key]
+
+
+class DecodeRequestRouter(PrefixAwareRequestRouter):
+    """The decode pool: load-aware, and only onto replicas with free KV blocks for the prompt.
+
+    Loads and in-flight counts are the base class's; free blocks come from the
+    replicas' routing stats (``num_free_blocks``) through a ``FreeBlockLedger``.
+    """
+
+    def initialize_state(self, block_size: int = 16, stats_period_s: float = 1.0, **kwargs: Any) -> None:
+        super().initialize_state(**kwargs)
+        self._block_size = block_size
+        # Reports reach us up to about two periods after the replica took them.
+        self._ledger = FreeBlockLedger(grace_s=2 * stats_period_s)
+
+    @property
+    def ledger(self) -> FreeBlockLedger:
+        return self._ledger
+
+    async def choose_replicas(self, candidate_replicas: List[RunningReplica],
+                              pending_request: Optional[PendingRequest] = None
+                              ) -> List[List[RunningReplica]]:
+        self._account_resolved()
+        if not candidate_replicas:
+            return []
+        start = time.perf_counter()
+        request = find_generate_request(pending_request)
+        num_blocks = num_blocks_needed(request.num_prompt_tokens, self._block_size) if request else 0
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        loads = await self._state.views([], list(by_id))
+        self._account_resolved()
+        views = [DecodeReplicaView(v.replica_id, v.load, self._ledger.num_free_blocks(v.replica_id))
+                 for v in loads]
+        decision = choose_decode(num_blocks, views, self._rng, self._cfg)
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True
+            self._watch(pending_request, request)
+        router_metrics.record_decision(decision.kind.value, time.perf_counter() - start, 0)
+        return [[by_id[replica_id]] for replica_id in decision.ranked_replica_ids]
+
+    def _on_future_done(self, future) -> None:
+        entry = self._watched.get(future)
+        super()._on_future_done(future)
+        if entry is None or future.cancelled() or future.exception() is not None:
+            return
+        internal_request_id, num_tokens, _ = entry
+        if num_tokens:
+            self._ledger.on_dispatch(future.result().replica_id.unique_id, internal_request_id,
+                                     num_blocks_needed(num_tokens, self._block_size))
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        super().on_request_completed(replica_id, internal_request_id)
+        self._ledger.on_complete(replica_id.unique_id, internal_request_id)
+
+    def update_replicas(self, replicas: List[RunningReplica]) -> None:
+        fresh = {r.replica_id.unique_id: r.routing_stats for r in replicas
+                 if r.routing_stats and r.routing_stats != self._last_stats.get(r.replica_id.unique_id)}
+        super().update_replicas(replicas)
+        for replica_id, stats in fresh.items():
+            if stats.get("num_free_blocks") is not None:
+                self._ledger.report(replica_id, int(stats["num_free_blocks"]))
+
+    def _forget(self, replica_id: str) -> None:
+        super()._forget(replica_id)
+        self._ledger.remove(replica_id)
