@@ -8,13 +8,18 @@
                 ──▶ Worker rank 2 ─┐  stage 1
                 ──▶ Worker rank 3 ─┘──▶ ModelOutput (last stage, stage rank 0) ──▶ scheduler
 
-Placement: one bundle per worker ({"GPU": 1, "CPU": 1} on GPUs, a CPU slice in CI);
-STRICT_PACK when there is one stage (a TP group must share a node's NVLink),
-PACK with pipeline stages (stages may land on other nodes when one is full).
+Placement (``engine/placement.py``): one bundle per worker ({"GPU": 1, "CPU": 1} on GPUs,
+a CPU slice in CI); STRICT_PACK when there is one stage (a TP group must share a node's
+NVLink), PACK with pipeline stages (stages may land on other nodes when one is full).
+Inside a Ray Serve replica, Serve has already reserved the group (the deployment's
+``placement_group_bundles``: bundle 0 is the replica actor, bundles 1..N its workers),
+so the workers go into that group's bundles 1..N and the group stays Serve's. Standalone
+(``LLM``, benchmarks) the executor creates its own group and removes it at shutdown.
 
 Faults: any worker error or death during a step leaves the groups out of step
 (peers may wait in a collective forever), so the executor marks itself dead,
-kills all its workers and frees the placement group. The failing step raises
+kills all its workers and frees its own placement group (a Serve replica's group is
+freed by Serve when it replaces the replica). The failing step raises
 ``WorkerDiedError``; the engine ends that step's requests with an error;
 ``check_health`` raises from then on, so Ray Serve replaces the replica. A
 worker that dies between steps is noticed by ``check_health`` too: each worker
@@ -31,7 +36,8 @@ from typing import Any, Optional
 
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import (PlacementGroup, get_current_placement_group, placement_group,
+                                      remove_placement_group)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.config import EngineConfig
@@ -39,13 +45,13 @@ from engine.distributed.group import resolve_backend
 from engine.distributed.topology import rank_layout, validate_parallel_sizes
 from engine.executor import Executor, resolve_max_model_len
 from engine.models.spec import ModelSpec
+from engine.placement import (placement_strategy, uses_gpus, worker_bundle,
+                              worker_bundle_indices)
 from engine.scheduler_output import ModelOutput, SchedulerOutput
 from engine.worker import Worker
 
 logger = logging.getLogger(__name__)
 
-CPU_WORKER_NUM_CPUS = 0.2  # CI: fractional, so a TP=2 x PP=2 replica fits on a 2-core box
-GPU_WORKER_NUM_CPUS = 1.0  # the worker's Python thread driving its GPU
 PLACEMENT_TIMEOUT_S = 120.0  # reserving the group's resources; then fail with the bundle list
 INIT_TIMEOUT_S = 900.0  # group set-up + loading a shard of a large checkpoint
 STEP_TIMEOUT_S = 300.0  # one step; longer means a peer hangs -> the replica is dead
@@ -81,44 +87,65 @@ class RayExecutor(Executor):
         self.ranks = rank_layout(config.parallel)
         self.output_index = next(r.rank for r in self.ranks if r.is_output_rank)
         self._dead: Optional[str] = None
-        self.is_gpu = self._wants_gpus(config)
+        self.is_gpu = uses_gpus(config, ray.cluster_resources().get("GPU", 0))
         backend = resolve_backend(config.parallel.distributed_backend,
                                   torch.device("cuda" if self.is_gpu else "cpu"))
-        num_cpus = GPU_WORKER_NUM_CPUS if self.is_gpu else CPU_WORKER_NUM_CPUS
-        bundle = {"CPU": num_cpus, "GPU": 1} if self.is_gpu else {"CPU": num_cpus}
-        strategy = "STRICT_PACK" if config.parallel.pipeline_parallel_size == 1 else "PACK"
-        self.placement_group = placement_group([dict(bundle) for _ in self.ranks], strategy=strategy)
-        ready, _ = ray.wait([self.placement_group.ready()], timeout=PLACEMENT_TIMEOUT_S)
-        if not ready:
-            remove_placement_group(self.placement_group)
-            raise RuntimeError(f"could not reserve {len(self.ranks)} x {bundle} ({strategy}) for "
-                               f"tp={config.parallel.tensor_parallel_size} "
-                               f"pp={config.parallel.pipeline_parallel_size} "
-                               f"ep={config.parallel.expert_parallel_size} within {PLACEMENT_TIMEOUT_S:.0f}s; "
-                               f"cluster has {ray.available_resources()}")
+        bundle = worker_bundle(self.is_gpu)
+        strategy = placement_strategy(config.parallel)
+        # The group the workers go into, and whether this executor made it (then it removes it).
+        self.placement_group, self.bundle_indices = self._replica_group(bundle)
+        self.owns_placement_group = self.placement_group is None
+        if self.placement_group is None:
+            self.placement_group = self._own_group(bundle, strategy)
+            self.bundle_indices = [rank.rank for rank in self.ranks]
         actor_cls = ray.remote(concurrency_groups={WATCH_GROUP: 1})(_WatchedWorker)
         max_model_len = resolve_max_model_len(config, spec)
         self.workers = [
             actor_cls.options(
-                num_cpus=num_cpus, num_gpus=1 if self.is_gpu else 0,
+                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.placement_group, placement_group_bundle_index=rank.rank),
+                    self.placement_group, placement_group_bundle_index=index),
             ).remote(config, spec, model_path, rank, max_model_len)
-            for rank in self.ranks]
+            for rank, index in zip(self.ranks, self.bundle_indices)]
         self._watch_refs = [w.wait_until_exit.options(concurrency_group=WATCH_GROUP).remote()
                             for w in self.workers]
         start = time.monotonic()
         dist_init = self._call_all([self.workers[0].rendezvous.remote(backend)], INIT_TIMEOUT_S)[0]
         self._call_all([w.init.remote(dist_init) for w in self.workers], INIT_TIMEOUT_S)
-        logger.info("%d workers (%s, %s) ready in %.1fs", len(self.workers), backend.value,
-                    strategy, time.monotonic() - start)
+        logger.info("%d workers (%s) ready in %.1fs in %s placement group, bundles %s",
+                    len(self.workers), backend.value, time.monotonic() - start,
+                    f"its own {strategy}" if self.owns_placement_group else "the replica's",
+                    self.bundle_indices)
 
-    @staticmethod
-    def _wants_gpus(config: EngineConfig) -> bool:
-        device = config.device.device
-        if device == "auto":
-            return ray.cluster_resources().get("GPU", 0) >= 1
-        return device.startswith("cuda")
+    def _replica_group(self, bundle: dict[str, float]) -> tuple[Optional[PlacementGroup], list[int]]:
+        """The placement group this process runs in (a Serve replica's, from the deployment's
+        ``placement_group_bundles``) and its bundles 1..N for the workers; (None, []) when this
+        process is in no group, or in one without a fitting bundle per worker."""
+        group = get_current_placement_group()
+        if group is None:
+            return None, []
+        indices = worker_bundle_indices(group.bundle_specs, len(self.ranks), bundle)
+        if indices is None:
+            logger.warning("this process runs in placement group %s with bundles %s, which has no "
+                           "bundle %s for each of %d workers at indices 1..%d; the workers get a "
+                           "placement group of their own", group.id.hex(), group.bundle_specs,
+                           bundle, len(self.ranks), len(self.ranks))
+            return None, []
+        return group, indices
+
+    def _own_group(self, bundle: dict[str, float], strategy: str) -> PlacementGroup:
+        """A new group of one bundle per worker (standalone use); raises if it cannot be reserved."""
+        group = placement_group([dict(bundle) for _ in self.ranks], strategy=strategy)
+        ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            remove_placement_group(group)
+            parallel = self.config.parallel
+            raise RuntimeError(f"could not reserve {len(self.ranks)} x {bundle} ({strategy}) for "
+                               f"tp={parallel.tensor_parallel_size} "
+                               f"pp={parallel.pipeline_parallel_size} "
+                               f"ep={parallel.expert_parallel_size} within {PLACEMENT_TIMEOUT_S:.0f}s; "
+                               f"cluster has {ray.available_resources()}")
+        return group
 
     # ---- the executor interface ---------------------------------------------------------------
     def determine_num_blocks(self) -> int:
@@ -152,9 +179,9 @@ class RayExecutor(Executor):
         for w in workers:
             ray.kill(w)
         pg = getattr(self, "placement_group", None)
-        if pg is not None:
+        if pg is not None and getattr(self, "owns_placement_group", False):
             self.placement_group = None
-            remove_placement_group(pg)
+            remove_placement_group(pg)  # a Serve replica's group is Serve's to remove
 
     # ---- helpers ------------------------------------------------------------------------------
     def _call_all(self, refs: list, timeout_s: float) -> list:

@@ -3,7 +3,9 @@
     HTTP ──▶ Serve proxy ──▶ OpenAIIngress (FastAPI; tokenizes, block hashes, admission)
                                   │ handle.options(stream=True).generate(GenerateRequest)
                                   ▼ request router (prefix-aware, or Serve's default)
-                             LLMServer × N (AsyncLLM each; autoscaled on queue depth)
+                             LLMServer × N (AsyncLLM each; autoscaled on queue depth;
+                                            TP/PP: one placement group per replica, bundle 0
+                                            the replica, bundles 1..N its worker actors)
                              (disaggregated: PrefillServer × P ══KV══▶ DecodeServer × D, router/disagg.py)
                                   │ stats every routing.stats_period_s
                                   ▼
@@ -22,6 +24,7 @@ import signal
 import threading
 from typing import Any, Optional
 
+from engine.config import EngineConfig
 from router.config import AutoscalingConfig, DeploymentConfig, ReplicaConfig, RouterKind
 from router.ingress import RendererFactory
 from router.replica import EngineFactory, LLMServer, ReplicaStatsBoard
@@ -98,18 +101,20 @@ def build_app(cfg: DeploymentConfig, *, engine_factory: Optional[EngineFactory] 
         # KV blocks for the prompt (DecodeRequestRouter).
         from router.disagg import DecodeServer, PrefillServer
         disagg = cfg.disaggregation
-        prefill_options = _replica_options(PREFILL_NAME, disagg.prefill.replicas, disagg.prefill.autoscaling)
+        prefill_options = _replica_options(PREFILL_NAME, disagg.prefill.replicas, disagg.prefill.autoscaling,
+                                           cfg.pool_engine_config(disagg.prefill))
         router_config = request_router_config(dataclasses.replace(cfg, name=f"{cfg.name}-prefill"))
         if router_config is not None:
             prefill_options["request_router_config"] = router_config
         prefill = serve.deployment(PrefillServer, **prefill_options).bind(cfg, board, engine_factory)
-        decode_options = _replica_options(DECODE_NAME, disagg.decode.replicas, disagg.decode.autoscaling)
+        decode_options = _replica_options(DECODE_NAME, disagg.decode.replicas, disagg.decode.autoscaling,
+                                          cfg.pool_engine_config(disagg.decode))
         decode_router_config = decode_request_router_config(cfg)
         if decode_router_config is not None:
             decode_options["request_router_config"] = decode_router_config
         llm = serve.deployment(DecodeServer, **decode_options).bind(cfg, board, engine_factory)
     else:
-        replica_options = _replica_options(REPLICA_NAME, cfg.replicas, cfg.autoscaling)
+        replica_options = _replica_options(REPLICA_NAME, cfg.replicas, cfg.autoscaling, cfg.engine)
         router_config = request_router_config(cfg)
         if router_config is not None:
             replica_options["request_router_config"] = router_config
@@ -123,7 +128,8 @@ def build_app(cfg: DeploymentConfig, *, engine_factory: Optional[EngineFactory] 
     ).bind(cfg, llm, board, renderer_factory, prefill)
 
 
-def _replica_options(name: str, replicas: ReplicaConfig, scaling: AutoscalingConfig) -> dict[str, Any]:
+def _replica_options(name: str, replicas: ReplicaConfig, scaling: AutoscalingConfig,
+                     engine: EngineConfig) -> dict[str, Any]:
     return {
         "name": name,
         "max_ongoing_requests": replicas.max_ongoing_requests,
@@ -131,8 +137,33 @@ def _replica_options(name: str, replicas: ReplicaConfig, scaling: AutoscalingCon
         "health_check_period_s": 5.0,
         "health_check_timeout_s": 30.0,
         "graceful_shutdown_timeout_s": 5.0,
+        **_placement_options(replicas, engine),
         **_autoscaling_options(replicas, scaling),
     }
+
+
+def _placement_options(replicas: ReplicaConfig, engine: EngineConfig) -> dict[str, Any]:
+    """A multi-worker replica reserves its workers with itself: Serve makes one placement group
+    per replica, bundle 0 for the replica actor and bundles 1..N for the workers, which the
+    replica's ``RayExecutor`` then uses (engine/placement.py). Nothing for one-worker replicas.
+
+    ``device: auto`` is decided here as the executor decides it: GPUs when the connected
+    cluster has any (without a Ray connection, CPU bundles: name ``device: cuda`` in GPU configs).
+    """
+    from engine.placement import placement_strategy, replica_bundles, uses_gpus
+    bundles = replica_bundles(engine, {"CPU": replicas.num_cpus, "GPU": replicas.num_gpus},
+                              is_gpu=uses_gpus(engine, _cluster_num_gpus(engine)))
+    if bundles is None:
+        return {}
+    return {"placement_group_bundles": bundles, "placement_group_strategy": placement_strategy(engine.parallel)}
+
+
+def _cluster_num_gpus(engine: EngineConfig) -> float:
+    """GPUs of the connected Ray cluster; only asked for ``device: auto`` (0 when not connected)."""
+    if engine.device.device != "auto":
+        return 0.0
+    import ray
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
 
 
 def deploy(cfg: DeploymentConfig, host: Optional[str] = None, port: Optional[int] = None,

@@ -66,8 +66,11 @@ class ReplicaConfig:
     min_replicas: int = 1
     max_replicas: int = 1
     initial_replicas: Optional[int] = None  # None: min_replicas
-    num_cpus: float = 1.0  # Ray CPUs per replica; fractional is fine (0.25)
-    num_gpus: float = 0.0  # Ray GPUs per replica
+    # The replica actor's own Ray resources; fractional is fine (0.25). A multi-worker replica
+    # reserves these as bundle 0 of its placement group, its workers as bundles 1..N
+    # (engine/placement.py: {"GPU": 1, "CPU": 1} each on GPUs, {"CPU": 0.2} on CPU).
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
     max_ongoing_requests: int = 64  # Serve's cap on in-flight calls per replica
 
     def __post_init__(self) -> None:
