@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 
 import pytest
 import torch
@@ -68,10 +69,13 @@ def test_four_gpus_match_one_gpu_in_bf16(ray_cluster, tmp_path, case):
     _assert_matches_one_gpu(ray_cluster, tmp_path, arch, options)
 
 
-def _require_free_cpus(ray, num_workers: int) -> None:
+def _require_free_cpus(ray, num_workers: int, wait_s: float = 15.0) -> None:
     """GPU workers reserve 1 CPU each and the session's Ray has 4 CPUs (tests/fixtures_ray.py):
-    fail at once, not after the executor's placement timeout, if other tests still hold some."""
-    free = ray.available_resources().get("CPU", 0)
+    fail soon, not after the executor's placement timeout, if other tests still hold some.
+    (A placement group removed by the previous test frees its CPUs a moment later.)"""
+    deadline = time.monotonic() + wait_s
+    while (free := ray.available_resources().get("CPU", 0)) < num_workers and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert free >= num_workers, (f"{num_workers} GPU workers need {num_workers} free Ray CPUs, "
                                  f"the test cluster has {free} free: run tests/gpu on its own")
 
