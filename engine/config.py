@@ -105,6 +105,9 @@ class SchedulerConfig:
     max_num_seqs: int = 128  # running requests at once
     enable_chunked_prefill: bool = True  # split long prompts across steps
     policy: SchedulingPolicy = SchedulingPolicy.FCFS
+    # Schedule step N+1 while step N runs on the device (hides the host's per-step work).
+    # None: on for a single CUDA worker, off otherwise (no gain on CPU, not with Ray workers).
+    async_scheduling: Optional[bool] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", SchedulingPolicy(self.policy))
@@ -149,6 +152,12 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+
+    def __post_init__(self) -> None:
+        multi_worker = self.parallel.world_size > 1 or self.parallel.expert_parallel_size > 1
+        _check(not (self.scheduler.async_scheduling and multi_worker),
+               "async_scheduling needs a single worker (tensor/pipeline/expert parallel size 1); "
+               "set it to false or leave it unset")
 
     @classmethod
     def create(cls, **kwargs: Any) -> "EngineConfig":

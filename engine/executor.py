@@ -59,6 +59,13 @@ class Executor(ABC):
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelOutput: ...
 
+    # Async scheduling: executors that can launch a step and return before it finishes.
+    supports_async: bool = False
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> Any:
+        """Launches the step; the returned object's ``result()`` gives its ``ModelOutput``."""
+        raise NotImplementedError(f"{type(self).__name__} runs steps synchronously")
+
     def check_health(self) -> None:
         """Raises if the executor can no longer run steps (e.g. a worker died)."""
 
@@ -105,8 +112,13 @@ class UniprocExecutor(Executor):
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.runner.initialize_kv_cache(num_blocks)
 
+    supports_async = True
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelOutput:
         return self.runner.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> Any:
+        return self.runner.execute_model_async(scheduler_output)
 
     def export_kv(self, block_ids: list[int]) -> Any:
         return self.runner.export_kv(block_ids)

@@ -8,6 +8,15 @@
 Requests are validated in ``add_request`` (a bad one raises ``ValueError`` and
 never reaches the scheduler). If a step itself fails, the requests of that step
 end with ``finish_reason="error"`` and the engine goes on with the others.
+
+With async scheduling (``SchedulerConfig.async_scheduling``; on by default for one
+CUDA worker) the host work of a step overlaps the device's work of the previous
+one: ``step()`` schedules and launches step N, then waits for step N-1's sampled
+ids and applies them. Outputs therefore come one ``step()`` call after their
+tokens were launched; ``has_unfinished_requests`` covers the step in flight::
+
+    host:    sched N | launch N | wait N-1, update, detokenize | sched N+1 | launch N+1 | wait N ...
+    device:  ... step N-1 ......|.......... step N ..........................|... step N+1 ...
 """
 
 from __future__ import annotations
@@ -16,10 +25,10 @@ import dataclasses
 import logging
 import random
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from engine.config import EngineConfig
-from engine.executor import Executor, make_executor, resolve_max_model_len
+from engine.executor import Executor, make_executor, resolve_device, resolve_max_model_len
 from engine.models.spec import ModelSpec
 from engine.output_processor import OutputProcessor
 from engine.outputs import EngineStats, RequestOutput
@@ -28,6 +37,7 @@ from engine.kv_transfer.plan import (KVArrival, KVExport, KVReservation, KVTrans
 from engine.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.scheduler_output import ModelOutput, SchedulerOutput
 from engine.tiny_model import resolve_model_path
 from engine.tokenizer import eos_token_ids, load_tokenizer
 
@@ -60,6 +70,17 @@ class LLMEngine:
         self._export_plans: dict[str, KVTransferPlan] = {}
         self._kv_exports: list[KVExport] = []
         self.num_kv_recomputes = 0  # decode side: leases that fell back to computing the prompt
+        self.async_scheduling = self._resolve_async_scheduling()
+        self._in_flight: Optional[tuple[SchedulerOutput, Any]] = None  # (step, its StepFuture)
+
+    def _resolve_async_scheduling(self) -> bool:
+        wanted = self.config.scheduler.async_scheduling
+        if wanted is None:
+            return self.executor.supports_async and resolve_device(self.config).type == "cuda"
+        if wanted and not self.executor.supports_async:
+            raise ValueError("async_scheduling needs a single worker (tensor/pipeline/expert parallel "
+                             "size 1); set it to false or leave it unset")
+        return bool(wanted)
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
@@ -125,16 +146,53 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if not self.async_scheduling:
+            scheduler_output = self.scheduler.schedule()
+            try:
+                model_output = self.executor.execute_model(scheduler_output)
+            except Exception as exc:  # a broken batch must not take the engine down
+                return self._fail_step(scheduler_output, exc)
+            return self._apply(scheduler_output, model_output)
+        if self._in_flight is not None and self._needs_sampled_ids_on_host():
+            return self._finish_in_flight()  # penalties read the in-flight token: no overlap this step
         scheduler_output = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
         try:
-            model_output = self.executor.execute_model(scheduler_output)
-        except Exception as exc:  # a broken batch must not take the engine down
-            logger.exception("step failed; failing its %d requests", len(scheduler_output.num_scheduled_tokens))
-            return self._fail_requests(list(scheduler_output.num_scheduled_tokens), exc)
+            future = self.executor.execute_model_async(scheduler_output)
+        except Exception as exc:
+            future = None
+            outputs += self._fail_step(scheduler_output, exc)
+        if self._in_flight is not None:
+            outputs += self._finish_in_flight()
+        if future is not None and scheduler_output.is_empty:  # nothing in flight: apply it now
+            outputs += self._apply(scheduler_output, future.result())
+        elif future is not None:
+            self._in_flight = (scheduler_output, future)
+        return outputs
+
+    def _needs_sampled_ids_on_host(self) -> bool:
+        return any(r.num_output_placeholders and r.sampling_params.needs_history for r in self.scheduler.running)
+
+    def _finish_in_flight(self) -> list[RequestOutput]:
+        scheduler_output, future = self._in_flight
+        self._in_flight = None
+        try:
+            model_output = future.result()
+        except Exception as exc:
+            return self._fail_step(scheduler_output, exc)
+        return self._apply(scheduler_output, model_output)
+
+    def _fail_step(self, scheduler_output: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        logger.error("step failed; failing its %d requests", len(scheduler_output.num_scheduled_tokens),
+                     exc_info=exc)
+        return self._fail_requests(list(scheduler_output.num_scheduled_tokens), exc)
+
+    def _apply(self, scheduler_output: SchedulerOutput, model_output: ModelOutput) -> list[RequestOutput]:
+        """Update: the step's tokens into the scheduler, then stops and text (the output processor)."""
         updated = self.scheduler.update_from_output(scheduler_output, model_output)
         logprobs = {rid: lp for rid, lp in zip(model_output.req_ids, model_output.logprobs) if lp}
         outputs, stopped = self.output_processor.process(updated, logprobs)
@@ -281,4 +339,5 @@ class LLMEngine:
         self.executor.check_health()
 
     def shutdown(self) -> None:
+        self._in_flight = None
         self.executor.shutdown()

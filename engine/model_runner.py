@@ -26,6 +26,16 @@ Only the last stage samples; the executor returns the output of its stage rank 0
 The pipeline is drained at the end of every step (the scheduler needs the step's
 tokens before it schedules the next one), so the bubble is (P-1)/(M+P-1) of a
 step with M micro-batches.
+
+Async scheduling (one worker, ``execute_model_async``): the step is launched and
+a ``StepFuture`` returned at once; the sampled ids are copied to pinned host
+memory behind a CUDA event, and ``result()`` waits for that event only. The
+engine schedules and launches the next step before calling ``result()``, so the
+GPU never waits for the host. A request sampled by the previous step then has a
+token the runner has not been sent yet (``num_pending``): its input id is taken
+from the previous step's sampled ids on the device::
+
+    input_ids[flat index of r's pending token] = prev_sampled[r's row last step]
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ from engine.distributed.topology import SINGLE_RANK, ParallelRank
 from engine.models.llama import IntermediateTensors
 from engine.models.loader import load_model
 from engine.models.spec import ModelSpec
-from engine.sampler import Sampler, SamplingBatch, to_token_logprobs
+from engine.sampler import Sampler, SamplerLogprobs, SamplerOutput, SamplingBatch, to_token_logprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ModelOutput, SchedulerOutput
 
@@ -61,10 +71,40 @@ class RunnerRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     sampling_params: SamplingParams
+    num_pending: int = 0  # tokens this runner sampled that the scheduler has not sent back yet
 
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_known_tokens(self) -> int:
+        return len(self.token_ids) + self.num_pending
+
+
+class StepFuture:
+    """The ``ModelOutput`` of a launched step; ``result()`` waits for the sampled ids only."""
+
+    def __init__(self, output: Optional[ModelOutput] = None, req_ids: Optional[list[str]] = None,
+                 host_ids: Optional[torch.Tensor] = None, host_logprobs: Optional[SamplerOutput] = None,
+                 batch: Optional[SamplingBatch] = None, ready: Optional[torch.cuda.Event] = None) -> None:
+        self._output = output
+        self._req_ids = req_ids
+        self._host_ids = host_ids  # (R,) int64, on the host (pinned on CUDA: filled by an async copy)
+        self._host_logprobs = host_logprobs
+        self._batch = batch
+        self._ready = ready  # recorded after the device->host copies
+
+    def result(self) -> ModelOutput:
+        if self._output is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            token_ids = self._host_ids.tolist()
+            logprobs = ([None] * len(token_ids) if self._host_logprobs is None
+                        else to_token_logprobs(self._host_logprobs, self._batch))
+            self._output = ModelOutput(req_ids=self._req_ids, sampled_token_ids=[[t] for t in token_ids],
+                                       logprobs=logprobs)
+        return self._output
 
 
 class ModelRunner:
@@ -91,6 +131,9 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.graph_runner: DecodeGraphRunner | None = None
         self.requests: dict[str, RunnerRequestState] = {}
+        # The previous step's sampled ids (R,) on the device and each request's row in them.
+        self._prev_sampled: Optional[torch.Tensor] = None
+        self._prev_rows: dict[str, int] = {}
 
     # ---- KV cache ---------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -201,28 +244,35 @@ class ModelRunner:
         for diff in so.scheduled_cached_reqs:
             state = self.requests[diff.request_id]
             state.token_ids.extend(diff.new_token_ids)
+            # Tokens we sampled come back in a later diff (a token appended by the scheduler
+            # itself, a remote prefill's first token, was never pending here).
+            state.num_pending = max(state.num_pending - len(diff.new_token_ids), 0)
             state.block_ids.extend(diff.new_block_ids)
             for index, block_id in diff.replaced_blocks:
                 state.block_ids[index] = block_id
             state.num_computed_tokens = diff.num_computed_tokens
 
     # ---- one step -----------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelOutput:
         """Runs the step; returns the sampled tokens on the output rank, an empty output elsewhere."""
+        return self.execute_model_async(so).result()
+
+    @torch.inference_mode()
+    def execute_model_async(self, so: SchedulerOutput) -> StepFuture:
+        """Launches the step and returns without waiting for the device (see the module doc)."""
         self._update_states(so)
         if so.is_empty:
-            return ModelOutput()
+            return StepFuture(ModelOutput())
         copy_blocks(self.kv_caches, so.block_copies)
         scheduled = list(so.num_scheduled_tokens.items())
         if self.rank.pp_size == 1:
-            output = self._run_batch(scheduled, intermediate=None)
+            future = self._run_batch(scheduled, intermediate=None)
         else:
-            output = self._run_pipelined(scheduled)
+            future = StepFuture(self._run_pipelined(scheduled))
         # Advance computed counts now: the scheduler already did so on its side.
         for req_id, n in scheduled:
             self.requests[req_id].num_computed_tokens += n
-        return output
+        return future
 
     def _run_pipelined(self, scheduled: list[tuple[str, int]]) -> ModelOutput:
         """This stage's share of one step: receive, run and pass on each micro-batch in turn."""
@@ -239,11 +289,11 @@ class ModelRunner:
             if isinstance(output, IntermediateTensors):
                 self.world_comm.send(torch.stack([output.hidden, output.residual]), self.rank.next_rank)
             else:
-                outputs.append(output)
+                outputs.append(output.result())
         return merge_model_outputs(outputs)
 
     def _run_batch(self, scheduled: list[tuple[str, int]], intermediate: Optional[IntermediateTensors]
-                   ) -> "ModelOutput | IntermediateTensors":
+                   ) -> "StepFuture | IntermediateTensors":
         """Forward of (a micro-batch of) the step; samples on the last stage, else returns what
         the next stage needs. Does not advance the requests' computed counts."""
         input_ids, positions, meta, sample_rows = self._prepare_inputs(scheduled)
@@ -255,21 +305,41 @@ class ModelRunner:
         if not self.rank.is_last_stage:
             return hidden  # IntermediateTensors
         if not sample_rows:
-            return ModelOutput()
+            self._prev_sampled, self._prev_rows = None, {}
+            return StepFuture(ModelOutput())
         req_ids = [req_id for req_id, _ in sample_rows]
-        logits_idx = torch.tensor([row for _, row in sample_rows], device=self.device)
-        logits = self.model.compute_logits(hidden[logits_idx])  # (num_sampling_reqs, vocab) fp32
+        if len(sample_rows) == meta.num_reqs and sample_rows[-1][1] == len(sample_rows) - 1:
+            rows = hidden[:len(sample_rows)]  # all decodes: row i is request i (no gather)
+        else:
+            rows = hidden[torch.tensor([row for _, row in sample_rows], device=self.device)]
+        logits = self.model.compute_logits(rows)  # (num_sampling_reqs, vocab) fp32
         if not self.rank.is_output_rank:  # the other TP ranks joined the all_gather above; done
-            return ModelOutput()
+            return StepFuture(ModelOutput())
         states = [self.requests[r] for r in req_ids]
+        if any(s.num_pending and s.sampling_params.needs_history for s in states):
+            raise RuntimeError("penalties need every earlier token: schedule them without async scheduling")
         batch = SamplingBatch.from_requests(
-            [(s.sampling_params, s.sampling_params.seed, len(s.output_token_ids),
+            [(s.sampling_params, s.sampling_params.seed, len(s.output_token_ids) + s.num_pending,
               s.token_ids[:s.num_prompt_tokens], s.output_token_ids) for s in states],
             vocab_size=logits.shape[-1], device=self.device)
         out = self.sampler(logits, batch)
-        token_ids = out.sampled_token_ids.tolist()  # the one host sync of the step
-        logprobs = to_token_logprobs(out, batch) if out.logprobs is not None else [None] * len(req_ids)
-        return ModelOutput(req_ids=req_ids, sampled_token_ids=[[t] for t in token_ids], logprobs=logprobs)
+        sampled = out.sampled_token_ids  # (R,) int64 on the device
+        for s in states:
+            s.num_pending += 1
+        self._prev_sampled, self._prev_rows = sampled, {r: i for i, r in enumerate(req_ids)}
+        if sampled.device.type != "cuda":
+            return StepFuture(req_ids=req_ids, host_ids=sampled, host_logprobs=out if out.logprobs else None,
+                              batch=batch)
+        # Async device->host copies (pinned destinations), then one event to wait on.
+        host_ids = sampled.to("cpu", non_blocking=True)
+        host_out = None
+        if out.logprobs is not None:
+            lp = out.logprobs
+            host_out = SamplerOutput(host_ids, SamplerLogprobs(*(t.to("cpu", non_blocking=True) for t in (
+                lp.token_logprobs, lp.ranks, lp.top_token_ids, lp.top_logprobs))))
+        ready = torch.cuda.Event()
+        ready.record()
+        return StepFuture(req_ids=req_ids, host_ids=host_ids, host_logprobs=host_out, batch=batch, ready=ready)
 
     def _prepare_inputs(self, scheduled: list[tuple[str, int]]):
         """(request id, tokens to compute) in batch order -> flat ids, positions, metadata, and
@@ -277,10 +347,17 @@ class ModelRunner:
         bs = self.block_size
         input_ids, positions, slots = [], [], []
         query_start, seq_lens, tables, sample_rows = [0], [], [], []
+        fill_dst, fill_src = [], []  # flat index <- row of the previous step's sampled ids
         for req_id, n in scheduled:
             state = self.requests[req_id]
             start = state.num_computed_tokens
-            input_ids.extend(state.token_ids[start:start + n])
+            known = state.token_ids[start:start + n]
+            input_ids.extend(known)
+            if len(known) < n:  # the last one is the token the previous step sampled
+                assert len(known) == n - 1 and state.num_pending == 1, (req_id, start, n, state.num_pending)
+                fill_dst.append(len(input_ids))
+                fill_src.append(self._prev_rows[req_id])
+                input_ids.append(0)
             if n == 1:  # a decode: plain Python beats numpy for one token
                 positions.append(start)
                 slots.append(state.block_ids[start // bs] * bs + start % bs)
@@ -291,7 +368,7 @@ class ModelRunner:
             query_start.append(query_start[-1] + n)
             seq_lens.append(start + n)
             tables.append(state.block_ids)
-            if start + n == len(state.token_ids):
+            if start + n == state.num_known_tokens:
                 sample_rows.append((req_id, query_start[-1] - 1))
         max_blocks = max(len(t) for t in tables)
         table_arr = np.zeros((len(tables), max_blocks), dtype=np.int32)
@@ -308,8 +385,14 @@ class ModelRunner:
             query_start_loc_cpu=query_start,
             seq_lens_cpu=seq_lens,
         )
-        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
-                torch.tensor(positions, dtype=torch.long, device=dev), meta, sample_rows)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        if fill_dst:
+            src = self._prev_sampled
+            if len(fill_src) == len(input_ids) and fill_src == list(range(len(fill_src))):
+                ids = src[:len(fill_src)].clone()  # the same batch as last step: take it whole
+            else:
+                ids[torch.tensor(fill_dst, device=dev)] = src[torch.tensor(fill_src, device=dev)]
+        return ids, torch.tensor(positions, dtype=torch.long, device=dev), meta, sample_rows
 
 
 def split_microbatches(scheduled: list[tuple[str, int]], max_num: int) -> list[list[tuple[str, int]]]:

@@ -52,6 +52,9 @@ class Request:
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    # Async scheduling: tokens sampled by a step still in flight, not yet appended. They count
+    # as known (the next step computes their KV; the runner takes the ids from the GPU).
+    num_output_placeholders: int = 0
     block_ids: list[int] = field(default_factory=list)  # block table: logical block i -> block id
     block_hashes: list[int] = field(default_factory=list)  # hash chain of full blocks (prefix cache)
     status: RequestStatus = RequestStatus.WAITING

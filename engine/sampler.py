@@ -80,19 +80,20 @@ def exponential_noise(seeds: torch.Tensor, output_indices: torch.Tensor, vocab_s
 class SamplingBatch:
     """Per-row sampling parameters as device tensors, plus host flags that let the sampler skip work.
 
-    Every tensor has R rows, in the order of the logits rows.
+    Every tensor has R rows, in the order of the logits rows. A batch of greedy rows without
+    penalties needs none of them: they are None then (only ``num_logprobs`` and the flags are set).
     """
 
-    temperature: torch.Tensor  # (R,) fp32; 1.0 on greedy rows (unused there, avoids dividing by 0)
-    is_greedy: torch.Tensor  # (R,) bool
-    top_k: torch.Tensor  # (R,) int64; V where disabled
-    top_p: torch.Tensor  # (R,) fp32; 1.0 where disabled
-    min_p: torch.Tensor  # (R,) fp32; 0.0 where disabled
-    repetition_penalty: torch.Tensor  # (R,) fp32
-    presence_penalty: torch.Tensor  # (R,) fp32
-    frequency_penalty: torch.Tensor  # (R,) fp32
-    seeds: torch.Tensor  # (R,) int64, the request seed reduced to [0, 2**63)
-    output_indices: torch.Tensor  # (R,) int64, index of the token being drawn
+    temperature: Optional[torch.Tensor]  # (R,) fp32; 1.0 on greedy rows (unused there, avoids dividing by 0)
+    is_greedy: Optional[torch.Tensor]  # (R,) bool
+    top_k: Optional[torch.Tensor]  # (R,) int64; V where disabled
+    top_p: Optional[torch.Tensor]  # (R,) fp32; 1.0 where disabled
+    min_p: Optional[torch.Tensor]  # (R,) fp32; 0.0 where disabled
+    repetition_penalty: Optional[torch.Tensor]  # (R,) fp32
+    presence_penalty: Optional[torch.Tensor]  # (R,) fp32
+    frequency_penalty: Optional[torch.Tensor]  # (R,) fp32
+    seeds: Optional[torch.Tensor]  # (R,) int64, the request seed reduced to [0, 2**63)
+    output_indices: Optional[torch.Tensor]  # (R,) int64, index of the token being drawn
     num_logprobs: list[Optional[int]]  # host, per row: SamplingParams.logprobs
     all_greedy: bool
     needs_top_k_top_p: bool
@@ -130,6 +131,13 @@ class SamplingBatch:
         def i64(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
+        all_greedy = all(greedy)
+        if all_greedy and not needs_penalties:  # argmax alone: no per-row tensors (no host->device copies)
+            return cls(temperature=None, is_greedy=None, top_k=None, top_p=None, min_p=None,
+                       repetition_penalty=None, presence_penalty=None, frequency_penalty=None, seeds=None,
+                       output_indices=None, num_logprobs=[p.logprobs for p in params], all_greedy=True,
+                       needs_top_k_top_p=False, needs_min_p=False, needs_penalties=False,
+                       max_num_logprobs=max(asked) if asked else None)
         batch = cls(
             temperature=f32([1.0 if g else p.temperature for p, g in zip(params, greedy)]),
             is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
@@ -142,7 +150,7 @@ class SamplingBatch:
             seeds=i64([r[1] & ((1 << 63) - 1) for r in requests]),
             output_indices=i64([r[2] for r in requests]),
             num_logprobs=[p.logprobs for p in params],
-            all_greedy=all(greedy),
+            all_greedy=all_greedy,
             needs_top_k_top_p=any(0 < p.top_k < vocab_size or p.top_p < 1.0 for p in random_rows),
             needs_min_p=any(p.min_p > 0.0 for p in random_rows),
             needs_penalties=needs_penalties,

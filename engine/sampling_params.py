@@ -76,3 +76,8 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_EPSILON
+
+    @property
+    def needs_history(self) -> bool:
+        """Penalties read every earlier token, so the last sampled id must be on the host first."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

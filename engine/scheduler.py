@@ -41,6 +41,19 @@ Such requests, with ``error`` set, come back from the next ``update_from_output`
 
 The runner receives each request in full once (``NewRequestData``), again after
 a preemption, and otherwise only diffs against what it was last sent.
+
+Async scheduling (the engine schedules step N+1 while step N runs on the GPU):
+a step that samples a request's next token leaves a *placeholder* on it
+(``num_output_placeholders``); until that step's output comes back the
+placeholder counts as a known token, so the request is scheduled for one more
+decode token whose id the runner takes from the previous step's sampled ids on
+the device. A request is not scheduled past a placeholder that certainly ends
+it (``max_tokens``, ``max_model_len``, a prefill-only export); a stop token
+found later wastes one token of compute, whose output is then dropped. Each
+step's requests are remembered by ``step_id``, so a late output never lands on
+a request that was preempted or finished (or on a new one reusing the id).
+Without async scheduling the output of step N is applied before step N+1 is
+scheduled and placeholders are always 0 at ``schedule()``.
 """
 
 from __future__ import annotations
@@ -55,6 +68,7 @@ from typing import Iterable, Optional
 from engine.config import CacheConfig, SchedulerConfig, SchedulingPolicy
 from engine.kv_cache.block_pool import BlockPool
 from engine.kv_cache.manager import KVCacheManager
+from engine.kv_transfer.plan import KVTransferRole
 from engine.kv_transfer.leases import RemoteKVManager
 from engine.outputs import EngineStats
 from engine.request import FinishReason, Request, RequestStatus
@@ -97,6 +111,9 @@ class Scheduler:
         self._sent: dict[str, _SentState] = {}
         self._finished_req_ids: set[str] = set()  # finished since the last schedule()
         self._failed: list[Request] = []  # failed in schedule(); reported by update_from_output
+        # step_id -> {request_id: (request, computed tokens after that step)} until its output is in
+        self._in_flight: dict[int, dict[str, tuple[Request, int]]] = {}
+        self._next_step_id = 0
         # Disaggregated serving: leases of requests waiting for remote KV, and exports.
         self.remote_kv = RemoteKVManager(self)
 
@@ -155,7 +172,11 @@ class Scheduler:
     # ---- schedule -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         """Picks this step's tokens; see the module docstring for the rules."""
-        out = SchedulerOutput()
+        self._next_step_id += 1
+        out = SchedulerOutput(step_id=self._next_step_id)
+        self._in_flight[out.step_id] = {}
+        while len(self._in_flight) > 4:  # steps whose output never came (a failed step)
+            del self._in_flight[next(iter(self._in_flight))]
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted_req_ids:
             self._schedule_waiting(out, budget)
@@ -166,7 +187,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.num_output_placeholders and self._ends_at_placeholder(request):
+                i += 1  # its in-flight token is its last: nothing more to compute
+                continue
+            num_known = request.num_tokens + request.num_output_placeholders
+            num_new = min(num_known - request.num_computed_tokens, budget)
             if num_new <= 0:  # nothing known beyond the computed tokens (no sample came back)
                 i += 1
                 continue
@@ -177,6 +202,14 @@ class Scheduler:
             budget -= num_new
             i += 1
         return budget
+
+    def _ends_at_placeholder(self, request: Request) -> bool:
+        """True if the request's in-flight sampled token certainly finishes it."""
+        num_output = request.num_output_tokens + request.num_output_placeholders
+        max_tokens = request.sampling_params.max_tokens
+        return (request.kv_role is KVTransferRole.EXPORT
+                or (max_tokens is not None and num_output >= max_tokens)
+                or request.num_tokens + request.num_output_placeholders >= self.max_model_len)
 
     def _allocate_or_preempt(self, request: Request, num_new: int,
                              out: SchedulerOutput) -> Optional[BlockCopies]:
@@ -300,12 +333,16 @@ class Scheduler:
         out.num_scheduled_tokens[request_id] = num_new
         out.block_copies.extend(copies)
         request.num_computed_tokens += num_new
+        self._in_flight[out.step_id][request_id] = (request, request.num_computed_tokens)
+        if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+            request.num_output_placeholders += 1  # this step samples its next token
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Preemption by recompute: free the blocks, keep the tokens, requeue at the front."""
         self.running.remove(request)
         self.kv_cache_manager.free(request)
         request.num_computed_tokens = 0
+        request.num_output_placeholders = 0  # an in-flight token is dropped; recompute draws it again
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -322,6 +359,7 @@ class Scheduler:
         elif request.status is RequestStatus.WAITING_FOR_KV:
             self.remote_kv.drop(request)
         self.kv_cache_manager.free(request)
+        request.num_output_placeholders = 0
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         self.requests.pop(request.request_id, None)
@@ -345,20 +383,31 @@ class Scheduler:
         """Appends sampled tokens, caches newly full blocks, finishes stopped requests.
 
         Returns the requests that got tokens (finished ones included) and those
-        failed during the last ``schedule()``. Outputs of requests finished in
-        between (aborted) are ignored. Blocks are cached before finished requests
-        free theirs, so a finished request's prefix stays hittable until evicted.
+        failed during the last ``schedule()``. Outputs of requests finished or
+        preempted since that step was scheduled are ignored. Blocks are cached
+        (up to what this step computed) before finished requests free theirs, so a
+        finished request's prefix stays hittable until evicted.
         """
         manager = self.kv_cache_manager
         updated, self._failed = self._failed, []
-        for request_id in scheduler_output.num_scheduled_tokens:
+        scheduled = self._in_flight.pop(scheduler_output.step_id, {})
+
+        def still_running(request_id: str) -> Optional[Request]:
+            entry = scheduled.get(request_id)
             request = self.requests.get(request_id)
-            if request is not None and request.status is RequestStatus.RUNNING:
-                manager.cache_blocks(request, request.num_computed_tokens)
+            if entry is None or request is not entry[0] or request.status is not RequestStatus.RUNNING:
+                return None
+            return request
+
+        for request_id, (_, num_computed_after) in scheduled.items():
+            request = still_running(request_id)
+            if request is not None:
+                manager.cache_blocks(request, num_computed_after)
         for request_id, token_ids in zip(model_output.req_ids, model_output.sampled_token_ids):
-            request = self.requests.get(request_id)
-            if request is None or request.status is not RequestStatus.RUNNING or not token_ids:
+            request = still_running(request_id)
+            if request is None or not token_ids:
                 continue
+            request.num_output_placeholders = max(request.num_output_placeholders - 1, 0)
             for token_id in token_ids:
                 request.append_output_token(token_id)
                 reason = self._check_stop(request)

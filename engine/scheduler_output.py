@@ -52,6 +52,7 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     finished_req_ids: set[str] = field(default_factory=set)  # runner drops their state
     preempted_req_ids: set[str] = field(default_factory=set)  # also dropped; resent when resumed
+    step_id: int = 0  # increasing; the scheduler matches a step's ModelOutput to it
 
     @property
     def total_num_scheduled_tokens(self) -> int:
