@@ -126,6 +126,40 @@ def engine_single_stream(llm, prompt: list[int], new_tokens: int) -> dict:
     return {**best, "e2e_tok_s": new_tokens / best["e2e_s"], "runs": results}
 
 
+def engine_profile(llm, prompts: list[list[int]], steps: int, path: str) -> dict:
+    """torch.profiler over ``steps`` decode steps of ``len(prompts)`` streams: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine import SamplingParams
+
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 40, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"prof-{len(prompts)}-{i}", p, params)
+    for _ in range(20):  # prefill and warm-up
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    while engine.has_unfinished_requests():
+        engine.step()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    try:  # kernel events only (device side), so nothing is counted twice
+        from torch.autograd import DeviceType
+        gpu_busy_us = sum(e.device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA)
+    except Exception:  # noqa: BLE001 - profiler API differences: keep the table
+        gpu_busy_us = float("nan")
+    with open(path, "w") as f:
+        f.write(f"{steps} steps of batch {len(prompts)}: wall {wall * 1e3 / steps:.3f} ms a step, "
+                f"GPU kernels {gpu_busy_us / 1e3 / steps:.3f} ms a step\n\n{table}\n")
+    return {"batch": len(prompts), "steps": steps, "wall_ms_per_step": wall * 1e3 / steps,
+            "gpu_kernel_ms_per_step": gpu_busy_us / 1e3 / steps}
+
+
 def engine_throughput(llm, reqs: list[tuple[list[int], int]]) -> dict:
     from engine import SamplingParams
 
@@ -188,6 +222,9 @@ def main() -> None:
     ap.add_argument("--parts", default="copy,engine,hf")
     ap.add_argument("--num-mixed", type=int, default=1000)
     ap.add_argument("--hf-mixed-subset", type=int, default=32)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--profile-dir", default=None, help="write torch.profiler tables of decode steps here")
+    ap.add_argument("--skip-hf-mixed-dynamic", action="store_true")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     path = make_dummy_checkpoint(args.workdir)
@@ -215,7 +252,9 @@ def main() -> None:
 
         t0 = time.perf_counter()
         llm = LLM(model=path, load_format="dummy", dtype="bfloat16", max_model_len=4096,
-                  max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.90)
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=8192, gpu_memory_utilization=0.90)
+        result["engine_options"] = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": 8192,
+                                    "async_scheduling": llm.engine.async_scheduling}
         result["engine_startup_s"] = time.perf_counter() - t0
         result["engine_num_kv_blocks"] = llm.engine.num_blocks
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.executor.runner.model.parameters())
@@ -227,10 +266,28 @@ def main() -> None:
         result["kvmesh_single_stream"] = engine_single_stream(llm, prompt256, 128)
         print(f"[gpu_bench] kvmesh single stream {result['kvmesh_single_stream']['decode_tok_s']:.1f} tok/s", flush=True)
         save()
+        if llm.engine.async_scheduling:  # ablation: the same engine stepping synchronously
+            llm.engine.async_scheduling = False
+            result["kvmesh_single_stream_sync"] = engine_single_stream(llm, prompt256, 128)
+            llm.engine.async_scheduling = True
+            print(f"[gpu_bench] kvmesh single stream, sync scheduling "
+                  f"{result['kvmesh_single_stream_sync']['decode_tok_s']:.1f} tok/s", flush=True)
+            save()
+        if args.profile_dir:
+            os.makedirs(args.profile_dir, exist_ok=True)
+            result["profile"] = [engine_profile(llm, [prompt256], 50, os.path.join(args.profile_dir, "profile_b1.txt")),
+                                 engine_profile(llm, [p for p, _ in fixed[:256]], 30,
+                                                os.path.join(args.profile_dir, "profile_b256.txt"))]
+            print(f"[gpu_bench] profile {result['profile']}", flush=True)
+            save()
         result["kvmesh_max_load_512x128"] = engine_throughput(llm, fixed)
         print(f"[gpu_bench] kvmesh 512x128: {result['kvmesh_max_load_512x128']['output_tok_s']:.0f} tok/s", flush=True)
         save()
         if mixed:
+            subset = mixed[:args.hf_mixed_subset]  # the requests HF runs below
+            result["kvmesh_mixed_subset"] = engine_throughput(llm, subset)
+            print(f"[gpu_bench] kvmesh mixed subset ({len(subset)}): "
+                  f"{result['kvmesh_mixed_subset']['output_tok_s']:.0f} tok/s", flush=True)
             result["kvmesh_mixed"] = engine_throughput(llm, mixed)
             print(f"[gpu_bench] kvmesh mixed: {result['kvmesh_mixed']['output_tok_s']:.0f} tok/s", flush=True)
             save()
@@ -254,8 +311,13 @@ def main() -> None:
               f"dynamic b128 {result['hf_max_load_dynamic_b128']['output_tok_s']:.0f} tok/s", flush=True)
         save()
         subset = mixed[:args.hf_mixed_subset]
-        result["hf_mixed_subset_dynamic_b32"] = hf_throughput(model, subset, 32, static=False)
+        result["hf_mixed_subset_static_b32"] = hf_throughput(model, subset, 32, static=True)
+        print(f"[gpu_bench] HF mixed subset static b32 {result['hf_mixed_subset_static_b32']['output_tok_s']:.0f} tok/s",
+              flush=True)
         save()
+        if not args.skip_hf_mixed_dynamic:
+            result["hf_mixed_subset_dynamic_b32"] = hf_throughput(model, subset, 32, static=False)
+            save()
     print(json.dumps(result, indent=2))
 
 

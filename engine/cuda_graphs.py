@@ -30,7 +30,7 @@ from engine.attention.base import AttentionBackend, AttentionMetadata, ForwardCo
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
 class DecodeGraphRunner:

@@ -51,6 +51,7 @@ from engine.attention.base import AttentionMetadata, ForwardContext, allocate_kv
 from engine.attention.selector import get_attention_backend
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphRunner
+from engine.device_copy import packed_to_device, to_device
 from engine.distributed.communicator import Communicator
 from engine.distributed.topology import SINGLE_RANK, ParallelRank
 from engine.models.llama import IntermediateTensors
@@ -311,7 +312,7 @@ class ModelRunner:
         if len(sample_rows) == meta.num_reqs and sample_rows[-1][1] == len(sample_rows) - 1:
             rows = hidden[:len(sample_rows)]  # all decodes: row i is request i (no gather)
         else:
-            rows = hidden[torch.tensor([row for _, row in sample_rows], device=self.device)]
+            rows = hidden[to_device([row for _, row in sample_rows], torch.long, self.device)]
         logits = self.model.compute_logits(rows)  # (num_sampling_reqs, vocab) fp32
         if not self.rank.is_output_rank:  # the other TP ranks joined the all_gather above; done
             return StepFuture(ModelOutput())
@@ -374,25 +375,28 @@ class ModelRunner:
         table_arr = np.zeros((len(tables), max_blocks), dtype=np.int32)
         for i, t in enumerate(tables):
             table_arr[i, :len(t)] = t
+        # Two queued host->device copies for everything (see engine/device_copy.py).
         dev = self.device
+        ids, pos, slot_mapping, dst, src = packed_to_device(
+            [input_ids, positions, slots, fill_dst, fill_src], torch.long, dev)
+        query_start_loc, seq_lens_t, flat_tables = packed_to_device(
+            [query_start, seq_lens, table_arr], torch.int32, dev)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(table_arr).to(dev),
+            slot_mapping=slot_mapping, query_start_loc=query_start_loc, seq_lens=seq_lens_t,
+            block_tables=flat_tables.view(len(tables), max_blocks),
             max_query_len=max(n for _, n in scheduled),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=query_start,
             seq_lens_cpu=seq_lens,
         )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         if fill_dst:
-            src = self._prev_sampled
+            prev = self._prev_sampled  # (R_prev,) int64 on the device
             if len(fill_src) == len(input_ids) and fill_src == list(range(len(fill_src))):
-                ids = src[:len(fill_src)].clone()  # the same batch as last step: take it whole
+                ids = prev[:len(fill_src)]  # the same batch as last step: take it whole
             else:
-                ids[torch.tensor(fill_dst, device=dev)] = src[torch.tensor(fill_src, device=dev)]
-        return ids, torch.tensor(positions, dtype=torch.long, device=dev), meta, sample_rows
+                ids = ids.clone()
+                ids[dst] = prev[src]
+        return ids, pos, meta, sample_rows
 
 
 def split_microbatches(scheduled: list[tuple[str, int]], max_num: int) -> list[list[tuple[str, int]]]:

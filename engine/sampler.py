@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from engine.device_copy import to_device
 from engine.sampling_params import GREEDY_EPSILON, SamplingParams
 from engine.scheduler_output import TokenLogprobs
 
@@ -125,11 +126,13 @@ class SamplingBatch:
                               or p.frequency_penalty != 0.0 for p in params)
         asked = [p.logprobs for p in params if p.logprobs is not None]
 
+        device = torch.device(device)
+
         def f32(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return to_device(values, torch.float32, device)
 
         def i64(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=device)
+            return to_device(values, torch.int64, device)
 
         all_greedy = all(greedy)
         if all_greedy and not needs_penalties:  # argmax alone: no per-row tensors (no host->device copies)
@@ -140,7 +143,7 @@ class SamplingBatch:
                        max_num_logprobs=max(asked) if asked else None)
         batch = cls(
             temperature=f32([1.0 if g else p.temperature for p, g in zip(params, greedy)]),
-            is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            is_greedy=to_device(greedy, torch.bool, device),
             top_k=i64(top_k),
             top_p=f32([p.top_p for p in params]),
             min_p=f32([p.min_p for p in params]),
@@ -171,7 +174,7 @@ def _token_stats(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[in
     def padded(lists: Sequence[Sequence[int]]) -> torch.Tensor:
         width = max(1, max(len(ids) for ids in lists))
         rows = [list(ids) + [vocab_size] * (width - len(ids)) for ids in lists]
-        return torch.tensor(rows, dtype=torch.int64, device=device)  # (R, width)
+        return to_device(rows, torch.int64, torch.device(device))  # (R, width)
 
     num_rows = len(prompts)
     out_ids = padded(outputs)

@@ -82,8 +82,9 @@ def copy_blocks(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]]) ->
     """Copy-on-write: duplicate whole blocks (src -> dst) in every layer."""
     if not copies:
         return
+    from engine.device_copy import to_device
     device = kv_caches[0].device
-    src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=device)
-    dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=device)
+    src = to_device([s for s, _ in copies], torch.long, device)
+    dst = to_device([d for _, d in copies], torch.long, device)
     for cache in kv_caches:
         cache[:, dst] = cache[:, src]
