@@ -27,7 +27,10 @@ def ray_cluster():
     ray_env()
     ray = pytest.importorskip("ray")
     temp_dir = tempfile.mkdtemp(prefix="kvmesh-ray-")
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp_dir,
+    # 4 logical CPUs on the 2-core CI box (fractional replicas); more on a GPU host, where each
+    # GPU worker of a TP=4 group takes a whole CPU.
+    num_cpus = max(4, min(os.cpu_count() or 4, 16))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir,
              dashboard_port=None, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}})
     yield ray
