@@ -106,7 +106,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True  # split long prompts across steps
     policy: SchedulingPolicy = SchedulingPolicy.FCFS
     # Schedule step N+1 while step N runs on the device (hides the host's per-step work).
-    # None: on for a single CUDA worker, off otherwise (no gain on CPU, not with Ray workers).
+    # None: on for CUDA workers in one pipeline stage, off otherwise (no gain on CPU).
     async_scheduling: Optional[bool] = None
 
     def __post_init__(self) -> None:
@@ -154,10 +154,9 @@ class EngineConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
 
     def __post_init__(self) -> None:
-        multi_worker = self.parallel.world_size > 1 or self.parallel.expert_parallel_size > 1
-        _check(not (self.scheduler.async_scheduling and multi_worker),
-               "async_scheduling needs a single worker (tensor/pipeline/expert parallel size 1); "
-               "set it to false or leave it unset")
+        _check(not (self.scheduler.async_scheduling and self.parallel.pipeline_parallel_size > 1),
+               "async_scheduling needs pipeline_parallel_size 1 (the next step's inputs come from the "
+               "last stage's device); set it to false or leave it unset")
 
     @classmethod
     def create(cls, **kwargs: Any) -> "EngineConfig":

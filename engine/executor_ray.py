@@ -87,6 +87,7 @@ class RayExecutor(Executor):
         self.ranks = rank_layout(config.parallel)
         self.output_index = next(r.rank for r in self.ranks if r.is_output_rank)
         self._dead: Optional[str] = None
+        self._last_future: Optional[_RayStepFuture] = None  # the newest step launched asynchronously
         self.is_gpu = uses_gpus(config, ray.cluster_resources().get("GPU", 0))
         backend = resolve_backend(config.parallel.distributed_backend,
                                   torch.device("cuda" if self.is_gpu else "cpu"))
@@ -161,6 +162,26 @@ class RayExecutor(Executor):
         results = self._call_all([w.execute_model.remote(so_ref) for w in self.workers], STEP_TIMEOUT_S)
         return results[self.output_index]
 
+    # ---- async scheduling (one stage): each call launches a step and returns the one before ---
+    @property
+    def supports_async(self) -> bool:
+        return self.config.parallel.pipeline_parallel_size == 1  # the ids stay on the last stage
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> "_RayStepFuture":
+        self.check_health()
+        so_ref = ray.put(scheduler_output)
+        refs = [w.execute_model_pipelined.remote(so_ref) for w in self.workers]
+        if self._last_future is not None:
+            self._last_future.refs = refs  # these calls return the previous step's output
+        future = self._last_future = _RayStepFuture(self)
+        return future
+
+    def _flush(self, future: "_RayStepFuture") -> None:
+        if future.refs is None:  # no later step was launched: ask for it
+            future.refs = [w.flush.remote() for w in self.workers]
+            if self._last_future is future:
+                self._last_future = None
+
     def check_health(self) -> None:
         if self._dead is None:
             died, _ = ray.wait(self._watch_refs, num_returns=1, timeout=0)
@@ -206,6 +227,22 @@ class RayExecutor(Executor):
         self._dead = reason
         logger.error("replica's worker group is dead (%s); killing its workers", reason)
         self.shutdown()
+
+
+class _RayStepFuture:
+    """A step launched on the workers; its output arrives with the next step's calls (or a flush)."""
+
+    def __init__(self, executor: RayExecutor) -> None:
+        self.executor = executor
+        self.refs: Optional[list] = None
+        self._output: Optional[ModelOutput] = None
+
+    def result(self) -> ModelOutput:
+        if self._output is None:
+            self.executor._flush(self)
+            results = self.executor._call_all(self.refs, STEP_TIMEOUT_S)
+            self._output = results[self.executor.output_index] or ModelOutput()
+        return self._output
 
 
 def _error_of(ref) -> str:

@@ -9,8 +9,8 @@ Requests are validated in ``add_request`` (a bad one raises ``ValueError`` and
 never reaches the scheduler). If a step itself fails, the requests of that step
 end with ``finish_reason="error"`` and the engine goes on with the others.
 
-With async scheduling (``SchedulerConfig.async_scheduling``; on by default for one
-CUDA worker) the host work of a step overlaps the device's work of the previous
+With async scheduling (``SchedulerConfig.async_scheduling``; on by default for CUDA
+workers in one pipeline stage) the host work of a step overlaps the device's work of the previous
 one: ``step()`` schedules and launches step N, then waits for step N-1's sampled
 ids and applies them. Outputs therefore come one ``step()`` call after their
 tokens were launched; ``has_unfinished_requests`` covers the step in flight::
@@ -78,8 +78,8 @@ class LLMEngine:
         if wanted is None:
             return self.executor.supports_async and resolve_device(self.config).type == "cuda"
         if wanted and not self.executor.supports_async:
-            raise ValueError("async_scheduling needs a single worker (tensor/pipeline/expert parallel "
-                             "size 1); set it to false or leave it unset")
+            raise ValueError("async_scheduling needs pipeline_parallel_size 1; set it to false or "
+                             "leave it unset")
         return bool(wanted)
 
     # ---- requests -----------------------------------------------------------------------------

@@ -313,9 +313,8 @@ class ModelRunner:
             rows = hidden[:len(sample_rows)]  # all decodes: row i is request i (no gather)
         else:
             rows = hidden[to_device([row for _, row in sample_rows], torch.long, self.device)]
-        logits = self.model.compute_logits(rows)  # (num_sampling_reqs, vocab) fp32
-        if not self.rank.is_output_rank:  # the other TP ranks joined the all_gather above; done
-            return StepFuture(ModelOutput())
+        # (num_sampling_reqs, vocab) fp32, the same bits on every TP rank (all_gather of the shards)
+        logits = self.model.compute_logits(rows)
         states = [self.requests[r] for r in req_ids]
         if any(s.num_pending and s.sampling_params.needs_history for s in states):
             raise RuntimeError("penalties need every earlier token: schedule them without async scheduling")
@@ -328,6 +327,10 @@ class ModelRunner:
         for s in states:
             s.num_pending += 1
         self._prev_sampled, self._prev_rows = sampled, {r: i for i, r in enumerate(req_ids)}
+        if not self.rank.is_output_rank:
+            # Every TP rank samples (same logits, same seeded draws, so the same ids) and keeps
+            # them for the next step's pending inputs; only the output rank reports them.
+            return StepFuture(ModelOutput())
         if sampled.device.type != "cuda":
             return StepFuture(req_ids=req_ids, host_ids=sampled, host_logprobs=out if out.logprobs else None,
                               batch=batch)

@@ -8,6 +8,8 @@ and drives them all with the same calls::
     determine_num_blocks()               every worker; the executor takes the minimum
     initialize_kv_cache(num_blocks)
     execute_model(SchedulerOutput)       every step, every worker; the output rank's result counts
+    execute_model_pipelined(SO)          async scheduling: launch this step, return the previous one's
+    flush()                              ... and the last one's, when no step follows
 
 This class is plain Python (no Ray import): the executor wraps it with
 ``ray.remote``, and tests may run it in-process.
@@ -73,6 +75,23 @@ class Worker:
     def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelOutput]:
         """The step's output on the output rank (last stage, stage rank 0); None elsewhere."""
         output = self.runner.execute_model(scheduler_output)
+        return output if self.rank.is_output_rank else None
+
+    def execute_model_pipelined(self, scheduler_output: SchedulerOutput) -> Optional[ModelOutput]:
+        """Launches this step, then returns the previous step's output (waiting for its device work
+        only), so the GPU has the next step queued before this worker's host work for it ends."""
+        future = self.runner.execute_model_async(scheduler_output)
+        return self._take_pending(future)
+
+    def flush(self) -> Optional[ModelOutput]:
+        """The output of the last pipelined step (no later step to carry it)."""
+        return self._take_pending(None)
+
+    def _take_pending(self, future) -> Optional[ModelOutput]:
+        previous, self._pending = getattr(self, "_pending", None), future
+        if previous is None:
+            return None
+        output = previous.result()
         return output if self.rank.is_output_rank else None
 
     def ping(self) -> int:

@@ -106,6 +106,6 @@ def test_a_reused_request_id_does_not_get_the_old_requests_late_token():
     assert_no_leaks(engine)
 
 
-def test_async_scheduling_needs_a_single_worker():
-    with pytest.raises(ValueError, match="async_scheduling needs a single worker"):
-        LLM(model="kvmesh-tiny", async_scheduling=True, tensor_parallel_size=2)
+def test_async_scheduling_needs_one_pipeline_stage():
+    with pytest.raises(ValueError, match="async_scheduling needs pipeline_parallel_size 1"):
+        LLM(model="kvmesh-tiny", async_scheduling=True, pipeline_parallel_size=2)

@@ -34,6 +34,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 CASES = {  # name: (architecture, parallel options)
     "llama-tp2": ("llama", dict(tensor_parallel_size=2)),
+    # async scheduling over Ray: each call launches a step and returns the one before
+    "llama-tp2-async": ("llama", dict(tensor_parallel_size=2, async_scheduling=True)),
     "llama-pp2": ("llama", dict(pipeline_parallel_size=2)),
     "qwen3-tp2-pp2": ("qwen3", dict(tensor_parallel_size=2, pipeline_parallel_size=2)),
     "mixtral-ep2": ("mixtral", dict(expert_parallel_size=2)),
