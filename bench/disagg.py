@@ -131,7 +131,7 @@ def main() -> None:
     max_blocks = max(args.lengths) // args.block_size
     num_blocks = 2 * max_blocks + 8
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
     gpus = 1 if args.transport == "nccl" else 0
     side = ray.remote(num_gpus=gpus, num_cpus=0.5)(_Side)
     sender, receiver = side.remote(args.transport, shape, num_blocks), side.remote(args.transport, shape, num_blocks)

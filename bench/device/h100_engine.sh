@@ -10,4 +10,4 @@ timeout 230 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_engine_gpu.p
     tests/gpu/test_triton_attention.py tests/gpu/test_kernels.py > "$OUT/gpu_tests.txt" 2>&1
 tail -5 "$OUT/gpu_tests.txt"
 timeout 330 python3 bench/gpu_bench.py --parts copy,engine --max-num-seqs "${MAX_NUM_SEQS:-512}" \
-    --out "$OUT/gpu_bench_engine.json" --profile-dir "$OUT" 2>&1 | grep -v "it/s" | tail -25
+    --out "$OUT/gpu_bench_engine.json" --profile-dir "$OUT" --decode-profile 2>&1 | grep -v "it/s" | tail -25
