@@ -382,7 +382,9 @@ class CustomAllReduce:
             for dtype, code in _DTYPE_CODES.items():
                 kernel = cupy.RawKernel(_KERNEL_SOURCE, "kvmesh_custom_all_reduce",
                                         options=(f"-DKV_DTYPE={code}",))
-                kernel.compile()  # compile and load now: never during a CUDA graph capture
+                if hasattr(kernel, "compile"):  # compile and load now, never during a graph capture
+                    kernel.compile()
+                _ = kernel.attributes  # loads the module on this device (older CuPy: compiles too)
                 self._kernels[dtype] = kernel
 
     def _self_check(self, timeout_s: float) -> Optional[str]:
@@ -434,14 +436,15 @@ class CustomAllReduce:
         import numpy as np
         nbytes = tensor.numel() * tensor.element_size()
         stream_ptr = torch.cuda.current_stream(self._device).cuda_stream
-        stream = self._streams.get(stream_ptr)
-        if stream is None:
-            stream = self._streams[stream_ptr] = self._cupy.cuda.ExternalStream(stream_ptr)
         args = (np.uint64(self._base), np.uint64(tensor.data_ptr()), np.int64(nbytes // 16),
                 np.int64(tensor.numel()), np.int32(self.rank), np.int32(self.world_size),
                 np.uint64(timeout_ns))
-        with self._cupy.cuda.Device(self._device_index), stream:
-            self._kernels[tensor.dtype]((grid_size(nbytes),), (THREADS,), args)
+        with self._cupy.cuda.Device(self._device_index):
+            stream = self._streams.get(stream_ptr)
+            if stream is None:  # made on this device (CuPy ties a stream to the current device)
+                stream = self._streams[stream_ptr] = self._cupy.cuda.ExternalStream(stream_ptr)
+            with stream:
+                self._kernels[tensor.dtype]((grid_size(nbytes),), (THREADS,), args)
 
     def _disable(self, reason: str, collective: bool) -> None:
         self.disabled_reason = reason

@@ -91,6 +91,8 @@ def init_worker_groups(rank: ParallelRank, init: DistInit, device: torch.device)
         else:
             stage = NcclCommunicator(init.nccl_stage_ids[rank.pp_rank], rank.stage_rank,
                                      rank.stage_size, device)
+        if rank.stage_size > 1:  # TP/EP collectives: the IPC all-reduce where it can work
+            stage.enable_custom_all_reduce()  # collective; checks the ranks share a node
     return WorkerGroups(stage=stage if rank.stage_size > 1 else None,
                         world=world if rank.pp_size > 1 else None)
 

@@ -5,9 +5,16 @@ creates (``new_unique_id``) and the executor hands to all members through Ray.
 Collectives are enqueued on torch's current CUDA stream, so they order with
 the surrounding kernels without extra synchronisation; tensors are used in
 place through their data pointers (no copies, no CuPy arrays).
+
+A group on one node may also turn on the one-shot IPC all-reduce
+(``custom_allreduce.py``, ``enable_custom_all_reduce``): ``all_reduce`` then takes it for
+messages it qualifies for (a function of shape and dtype, so every rank picks the same
+path) and NCCL for the rest.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -46,6 +53,17 @@ class NcclCommunicator(Communicator):
             self.comm = _nccl().NcclCommunicator(world_size, unique_id, rank)
         self.rank = rank
         self.world_size = world_size
+        self._custom = None  # CustomAllReduce, when enable_custom_all_reduce turned it on
+        self.custom_disabled_reason: Optional[str] = "not enabled"
+
+    def enable_custom_all_reduce(self) -> bool:
+        """Collective: every rank calls it at once; only for a group within one node. Returns
+        whether the IPC all-reduce is on (all ranks agree; NCCL stays the fallback)."""
+        from engine.distributed.custom_allreduce import CustomAllReduce
+        custom = CustomAllReduce(self)
+        self._custom = custom if custom.is_enabled else None
+        self.custom_disabled_reason = custom.disabled_reason
+        return self._custom is not None
 
     @property
     def device(self) -> torch.device:
@@ -55,6 +73,13 @@ class NcclCommunicator(Communicator):
         return torch.cuda.current_stream(self._device).cuda_stream
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        if self._custom is not None and self._custom.can_reduce(tensor):
+            return self._custom.all_reduce(tensor)
+        return self.nccl_all_reduce(tensor)
+
+    def nccl_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``all_reduce`` through NCCL always (the custom path's set-up and reference)."""
         tensor = tensor.contiguous()
         self.comm.allReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(),
                             _nccl_dtype(tensor.dtype), _nccl().NCCL_SUM, self._stream())
@@ -77,6 +102,9 @@ class NcclCommunicator(Communicator):
         return out
 
     def destroy(self) -> None:
+        custom, self._custom = getattr(self, "_custom", None), None
+        if custom is not None:
+            custom.destroy()
         comm, self.comm = getattr(self, "comm", None), None
         if comm is not None:
             comm.destroy()
