@@ -2,8 +2,14 @@
 
 The ``LLMEngine`` is not thread-safe, so one background thread owns it and runs
 the step loop. Callers talk to that thread through a command queue (add,
-abort); outputs come back to each request's ``asyncio.Queue`` on the caller's
-event loop. The thread sleeps on the queue when there is no work.
+abort); outputs come back to each request's stream on the caller's event loop,
+all outputs of one step for one event loop in one thread-safe hand-off (one
+wake-up per step, not one per request). The thread sleeps on the queue when
+there is no work.
+
+Outputs are cumulative, so when a consumer falls behind (several steps' outputs
+of its request waiting), it gets only the latest: fewer, larger updates instead
+of a growing backlog.
 
     engine = AsyncLLM.from_config(EngineConfig.create(model="kvmesh-tiny"))
     async for out in engine.generate("Hello", SamplingParams(max_tokens=8), "req-1"):
@@ -17,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
@@ -74,13 +81,50 @@ class _DeliverKV:
     arrival: KVArrival
 
 
-@dataclass
 class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: "asyncio.Queue[RequestOutput | BaseException]"
+    """One request's items (outputs, errors, KV items) on its caller's event loop.
+
+    ``put`` is for the engine thread; ``push`` and ``get`` run on ``loop``.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: deque = deque()
+        self._waiter: Optional[asyncio.Future] = None
 
     def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        _call_soon_threadsafe(self.loop, self.push, item)
+
+    def push(self, item) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self):
+        """The next item; of several waiting cumulative outputs, only the latest."""
+        while not self._items:
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._items.popleft()
+        while (self._items and isinstance(item, RequestOutput) and isinstance(self._items[0], RequestOutput)):
+            item = self._items.popleft()  # a later cumulative output holds everything this one does
+        return item
+
+
+def _push_all(batch: list[tuple[_Stream, Any]]) -> None:
+    for stream, item in batch:
+        stream.push(item)
+
+
+def _call_soon_threadsafe(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+        pass
 
 
 class AsyncLLM:
@@ -165,7 +209,7 @@ class AsyncLLM:
         # Validate here, in the caller, so bad input fails fast with a clear error.
         _, token_ids = self.engine.tokenize_prompt(prompt)
         self.engine._validate_prompt(token_ids)
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop())
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = stream
@@ -174,7 +218,7 @@ class AsyncLLM:
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
                 # A prefill-only request ends here with its staged KV.
@@ -286,10 +330,14 @@ class AsyncLLM:
             stream.put(item)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
+        """Hands a step's outputs to their streams: one thread-safe call per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
-                stream.put(out)
+                by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, batch in by_loop.items():
+            _call_soon_threadsafe(loop, _push_all, batch)
 
 
 def _set_result(future: "asyncio.Future[None]") -> None:
