@@ -8,16 +8,22 @@ Life of a request here:
    engine's block size (``engine.block_hash``) for the prefix-aware router.
 3. Admission from the replicas' reported stats: no healthy replica (503), too many
    waiting requests per replica (429).
-4. Send one ``GenerateRequest`` per prompt through the replica handle with
-   ``.options(stream=True)``; the request router picks the replica.
-5. Turn the cumulative ``RequestOutput`` stream into SSE chunks (deltas per choice
-   index, ``data: [DONE]`` last) or one response with exact ``usage``. The
-   ``x-kvmesh-replica`` header names the replica that served each prompt, and
-   ``x-kvmesh-ingress`` the ingress replica whose router chose it.
+4. Send one ``GenerateRequest`` per prompt to ``LLMServer.generate_deltas`` through the
+   replica handle (streaming, by value over Serve's gRPC transport); the request router
+   picks the replica.
+5. Turn the replica's ``OutputDelta`` stream (only new tokens and text; ``router.deltas``)
+   into SSE chunks (per choice index, ``data: [DONE]`` last) or one response with exact
+   ``usage``. The ``x-kvmesh-replica`` header names the replica that served each prompt,
+   and ``x-kvmesh-ingress`` the ingress replica whose router chose it.
 6. If the client goes away, Serve cancels this handler; we cancel the replica calls,
    and the replica aborts the engine request (its KV blocks are freed).
 
 Errors are OpenAI error objects ``{"error": {"message", "type", "param", "code"}}``.
+
+Debugging latency: a streaming request with the header ``x-kvmesh-trace: 1`` gets, before
+``data: [DONE]``, an SSE comment ``: kvmesh-trace {...}`` (clients ignore comments) with
+``time.monotonic()`` stamps of its first token's way through the ingress, the replica and
+the engine (``bench/http_overhead.py`` reads them).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -39,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.block_hash import block_hash_chain
 from router.config import DeploymentConfig
 from router.disagg import DisaggregatedFlow
+from router.deltas import DeltaTracker, OutputDelta
 from router.messages import GenerateRequest, ReplicaOutput
 from router.metrics import CONTENT_TYPE, RequestTimer, get_metrics
 from router.protocol import (APIError, AssistantMessage, ChatCompletionChoice, ChatCompletionChunk,
@@ -53,6 +60,7 @@ logger = logging.getLogger(__name__)
 STATS_MAX_AGE_S = 0.25  # the ingress re-reads the stats board at most this often
 REPLICA_HEADER = "x-kvmesh-replica"  # replica id(s) that served the request, one per prompt
 INGRESS_HEADER = "x-kvmesh-ingress"  # the ingress replica (and so the router) that routed it
+TRACE_HEADER = "x-kvmesh-trace"  # "1": stream the request's latency stamps as an SSE comment
 
 
 # ---- prompt rendering ---------------------------------------------------------------------------
@@ -85,12 +93,57 @@ RendererFactory = Callable[[dict], PromptRenderer]
 # ---- per-choice streaming state -----------------------------------------------------------------
 @dataclass
 class _ChoiceState:
-    text: str = ""
-    num_tokens: int = 0
-    num_logprobs: int = 0
     text_offset: int = 0  # completions logprobs: offset of the next token in the text
     finish_reason: Optional[str] = None
     has_role: bool = False
+
+
+@dataclass
+class _ChoiceOutput:
+    """One choice's output so far, gathered from its deltas (a cumulative ``CompletionOutput``)."""
+
+    index: int
+    text_parts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: Optional[list] = None
+    finish_reason: Optional[str] = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+
+@dataclass
+class _JobOutput:
+    """A prompt's outputs so far (what the last cumulative ``RequestOutput`` held)."""
+
+    choices: dict[int, _ChoiceOutput] = field(default_factory=dict)
+    finished: bool = False
+    error: Optional[str] = None
+
+    @property
+    def outputs(self) -> list[_ChoiceOutput]:
+        return [self.choices[i] for i in sorted(self.choices)]
+
+    def add(self, delta: OutputDelta) -> int:
+        """Appends a delta; returns how many tokens it brought."""
+        num_tokens = 0
+        for d in delta.choices:
+            c = self.choices.get(d.index)
+            if c is None:
+                c = self.choices[d.index] = _ChoiceOutput(d.index)
+            if d.text:
+                c.text_parts.append(d.text)
+            c.token_ids.extend(d.token_ids)
+            num_tokens += len(d.token_ids)
+            if d.logprobs is not None:
+                if c.logprobs is None:
+                    c.logprobs = []
+                c.logprobs.extend(d.logprobs)
+            c.finish_reason = d.finish_reason or c.finish_reason
+        self.finished = self.finished or delta.finished
+        self.error = delta.error or self.error
+        return num_tokens
 
 
 @dataclass
@@ -100,10 +153,11 @@ class _Job:
     prompt_index: int
     request: GenerateRequest
     prompt_text: str
-    stream: Any = None  # DeploymentResponseGenerator
-    final: Any = None  # last RequestOutput
-    replica_id: Optional[str] = None  # set by the first ReplicaOutput
+    stream: Any = None  # DeploymentResponseGenerator (or DisaggregatedStream)
+    final: _JobOutput = field(default_factory=_JobOutput)  # everything received so far
+    replica_id: Optional[str] = None  # set by the first output
     is_done: bool = False
+    trace: Optional[dict[str, float]] = None  # x-kvmesh-trace stamps (the first job only)
 
 
 _END = object()
@@ -130,13 +184,32 @@ async def _internal_error_handler(request: Request, exc: Exception) -> JSONRespo
     return JSONResponse(dump(err.to_response()), status_code=500)
 
 
-@app.middleware("http")
-async def _count_http_requests(request: Request, call_next):
-    response = await call_next(request)
-    route = request.scope.get("route")
-    path = getattr(route, "path", "other")
-    get_metrics().http_requests.labels(request.method, path, str(response.status_code)).inc()
-    return response
+class _HTTPRequestCounter:
+    """Counts answers by method, route and status code (``kvmesh_http_requests_total``).
+
+    Plain ASGI on purpose: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) relays
+    every chunk of a streamed body through an extra task and memory stream, which
+    delayed each SSE chunk.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                path = getattr(scope.get("route"), "path", "other")  # the matched route, once routed
+                get_metrics().http_requests.labels(scope["method"], path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+app.add_middleware(_HTTPRequestCounter)
 
 
 class OpenAIIngress:
@@ -161,6 +234,8 @@ class OpenAIIngress:
         self._stats: dict[str, dict] = {}
         self._stats_time = 0.0
         self._stats_lock: Optional[asyncio.Lock] = None
+        self._stats_refresh: Optional[asyncio.Task] = None
+        self._stream_handle: Any = None  # self.llm.options(stream=True), made once
         # Load the tokenizer in the background now, so the first requests do not wait for it.
         self._warmup = asyncio.get_running_loop().create_task(self._warm_up())
 
@@ -169,7 +244,9 @@ class OpenAIIngress:
     async def chat_completions(self, request: Request) -> Response:
         arrival = time.monotonic()
         self._authorize(request)
-        body = self._parse(ChatCompletionRequest, await request.body())
+        raw = await request.body()  # Serve fetches the body from the proxy: one more hop
+        body_read = time.monotonic()
+        body = self._parse(ChatCompletionRequest, raw)
         self._check_model(body.model)
         params = self._sampling_params(body)
         renderer, info = await self._ready()
@@ -178,15 +255,18 @@ class OpenAIIngress:
         except Exception as exc:
             raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
         token_ids = renderer.encode(text)
+        trace = _start_trace(request, body.stream, arrival, body_read)
         self._check_prompt(token_ids, params, info, "messages")
         api_id = f"chatcmpl-{uuid.uuid4().hex}"
         jobs = [_Job(0, self._generate_request(f"{api_id}-0", token_ids, params, text, body.priority), text)]
         await self._admit()
         timer = RequestTimer(self.metrics, "chat", arrival)
-        first = await self._start(jobs)
+        first = await self._start(jobs, trace)
         self.metrics.prompt_tokens.labels("chat").inc(len(token_ids))
+        if trace is not None:
+            trace["ingress_response"] = time.monotonic()
         if body.stream:
-            return self._sse(self._chat_stream(api_id, body, jobs, first, timer, renderer),
+            return self._sse(self._chat_stream(api_id, body, jobs, first, timer, renderer, trace),
                              self._routing_headers(jobs))
         await self._drain(jobs, first, timer)
         return JSONResponse(dump(self._chat_response(api_id, body, jobs, renderer)),
@@ -196,7 +276,9 @@ class OpenAIIngress:
     async def completions(self, request: Request) -> Response:
         arrival = time.monotonic()
         self._authorize(request)
-        body = self._parse(CompletionRequest, await request.body())
+        raw = await request.body()
+        body_read = time.monotonic()
+        body = self._parse(CompletionRequest, raw)
         self._check_model(body.model)
         params = self._sampling_params(body)
         renderer, info = await self._ready()
@@ -216,12 +298,15 @@ class OpenAIIngress:
                 text = renderer.decode(token_ids) if body.echo else ""
             jobs.append(_Job(i, self._generate_request(f"{api_id}-{i}", token_ids, params, text,
                                                        body.priority), text))
+        trace = _start_trace(request, body.stream, arrival, body_read)
         await self._admit()
         timer = RequestTimer(self.metrics, "completions", arrival)
-        first = await self._start(jobs)
+        first = await self._start(jobs, trace)
         self.metrics.prompt_tokens.labels("completions").inc(sum(j.request.num_prompt_tokens for j in jobs))
+        if trace is not None:
+            trace["ingress_response"] = time.monotonic()
         if body.stream:
-            return self._sse(self._completion_stream(api_id, body, jobs, first, timer, renderer),
+            return self._sse(self._completion_stream(api_id, body, jobs, first, timer, renderer, trace),
                              self._routing_headers(jobs))
         await self._drain(jobs, first, timer)
         return JSONResponse(dump(self._completion_response(api_id, body, jobs, renderer)),
@@ -332,9 +417,19 @@ class OpenAIIngress:
         except Exception as exc:  # retried by the first request
             logger.warning("ingress warm-up failed: %r", exc)
 
-    async def _replica_stats(self, max_age_s: float = STATS_MAX_AGE_S) -> dict[str, dict]:
+    async def _replica_stats(self, max_age_s: float = STATS_MAX_AGE_S, wait: bool = True) -> dict[str, dict]:
+        """The board's snapshot, re-read when older than ``max_age_s``.
+
+        ``wait=False`` (admission, on every request's path): stale stats are refreshed in
+        the background and this request uses the ones at hand, so no request waits for
+        a board round trip once the first snapshot is in.
+        """
         if self._stats_lock is None:
             self._stats_lock = asyncio.Lock()
+        if not wait and self._stats_time > 0.0 and time.monotonic() - self._stats_time > max_age_s:
+            if not self._stats_lock.locked():
+                self._stats_refresh = asyncio.get_running_loop().create_task(self._replica_stats(max_age_s))
+            return self._stats
         async with self._stats_lock:
             if time.monotonic() - self._stats_time > max_age_s:
                 try:
@@ -346,7 +441,7 @@ class OpenAIIngress:
         return self._stats
 
     async def _admit(self) -> None:
-        stats = await self._replica_stats()
+        stats = await self._replica_stats(wait=False)
         if not stats:
             stats = await self._replica_stats(max_age_s=0.0)
         healthy = [s for s in stats.values() if s.get("is_healthy")]
@@ -362,14 +457,26 @@ class OpenAIIngress:
                                code="overloaded")
 
     # ---- talking to replicas ------------------------------------------------------------------
-    async def _start(self, jobs: list[_Job]) -> "_PrefilledQueue":
+    async def _start(self, jobs: list[_Job], trace: Optional[dict[str, float]] = None) -> "_PrefilledQueue":
         """Starts every job's replica call; waits for the first output so input errors are 4xx."""
         queue: asyncio.Queue = asyncio.Queue()
-        handle = self.llm.options(stream=True)
+        if self._stream_handle is None:
+            # By value over Serve's gRPC transport, not as Ray objects: each streamed item
+            # then skips the object store and ownership protocol (bench/http_overhead.py:
+            # about half the ingress's CPU per token, and a shorter TTFT).
+            self._stream_handle = self.llm.options(stream=True, _by_reference=False)
+        handle = self._stream_handle
         tasks = []
+        if trace is not None:
+            jobs[0].trace = trace
+            trace["ingress_dispatch"] = time.monotonic()
         for job in jobs:
-            job.stream = (self.disagg.start(job.request) if self.disagg is not None
-                          else handle.generate.remote(job.request))
+            if self.disagg is not None:
+                job.stream = self.disagg.start(job.request)
+            elif job.trace is not None:
+                job.stream = handle.generate_deltas.remote(job.request, trace=True)
+            else:
+                job.stream = handle.generate_deltas.remote(job.request)
             tasks.append(asyncio.get_running_loop().create_task(self._pump(job, queue)))
         # Wait for one output (or an error) per job before answering with a status code.
         pending: list = []
@@ -389,18 +496,28 @@ class OpenAIIngress:
 
     @staticmethod
     async def _pump(job: _Job, queue: asyncio.Queue) -> None:
+        """Relays one job's stream as ``OutputDelta``s onto the request's merged queue."""
+        tracker: Optional[DeltaTracker] = None
         try:
             async for item in job.stream:
-                if isinstance(item, ReplicaOutput):
-                    job.replica_id = item.replica_id
-                    item = item.output
-                await queue.put((job.prompt_index, item))
-            await queue.put((job.prompt_index, _END))
+                if isinstance(item, ReplicaOutput):  # disaggregated: cumulative outputs
+                    if tracker is None:
+                        tracker = DeltaTracker(item.replica_id)
+                    tracker.replica_id = item.replica_id  # a retry may move to another replica
+                    item = tracker.update(item.output)
+                    if item is None:
+                        continue
+                job.replica_id = item.replica_id
+                if job.trace is not None and "ingress_first_output" not in job.trace:
+                    job.trace.update(item.trace or {})
+                    job.trace["ingress_first_output"] = time.monotonic()
+                queue.put_nowait((job.prompt_index, item))
+            queue.put_nowait((job.prompt_index, _END))
         except asyncio.CancelledError:
             job.stream.cancel()
             raise
         except Exception as exc:  # delivered to the consumer, which maps it to an API error
-            await queue.put((job.prompt_index, exc))
+            queue.put_nowait((job.prompt_index, exc))
 
     @staticmethod
     def _cancel(jobs: list[_Job], tasks: list[asyncio.Task]) -> None:
@@ -411,28 +528,25 @@ class OpenAIIngress:
                 job.stream.cancel()
 
     async def _events(self, jobs: list[_Job], queue: "_PrefilledQueue",
-                      timer: RequestTimer) -> AsyncIterator[tuple[_Job, Any]]:
-        """(job, cumulative RequestOutput) until every job finished; cancels on early exit."""
+                      timer: RequestTimer) -> AsyncIterator[tuple[_Job, OutputDelta]]:
+        """(job, OutputDelta) until every job finished, each delta also added to ``job.final``;
+        cancels the replica calls on early exit."""
         by_index = {j.prompt_index: j for j in jobs}
-        num_tokens: dict[tuple[int, int], int] = {}
+        num_left = len(jobs)
         try:
-            while not all(j.is_done for j in jobs):
+            while num_left:
                 index, payload = await queue.get()
                 job = by_index[index]
+                if job.is_done:
+                    continue
                 if payload is _END:
-                    job.is_done = True
+                    job.is_done, num_left = True, num_left - 1
                     continue
                 if isinstance(payload, BaseException):
                     raise _api_error_from(payload)
-                new = 0
-                for c in payload.outputs:
-                    key = (index, c.index)
-                    new += len(c.token_ids) - num_tokens.get(key, 0)
-                    num_tokens[key] = len(c.token_ids)
-                timer.on_tokens(new, time.monotonic())
-                job.final = payload
+                timer.on_tokens(job.final.add(payload), time.monotonic())
                 if payload.finished:
-                    job.is_done = True
+                    job.is_done, num_left = True, num_left - 1
                 yield job, payload
             timer.on_finish(time.monotonic(), [c.finish_reason for j in jobs if j.final
                                                for c in j.final.outputs])
@@ -477,16 +591,18 @@ class OpenAIIngress:
                                       usage=_usage(jobs))
 
     async def _chat_stream(self, api_id: str, body: ChatCompletionRequest, jobs: list[_Job],
-                           queue: "_PrefilledQueue", timer: RequestTimer,
-                           renderer: PromptRenderer) -> AsyncIterator[str]:
+                           queue: "_PrefilledQueue", timer: RequestTimer, renderer: PromptRenderer,
+                           trace: Optional[dict[str, float]] = None) -> AsyncIterator[str]:
         model = self.cfg.served_model_name
         created = int(time.time())
         states: dict[int, _ChoiceState] = {}
+        if trace is not None:
+            trace["ingress_stream_start"] = time.monotonic()
         try:
             async for _, out in self._events(jobs, queue, timer):
-                for c in out.outputs:
+                for c in out.choices:
                     st = states.setdefault(c.index, _ChoiceState())
-                    delta_text, new_logprobs, new_ids = _advance(st, c)
+                    delta_text, new_logprobs, new_ids = c.text, c.logprobs or [], c.token_ids
                     finish = c.finish_reason if c.finish_reason and st.finish_reason is None else None
                     if finish:
                         st.finish_reason = finish
@@ -502,12 +618,16 @@ class OpenAIIngress:
                         id=api_id, created=created, model=model,
                         choices=[ChatCompletionChunkChoice(index=c.index, delta=delta, logprobs=logprobs,
                                                            finish_reason=finish)])
+                    if trace is not None:
+                        trace.setdefault("ingress_first_chunk", time.monotonic())
                     yield _sse_data(chunk)
             if body.include_usage:
                 yield _sse_data(ChatCompletionChunk(id=api_id, created=created, model=model,
                                                     choices=[], usage=_usage(jobs)))
         except APIError as exc:
             yield f"data: {json.dumps(dump(exc.to_response()))}\n\n"
+        if trace is not None:
+            yield _sse_trace(trace)
         yield "data: [DONE]\n\n"
 
     # ---- completion responses -----------------------------------------------------------------
@@ -528,20 +648,22 @@ class OpenAIIngress:
                                   usage=_usage(jobs))
 
     async def _completion_stream(self, api_id: str, body: CompletionRequest, jobs: list[_Job],
-                                 queue: "_PrefilledQueue", timer: RequestTimer,
-                                 renderer: PromptRenderer) -> AsyncIterator[str]:
+                                 queue: "_PrefilledQueue", timer: RequestTimer, renderer: PromptRenderer,
+                                 trace: Optional[dict[str, float]] = None) -> AsyncIterator[str]:
         model = self.cfg.served_model_name
         created = int(time.time())
         states: dict[int, _ChoiceState] = {}
+        if trace is not None:
+            trace["ingress_stream_start"] = time.monotonic()
         try:
             async for job, out in self._events(jobs, queue, timer):
-                for c in out.outputs:
+                for c in out.choices:
                     index = job.prompt_index * body.n + c.index
                     is_new = index not in states
                     st = states.setdefault(index, _ChoiceState())
                     if is_new and body.echo:
                         st.text_offset = len(job.prompt_text)
-                    delta_text, new_logprobs, new_ids = _advance(st, c)
+                    delta_text, new_logprobs, new_ids = c.text, c.logprobs or [], c.token_ids
                     finish = c.finish_reason if c.finish_reason and st.finish_reason is None else None
                     if finish:
                         st.finish_reason = finish
@@ -558,12 +680,16 @@ class OpenAIIngress:
                         id=api_id, created=created, model=model,
                         choices=[CompletionChoice(index=index, text=delta_text, logprobs=logprobs,
                                                   finish_reason=finish)])
+                    if trace is not None:
+                        trace.setdefault("ingress_first_chunk", time.monotonic())
                     yield _sse_data(chunk)
             if body.include_usage:
                 yield _sse_data(CompletionResponse(id=api_id, created=created, model=model, choices=[],
                                                    usage=_usage(jobs)))
         except APIError as exc:
             yield f"data: {json.dumps(dump(exc.to_response()))}\n\n"
+        if trace is not None:
+            yield _sse_trace(trace)
         yield "data: [DONE]\n\n"
 
 
@@ -599,21 +725,17 @@ def _usage(jobs: list[_Job]) -> UsageInfo:
     return UsageInfo.of(prompt, completion)
 
 
-def _advance(st: _ChoiceState, c: Any) -> tuple[str, list, list[int]]:
-    """New text, new logprob entries and new token ids of a choice since the last chunk."""
-    if c.text.startswith(st.text):
-        delta = c.text[len(st.text):]
-    else:  # the detokenizer revised its tail; send what is new past the common prefix
-        common = 0
-        while common < min(len(c.text), len(st.text)) and c.text[common] == st.text[common]:
-            common += 1
-        delta = c.text[common:]
-    st.text = c.text
-    new_ids = list(c.token_ids[st.num_tokens:])
-    st.num_tokens = len(c.token_ids)
-    new_logprobs = list((c.logprobs or [])[st.num_logprobs:])
-    st.num_logprobs += len(new_logprobs)
-    return delta, new_logprobs, new_ids
+def _start_trace(request: Request, stream: bool, arrival: float,
+                 body_read: float) -> Optional[dict[str, float]]:
+    """Latency stamps for a streaming request that asked for them (``x-kvmesh-trace: 1``)."""
+    if not stream or request.headers.get(TRACE_HEADER) != "1":
+        return None
+    return {"ingress_arrival": arrival, "ingress_body_read": body_read, "ingress_tokenized": time.monotonic()}
+
+
+def _sse_trace(trace: dict[str, float]) -> str:
+    """An SSE comment line: clients skip it, ``bench/http_overhead.py`` reads it."""
+    return f": kvmesh-trace {json.dumps(trace)}\n\n"
 
 
 def _token_text(token_id: int, logprob: Any, renderer: PromptRenderer) -> str:

@@ -1,7 +1,9 @@
 """The engine replica deployment (``LLMServer``) and the board where replicas post their stats.
 
-    ingress ──GenerateRequest──▶ LLMServer.generate ──▶ AsyncLLM.generate
-            ◀──ReplicaOutput(replica_id, RequestOutput) (cumulative, streamed)──┘
+    ingress ──GenerateRequest──▶ LLMServer.generate_deltas ──▶ AsyncLLM.generate
+            ◀──OutputDelta (new tokens/text only, streamed; router/deltas.py)──┘
+    (``LLMServer.generate`` streams ReplicaOutput(replica_id, RequestOutput), cumulative,
+     for callers holding a handle to the replicas directly)
     LLMServer ──every stats_period_s──▶ ReplicaStatsBoard ◀── ingress (/metrics, /health,
                                                                admission, kvmesh status)
     Serve's request router ◀── LLMServer.record_routing_stats() (ReplicaStats.to_dict())
@@ -26,6 +28,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from engine.config import EngineConfig
 from router.config import DeploymentConfig
+from router.deltas import DeltaTracker, OutputDelta
 from router.messages import GenerateRequest, ReplicaOutput, ReplicaStats
 
 logger = logging.getLogger(__name__)
@@ -72,6 +75,26 @@ class LLMServer:
                                       priority=req.priority)
         async for out in self._guarded(req.request_id, stream):
             yield ReplicaOutput(self.replica_id, out)
+
+    async def generate_deltas(self, req: GenerateRequest, trace: bool = False) -> AsyncIterator[OutputDelta]:
+        """Streams the request's outputs as ``OutputDelta``s: only what is new since the
+        previous item (the ingress's path; ``generate`` is the cumulative one).
+
+        ``trace`` (the ``x-kvmesh-trace`` debug header) adds ``time.monotonic()`` stamps of
+        the request's way through this replica and its engine to the first delta.
+        Raises ``ValueError`` (before any output) for a request the engine rejects.
+        """
+        received = time.monotonic()
+        tracker = DeltaTracker(self.replica_id)
+        stream = self.engine.generate(req.prompt_token_ids, req.sampling_params, req.request_id,
+                                      priority=req.priority)
+        async for out in self._guarded(req.request_id, stream):
+            delta = tracker.update(out)
+            if delta is None:
+                continue
+            if trace:
+                delta.trace, trace = _trace_stamps(received, out), False
+            yield delta
 
     async def _guarded(self, request_id: str, stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """Relays an engine stream; if the caller goes away first, aborts the request (frees its blocks)."""
@@ -176,6 +199,19 @@ class LLMServer:
             self.engine.shutdown()
         except Exception:
             pass
+
+
+def _trace_stamps(received: float, out: Any) -> dict[str, float]:
+    """Replica and engine stamps (``time.monotonic()``, one clock for the host) of a first output."""
+    stamps = {"replica_received": received}
+    metrics = getattr(out, "metrics", None)
+    for key, attr in (("engine_arrival", "arrival_time"), ("engine_scheduled", "first_scheduled_time"),
+                      ("engine_first_token", "first_token_time")):
+        value = getattr(metrics, attr, None)
+        if value is not None:
+            stamps[key] = value
+    stamps["replica_first_output"] = time.monotonic()
+    return stamps
 
 
 class ReplicaStatsBoard:
