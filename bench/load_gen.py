@@ -1,9 +1,11 @@
 """Load generator for the OpenAI API of a running kvmesh (or any OpenAI-compatible) server.
 
 Streams every request (SSE) and measures, per request, the time to first token
-(TTFT), the inter-token latencies (ITL: gaps between content chunks, divided over
-the tokens a chunk carries) and the end-to-end latency; reports p50/p90/p99 and
-throughput, writes JSON naming the client machine and a PNG plot under bench/results/.
+(TTFT), the inter-token latencies (ITL: gaps between content chunks; a server that
+is behind may send several tokens in one chunk), the time per output token after
+the first (TPOT: (end-to-end - TTFT) / (completion tokens - 1), whatever the chunking)
+and the end-to-end latency; reports p50/p90/p99 and throughput, writes JSON naming
+the client machine and a PNG plot under bench/results/.
 
 Prompts: a share ``--shared-prefix-ratio`` of the requests starts with one of
 ``--num-prefixes`` long shared prefixes (a system prompt, a document) followed by
@@ -185,6 +187,9 @@ def summarize(records: list[RequestRecord], duration: float) -> dict:
         "total_completion_tokens": completion_tokens,
         "ttft_s": percentiles([r.ttft_s for r in ok if r.ttft_s is not None]),
         "itl_s": percentiles([x for r in ok for x in r.itl_s]),
+        "tpot_s": percentiles([(r.e2e_s - r.ttft_s) / (r.completion_tokens - 1) for r in ok
+                               if r.ttft_s is not None and r.e2e_s is not None
+                               and r.completion_tokens > 1]),
         "e2e_s": percentiles([r.e2e_s for r in ok if r.e2e_s is not None]),
     }
     for shared in (True, False):
@@ -297,6 +302,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"  shared prefix {format_ms(summary['ttft_s_shared_prefix'])}")
     print(f"  unique        {format_ms(summary['ttft_s_unique'])}")
     print(f"ITL  {format_ms(summary['itl_s'])}")
+    print(f"TPOT {format_ms(summary['tpot_s'])}")
     print(f"E2E  {format_ms(summary['e2e_s'])}")
     if status_after:
         for r in status_after.get("replicas", []):
