@@ -4,9 +4,11 @@ The ingress renders and tokenizes the prompt once, computes its block-hash
 chain with the engine's block size (``engine.block_hash``), and sends a
 ``GenerateRequest`` through the replica deployment's handle. The request
 router (inside that handle) reads ``block_hashes`` to pick a replica; the
-replica streams back ``engine.outputs.RequestOutput`` objects (cumulative),
-each in a ``ReplicaOutput`` naming the replica, which the ingress returns as
-the ``x-kvmesh-replica`` response header (routing is observable from outside).
+replica streams back ``router.deltas.OutputDelta``s (``LLMServer.generate_deltas``:
+only the tokens, text and logprobs new since the last item; ``generate`` still
+streams cumulative ``engine.outputs.RequestOutput``s for direct handle users),
+each naming the replica, which the ingress returns as the ``x-kvmesh-replica``
+response header (routing is observable from outside).
 Replicas publish ``ReplicaStats`` as their Serve routing stats (a plain dict).
 """
 
