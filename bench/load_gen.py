@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import AsyncIterator, Optional
 
 import httpx
 
@@ -95,6 +95,17 @@ def request_body(args: argparse.Namespace, prompt: str) -> dict:
     return body
 
 
+async def sse_chunks(response: httpx.Response) -> AsyncIterator[dict]:
+    """The JSON chunks of an OpenAI server-sent-event stream, up to ``data: [DONE]``."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data: "):
+            continue
+        data = line[len("data: "):]
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
 async def run_one(client: httpx.AsyncClient, args: argparse.Namespace, record: RequestRecord,
                   prompt: str, t0: float) -> None:
     path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
@@ -107,13 +118,7 @@ async def run_one(client: httpx.AsyncClient, args: argparse.Namespace, record: R
             if response.status_code != 200:
                 record.error = (await response.aread()).decode(errors="replace")[:300]
                 return
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: "):]
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
+            async for chunk in sse_chunks(response):
                 if "error" in chunk:
                     record.error = json.dumps(chunk["error"])[:300]
                     return

@@ -85,13 +85,7 @@ async def stream_one(client: httpx.AsyncClient, model: str, record: Record, prom
             if response.status_code != 200:
                 record.error = f"{response.status_code}: {(await response.aread()).decode(errors='replace')[:200]}"
                 return
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: "):]
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
+            async for chunk in load_gen.sse_chunks(response):
                 if "error" in chunk:
                     record.error = json.dumps(chunk["error"])[:200]
                     return

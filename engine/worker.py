@@ -52,6 +52,7 @@ class Worker:
         self.dtype = resolve_dtype(config, spec, self.device)
         self.groups: Optional[WorkerGroups] = None
         self.runner = None
+        self._pending = None  # StepFuture of the last pipelined step (async scheduling)
 
     def rendezvous(self, backend) -> DistInit:
         """Worker 0: where the others meet it (a gloo address on this node, or NCCL ids)."""
@@ -88,7 +89,7 @@ class Worker:
         return self._take_pending(None)
 
     def _take_pending(self, future) -> Optional[ModelOutput]:
-        previous, self._pending = getattr(self, "_pending", None), future
+        previous, self._pending = self._pending, future
         if previous is None:
             return None
         output = previous.result()

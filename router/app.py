@@ -38,8 +38,8 @@ PREFILL_NAME = "PrefillServer"  # disaggregated mode: the prefill pool
 DECODE_NAME = "DecodeServer"  # disaggregated mode: the decode pool (the ingress's ``llm`` handle)
 
 
-def request_router_config(cfg: DeploymentConfig) -> Optional[Any]:
-    """Serve ``RequestRouterConfig`` for the prefix-aware router; None for Serve's default."""
+def _request_router_module(cfg: DeploymentConfig) -> Optional[Any]:
+    """``router.request_router`` when the config asks for our routers; None for Serve's default."""
     if cfg.routing.kind is not RouterKind.PREFIX_AWARE:
         return None
     try:
@@ -47,21 +47,25 @@ def request_router_config(cfg: DeploymentConfig) -> Optional[Any]:
     except ImportError:
         logger.warning("router.request_router is not available; using Serve's default router")
         return None
-    return request_router.request_router_config(
+    return request_router
+
+
+def request_router_config(cfg: DeploymentConfig) -> Optional[Any]:
+    """Serve ``RequestRouterConfig`` for the prefix-aware router; None for Serve's default."""
+    module = _request_router_module(cfg)
+    if module is None:
+        return None
+    return module.request_router_config(
         cfg.routing.policy, redis_url=cfg.redis_url, namespace=cfg.name,
         stats_period_s=cfg.routing.stats_period_s)
 
 
 def decode_request_router_config(cfg: DeploymentConfig) -> Optional[Any]:
     """The decode pool's Serve ``RequestRouterConfig`` (free-KV-block aware); None for Serve's default."""
-    if cfg.routing.kind is not RouterKind.PREFIX_AWARE:
+    module = _request_router_module(cfg)
+    if module is None:
         return None
-    try:
-        from router import request_router
-    except ImportError:
-        logger.warning("router.request_router is not available; using Serve's default router")
-        return None
-    return request_router.decode_request_router_config(
+    return module.decode_request_router_config(
         cfg.routing.policy, block_size=cfg.block_size, redis_url=cfg.redis_url,
         namespace=f"{cfg.name}-decode", stats_period_s=cfg.routing.stats_period_s)
 
