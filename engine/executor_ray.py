@@ -1,12 +1,32 @@
 """RayExecutor: a replica's workers as Ray actors in one placement group.
 
     LLMEngine (scheduler, once per replica)
-        │ execute_model(SchedulerOutput)        one ray.put, the same ref to every worker
+        │ execute_model(SchedulerOutput)
         ▼
     RayExecutor ──▶ Worker rank 0 ─┐  stage 0 (TP/EP group: all_reduce / all_gather)
                 ──▶ Worker rank 1 ─┘       │ send hidden states (pipeline)
                 ──▶ Worker rank 2 ─┐  stage 1
                 ──▶ Worker rank 3 ─┘──▶ ModelOutput (last stage, stage rank 0) ──▶ scheduler
+
+How a step reaches the workers (``_launch`` / ``_collect``):
+
+    all workers on the driver's node (the usual case)      otherwise, or KVMESH_SHM_CHANNEL=0
+    ┌────────────┐ StepCall  ┌──────────────────┐          ┌────────────┐ ray.put(args) once
+    │ RayExecutor│──────────▶│ broadcast ring   │──▶ each  │ RayExecutor│ w.<method>.remote(ref)
+    │ (_Step-    │  (shm)    │ 4 slots x 4 MiB  │  worker's│            │ per worker, then
+    │  Channel)  │◀──────────│ reply ring/worker│◀── step  │            │ ray.wait / ray.get
+    └────────────┘ StepReply └──────────────────┘   loop   └────────────┘ (_call_all)
+                                                   thread
+
+The shared-memory channel (``engine/step_channel.py`` over ``engine/distributed/shm_channel.py``) takes the Ray call round trip
+(the driver's put, calls and waits, each worker's call handling) out of every step: after
+``initialize_kv_cache`` each worker starts one step-loop thread (``Worker.start_step_loop``)
+that runs every runner-touching call from the ring in order, so the runner is only ever
+touched by that thread; the executor then sends every such call (execute_model,
+execute_model_pipelined, flush, export_kv, import_kv, shutdown) through the ring. While it
+waits for replies it polls the workers' liveness calls (``ray.wait(timeout=0)``) every
+``LIVENESS_POLL_S``, so a worker killed mid-step is noticed within that, not at the timeout.
+The executor creates (and at shutdown unlinks) every segment; workers only attach.
 
 Placement (``engine/placement.py``): one bundle per worker ({"GPU": 1, "CPU": 1} on GPUs,
 a CPU slice in CI); STRICT_PACK when there is one stage (a TP group must share a node's
@@ -31,8 +51,9 @@ This is the one engine module that imports Ray.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import ray
 import torch
@@ -48,6 +69,7 @@ from engine.models.spec import ModelSpec
 from engine.placement import (placement_strategy, uses_gpus, worker_bundle,
                               worker_bundle_indices)
 from engine.scheduler_output import ModelOutput, SchedulerOutput
+from engine.step_channel import StepChannel, StepMethod, WorkerCallFailed
 from engine.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -56,6 +78,10 @@ PLACEMENT_TIMEOUT_S = 120.0  # reserving the group's resources; then fail with t
 INIT_TIMEOUT_S = 900.0  # group set-up + loading a shard of a large checkpoint
 STEP_TIMEOUT_S = 300.0  # one step; longer means a peer hangs -> the replica is dead
 WATCH_GROUP = "watch"  # concurrency group of the liveness call, apart from the step calls
+SHM_CHANNEL_ENV = "KVMESH_SHM_CHANNEL"  # "0": Ray calls for every step even on one node
+SHM_SPIN_ENV = "KVMESH_SHM_SPIN_US"  # how long a ring wait spins before it sleeps
+SHM_SPIN_S = {True: 0.02, False: 0.0005}  # is_gpu -> spin: a GPU step's length; little on CPU
+LIVENESS_POLL_S = 0.2  # while waiting on the rings: how often the workers' liveness is checked
 
 
 class WorkerDiedError(RuntimeError):
@@ -88,6 +114,7 @@ class RayExecutor(Executor):
         self.output_index = next(r.rank for r in self.ranks if r.is_output_rank)
         self._dead: Optional[str] = None
         self._last_future: Optional[_RayStepFuture] = None  # the newest step launched asynchronously
+        self._channel: Optional[StepChannel] = None  # set once the workers run their step loops
         self.is_gpu = uses_gpus(config, ray.cluster_resources().get("GPU", 0))
         backend = resolve_backend(config.parallel.distributed_backend,
                                   torch.device("cuda" if self.is_gpu else "cpu"))
@@ -155,12 +182,22 @@ class RayExecutor(Executor):
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._call_all([w.initialize_kv_cache.remote(num_blocks) for w in self.workers], INIT_TIMEOUT_S)
+        self._channel = self._start_step_channel()  # from here on, steps go through it if it exists
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelOutput:
         self.check_health()
-        so_ref = ray.put(scheduler_output)  # serialised once, fetched by every worker
-        results = self._call_all([w.execute_model.remote(so_ref) for w in self.workers], STEP_TIMEOUT_S)
+        results = self._collect(self._launch(StepMethod.EXECUTE_MODEL, scheduler_output), STEP_TIMEOUT_S)
         return results[self.output_index]
+
+    def export_kv(self, block_ids: list[int]) -> list[torch.Tensor]:
+        """One CPU staging tensor per rank (each rank's layers and heads), in rank order."""
+        self.check_health()
+        return self._collect(self._launch(StepMethod.EXPORT_KV, block_ids), STEP_TIMEOUT_S)
+
+    def import_kv(self, block_ids: list[int], kv: list[torch.Tensor]) -> None:
+        """``kv`` as ``export_kv`` gives it (one tensor per rank); each rank takes its own."""
+        self.check_health()
+        self._collect(self._launch(StepMethod.IMPORT_KV, block_ids, list(kv)), STEP_TIMEOUT_S)
 
     # ---- async scheduling (one stage): each call launches a step and returns the one before ---
     @property
@@ -169,16 +206,15 @@ class RayExecutor(Executor):
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> "_RayStepFuture":
         self.check_health()
-        so_ref = ray.put(scheduler_output)
-        refs = [w.execute_model_pipelined.remote(so_ref) for w in self.workers]
+        token = self._launch(StepMethod.EXECUTE_MODEL_PIPELINED, scheduler_output)
         if self._last_future is not None:
-            self._last_future.refs = refs  # these calls return the previous step's output
+            self._last_future.token = token  # these calls return the previous step's output
         future = self._last_future = _RayStepFuture(self)
         return future
 
     def _flush(self, future: "_RayStepFuture") -> None:
-        if future.refs is None:  # no later step was launched: ask for it
-            future.refs = [w.flush.remote() for w in self.workers]
+        if future.token is None:  # no later step was launched: ask for it
+            future.token = self._launch(StepMethod.FLUSH)
             if self._last_future is future:
                 self._last_future = None
 
@@ -192,17 +228,81 @@ class RayExecutor(Executor):
 
     def shutdown(self) -> None:
         workers, self.workers = getattr(self, "workers", []), []
+        channel, self._channel = getattr(self, "_channel", None), None
         if workers and self._dead is None:
             try:
-                ray.wait([w.shutdown.remote() for w in workers], num_returns=len(workers), timeout=10)
+                if channel is not None:  # the step loops run the shutdown, then end
+                    channel.gather(channel.send(StepMethod.SHUTDOWN), timeout_s=10, poll=lambda: None)
+                else:
+                    ray.wait([w.shutdown.remote() for w in workers], num_returns=len(workers), timeout=10)
             except Exception:  # best effort: the actors are killed below anyway
                 pass
         for w in workers:
             ray.kill(w)
+        if channel is not None:
+            channel.close()  # unlinks every segment: none outlives the executor
         pg = getattr(self, "placement_group", None)
         if pg is not None and getattr(self, "owns_placement_group", False):
             self.placement_group = None
             remove_placement_group(pg)  # a Serve replica's group is Serve's to remove
+
+    # ---- how calls reach the workers: the shared-memory channel, or Ray calls -----------------
+    def _start_step_channel(self) -> Optional["StepChannel"]:
+        """Starts the workers' step loops on a new channel; None (Ray calls) when it can't be used."""
+        if os.environ.get(SHM_CHANNEL_ENV, "1") == "0":
+            logger.info("%s=0: steps go to the workers as Ray calls", SHM_CHANNEL_ENV)
+            return None
+        here = ray.get_runtime_context().get_node_id()
+        nodes = self._call_all([w.__ray_call__.remote(_node_id) for w in self.workers], INIT_TIMEOUT_S)
+        if any(node != here for node in nodes):
+            logger.info("workers on other nodes (%s; driver on %s): steps go as Ray calls", nodes, here)
+            return None
+        spin_s = (float(os.environ[SHM_SPIN_ENV]) / 1e6 if os.environ.get(SHM_SPIN_ENV)
+                  else SHM_SPIN_S[self.is_gpu])
+        try:
+            channel = StepChannel(len(self.workers), spin_s, poll=self._poll_liveness,
+                                  write_timeout_s=STEP_TIMEOUT_S, poll_interval_s=LIVENESS_POLL_S)
+        except OSError as exc:  # e.g. no /dev/shm room: the Ray path still works
+            logger.warning("no shared-memory step channel (%s): steps go as Ray calls", exc)
+            return None
+        try:
+            self._call_all([w.start_step_loop.remote(channel.handles(i))
+                            for i, w in enumerate(self.workers)], INIT_TIMEOUT_S)
+        except BaseException:
+            channel.close()
+            raise
+        return channel
+
+    def _launch(self, method: StepMethod, *args: Any) -> Any:
+        """Sends one call to every worker; the token for ``_collect`` (a seq, or Ray refs)."""
+        if self._channel is not None:
+            return self._on_channel(lambda channel: channel.send(method, *args))
+        arg_refs = [ray.put(arg) for arg in args]  # serialised once, fetched by every worker
+        return [_RAY_METHODS[method](w).remote(*arg_refs) for w in self.workers]
+
+    def _collect(self, token: Any, timeout_s: float) -> list:
+        """Every worker's result of the launched call, in rank order; failures as ``_call_all``."""
+        if isinstance(token, int):
+            replies = self._on_channel(lambda channel: channel.gather(token, timeout_s))
+            return [reply.value for reply in replies]
+        return self._call_all(token, timeout_s)
+
+    def _on_channel(self, use: Callable[["StepChannel"], Any]) -> Any:
+        """Runs ``use`` on the channel, turning a worker's error or a timeout into a dead replica."""
+        if self._channel is None:
+            raise WorkerDiedError(self._dead or "the executor is shut down")
+        try:
+            return use(self._channel)
+        except WorkerCallFailed as exc:
+            self._mark_dead(f"worker {exc.worker_index} failed: {exc.reply.error}")
+            raise WorkerDiedError(self._dead) from exc
+        except TimeoutError as exc:
+            self._mark_dead(f"worker calls did not finish: {exc}")
+            raise WorkerDiedError(self._dead) from exc
+
+    def _poll_liveness(self) -> None:
+        """Raises ``WorkerDiedError`` (the executor marked dead) if a worker has exited."""
+        self.check_health()
 
     # ---- helpers ------------------------------------------------------------------------------
     def _call_all(self, refs: list, timeout_s: float) -> list:
@@ -234,13 +334,13 @@ class _RayStepFuture:
 
     def __init__(self, executor: RayExecutor) -> None:
         self.executor = executor
-        self.refs: Optional[list] = None
+        self.token: Any = None  # _launch's token of the call that returns this step's output
         self._output: Optional[ModelOutput] = None
 
     def result(self) -> ModelOutput:
         if self._output is None:
             self.executor._flush(self)
-            results = self.executor._call_all(self.refs, STEP_TIMEOUT_S)
+            results = self.executor._collect(self.token, STEP_TIMEOUT_S)
             self._output = results[self.executor.output_index] or ModelOutput()
         return self._output
 
@@ -251,3 +351,18 @@ def _error_of(ref) -> str:
         return "it returned"
     except Exception as exc:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _node_id(_worker: Worker) -> str:
+    """Runs in a worker actor (``__ray_call__``): the Ray node it lives on."""
+    return ray.get_runtime_context().get_node_id()
+
+
+_RAY_METHODS: dict[StepMethod, Callable[[Any], Any]] = {  # the Ray path's actor method per call
+    StepMethod.EXECUTE_MODEL: lambda w: w.execute_model,
+    StepMethod.EXECUTE_MODEL_PIPELINED: lambda w: w.execute_model_pipelined,
+    StepMethod.FLUSH: lambda w: w.flush,
+    StepMethod.EXPORT_KV: lambda w: w.export_kv,
+    StepMethod.IMPORT_KV: lambda w: w.import_kv,
+    StepMethod.SHUTDOWN: lambda w: w.shutdown,
+}

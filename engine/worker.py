@@ -10,6 +10,14 @@ and drives them all with the same calls::
     execute_model(SchedulerOutput)       every step, every worker; the output rank's result counts
     execute_model_pipelined(SO)          async scheduling: launch this step, return the previous one's
     flush()                              ... and the last one's, when no step follows
+    export_kv(block_ids) / import_kv     disaggregated prefill/decode: this rank's KV shard
+    start_step_loop(StepLoopHandles)     once, after initialize_kv_cache, when on the driver's node
+
+After ``start_step_loop`` the step calls (``StepMethod``: execute_model, execute_model_pipelined,
+flush, export_kv, import_kv, shutdown) arrive as ``StepCall`` messages (``engine/step_channel.py``) on a shared-memory
+broadcast ring (``engine/distributed/shm_channel.py``) instead of as Ray calls, and one
+background thread runs them in order and writes a ``StepReply`` per call to this worker's
+reply ring. From then on that thread is the only one that touches the runner.
 
 This class is plain Python (no Ray import): the executor wraps it with
 ``ray.remote``, and tests may run it in-process.
@@ -19,15 +27,19 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+import threading
+import traceback
+from typing import Any, Optional
 
 import torch
 
 from engine.config import EngineConfig
 from engine.distributed.group import DistInit, WorkerGroups, init_worker_groups, rendezvous
+from engine.distributed.shm_channel import Backoff, RingReader, RingWriter, ShmRing
 from engine.distributed.topology import ParallelRank
 from engine.models.spec import ModelSpec
 from engine.scheduler_output import ModelOutput, SchedulerOutput
+from engine.step_channel import StepCall, StepLoopHandles, StepMethod, StepReply
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +65,7 @@ class Worker:
         self.groups: Optional[WorkerGroups] = None
         self.runner = None
         self._pending = None  # StepFuture of the last pipelined step (async scheduling)
+        self._step_thread: Optional[threading.Thread] = None
 
     def rendezvous(self, backend) -> DistInit:
         """Worker 0: where the others meet it (a gloo address on this node, or NCCL ids)."""
@@ -94,6 +107,55 @@ class Worker:
             return None
         output = previous.result()
         return output if self.rank.is_output_rank else None
+
+    def export_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """This rank's KV of the blocks (its layers and heads), on the CPU for the executor."""
+        return self.runner.export_kv(block_ids).cpu()
+
+    def import_kv(self, block_ids: list[int], kv_per_rank: list[torch.Tensor]) -> None:
+        """Writes this rank's entry of ``kv_per_rank`` (as ``export_kv`` gave it) into the blocks."""
+        self.runner.import_kv(block_ids, kv_per_rank[self.rank.rank].to(self.device))
+
+    # ---- the step loop (shared-memory channel) -------------------------------------------------
+    def start_step_loop(self, handles: StepLoopHandles) -> None:
+        """Attaches the rings and starts the one thread that runs every step call from now on."""
+        if self._step_thread is not None:
+            raise RuntimeError("the step loop is already running")
+        backoff = Backoff(spin_s=handles.spin_s)
+        calls = RingReader(ShmRing.attach(handles.calls), handles.reader_index, backoff)
+        replies = RingWriter(ShmRing.attach(handles.replies), backoff)
+        self._step_thread = threading.Thread(target=self._step_loop, args=(calls, replies),
+                                             name="kvmesh-step-loop", daemon=True)
+        self._step_thread.start()
+
+    def run_step_call(self, call: StepCall) -> Any:
+        handlers = {StepMethod.EXECUTE_MODEL: self.execute_model,
+                    StepMethod.EXECUTE_MODEL_PIPELINED: self.execute_model_pipelined,
+                    StepMethod.FLUSH: self.flush, StepMethod.EXPORT_KV: self.export_kv,
+                    StepMethod.IMPORT_KV: self.import_kv, StepMethod.SHUTDOWN: self.shutdown}
+        return handlers[call.method](*call.args)
+
+    def _step_loop(self, calls: RingReader, replies: RingWriter) -> None:
+        if self.device.type == "cuda":  # the current device is per thread
+            torch.cuda.set_device(self.device)
+        try:
+            while True:
+                call: StepCall = calls.read()
+                try:
+                    reply = StepReply(call.seq, self.run_step_call(call))
+                except Exception as exc:  # noqa: BLE001 - travels to the executor, which fails the step
+                    reply = StepReply(call.seq, error=f"{type(exc).__name__}: {exc}",
+                                      traceback=traceback.format_exc())
+                try:
+                    replies.write(reply)
+                except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable value: say so instead
+                    replies.write(StepReply(call.seq, error=f"reply not sent: {type(exc).__name__}: {exc}",
+                                            traceback=traceback.format_exc()))
+                if call.method is StepMethod.SHUTDOWN:
+                    return
+        finally:
+            calls.ring.close()
+            replies.ring.close()
 
     def ping(self) -> int:
         return os.getpid()
