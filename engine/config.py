@@ -138,9 +138,18 @@ class DeviceConfig:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
     attention_backend: AttentionBackendKind = AttentionBackendKind.AUTO
     enforce_eager: bool = False  # disable CUDA graphs
+    # Steps with a prefill in them (a fresh prompt, chunked prefill mixed with decodes) of at most
+    # this many tokens and cuda_graph_max_mixed_reqs requests replay a captured graph too: launching
+    # ~900 kernels of a small prefill from Python costs more than running them (0: never).
+    cuda_graph_max_prefill_tokens: int = 512
+    cuda_graph_max_mixed_reqs: int = 32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attention_backend", AttentionBackendKind(self.attention_backend))
+        _check(self.cuda_graph_max_prefill_tokens >= 0,
+               f"cuda_graph_max_prefill_tokens must be >= 0, got {self.cuda_graph_max_prefill_tokens}")
+        _check(self.cuda_graph_max_mixed_reqs >= 1,
+               f"cuda_graph_max_mixed_reqs must be >= 1, got {self.cuda_graph_max_mixed_reqs}")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 

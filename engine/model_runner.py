@@ -50,7 +50,7 @@ import torch
 from engine.attention.base import AttentionMetadata, ForwardContext, allocate_kv_cache, copy_blocks
 from engine.attention.selector import get_attention_backend
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphRunner
+from engine.cuda_graphs import DecodeGraphs, GraphRunner, MixedGraphs
 from engine.device_copy import packed_to_device, to_device
 from engine.distributed.communicator import Communicator
 from engine.distributed.topology import SINGLE_RANK, ParallelRank
@@ -130,7 +130,7 @@ class ModelRunner:
         self.backend = get_attention_backend(config.device.attention_backend, device)
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
-        self.graph_runner: DecodeGraphRunner | None = None
+        self.graph_runner: GraphRunner | None = None
         self.requests: dict[str, RunnerRequestState] = {}
         # The previous step's sampled ids (R,) on the device and each request's row in them.
         self._prev_sampled: Optional[torch.Tensor] = None
@@ -208,11 +208,22 @@ class ModelRunner:
                     num_blocks, self.block_size, num_blocks * self.kv_bytes_per_block() / (1 << 30),
                     self.max_model_len, num_blocks * self.block_size / self.max_model_len)
         if self._use_cuda_graphs():
-            self.graph_runner = DecodeGraphRunner(
-                self.model, self.backend, self.kv_caches, self.spec.hidden_size, self.dtype, self.device,
-                self.block_size, max_blocks_per_req=(self.max_model_len + self.block_size - 1) // self.block_size,
-                scratch_block=num_blocks, max_batch=self.config.scheduler.max_num_seqs)
+            self.graph_runner = self._graph_runner(scratch_block=num_blocks, capture=True)
             self.graph_runner.capture()
+
+    def _graph_runner(self, scratch_block: int, capture: bool) -> GraphRunner:
+        """Decode graphs up to max_num_seqs; mixed graphs for steps of up to
+        ``cuda_graph_max_prefill_tokens`` tokens (``engine/cuda_graphs.py``)."""
+        device_cfg, sched = self.config.device, self.config.scheduler
+        common = dict(model=self.model, backend=self.backend, kv_caches=self.kv_caches, device=self.device,
+                      block_size=self.block_size, scratch_block=scratch_block,
+                      max_blocks_per_req=(self.max_model_len + self.block_size - 1) // self.block_size)
+        decode = DecodeGraphs(max_batch=sched.max_num_seqs, **common) if capture else None
+        max_tokens = min(device_cfg.cuda_graph_max_prefill_tokens, sched.max_num_batched_tokens)
+        mixed = (MixedGraphs(max_tokens=max_tokens, capture=capture,
+                             max_reqs=min(device_cfg.cuda_graph_max_mixed_reqs, sched.max_num_seqs), **common)
+                 if max_tokens >= 2 else None)
+        return GraphRunner(decode, mixed)
 
     # ---- KV export / import (disaggregated prefill, engine/kv_transfer) -------------------------
     def export_kv(self, block_ids: list[int]) -> torch.Tensor:
@@ -298,8 +309,9 @@ class ModelRunner:
         """Forward of (a micro-batch of) the step; samples on the last stage, else returns what
         the next stage needs. Does not advance the requests' computed counts."""
         input_ids, positions, meta, sample_rows = self._prepare_inputs(scheduled)
-        if self.graph_runner is not None and self.graph_runner.can_run(meta):
-            hidden = self.graph_runner.run(input_ids, positions, meta)  # (num_reqs, hidden)
+        if (self.graph_runner is not None and intermediate is None
+                and self.graph_runner.can_run(meta, input_ids.shape[0])):
+            hidden = self.graph_runner.run(input_ids, positions, meta)  # (num_tokens, hidden)
         else:
             ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
             hidden = self.model(input_ids, positions, ctx, intermediate)  # (num_tokens, hidden)
@@ -313,15 +325,16 @@ class ModelRunner:
             rows = hidden[:len(sample_rows)]  # all decodes: row i is request i (no gather)
         else:
             rows = hidden[to_device([row for _, row in sample_rows], torch.long, self.device)]
-        # (num_sampling_reqs, vocab) fp32, the same bits on every TP rank (all_gather of the shards)
-        logits = self.model.compute_logits(rows)
         states = [self.requests[r] for r in req_ids]
         if any(s.num_pending and s.sampling_params.needs_history for s in states):
             raise RuntimeError("penalties need every earlier token: schedule them without async scheduling")
         batch = SamplingBatch.from_requests(
             [(s.sampling_params, s.sampling_params.seed, len(s.output_token_ids) + s.num_pending,
               s.token_ids[:s.num_prompt_tokens], s.output_token_ids) for s in states],
-            vocab_size=logits.shape[-1], device=self.device)
+            vocab_size=self.spec.vocab_size, device=self.device)
+        # (num_sampling_reqs, vocab), the same bits on every TP rank (all_gather of the shards);
+        # fp32 unless the batch only takes the argmax
+        logits = self.model.compute_logits(rows, upcast=not batch.is_argmax_only)
         out = self.sampler(logits, batch)
         sampled = out.sampled_token_ids  # (R,) int64 on the device
         for s in states:

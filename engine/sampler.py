@@ -109,6 +109,11 @@ class SamplingBatch:
     def num_rows(self) -> int:
         return len(self.num_logprobs)
 
+    @property
+    def is_argmax_only(self) -> bool:
+        """Every row greedy, no penalties, no logprobs: the sample is the logits' argmax."""
+        return self.all_greedy and not self.needs_penalties and self.max_num_logprobs is None
+
     @classmethod
     def from_requests(cls, requests: Sequence[SamplingRequest], vocab_size: int,
                       device: torch.device | str = "cpu") -> "SamplingBatch":
@@ -257,6 +262,8 @@ class Sampler:
         self._compiled_noise = None
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if batch.is_argmax_only:  # any float dtype: the argmax of exact bf16 values is the same
+            return SamplerOutput(sampled_token_ids=greedy_argmax(logits), logprobs=None)
         logits = logits.float()  # (R, V)
         raw_logprobs = logits.log_softmax(dim=-1) if batch.max_num_logprobs is not None else None
         if batch.needs_penalties:
@@ -322,3 +329,24 @@ def to_token_logprobs(out: SamplerOutput, batch: SamplingBatch) -> list[Optional
         result.append([TokenLogprobs(token_id=token_ids[row], logprob=chosen[row], rank=ranks[row],
                                      top_token_ids=top_ids[row][:k], top_logprobs=top_lps[row][:k])])
     return result
+
+
+ARGMAX_CHUNKS = 64
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits (R, V) -> (R,) int64, the first index of each row's maximum, as ``argmax``.
+
+    For a few rows of a large vocabulary torch's argmax reduces each row in one block
+    (~27 us for 128k fp32 logits on an H100, every decode step); cutting the row into
+    64 chunks reduces them in parallel. ``max`` and ``argmax`` return the first maximal
+    index, so the first chunk holding the maximum, at its first index, is argmax's answer.
+    """
+    rows, vocab = logits.shape
+    if rows > 16 or vocab < 8192 or vocab % ARGMAX_CHUNKS or not logits.is_contiguous():
+        return logits.argmax(dim=-1)
+    chunk = vocab // ARGMAX_CHUNKS
+    values, indices = logits.view(rows, ARGMAX_CHUNKS, chunk).max(dim=-1)  # (R, C) each
+    best = values.argmax(dim=-1, keepdim=True)  # (R, 1) first chunk holding the maximum
+    return (indices.gather(1, best) + best * chunk).squeeze(1)
+

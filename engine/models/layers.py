@@ -292,12 +292,14 @@ class VocabParallelEmbedding(TPLayer):
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection hidden -> vocab, split on the vocabulary like the embedding."""
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(R, hidden) -> (R, vocab_size) float32."""
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """(R, hidden) -> (R, vocab_size) float32 (``upcast=False``: the weights' dtype, for
+        greedy-only batches, whose argmax is the same on the exact bf16/fp16 values)."""
         logits = F.linear(hidden, self.weight)  # (R, vocab / tp)
         if self.tp_size > 1:
             logits = self.comm.all_gather(logits, dim=-1)  # (R, padded vocab)
-        return logits[:, :self.vocab_size].float()
+        logits = logits[:, :self.vocab_size]
+        return logits.float() if upcast else logits
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise TypeError("ParallelLMHead is not an embedding; call compute_logits(hidden)")

@@ -197,9 +197,10 @@ class LlamaForCausalLM(nn.Module):
         ``IntermediateTensors`` for the next stage (which passes them as ``intermediate``)."""
         return self.model(input_ids, positions, ctx, intermediate)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (R, hidden_size) -> logits (R, vocab_size) float32. Last stage only."""
-        return self.lm_head.compute_logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """hidden (R, hidden_size) -> logits (R, vocab_size) float32 (``upcast=False``: the
+        model's dtype, enough for an argmax). Last stage only."""
+        return self.lm_head.compute_logits(hidden, upcast)
 
     # ---- weights ------------------------------------------------------------------------------
     def map_weight(self, name: str, tensor: torch.Tensor) -> list[WeightTarget]:

@@ -36,7 +36,8 @@ def test_triton_and_cuda_graphs_match_reference_backend(arch, tmp_path):
     assert agree >= len(prompts) - 1, (got, expected)  # Triton's fp32 dots may use TF32
     runner = fast.engine.executor.runner
     if arch != "qwen2_moe":
-        assert runner.graph_runner is not None and runner.graph_runner.num_replays > 0
+        assert runner.graph_runner is not None and runner.graph_runner.decode.num_replays > 0
+        assert runner.graph_runner.mixed.num_replays > 0  # prompt chunks (+ decodes) of <= 32 tokens
     else:
         assert runner.graph_runner is None  # MoE layers sync with the host: never captured
     assert_no_leaks(fast)
