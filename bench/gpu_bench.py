@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -126,6 +127,28 @@ def engine_single_stream(llm, prompt: list[int], new_tokens: int) -> dict:
     return {**best, "e2e_tok_s": new_tokens / best["e2e_s"], "runs": results}
 
 
+def engine_ttft(llm, prompts: list[list[int]]) -> dict:
+    """TTFT of one fresh prompt at a time (no prefix hit, nothing else running), no profiler:
+    add_request to the first output token, through ``engine.step()``."""
+    from engine import SamplingParams
+
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    ttfts = []
+    for i, prompt in enumerate(prompts):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.add_request(f"ttft-fresh-{i}-{time.monotonic_ns()}", prompt, params)
+        first = None
+        while engine.has_unfinished_requests():
+            outs = engine.step()
+            if first is None and any(o.outputs[0].token_ids for o in outs):
+                first = time.perf_counter() - start
+        ttfts.append(first * 1e3)
+    ttfts = ttfts[1:]  # the first one warms up
+    return {"prompt_tokens": len(prompts[0]), "ttft_ms": ttfts, "p50_ms": statistics.median(ttfts)}
+
+
 def engine_profile(llm, prompts: list[list[int]], steps: int, path: str) -> dict:
     """torch.profiler over ``steps`` decode steps of ``len(prompts)`` streams: where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -147,7 +170,8 @@ def engine_profile(llm, prompts: list[list[int]], steps: int, path: str) -> dict
         wall = time.perf_counter() - start
     while engine.has_unfinished_requests():
         engine.step()
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    table = (prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n"
+             + prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
     try:  # kernel events only (device side), so nothing is counted twice
         from torch.autograd import DeviceType
         gpu_busy_us = sum(e.device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA)
@@ -264,6 +288,8 @@ def main() -> None:
     ap.add_argument("--profile-dir", default=None, help="write torch.profiler tables of decode steps here")
     ap.add_argument("--skip-hf-mixed-dynamic", action="store_true")
     ap.add_argument("--ttft-profile", action="store_true", help="profile first tokens of fresh prompts")
+    ap.add_argument("--graph-prefill-tokens", type=int, default=512,
+                    help="cuda_graph_max_prefill_tokens (0: prefill steps run eagerly)")
     ap.add_argument("--decode-profile", action="store_true", help="profile decode steps (batch 1, 256)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -292,9 +318,11 @@ def main() -> None:
 
         t0 = time.perf_counter()
         llm = LLM(model=path, load_format="dummy", dtype="bfloat16", max_model_len=4096,
-                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=8192, gpu_memory_utilization=0.90)
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=8192, gpu_memory_utilization=0.90,
+                  cuda_graph_max_prefill_tokens=args.graph_prefill_tokens)
         result["engine_options"] = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": 8192,
-                                    "async_scheduling": llm.engine.async_scheduling}
+                                    "async_scheduling": llm.engine.async_scheduling,
+                                    "cuda_graph_max_prefill_tokens": args.graph_prefill_tokens}
         result["engine_startup_s"] = time.perf_counter() - t0
         result["engine_num_kv_blocks"] = llm.engine.num_blocks
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.executor.runner.model.parameters())
@@ -313,6 +341,19 @@ def main() -> None:
             print(f"[gpu_bench] kvmesh single stream, sync scheduling "
                   f"{result['kvmesh_single_stream_sync']['decode_tok_s']:.1f} tok/s", flush=True)
             save()
+        trng = random.Random(11)
+        fresh = [random_ids(trng, 256) for _ in range(8)]
+        result["kvmesh_ttft_fresh_256"] = engine_ttft(llm, fresh)
+        if llm.engine.async_scheduling:
+            llm.engine.async_scheduling = False
+            result["kvmesh_ttft_fresh_256_sync"] = engine_ttft(llm, [random_ids(trng, 256) for _ in range(8)])
+            llm.engine.async_scheduling = True
+        graphs = llm.engine.executor.runner.graph_runner
+        result["mixed_graph_replays"] = graphs.mixed.num_replays if graphs and graphs.mixed else 0
+        print(f"[gpu_bench] TTFT of a fresh 256-token prompt: p50 {result['kvmesh_ttft_fresh_256']['p50_ms']:.2f} ms "
+              f"({result['kvmesh_ttft_fresh_256']['ttft_ms']}); sync "
+              f"{result.get('kvmesh_ttft_fresh_256_sync', {}).get('p50_ms')}", flush=True)
+        save()
         if args.ttft_profile:
             os.makedirs(args.profile_dir or ".", exist_ok=True)
             trng = random.Random(7)
