@@ -44,16 +44,18 @@ No Ray and no torch here.
 from __future__ import annotations
 
 import pickle
+import mmap
+import os
 import struct
+import sys
 import time
 from dataclasses import dataclass
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from typing import Any, Callable, Optional
 
 DEFAULT_NUM_SLOTS = 4
 DEFAULT_SLOT_BYTES = 4 << 20  # 4 MiB: a SchedulerOutput of thousands of requests fits one slot
 _CHUNK_HEADER = struct.Struct("<IB")  # payload bytes in this slot, 1 if the message's last chunk
-_CREATED_HERE: set[str] = set()  # segments this process created (and its resource tracker knows)
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,8 @@ class _Wait:
 class ShmRing:
     """The shared segment and its slot layout; ``create`` in the owner, ``attach`` elsewhere."""
 
-    def __init__(self, shm: shared_memory.SharedMemory, handle: RingHandle, is_owner: bool) -> None:
+    def __init__(self, shm: "shared_memory.SharedMemory | _AttachedSegment", handle: RingHandle,
+                 is_owner: bool) -> None:
         self.shm = shm
         self.handle = handle
         self.is_owner = is_owner
@@ -124,19 +127,17 @@ class ShmRing:
                              f"num_slots={num_slots} (>= 2), slot_bytes={slot_bytes} (>= 64)")
         stride = _align8(1 + num_readers) + _align8(_CHUNK_HEADER.size) + slot_bytes
         shm = shared_memory.SharedMemory(create=True, size=num_slots * stride)  # zeroed: all unwritten
-        _CREATED_HERE.add(shm._name)  # noqa: SLF001
         return cls(shm, RingHandle(shm.name, num_readers, num_slots, slot_bytes), is_owner=True)
 
     @classmethod
     def attach(cls, handle: RingHandle) -> "ShmRing":
-        shm = shared_memory.SharedMemory(name=handle.name)
-        # Python < 3.13 registers attached segments with this process's resource tracker, which
-        # would unlink the owner's segment when this process exits: the owner alone unlinks it.
-        if shm._name not in _CREATED_HERE:  # noqa: SLF001 - (in the owner's process it stays registered)
-            try:
-                resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
-            except Exception:  # pragma: no cover - a tracker that is gone already
-                pass
+        # Not through SharedMemory(name=...): before Python 3.13 that registers the segment with
+        # this process's resource tracker, which unlinks it when this process exits (and a
+        # spawned child shares its parent's tracker); the owner alone unlinks it.
+        if sys.version_info >= (3, 13):
+            shm = shared_memory.SharedMemory(name=handle.name, track=False)
+        else:
+            shm = _AttachedSegment(handle.name)
         return cls(shm, handle, is_owner=False)
 
     def slot_offset(self, index: int) -> int:
@@ -153,7 +154,6 @@ class ShmRing:
         """Owner only: removes the segment from /dev/shm (idempotent)."""
         if self.is_owner:
             self.is_owner = False
-            _CREATED_HERE.discard(self.shm._name)  # noqa: SLF001
             try:
                 self.shm.unlink()
             except FileNotFoundError:
@@ -244,6 +244,25 @@ class RingReader:
                 self._next_slot = (self._next_slot + 1) % ring.handle.num_slots
             if obj is not RingReader.EMPTY:
                 return obj
+
+
+class _AttachedSegment:
+    """An existing segment mapped without the resource tracker (what ``track=False`` does in 3.13)."""
+
+    def __init__(self, name: str) -> None:
+        import _posixshmem  # the module SharedMemory itself opens segments with
+
+        fd = _posixshmem.shm_open("/" + name.lstrip("/"), os.O_RDWR, mode=0o600)
+        try:
+            self._mmap = mmap.mmap(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        self.name = name
+        self.buf = memoryview(self._mmap)
+
+    def close(self) -> None:
+        self.buf.release()
+        self._mmap.close()
 
 
 def _align8(n: int) -> int:
