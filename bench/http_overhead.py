@@ -379,11 +379,52 @@ def measure_c1(url: str, model: str, engine, prompts: list, offline_prompts: lis
     return out
 
 
+def role_pids(role: str) -> list[int]:
+    """Pids of this run's Serve actors of one role ("replica", "ingress", "proxy")."""
+    key = next(k for k, r in ROLES if r == role)
+    pids = []
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if key in f.read().decode(errors="replace"):
+                    pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+def start_py_spy(out_dir: str, roles: tuple[str, ...] = ("replica", "ingress")) -> list:
+    """``py-spy record`` (collapsed stacks, per thread, idle frames dropped) of each role's
+    process for the duration of the load; ``stop_py_spy`` ends them and writes the files."""
+    import subprocess
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    procs = []
+    for role in roles:
+        for pid in role_pids(role):
+            path = Path(out_dir) / f"{role}_{pid}.txt"
+            procs.append(subprocess.Popen(
+                ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--threads", "--nonblocking",
+                 "--rate", "200", "--output", str(path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    time.sleep(1.0)  # attached before the load starts
+    return procs
+
+
+def stop_py_spy(procs: list) -> None:
+    import signal
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        proc.wait(timeout=60)
+
+
 def measure_load(url: str, model: str, prompts: list, args: argparse.Namespace) -> dict:
     """``args.concurrency`` streams through the server: tokens/s, latencies, CPU per token."""
+    spies = start_py_spy(args.py_spy) if args.py_spy else []
     cpu0 = cpu_seconds(by_thread=True)
     records, duration = asyncio.run(http_load(url, model, prompts, args))
     cpu = cpu_delta(cpu0, cpu_seconds(by_thread=True))
+    stop_py_spy(spies)
     s = load_gen.summarize(records, duration)
     s["cpu_s"] = cpu
     # What the app burns with no request at all (polling, stats, metrics) is measured right
@@ -473,6 +514,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs of the replica")
     parser.add_argument("--idle-s", type=float, default=8.0, help="idle CPU measurement after the load")
     parser.add_argument("--skip-offline", action="store_true")
+    parser.add_argument("--py-spy", metavar="DIR", default=None,
+                        help="profile the replica and ingress with py-spy during the load (collapsed stacks "
+                             "per thread into DIR; adds the sampler's own load, so CPU figures of such a "
+                             "run are not comparable)")
     parser.add_argument("--proxy-grpc", type=int, choices=(0, 1), default=1,
                         help="RAY_SERVE_PROXY_USE_GRPC for the cluster (1: what `kvmesh serve` sets up)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",

@@ -51,6 +51,7 @@ class _Add:
     priority: int
     stream: "_Stream"
     kv_mode: Any = None  # KVTransferPlan (prefill only) or _RemotePrefill; None: local
+    stream_interval: int = 1  # LLMEngine.add_request's
 
 
 @dataclass
@@ -151,13 +152,17 @@ class AsyncLLM:
 
     # ---- public API ---------------------------------------------------------------------------
     async def generate(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None,
-                       request_id: str = "", priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       request_id: str = "", priority: int = 0,
+                       stream_interval: int = 1) -> AsyncIterator[RequestOutput]:
         """Streams cumulative outputs; the last one has ``finished=True``.
 
+        ``stream_interval``: an output at the first token, then every that many new tokens
+        (per sample) and at the end; fewer outputs, same tokens and text.
         Raises ``ValueError`` before the first output for an invalid request. If the
         consumer stops iterating (client gone), the request is aborted.
         """
-        async for item in self._run_request(prompt, sampling_params, request_id, priority, None):
+        async for item in self._run_request(prompt, sampling_params, request_id, priority, None,
+                                            stream_interval):
             yield item
 
     # ---- disaggregated serving (engine/kv_transfer) --------------------------------------------
@@ -165,7 +170,7 @@ class AsyncLLM:
             self, prompt: PromptType, sampling_params: Optional[SamplingParams], request_id: str,
             lease_timeout_s: float, min_remote_tokens: int = 1,
             on_failure: TransferFailurePolicy = TransferFailurePolicy.RECOMPUTE,
-            priority: int = 0) -> AsyncIterator[Optional[KVReservation] | RequestOutput]:
+            priority: int = 0, stream_interval: int = 1) -> AsyncIterator[Optional[KVReservation] | RequestOutput]:
         """Decode side: first yields the ``KVReservation`` a prefill replica must fill, or
         None when the prompt is computed here; then cumulative outputs like ``generate``.
 
@@ -174,7 +179,8 @@ class AsyncLLM:
         and frees its reserved blocks.
         """
         mode = _RemotePrefill(lease_timeout_s, min_remote_tokens, on_failure)
-        async for item in self._run_request(prompt, sampling_params, request_id, priority, mode):
+        async for item in self._run_request(prompt, sampling_params, request_id, priority, mode,
+                                            stream_interval):
             yield item.reservation if isinstance(item, _Reserved) else item
 
     async def prefill(self, prompt: PromptType, sampling_params: Optional[SamplingParams],
@@ -203,8 +209,11 @@ class AsyncLLM:
         self._commands.put(_DeliverKV(arrival))
 
     async def _run_request(self, prompt: PromptType, sampling_params: Optional[SamplingParams],
-                           request_id: str, priority: int, kv_mode: Any) -> AsyncIterator[Any]:
+                           request_id: str, priority: int, kv_mode: Any,
+                           stream_interval: int = 1) -> AsyncIterator[Any]:
         self.check_health()
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         params = sampling_params or SamplingParams()
         # Validate here, in the caller, so bad input fails fast with a clear error.
         _, token_ids = self.engine.tokenize_prompt(prompt)
@@ -214,7 +223,7 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = stream
         self._commands.put(_Add(request_id, token_ids if not isinstance(prompt, str) else prompt,
-                                params, priority, stream, kv_mode))
+                                params, priority, stream, kv_mode, stream_interval))
         finished = False
         try:
             while True:
@@ -266,6 +275,7 @@ class AsyncLLM:
 
     # ---- the engine thread --------------------------------------------------------------------
     def _run_loop(self) -> None:
+        _name_native_thread(self._thread.name)
         last_stats = 0.0
         try:
             while not self._stopping.is_set():
@@ -314,14 +324,16 @@ class AsyncLLM:
     def _add(self, command: _Add) -> None:
         mode, engine = command.kv_mode, self.engine
         if mode is None:
-            engine.add_request(command.request_id, command.prompt, command.params, priority=command.priority)
+            engine.add_request(command.request_id, command.prompt, command.params, priority=command.priority,
+                               stream_interval=command.stream_interval)
         elif isinstance(mode, KVTransferPlan):
             engine.add_prefill_request(command.request_id, command.prompt, command.params, mode,
                                        priority=command.priority)
         else:
             reservation = engine.add_remote_prefill_request(
                 command.request_id, command.prompt, command.params, mode.lease_timeout_s,
-                mode.min_remote_tokens, mode.on_failure, priority=command.priority)
+                mode.min_remote_tokens, mode.on_failure, priority=command.priority,
+                stream_interval=command.stream_interval)
             command.stream.put(_Reserved(reservation))
 
     def _publish_item(self, request_id: str, item: Any) -> None:
@@ -338,6 +350,17 @@ class AsyncLLM:
                 by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, batch in by_loop.items():
             _call_soon_threadsafe(loop, _push_all, batch)
+
+
+def _name_native_thread(name: str) -> None:
+    """Gives the calling thread its OS name (Linux; best effort), so per-thread CPU tools
+    (``top -H``, ``py-spy``, bench/http_overhead.py) tell the engine loop apart."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME: 15 bytes and a NUL
+    except (OSError, AttributeError):
+        pass
 
 
 def _set_result(future: "asyncio.Future[None]") -> None:

@@ -4,6 +4,14 @@ Detokenizes incrementally, finds stop strings (which the scheduler cannot see:
 it has no tokenizer), and gathers the ``n`` sample requests of one prompt back
 into one ``RequestOutput`` whose ``outputs[i]`` is sample ``i``. Outputs are
 cumulative: each carries all text and tokens so far.
+
+A streamed prompt gets an output at its first token, whenever a sample has at
+least ``stream_interval`` tokens not yet in an output, and when it finishes;
+between those its tokens only accumulate (and, without stop strings, are not
+even decoded: one decode covers them all). With ``stream_interval`` 1 every
+step that changes a prompt yields an output. Larger intervals cut the
+per-token host work here and in everything downstream (hand-off, replica,
+ingress), at the cost of coarser streaming.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ class SampleState:
     text: str = ""
     num_tokens_seen: int = 0
     num_tokens_detokenized: int = 0
+    num_tokens_emitted: int = 0  # tokens in this sample's latest output
     token_ids: list[int] = field(default_factory=list)
     logprobs: Optional[SampleLogprobs] = None
     finish_reason: Optional[FinishReason] = None
@@ -42,11 +51,21 @@ class PromptState:
     metrics: RequestMetrics
     stream: bool = True  # False: the caller wants only the final output (offline LLM.generate)
     error: Optional[str] = None
+    stream_interval: int = 1  # streamed: an output once a sample has this many new tokens
 
     @property
     def detokenize_each_step(self) -> bool:
-        """Streams need text as it comes; stop strings must be looked for as it comes."""
-        return self.stream or bool(self.params.stop)
+        """Stop strings must be looked for as tokens come; streams need text each time
+        they get an output (every step when ``stream_interval`` is 1)."""
+        return (self.stream and self.stream_interval == 1) or bool(self.params.stop)
+
+    def is_output_due(self, sample: "SampleState") -> bool:
+        """Whether this sample's tokens so far should go out now (streamed prompts)."""
+        if self.stream_interval == 1:
+            return True  # every step that touches the prompt, as it always was
+        num_new = len(sample.token_ids) - sample.num_tokens_emitted
+        # The first token goes at once: time to first token is never delayed.
+        return num_new >= self.stream_interval or (sample.num_tokens_emitted == 0 and num_new > 0)
 
     @property
     def finished(self) -> bool:
@@ -61,7 +80,9 @@ class OutputProcessor:
 
     def add(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
             params: SamplingParams, child_ids: list[str], arrival_time: float,
-            stream: bool = True) -> None:
+            stream: bool = True, stream_interval: int = 1) -> None:
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         samples = {}
         for i, child_id in enumerate(child_ids):
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
@@ -72,7 +93,8 @@ class OutputProcessor:
                                             logprobs=[] if params.logprobs is not None else None)
             self.parent_of[child_id] = request_id
         self.prompts[request_id] = PromptState(request_id, prompt, prompt_token_ids, params, samples,
-                                               RequestMetrics(arrival_time=arrival_time), stream=stream)
+                                               RequestMetrics(arrival_time=arrival_time), stream=stream,
+                                               stream_interval=stream_interval)
 
     def child_ids(self, request_id: str) -> list[str]:
         state = self.prompts.get(request_id)
@@ -92,7 +114,8 @@ class OutputProcessor:
             sample = prompt.samples[req.request_id]
             if sample.finish_reason is not None:
                 continue
-            if not prompt.detokenize_each_step and not req.is_finished and sample.logprobs is None:
+            if (not prompt.detokenize_each_step and not req.is_finished and sample.logprobs is None
+                    and not prompt.stream):
                 continue  # final-only output: the tokens are read from the request when it ends
             new_ids = req.output_token_ids[sample.num_tokens_seen:]
             sample.num_tokens_seen = len(req.output_token_ids)
@@ -100,8 +123,9 @@ class OutputProcessor:
             if sample.logprobs is not None:
                 for entry in logprobs.get(req.request_id, []):
                     sample.logprobs.append(self._to_logprob_dict(entry))
-            if not prompt.detokenize_each_step and not req.is_finished:
-                continue  # tokens only; the text is decoded once at the end
+            is_due = prompt.stream and prompt.is_output_due(sample)
+            if not prompt.detokenize_each_step and not req.is_finished and not is_due:
+                continue  # tokens only; the text is decoded when an output is due (or at the end)
             update = sample.detokenizer.update(sample.token_ids[sample.num_tokens_detokenized:])
             sample.num_tokens_detokenized = len(sample.token_ids)
             sample.text += update.delta_text
@@ -118,7 +142,8 @@ class OutputProcessor:
             metrics.first_scheduled_time = metrics.first_scheduled_time or req.first_scheduled_time
             metrics.first_token_time = metrics.first_token_time or req.first_token_time or now
             metrics.num_cached_tokens = max(metrics.num_cached_tokens, req.num_cached_tokens)
-            changed[parent_id] = prompt
+            if is_due or sample.finish_reason is not None:
+                changed[parent_id] = prompt
         outputs = [self._make_output(p) for p in changed.values() if p.stream or p.finished]
         return outputs, stopped
 
@@ -145,6 +170,11 @@ class OutputProcessor:
             self.parent_of.pop(child_id, None)
 
     def _make_output(self, prompt: PromptState) -> RequestOutput:
+        for s in prompt.samples.values():
+            if s.num_tokens_detokenized < len(s.token_ids):  # deferred text (stream_interval > 1)
+                s.text += s.detokenizer.update(s.token_ids[s.num_tokens_detokenized:]).delta_text
+                s.num_tokens_detokenized = len(s.token_ids)
+            s.num_tokens_emitted = len(s.token_ids)
         outputs = [CompletionOutput(index=s.index, text=s.text, token_ids=list(s.token_ids),
                                     logprobs=list(s.logprobs) if s.logprobs is not None else None,
                                     finish_reason=s.finish_reason.value if s.finish_reason else None,

@@ -463,8 +463,11 @@ class OpenAIIngress:
         if self._stream_handle is None:
             # By value over Serve's gRPC transport, not as Ray objects: each streamed item
             # then skips the object store and ownership protocol (bench/http_overhead.py:
-            # about half the ingress's CPU per token, and a shorter TTFT).
-            self._stream_handle = self.llm.options(stream=True, _by_reference=False)
+            # about half the ingress's CPU per token, and a shorter TTFT). Items are plain
+            # dataclasses of importable modules, so the C pickler does (Serve's default,
+            # cloudpickle, runs a Python-level pickler per item in the replica).
+            self._stream_handle = self.llm.options(stream=True, _by_reference=False,
+                                                   response_serialization="pickle")
         handle = self._stream_handle
         tasks = []
         if trace is not None:

@@ -143,11 +143,14 @@ class RequestTimer:
         self.endpoint = endpoint
         self.arrival = arrival
         self.last_token_time: Optional[float] = None
+        # Labelled children looked up once per request, not once per streamed update.
+        self._generation_tokens = metrics.generation_tokens.labels(endpoint)
+        self._itl = metrics.itl.labels(endpoint)
 
     def on_tokens(self, num_new_tokens: int, now: float) -> None:
         if num_new_tokens <= 0:
             return
-        self.metrics.generation_tokens.labels(self.endpoint).inc(num_new_tokens)
+        self._generation_tokens.inc(num_new_tokens)
         if self.last_token_time is None:
             self.metrics.ttft.labels(self.endpoint).observe(now - self.arrival)
             num_gaps = num_new_tokens - 1  # tokens that came with the first are 0 s apart
@@ -155,7 +158,7 @@ class RequestTimer:
         else:
             num_gaps = num_new_tokens
             gap = (now - self.last_token_time) / num_new_tokens
-        hist = self.metrics.itl.labels(self.endpoint)
+        hist = self._itl
         for _ in range(num_gaps):
             hist.observe(gap)
         self.last_token_time = now
