@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import kernels as fused
+from engine.kernels import gemv
 
 
 class Communicator(Protocol):
@@ -138,8 +139,10 @@ class ColumnParallelLinear(TPLayer):
         self.weight = nn.Parameter(torch.empty(self.output_size_per_rank, input_size))
         self.bias = nn.Parameter(torch.empty(self.output_size_per_rank)) if bias else None
 
+    small_batch_gemv = True  # engine/kernels/gemv.py may take batches of a few rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # (T, output_size / tp)
+        return gemv.linear(x, self.weight, self.bias)  # (T, output_size / tp)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         name = type(self).__name__
@@ -237,8 +240,10 @@ class RowParallelLinear(TPLayer):
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_rank))
         self.bias = nn.Parameter(torch.empty(output_size)) if bias else None
 
+    small_batch_gemv = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)  # (T, output_size), partial over ranks
+        y = gemv.linear(x, self.weight)  # (T, output_size), partial over ranks
         if self.tp_size > 1 and self.reduce_results:
             y = self.comm.all_reduce(y)
         return y + self.bias if self.bias is not None else y

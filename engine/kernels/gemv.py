@@ -1,0 +1,131 @@
+"""Small-batch linear layers: a Triton GEMV where it beats cuBLAS, chosen per weight shape.
+
+At batch 1 a decode step is one read of every weight, so each linear layer should
+run at the memory bandwidth. cuBLAS does for most shapes, not all: on an H100 the
+8B shape's o_proj (4096 x 4096, bf16) took 20.8 us at batch 1 where reading its
+33.5 MB takes 11.2 us, because the kernel cuBLAS picks tiles N by 64 and so runs
+only 64 programs on 132 SMs (profile of bench/gpu_bench.py --decode-profile).
+
+    linear(x, w, bias)     x (M, K), w (N, K) -> (M, N); the GEMV when M <= MAX_ROWS and the
+                           shape was measured faster with it (``tune``), else F.linear
+
+``tune(model)`` times both at M = 1 for every distinct (N, K, dtype) of the model's
+linear layers once, after loading, and keeps the winner; nothing is decided inside
+a CUDA-graph capture. Off CUDA, in fp32 and untuned shapes use F.linear, so tests
+comparing fp32 GPU runs with the reference path are unaffected.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+MAX_ROWS = 4  # batch rows the GEMV takes (padded to 16 inside tl.dot)
+_USE_GEMV: dict[tuple[int, int, torch.dtype], bool] = {}
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install
+    triton = None
+
+if triton is not None:
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                 for bn, bk, w, s in ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4),
+                                      (32, 128, 4, 4), (64, 128, 4, 4), (16, 128, 2, 6))],
+        key=["N", "K"])
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+        """One program: BLOCK_N outputs for all M rows, reading its BLOCK_N x K slab of w once."""
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
+                        mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)  # (BLOCK_M, BLOCK_K)
+            w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :],
+                        mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)  # (BLOCK_N, BLOCK_K)
+            acc = tl.dot(x, tl.trans(w), acc)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K) with M <= MAX_ROWS, weight (N, K), both bf16/fp16 on CUDA -> (M, N)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _gemv_kernel[grid](x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), BLOCK_M=16)
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear, or the GEMV for a few rows of a shape ``tune`` found it faster on."""
+    if x.dim() == 2 and x.shape[0] <= MAX_ROWS and _USE_GEMV.get((weight.shape[0], weight.shape[1], weight.dtype)):
+        y = gemv(x, weight)
+        return y + bias if bias is not None else y
+    return F.linear(x, weight, bias)
+
+
+@torch.inference_mode()
+def tune(model: torch.nn.Module, iters: int = 50) -> dict[str, float]:
+    """Times cuBLAS and the GEMV at batch 1 for each distinct linear weight shape of ``model``
+    (modules whose forward calls ``linear``: they carry ``small_batch_gemv = True``); returns
+    {shape: speed-up} and records the shapes where the GEMV wins by more than 3%."""
+    if triton is None:
+        return {}
+    report = {}
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if not getattr(module, "small_batch_gemv", False) or w is None or not w.is_cuda:
+            continue
+        if w.dtype not in (torch.bfloat16, torch.float16) or w.dim() != 2:
+            continue
+        key = (w.shape[0], w.shape[1], w.dtype)
+        if key in _USE_GEMV:
+            continue
+        x = torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device)
+        ref = F.linear(x, w)
+        got = gemv(x, w)  # also autotunes this shape
+        if not torch.allclose(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max().item()):
+            logger.warning("GEMV disagrees with cuBLAS for %s; not used", key)
+            _USE_GEMV[key] = False
+            continue
+        t_cublas = _time(lambda: F.linear(x, w), iters)
+        t_gemv = _time(lambda: gemv(x, w), iters)
+        _USE_GEMV[key] = t_gemv < 0.97 * t_cublas
+        report[f"{key[0]}x{key[1]}"] = round(t_cublas / t_gemv, 3)
+    if report:
+        logger.info("batch-1 linear layers, cuBLAS time / GEMV time per weight shape: %s "
+                    "(GEMV used where > 1.03)", report)
+    return report
+
+
+def _time(fn, iters: int) -> float:
+    for _ in range(5):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    # Back to back like in a decode step, but each call reads its weight cold from HBM: the
+    # weights of one layer are far larger than L2 only for the big shapes, so interleave a
+    # 64 MB flush to keep small shapes honest.
+    flush = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    total = 0.0
+    for _ in range(iters):
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        total += start.elapsed_time(end)
+    return total / iters
