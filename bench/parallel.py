@@ -389,8 +389,9 @@ def run_all(args: argparse.Namespace) -> dict:
             return f"skipped: {runner.time_left():.0f}s of --budget-s left, needs ~{part.min_s:.0f}s"
         return None
 
+    wanted = set(args.parts.split(","))
     for part in PARTS:
-        skip = may_start(part)
+        skip = may_start(part) if part.name in wanted else "skipped: not in --parts"
         if skip is not None:
             report["parts"][part.name] = skip
             save()
@@ -575,6 +576,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=96, help="decode steps timed at batch 1")
     parser.add_argument("--smoke-cpu", action="store_true", help="kvmesh-tiny on CPU: the plumbing only")
+    parser.add_argument("--parts", default=",".join(p.name for p in PARTS),
+                        help="comma-separated subset of the parts run by 'all'")
     # one subprocess's part (set by "all")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--tp", type=int, default=1)
