@@ -88,7 +88,10 @@ def bench_config(args: argparse.Namespace) -> DeploymentConfig:
                    "num_blocks": 1024, "max_num_seqs": max(args.concurrency, 16),
                    "max_num_batched_tokens": 2048, "enable_prefix_caching": True},
         "replicas": {"min_replicas": 1, "max_replicas": 1, "num_cpus": args.replica_cpus,
-                     "max_ongoing_requests": 4 * max(args.concurrency, 16)},
+                     "max_ongoing_requests": 4 * max(args.concurrency, 16),
+                     **({"stream_interval": args.stream_interval} if args.stream_interval > 1 else {}),
+                     **({"max_stream_updates_per_step": args.max_stream_updates_per_step}
+                        if args.max_stream_updates_per_step else {})},
         "routing": {"kind": "prefix_aware", "stats_period_s": 0.5},
         "admission": {"max_waiting_per_replica": None},
         "ingress": {"num_cpus": 0.1, "num_replicas": 1},
@@ -514,6 +517,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs of the replica")
     parser.add_argument("--idle-s", type=float, default=8.0, help="idle CPU measurement after the load")
     parser.add_argument("--skip-offline", action="store_true")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="replicas.stream_interval: tokens per streamed update of a request")
+    parser.add_argument("--max-stream-updates-per-step", type=int, default=None,
+                        help="replicas.max_stream_updates_per_step (widen intervals under load)")
     parser.add_argument("--py-spy", metavar="DIR", default=None,
                         help="profile the replica and ingress with py-spy during the load (collapsed stacks "
                              "per thread into DIR; adds the sampler's own load, so CPU figures of such a "

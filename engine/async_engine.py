@@ -9,7 +9,10 @@ there is no work.
 
 Outputs are cumulative, so when a consumer falls behind (several steps' outputs
 of its request waiting), it gets only the latest: fewer, larger updates instead
-of a growing backlog.
+of a growing backlog. ``stream_interval`` / ``max_outputs_per_step`` make the
+engine itself produce fewer outputs (every N tokens, widened under load;
+``engine/output_processor.py``), so per-token work on the event loop, which
+shares the GIL with this thread, shrinks too.
 
     engine = AsyncLLM.from_config(EngineConfig.create(model="kvmesh-tiny"))
     async for out in engine.generate("Hello", SamplingParams(max_tokens=8), "req-1"):
@@ -52,6 +55,7 @@ class _Add:
     stream: "_Stream"
     kv_mode: Any = None  # KVTransferPlan (prefill only) or _RemotePrefill; None: local
     stream_interval: int = 1  # LLMEngine.add_request's
+    max_outputs_per_step: Optional[int] = None  # LLMEngine.add_request's
 
 
 @dataclass
@@ -153,16 +157,19 @@ class AsyncLLM:
     # ---- public API ---------------------------------------------------------------------------
     async def generate(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None,
                        request_id: str = "", priority: int = 0,
-                       stream_interval: int = 1) -> AsyncIterator[RequestOutput]:
+                       stream_interval: int = 1,
+                       max_outputs_per_step: Optional[int] = None) -> AsyncIterator[RequestOutput]:
         """Streams cumulative outputs; the last one has ``finished=True``.
 
         ``stream_interval``: an output at the first token, then every that many new tokens
         (per sample) and at the end; fewer outputs, same tokens and text.
+        ``max_outputs_per_step``: under load the interval widens to ceil(active requests / this)
+        (``LLMEngine.add_request``).
         Raises ``ValueError`` before the first output for an invalid request. If the
         consumer stops iterating (client gone), the request is aborted.
         """
         async for item in self._run_request(prompt, sampling_params, request_id, priority, None,
-                                            stream_interval):
+                                            stream_interval, max_outputs_per_step):
             yield item
 
     # ---- disaggregated serving (engine/kv_transfer) --------------------------------------------
@@ -170,7 +177,8 @@ class AsyncLLM:
             self, prompt: PromptType, sampling_params: Optional[SamplingParams], request_id: str,
             lease_timeout_s: float, min_remote_tokens: int = 1,
             on_failure: TransferFailurePolicy = TransferFailurePolicy.RECOMPUTE,
-            priority: int = 0, stream_interval: int = 1) -> AsyncIterator[Optional[KVReservation] | RequestOutput]:
+            priority: int = 0, stream_interval: int = 1,
+            max_outputs_per_step: Optional[int] = None) -> AsyncIterator[Optional[KVReservation] | RequestOutput]:
         """Decode side: first yields the ``KVReservation`` a prefill replica must fill, or
         None when the prompt is computed here; then cumulative outputs like ``generate``.
 
@@ -180,7 +188,7 @@ class AsyncLLM:
         """
         mode = _RemotePrefill(lease_timeout_s, min_remote_tokens, on_failure)
         async for item in self._run_request(prompt, sampling_params, request_id, priority, mode,
-                                            stream_interval):
+                                            stream_interval, max_outputs_per_step):
             yield item.reservation if isinstance(item, _Reserved) else item
 
     async def prefill(self, prompt: PromptType, sampling_params: Optional[SamplingParams],
@@ -210,10 +218,13 @@ class AsyncLLM:
 
     async def _run_request(self, prompt: PromptType, sampling_params: Optional[SamplingParams],
                            request_id: str, priority: int, kv_mode: Any,
-                           stream_interval: int = 1) -> AsyncIterator[Any]:
+                           stream_interval: int = 1,
+                           max_outputs_per_step: Optional[int] = None) -> AsyncIterator[Any]:
         self.check_health()
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
+        if max_outputs_per_step is not None and max_outputs_per_step < 1:
+            raise ValueError(f"max_outputs_per_step must be >= 1 or None, got {max_outputs_per_step}")
         params = sampling_params or SamplingParams()
         # Validate here, in the caller, so bad input fails fast with a clear error.
         _, token_ids = self.engine.tokenize_prompt(prompt)
@@ -223,7 +234,7 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = stream
         self._commands.put(_Add(request_id, token_ids if not isinstance(prompt, str) else prompt,
-                                params, priority, stream, kv_mode, stream_interval))
+                                params, priority, stream, kv_mode, stream_interval, max_outputs_per_step))
         finished = False
         try:
             while True:
@@ -325,7 +336,8 @@ class AsyncLLM:
         mode, engine = command.kv_mode, self.engine
         if mode is None:
             engine.add_request(command.request_id, command.prompt, command.params, priority=command.priority,
-                               stream_interval=command.stream_interval)
+                               stream_interval=command.stream_interval,
+                               max_outputs_per_step=command.max_outputs_per_step)
         elif isinstance(mode, KVTransferPlan):
             engine.add_prefill_request(command.request_id, command.prompt, command.params, mode,
                                        priority=command.priority)
@@ -333,7 +345,7 @@ class AsyncLLM:
             reservation = engine.add_remote_prefill_request(
                 command.request_id, command.prompt, command.params, mode.lease_timeout_s,
                 mode.min_remote_tokens, mode.on_failure, priority=command.priority,
-                stream_interval=command.stream_interval)
+                stream_interval=command.stream_interval, max_outputs_per_step=command.max_outputs_per_step)
             command.stream.put(_Reserved(reservation))
 
     def _publish_item(self, request_id: str, item: Any) -> None:

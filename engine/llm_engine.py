@@ -97,14 +97,15 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
                     priority: int = 0, arrival_time: Optional[float] = None,
                     kv_role: Optional[KVTransferRole] = None, stream: bool = True,
-                    stream_interval: int = 1) -> None:
+                    stream_interval: int = 1, max_outputs_per_step: Optional[int] = None) -> None:
         """Validates and queues one prompt (``params.n`` samples). Raises ValueError on bad input.
 
         ``stream=False``: only the final output is wanted, so text is decoded once at the end
         (unless stop strings must be watched for) and no intermediate outputs are built.
         ``stream_interval``: a streamed prompt gets an output at its first token, then once a
         sample has this many new tokens, and at the end (1: every step); the tokens and
-        text are the same whatever the interval.
+        text are the same whatever the interval. ``max_outputs_per_step``: under load the
+        interval widens to ceil(active prompts / this), so a step yields about this many outputs.
         """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -118,7 +119,7 @@ class LLMEngine:
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         child_ids = [request_id if i == 0 else f"{request_id}#{i}" for i in range(params.n)]
         self.output_processor.add(request_id, text, prompt_ids, params, child_ids, arrival, stream=stream,
-                                  stream_interval=stream_interval)
+                                  stream_interval=stream_interval, max_outputs_per_step=max_outputs_per_step)
         for i, child_id in enumerate(child_ids):
             child_params = dataclasses.replace(params, n=1, seed=params.seed + i)
             self.scheduler.add_request(Request(
@@ -266,7 +267,8 @@ class LLMEngine:
                                    params: Optional[SamplingParams], lease_timeout_s: float,
                                    min_remote_tokens: int = 1,
                                    on_failure: TransferFailurePolicy = TransferFailurePolicy.RECOMPUTE,
-                                   priority: int = 0, stream_interval: int = 1) -> Optional[KVReservation]:
+                                   priority: int = 0, stream_interval: int = 1,
+                                   max_outputs_per_step: Optional[int] = None) -> Optional[KVReservation]:
         """Remote prefill: reserve blocks for the prompt's KV under a lease of ``lease_timeout_s``.
 
         Returns the reservation a prefill replica fills (``import_remote_kv``), or
@@ -274,7 +276,8 @@ class LLMEngine:
         n > 1, fewer than ``min_remote_tokens`` uncached prompt tokens, or no room.
         """
         params = params or SamplingParams()
-        self.add_request(request_id, prompt, params, priority, stream_interval=stream_interval)
+        self.add_request(request_id, prompt, params, priority, stream_interval=stream_interval,
+                         max_outputs_per_step=max_outputs_per_step)
         if params.n != 1:
             return None
         request = self.scheduler.get_request(request_id)

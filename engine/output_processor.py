@@ -6,12 +6,16 @@ into one ``RequestOutput`` whose ``outputs[i]`` is sample ``i``. Outputs are
 cumulative: each carries all text and tokens so far.
 
 A streamed prompt gets an output at its first token, whenever a sample has at
-least ``stream_interval`` tokens not yet in an output, and when it finishes;
-between those its tokens only accumulate (and, without stop strings, are not
-even decoded: one decode covers them all). With ``stream_interval`` 1 every
-step that changes a prompt yields an output. Larger intervals cut the
-per-token host work here and in everything downstream (hand-off, replica,
-ingress), at the cost of coarser streaming.
+least ``interval`` tokens not yet in an output, and when it finishes; between
+those its tokens only accumulate (and, without stop strings, are not even
+decoded: one decode covers them all). ``interval`` is the prompt's
+``stream_interval``, or, with ``max_outputs_per_step`` set, at least
+ceil(active prompts / max_outputs_per_step): under load each prompt's updates
+widen so that one step yields about that many outputs whatever the batch size.
+With both at their defaults (1, None) every step that changes a prompt yields
+an output. Fewer outputs cut the per-token host work here and in everything
+downstream (hand-off, replica, Serve's streaming, ingress), at the cost of
+coarser streaming; tokens and text are the same.
 """
 
 from __future__ import annotations
@@ -52,20 +56,25 @@ class PromptState:
     stream: bool = True  # False: the caller wants only the final output (offline LLM.generate)
     error: Optional[str] = None
     stream_interval: int = 1  # streamed: an output once a sample has this many new tokens
+    max_outputs_per_step: Optional[int] = None  # widen the interval past this many outputs a step
 
     @property
     def detokenize_each_step(self) -> bool:
         """Stop strings must be looked for as tokens come; streams need text each time
         they get an output (every step when ``stream_interval`` is 1)."""
-        return (self.stream and self.stream_interval == 1) or bool(self.params.stop)
+        every_step = self.stream_interval == 1 and self.max_outputs_per_step is None
+        return (self.stream and every_step) or bool(self.params.stop)
 
-    def is_output_due(self, sample: "SampleState") -> bool:
+    def is_output_due(self, sample: "SampleState", num_active_prompts: int) -> bool:
         """Whether this sample's tokens so far should go out now (streamed prompts)."""
-        if self.stream_interval == 1:
+        interval = self.stream_interval
+        if self.max_outputs_per_step is not None:
+            interval = max(interval, -(-num_active_prompts // self.max_outputs_per_step))
+        if interval == 1:
             return True  # every step that touches the prompt, as it always was
         num_new = len(sample.token_ids) - sample.num_tokens_emitted
         # The first token goes at once: time to first token is never delayed.
-        return num_new >= self.stream_interval or (sample.num_tokens_emitted == 0 and num_new > 0)
+        return num_new >= interval or (sample.num_tokens_emitted == 0 and num_new > 0)
 
     @property
     def finished(self) -> bool:
@@ -80,9 +89,12 @@ class OutputProcessor:
 
     def add(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
             params: SamplingParams, child_ids: list[str], arrival_time: float,
-            stream: bool = True, stream_interval: int = 1) -> None:
+            stream: bool = True, stream_interval: int = 1,
+            max_outputs_per_step: Optional[int] = None) -> None:
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
+        if max_outputs_per_step is not None and max_outputs_per_step < 1:
+            raise ValueError(f"max_outputs_per_step must be >= 1 or None, got {max_outputs_per_step}")
         samples = {}
         for i, child_id in enumerate(child_ids):
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
@@ -94,7 +106,8 @@ class OutputProcessor:
             self.parent_of[child_id] = request_id
         self.prompts[request_id] = PromptState(request_id, prompt, prompt_token_ids, params, samples,
                                                RequestMetrics(arrival_time=arrival_time), stream=stream,
-                                               stream_interval=stream_interval)
+                                               stream_interval=stream_interval,
+                                               max_outputs_per_step=max_outputs_per_step)
 
     def child_ids(self, request_id: str) -> list[str]:
         state = self.prompts.get(request_id)
@@ -106,6 +119,7 @@ class OutputProcessor:
         changed: dict[str, PromptState] = {}
         stopped: list[str] = []
         now = time.monotonic()
+        num_active_prompts = len(self.prompts)
         for req in updated:
             parent_id = self.parent_of.get(req.request_id)
             if parent_id is None:
@@ -123,7 +137,7 @@ class OutputProcessor:
             if sample.logprobs is not None:
                 for entry in logprobs.get(req.request_id, []):
                     sample.logprobs.append(self._to_logprob_dict(entry))
-            is_due = prompt.stream and prompt.is_output_due(sample)
+            is_due = prompt.stream and prompt.is_output_due(sample, num_active_prompts)
             if not prompt.detokenize_each_step and not req.is_finished and not is_due:
                 continue  # tokens only; the text is decoded when an output is due (or at the end)
             update = sample.detokenizer.update(sample.token_ids[sample.num_tokens_detokenized:])
@@ -171,7 +185,7 @@ class OutputProcessor:
 
     def _make_output(self, prompt: PromptState) -> RequestOutput:
         for s in prompt.samples.values():
-            if s.num_tokens_detokenized < len(s.token_ids):  # deferred text (stream_interval > 1)
+            if s.num_tokens_detokenized < len(s.token_ids):  # deferred text (interval > 1)
                 s.text += s.detokenizer.update(s.token_ids[s.num_tokens_detokenized:]).delta_text
                 s.num_tokens_detokenized = len(s.token_ids)
             s.num_tokens_emitted = len(s.token_ids)

@@ -75,8 +75,14 @@ class ReplicaConfig:
     # Tokens per streamed update of a request (the first token always goes at once; the last
     # update may be shorter). 1: every token. Larger values divide the per-token host work of
     # the replica (output objects, hand-off, Serve's per-item streaming) and the ingress by
-    # about this much at high concurrency, with coarser streaming; the text is the same.
+    # about this much, with coarser streaming; the text is the same.
     stream_interval: int = 1
+    # Under load, widen each request's interval to ceil(unfinished requests / this), so one engine
+    # step streams about this many updates however large the batch: the replica's per-step
+    # Python work (which shares the GIL with the engine loop) stops growing with concurrency.
+    # 16: up to 16 requests stream every token; 32 get 2 tokens per update, 128 get 8.
+    # None: never widen.
+    max_stream_updates_per_step: Optional[int] = 16
 
     def __post_init__(self) -> None:
         _check(self.min_replicas >= 1, f"min_replicas must be >= 1, got {self.min_replicas}")
@@ -92,6 +98,10 @@ class ReplicaConfig:
                f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")
         _check(isinstance(self.stream_interval, int) and self.stream_interval >= 1,
                f"stream_interval must be an integer >= 1, got {self.stream_interval!r}")
+        _check(self.max_stream_updates_per_step is None
+               or (isinstance(self.max_stream_updates_per_step, int) and self.max_stream_updates_per_step >= 1),
+               f"max_stream_updates_per_step must be an integer >= 1 or null, "
+               f"got {self.max_stream_updates_per_step!r}")
 
     @property
     def is_autoscaling(self) -> bool:

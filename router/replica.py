@@ -2,6 +2,8 @@
 
     ingress ──GenerateRequest──▶ LLMServer.generate_deltas ──▶ AsyncLLM.generate
             ◀──OutputDelta (new tokens/text only, streamed; router/deltas.py)──┘
+    (one delta per ``replicas.stream_interval`` tokens, the first token alone; widened
+     under load so a step streams about ``replicas.max_stream_updates_per_step`` deltas)
     (``LLMServer.generate`` streams ReplicaOutput(replica_id, RequestOutput), cumulative,
      for callers holding a handle to the replicas directly)
     LLMServer ──every stats_period_s──▶ ReplicaStatsBoard ◀── ingress (/metrics, /health,
@@ -86,11 +88,14 @@ class LLMServer:
         """
         received = time.monotonic()
         tracker = DeltaTracker(self.replica_id)
-        # ``replicas.stream_interval`` tokens per delta (the first token alone): fewer items
-        # through the engine hand-off, Serve's streaming and the ingress (a 1-token delta per
-        # step costs each of them the same Python work as a 16-token one).
+        # ``replicas.stream_interval`` tokens per delta (the first token alone), widened under
+        # load by ``max_stream_updates_per_step``: fewer items through the engine hand-off,
+        # Serve's streaming and the ingress (a 1-token delta per step costs each of them the
+        # same Python work as a 16-token one).
+        replicas = self.cfg.replicas
         stream = self.engine.generate(req.prompt_token_ids, req.sampling_params, req.request_id,
-                                      priority=req.priority, stream_interval=self.cfg.replicas.stream_interval)
+                                      priority=req.priority, stream_interval=replicas.stream_interval,
+                                      max_outputs_per_step=replicas.max_stream_updates_per_step)
         async for out in self._guarded(req.request_id, stream):
             delta = tracker.update(out)
             if delta is None:

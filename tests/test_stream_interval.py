@@ -19,10 +19,12 @@ def engine():
     engine.shutdown()
 
 
-def _run(engine: LLMEngine, requests: dict[str, tuple], stream_interval: int) -> dict[str, list]:
+def _run(engine: LLMEngine, requests: dict[str, tuple], stream_interval: int,
+         max_outputs_per_step=None) -> dict[str, list]:
     """Adds (prompt, params) per request id, steps to the end; every output per request."""
     for request_id, (prompt, params) in requests.items():
-        engine.add_request(request_id, prompt, params, stream_interval=stream_interval)
+        engine.add_request(request_id, prompt, params, stream_interval=stream_interval,
+                           max_outputs_per_step=max_outputs_per_step)
     outputs: dict[str, list] = {request_id: [] for request_id in requests}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -79,11 +81,28 @@ def test_abort_flushes_deferred_text(engine):
     assert_no_leaks(engine)
 
 
+def test_interval_widens_with_load(engine):
+    params = SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True)
+    # 8 active prompts, at most 2 outputs a step: each prompt's interval is ceil(8 / 2) = 4.
+    loaded = _run(engine, {f"load-{i}": (f"Story {i} begins", params) for i in range(8)}, 1,
+                  max_outputs_per_step=2)
+    for outs in loaded.values():
+        assert [len(o.outputs[0].token_ids) for o in outs] == [1, 5, 9, 13]
+    # One prompt alone under the same budget streams every token.
+    alone = _run(engine, {"alone": ("Story 0 begins", params)}, 1, max_outputs_per_step=2)["alone"]
+    assert [len(o.outputs[0].token_ids) for o in alone] == list(range(1, 14))
+    assert _final(alone) == _final(loaded["load-0"])
+
+
 def test_invalid_interval_rejected(engine):
     with pytest.raises(ValueError, match="stream_interval"):
         engine.add_request("bad", "Hi", SamplingParams(max_tokens=2), stream_interval=0)
+    with pytest.raises(ValueError, match="max_outputs_per_step"):
+        engine.add_request("bad", "Hi", SamplingParams(max_tokens=2), max_outputs_per_step=0)
     with pytest.raises(ValueError, match="stream_interval"):
         ReplicaConfig(stream_interval=0)
+    with pytest.raises(ValueError, match="max_stream_updates_per_step"):
+        ReplicaConfig(max_stream_updates_per_step=0)
 
 
 async def test_async_engine_stream_interval():
