@@ -26,6 +26,9 @@ AsyncLLM) with one fixed replica, then
    engine's CPU per token).
 
 The cluster gets ``RAY_SERVE_PROXY_USE_GRPC`` as ``kvmesh serve`` sets it (``--proxy-grpc``).
+``--stream-interval`` / ``--max-stream-updates-per-step`` set the replica's streaming
+(``replicas.*`` of the config; unset: the config defaults). ``--py-spy DIR`` records the
+replica's and the ingress's stacks per thread during the load (``py-spy`` on PATH).
 Writes JSON naming the machine under bench/results/; ``--merge`` gathers several runs
 (e.g. before/after a change, alternated, ``label=path`` each) into one file with medians:
 
@@ -90,8 +93,8 @@ def bench_config(args: argparse.Namespace) -> DeploymentConfig:
         "replicas": {"min_replicas": 1, "max_replicas": 1, "num_cpus": args.replica_cpus,
                      "max_ongoing_requests": 4 * max(args.concurrency, 16),
                      **({"stream_interval": args.stream_interval} if args.stream_interval > 1 else {}),
-                     **({"max_stream_updates_per_step": args.max_stream_updates_per_step}
-                        if args.max_stream_updates_per_step else {})},
+                     **({"max_stream_updates_per_step": args.max_stream_updates_per_step or None}
+                        if args.max_stream_updates_per_step is not None else {})},
         "routing": {"kind": "prefix_aware", "stats_period_s": 0.5},
         "admission": {"max_waiting_per_replica": None},
         "ingress": {"num_cpus": 0.1, "num_replicas": 1},
@@ -520,7 +523,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--stream-interval", type=int, default=1,
                         help="replicas.stream_interval: tokens per streamed update of a request")
     parser.add_argument("--max-stream-updates-per-step", type=int, default=None,
-                        help="replicas.max_stream_updates_per_step (widen intervals under load)")
+                        help="replicas.max_stream_updates_per_step (widen intervals under load; 0: never)")
     parser.add_argument("--py-spy", metavar="DIR", default=None,
                         help="profile the replica and ingress with py-spy during the load (collapsed stacks "
                              "per thread into DIR; adds the sampler's own load, so CPU figures of such a "

@@ -119,3 +119,21 @@ async def test_async_engine_stream_interval():
                 pass
     finally:
         engine.shutdown()
+
+
+async def test_replica_streams_deltas_per_its_config():
+    from router.config import parse_deployment_config
+    from router.messages import GenerateRequest
+    from router.replica import LLMServer
+    cfg = parse_deployment_config({"model": "kvmesh-tiny", "engine": {"block_size": 16},
+                                   "replicas": {"stream_interval": 4, "max_stream_updates_per_step": None}})
+    server = LLMServer.__new__(LLMServer)
+    await server.__init__(cfg)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True)
+        req = GenerateRequest("replica-4", server.engine.tokenizer.encode("Once upon a time"), params, [])
+        deltas = [d async for d in server.generate_deltas(req)]
+        assert [len(d.choices[0].token_ids) for d in deltas] == [1, 4, 4, 4]
+        assert deltas[-1].finished and deltas[-1].choices[0].finish_reason == "length"
+    finally:
+        server.engine.shutdown()
