@@ -473,7 +473,11 @@ def headline(run: dict) -> dict:
            "http_load_tpot_p50_ms": load["tpot_s"]["p50"] * 1000,
            "http_load_itl_p50_ms": load["itl_s"]["p50"] * 1000,
            "net_cpu_ms_per_token": {k: v for k, v in load["net_cpu_ms_per_token"].items()
-                                    if k in ("proxy", "ingress", "replica")}}
+                                    if k in ("proxy", "ingress", "replica", "replica/kvmesh-engine")}}
+    net = load["net_cpu_ms_per_token"]
+    if "replica/kvmesh-engine" in net:  # the engine thread is named (engine/async_engine.py)
+        # The replica's threads other than the engine loop: Serve's streaming, the event loop.
+        out["net_cpu_ms_per_token"]["replica_other_threads"] = round(net["replica"] - net["replica/kvmesh-engine"], 3)
     if "offline_c1" in run:
         out.update(offline_c1_ttft_p50_ms=run["offline_c1"]["ttft_s"]["p50"] * 1000,
                    ttft_overhead_p50_ms=run["ttft_overhead_p50_ms"],
@@ -495,7 +499,7 @@ def merge(name: str, labelled_paths: list[str], note: str) -> Path:
         medians[label] = {k: statistics.median(h[k] for h in heads)
                           for k in heads[0] if not isinstance(heads[0][k], dict)}
         medians[label]["net_cpu_ms_per_token"] = {
-            k: statistics.median(h["net_cpu_ms_per_token"].get(k, 0.0) for h in heads)
+            k: round(statistics.median(h["net_cpu_ms_per_token"].get(k, 0.0) for h in heads), 3)
             for k in heads[0]["net_cpu_ms_per_token"]}
         medians[label]["num_runs"] = len(results)
     first = next(iter(runs.values()))[0]
