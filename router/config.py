@@ -80,9 +80,9 @@ class ReplicaConfig:
     # Under load, widen each request's interval to ceil(unfinished requests / this), so one engine
     # step streams about this many updates however large the batch: the replica's per-step
     # Python work (which shares the GIL with the engine loop) stops growing with concurrency.
-    # 16: up to 16 requests stream every token; 32 get 2 tokens per update, 128 get 8.
+    # 64: up to 64 requests stream every token (as users expect); 128 get 2 tokens per update.
     # None: never widen.
-    max_stream_updates_per_step: Optional[int] = 16
+    max_stream_updates_per_step: Optional[int] = 64
 
     def __post_init__(self) -> None:
         _check(self.min_replicas >= 1, f"min_replicas must be >= 1, got {self.min_replicas}")
