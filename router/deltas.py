@@ -9,7 +9,7 @@ hands over only the latest cumulative output and one delta covers all of them, s
 backlog becomes fewer, larger items rather than more of them.
 
     engine ──RequestOutput (cumulative)──▶ DeltaTracker (replica) ──OutputDelta──▶ ingress
-    decode pool ──ReplicaOutput (cumulative)──▶ DeltaTracker (ingress, disaggregated mode)
+    prefill reply + decode pool deltas ──DeltaTrimmer (ingress, disaggregated mode)──▶ OutputDelta
 
 Invariant: concatenating the deltas of a choice, in order, gives exactly the final
 cumulative output (text, token ids, logprobs); ``finish_reason`` is set on the
@@ -39,6 +39,7 @@ class OutputDelta:
     finished: bool  # every choice has finished
     error: Optional[str] = None  # set when a choice ends with finish_reason "error"
     trace: Optional[dict[str, float]] = None  # x-kvmesh-trace: replica/engine time.monotonic() stamps
+    kv_transfer: Optional[tuple[int, float]] = None  # decode pool, once: the prompt KV's (bytes, seconds)
 
 
 @dataclass
@@ -89,3 +90,51 @@ def _new_text(old: str, new: str) -> str:
     while common < limit and old[common] == new[common]:
         common += 1
     return new[common:]
+
+
+@dataclass
+class DeltaTrimmer:
+    """Merges several sources of one request's deltas into one stream without repeats.
+
+    In disaggregated serving the client gets the first token from the prefill reply, and
+    the decode replica's deltas start from token 0 again; after a decode replica is lost,
+    a retry's deltas start from 0 once more. Each source is deterministic (same tokens and
+    text), so what a source sends that the client already has is a prefix of it: per
+    choice, the first tokens / characters / logprobs up to what was sent are cut.
+    """
+
+    _sent: dict[int, list[int]] = field(default_factory=dict)  # choice -> [tokens, chars, logprobs]
+
+    def new_source(self) -> "_Source":
+        return _Source(self)
+
+    def _trim(self, source: "_Source", delta: OutputDelta) -> Optional[OutputDelta]:
+        choices = []
+        for c in delta.choices:
+            got = source.got.setdefault(c.index, [0, 0, 0])
+            sent = self._sent.setdefault(c.index, [0, 0, 0])
+            skip = [max(0, s - g) for s, g in zip(sent, got)]
+            got[0] += len(c.token_ids)
+            got[1] += len(c.text)
+            got[2] += len(c.logprobs) if c.logprobs is not None else 0
+            for i in range(3):
+                sent[i] = max(sent[i], got[i])
+            trimmed = ChoiceDelta(c.index, c.text[skip[1]:], c.token_ids[skip[0]:],
+                                  c.logprobs[skip[2]:] if c.logprobs is not None else None,
+                                  c.finish_reason, c.stop_reason)
+            if trimmed.token_ids or trimmed.text or trimmed.logprobs or trimmed.finish_reason is not None:
+                choices.append(trimmed)
+        if not choices and not delta.finished:
+            return None
+        return OutputDelta(delta.replica_id, choices, delta.finished, delta.error, delta.trace, delta.kv_transfer)
+
+
+@dataclass
+class _Source:
+    trimmer: DeltaTrimmer
+    got: dict[int, list[int]] = field(default_factory=dict)
+
+    def trim(self, delta: OutputDelta) -> Optional[OutputDelta]:
+        """``delta`` less what the client already has (None: nothing new)."""
+        return self.trimmer._trim(self, delta)
+

@@ -6,11 +6,14 @@
       2 ──(GenerateRequest, plan)──▶ PrefillServer.prefill   (prefill pool: prefix-aware router)
         ◀── PrefillReply: first token (streamed to the client now: TTFT), queue/prefill times
              └─ the prefill replica sends the KV to the decode replica's pair (gloo / NCCL)
-      3 ◀── decode stream: cumulative outputs (first token included), until finished
+      3 ◀── decode stream: OutputDeltas from token 0 (the first token again), until finished
 
-Outputs reach the client in order through one stream: outputs are cumulative,
-and the flow forwards an output only when it carries more tokens than the
-client has (or is final). Faults:
+Outputs reach the client in order through one stream of ``OutputDelta``s: the
+prefill reply becomes the first delta, and a ``DeltaTrimmer`` cuts from the
+decode stream what the client already has (the first token; after a retry,
+everything up to where the lost replica got). The decode replica streams deltas
+(not cumulative outputs, whose prompt ids and growing token lists cost
+O(tokens so far) to pickle per token), at ``replicas.stream_interval``. Faults:
 
 * prefill replica dies or the transfer stalls: the decode side's lease expires
   (or the pair reports the error) and it recomputes the prompt or fails the
@@ -32,7 +35,8 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
 from router.config import DeploymentConfig, DisaggregationConfig
-from router.messages import GenerateRequest, ReplicaOutput
+from router.deltas import DeltaTracker, DeltaTrimmer, OutputDelta
+from router.messages import GenerateRequest
 from router.replica import EngineFactory, LLMServer
 
 logger = logging.getLogger(__name__)
@@ -110,15 +114,29 @@ class DecodeServer(LLMServer):
         self.connector.start()
 
     async def generate_remote(self, req: GenerateRequest) -> AsyncIterator[Any]:
-        """First the ``KVTransferPlan`` for a prefill replica (None: computed here), then outputs."""
-        disagg = self.cfg.disaggregation
+        """First the ``KVTransferPlan`` for a prefill replica (None: computed here), then
+        ``OutputDelta``s from the request's first token on (the first carries the KV transfer's
+        bytes and seconds when the prompt's KV came from a prefill replica)."""
+        disagg, replicas = self.cfg.disaggregation, self.cfg.replicas
         stream = self.connector.generate(req.prompt_token_ids, req.sampling_params, req.request_id,
                                          disagg.lease_timeout_s, disagg.min_remote_tokens,
-                                         disagg.on_transfer_failure, priority=req.priority)
-        first = True
+                                         disagg.on_transfer_failure, priority=req.priority,
+                                         stream_interval=replicas.stream_interval,
+                                         max_outputs_per_step=replicas.max_stream_updates_per_step)
+        tracker = DeltaTracker(self.replica_id)
+        first, transfer_reported = True, False
         async for item in self._guarded(req.request_id, stream):
-            yield item if first else ReplicaOutput(self.replica_id, item)
-            first = False
+            if first:
+                first = False
+                yield item
+                continue
+            delta = tracker.update(item)
+            if delta is None:
+                continue
+            metrics = getattr(item, "metrics", None)
+            if not transfer_reported and metrics is not None and metrics.kv_transfer_bytes:
+                delta.kv_transfer, transfer_reported = (metrics.kv_transfer_bytes, metrics.kv_transfer_s or 0.0), True
+            yield delta
 
     def get_stats(self) -> dict:
         stats = super().get_stats()
@@ -151,7 +169,7 @@ class DisaggregatedFlow:
 
 
 class DisaggregatedStream:
-    """One request's merged stream: ``ReplicaOutput``s in order; ``cancel()`` stops both pools' calls."""
+    """One request's merged stream: ``OutputDelta``s in order; ``cancel()`` stops both pools' calls."""
 
     def __init__(self, flow: DisaggregatedFlow, req: GenerateRequest) -> None:
         self.flow = flow
@@ -160,16 +178,16 @@ class DisaggregatedStream:
         self.plan: Any = None
         self.num_retries = 0  # decode replicas lost and replaced by another
         self._calls: list[Any] = []
-        self._num_sent = 0  # tokens the client has
+        self._trimmer = DeltaTrimmer()  # what the client has, per choice
 
-    def __aiter__(self) -> AsyncIterator[ReplicaOutput]:
+    def __aiter__(self) -> AsyncIterator[OutputDelta]:
         return self._run()
 
     def cancel(self) -> None:
         for call in self._calls:
             call.cancel()
 
-    async def _run(self) -> AsyncIterator[ReplicaOutput]:
+    async def _run(self) -> AsyncIterator[OutputDelta]:
         flow = self.flow
         attempt = 0
         while True:
@@ -187,7 +205,7 @@ class DisaggregatedStream:
                                self.req.request_id, self.decode_replica_id, type(exc).__name__)
                 self._count("decode_retry")
 
-    async def _attempt(self) -> AsyncIterator[ReplicaOutput]:
+    async def _attempt(self) -> AsyncIterator[OutputDelta]:
         flow, req = self.flow, self.req
         decode = flow.decode.options(stream=True).generate_remote.remote(req)
         self._calls.append(decode)
@@ -201,17 +219,19 @@ class DisaggregatedStream:
             reply = await self._prefill(plan)
             if reply is not None:
                 self._observe_prefill(reply)
-                item = self._forward(ReplicaOutput(reply.replica_id, reply.output))
+                first = DeltaTracker(reply.replica_id).update(reply.output)
+                item = self._trimmer.new_source().trim(first) if first is not None else None
                 if item is not None:
                     yield item
                 if reply.output.finished:  # the first token ended it: free the reservation
                     decode.cancel()
                     return
-        async for item in decode:
+        source = self._trimmer.new_source()
+        async for delta in decode:
             if self.decode_replica_id is None:
-                self.decode_replica_id = item.replica_id
-            self._observe_transfer(item.output)
-            forwarded = self._forward(item)
+                self.decode_replica_id = delta.replica_id
+            self._observe_transfer(delta)
+            forwarded = source.trim(delta)
             if forwarded is not None:
                 yield forwarded
 
@@ -229,14 +249,6 @@ class DisaggregatedStream:
             self._count("prefill_failed")
             return None
 
-    def _forward(self, item: ReplicaOutput) -> Optional[ReplicaOutput]:
-        out = item.output
-        num_tokens = len(out.outputs[0].token_ids) if out.outputs else 0
-        if num_tokens <= self._num_sent and not out.finished:
-            return None  # the client has these tokens (first token, or a retry catching up)
-        self._num_sent = max(self._num_sent, num_tokens)
-        return item
-
     # ---- metrics ------------------------------------------------------------------------------
     def _count(self, path: str) -> None:
         if self.flow.metrics is not None:
@@ -248,11 +260,11 @@ class DisaggregatedStream:
             metrics.ttft_phase.labels("queue").observe(reply.timings.queue_s)
             metrics.ttft_phase.labels("prefill").observe(reply.timings.prefill_s)
 
-    def _observe_transfer(self, out: Any) -> None:
-        m = out.metrics
-        if self.flow.metrics is None or m is None or not m.kv_transfer_bytes or getattr(self, "_seen_kv", False):
+    def _observe_transfer(self, delta: OutputDelta) -> None:
+        if self.flow.metrics is None or delta.kv_transfer is None or getattr(self, "_seen_kv", False):
             return
         self._seen_kv = True
-        self.flow.metrics.ttft_phase.labels("transfer").observe(m.kv_transfer_s or 0.0)
-        self.flow.metrics.kv_transfer_bytes.inc(m.kv_transfer_bytes)
-        self.flow.metrics.kv_transfer_seconds.observe(m.kv_transfer_s or 0.0)
+        num_bytes, seconds = delta.kv_transfer
+        self.flow.metrics.ttft_phase.labels("transfer").observe(seconds)
+        self.flow.metrics.kv_transfer_bytes.inc(num_bytes)
+        self.flow.metrics.kv_transfer_seconds.observe(seconds)

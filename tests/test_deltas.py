@@ -89,3 +89,26 @@ async def test_slow_consumer_gets_fewer_outputs_with_the_same_result(async_engin
     offline = tiny_llm.generate("Once upon a time", params)[0].outputs[0]
     assert outs[-1].outputs[0].token_ids == offline.token_ids
     assert outs[-1].outputs[0].text == offline.text
+
+
+def test_trimmer_merges_sources_without_repeats():
+    """Prefill reply (token 0), then a decode stream from token 0 whose first delta carries two
+    tokens, then a retry's stream from 0 again: the client gets each token and character once."""
+    from router.deltas import ChoiceDelta, DeltaTrimmer, OutputDelta
+
+    def d(ids, text, finish=None, lps=None):
+        return OutputDelta("r", [ChoiceDelta(0, text, ids, lps, finish)], finish is not None)
+
+    trimmer = DeltaTrimmer()
+    out = [trimmer.new_source().trim(d([5], "He", lps=[{5: 0.0}]))]
+    decode = trimmer.new_source()
+    out += [decode.trim(d([5, 6], "Hello", lps=[{5: 0.0}, {6: 0.0}])), decode.trim(d([7], " w", lps=[{7: 0.0}]))]
+    retry = trimmer.new_source()
+    out += [retry.trim(d([5], "He", lps=[{5: 0.0}])), retry.trim(d([6, 7, 8], "llo wo", lps=[{6: 0.0}, {7: 0.0}, {8: 0.0}])),
+            retry.trim(d([], "", finish="stop"))]
+    sent = [x for x in out if x is not None]
+    assert out[3] is None  # the retry's first token: the client has it
+    assert [t for x in sent for c in x.choices for t in c.token_ids] == [5, 6, 7, 8]
+    assert "".join(c.text for x in sent for c in x.choices) == "Hello wo"
+    assert [lp for x in sent for c in x.choices for lp in c.logprobs or []] == [{5: 0.0}, {6: 0.0}, {7: 0.0}, {8: 0.0}]
+    assert sent[-1].finished and sent[-1].choices[0].finish_reason == "stop"

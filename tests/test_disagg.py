@@ -197,16 +197,18 @@ def run_flow(prompt: list[int], max_tokens: int, on_output=None) -> tuple[list[i
                           block_hashes=[])
 
     async def main():
+        # The flow streams OutputDeltas with nothing repeated: their concatenation is the output.
         stream = flow.start(req)
-        last = None
-        async for item in stream:
-            last = item.output
+        ids, reason = [], None
+        async for delta in stream:
+            for choice in delta.choices:
+                ids += choice.token_ids
+                reason = choice.finish_reason or reason
             if on_output is not None:
-                await on_output(stream, last)
-        return last, stream
+                await on_output(stream, ids)
+        return ids, reason, stream
 
-    last, stream = asyncio.run(main())
-    return last.outputs[0].token_ids, last.outputs[0].finish_reason, stream
+    return asyncio.run(main())
 
 
 def greedy_ids(colocated, prompt, max_tokens):
@@ -236,8 +238,8 @@ def test_prefill_killed_mid_transfer(base_url, colocated):
     prompt = random_prompt(90, seed=2)
     killed = []
 
-    async def on_output(stream, out):
-        if not killed and len(out.outputs[0].token_ids) == 1:  # prefill answered; transfer in flight
+    async def on_output(stream, ids):
+        if not killed and len(ids) == 1:  # prefill answered; transfer in flight
             await asyncio.sleep(0.3)
             kill_replica("PrefillServer")
             killed.append(True)
@@ -253,8 +255,8 @@ def test_decode_killed_mid_stream_retries_on_another(base_url, colocated):
     for _ in range(3):  # the kill is asynchronous: if the stream finished first, try again
         killed: list[str] = []
 
-        async def on_output(stream, out):
-            if not killed and len(out.outputs[0].token_ids) >= 5:
+        async def on_output(stream, ids):
+            if not killed and len(ids) >= 5:
                 killed.append(stream.decode_replica_id)
                 kill_replica("DecodeServer", stream.decode_replica_id)
 

@@ -82,10 +82,13 @@ class DecodeConnector:
     async def generate(self, prompt: Any, params: Any, request_id: str, lease_timeout_s: float,
                        min_remote_tokens: int = 1,
                        on_failure: TransferFailurePolicy = TransferFailurePolicy.RECOMPUTE,
-                       priority: int = 0) -> AsyncIterator[Optional[KVTransferPlan] | Any]:
-        """First the ``KVTransferPlan`` to hand to a prefill replica (None: computed here), then outputs."""
+                       priority: int = 0, stream_interval: int = 1,
+                       max_outputs_per_step: Optional[int] = None) -> AsyncIterator[Optional[KVTransferPlan] | Any]:
+        """First the ``KVTransferPlan`` to hand to a prefill replica (None: computed here), then outputs
+        (every ``stream_interval`` tokens, widened under load; ``AsyncLLM.generate``'s)."""
         async for item in self.engine.generate_with_remote_prefill(
-                prompt, params, request_id, lease_timeout_s, min_remote_tokens, on_failure, priority):
+                prompt, params, request_id, lease_timeout_s, min_remote_tokens, on_failure, priority,
+                stream_interval=stream_interval, max_outputs_per_step=max_outputs_per_step):
             if item is None or isinstance(item, KVReservation):
                 yield KVTransferPlan(item, self.endpoint) if item is not None else None
             else:
