@@ -108,11 +108,17 @@ class SchedulerConfig:
     # Schedule step N+1 while step N runs on the device (hides the host's per-step work).
     # None: on for CUDA workers in one pipeline stage, off otherwise (no gain on CPU).
     async_scheduling: Optional[bool] = None
+    # At most this many tokens of one prompt per step (chunked prefill), so short prompts that
+    # arrive behind a long one share the step instead of waiting for all its chunks. None: the
+    # whole budget (a prefill pool serving long and short prompts wants e.g. a quarter of it).
+    long_prefill_token_threshold: Optional[int] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", SchedulingPolicy(self.policy))
         _check(self.max_num_batched_tokens > 0,
                f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}")
+        _check(self.long_prefill_token_threshold is None or self.long_prefill_token_threshold > 0,
+               f"long_prefill_token_threshold must be > 0 or null, got {self.long_prefill_token_threshold}")
         _check(self.max_num_seqs > 0, f"max_num_seqs must be > 0, got {self.max_num_seqs}")
 
 

@@ -191,7 +191,7 @@ class Scheduler:
                 i += 1  # its in-flight token is its last: nothing more to compute
                 continue
             num_known = request.num_tokens + request.num_output_placeholders
-            num_new = min(num_known - request.num_computed_tokens, budget)
+            num_new = min(num_known - request.num_computed_tokens, budget, self._chunk_cap)
             if num_new <= 0:  # nothing known beyond the computed tokens (no sample came back)
                 i += 1
                 continue
@@ -202,6 +202,12 @@ class Scheduler:
             budget -= num_new
             i += 1
         return budget
+
+    @property
+    def _chunk_cap(self) -> int:
+        """Most tokens one request computes in a step (``long_prefill_token_threshold``)."""
+        cap = self.config.long_prefill_token_threshold
+        return cap if cap is not None and self.config.enable_chunked_prefill else 1 << 62
 
     def _ends_at_placeholder(self, request: Request) -> bool:
         """True if the request's in-flight sampled token certainly finishes it."""
@@ -251,7 +257,7 @@ class Scheduler:
                 hit_blocks, num_hit_tokens = manager.get_computed_blocks(request)
                 num_new = request.num_tokens - num_hit_tokens
                 if self.config.enable_chunked_prefill:
-                    num_new = min(num_new, budget)
+                    num_new = min(num_new, budget, self._chunk_cap)
                 elif num_new > budget and out.num_scheduled_tokens:
                     break  # whole prompts only; over-budget ones run alone in a fresh step
                 copies = manager.allocate_slots(request, num_new, hit_blocks)

@@ -209,10 +209,18 @@ class PoolConfig:
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # Engine scheduler options of this pool's replicas (None: the deployment's ``engine`` value):
+    # a prefill pool wants a large step budget with a per-prompt cap, a decode pool small steps.
+    max_num_batched_tokens: Optional[int] = None
+    long_prefill_token_threshold: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check(self.tensor_parallel_size >= 1 and self.pipeline_parallel_size >= 1,
                "tensor_parallel_size and pipeline_parallel_size must be >= 1")
+        for name in ("max_num_batched_tokens", "long_prefill_token_threshold"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and value > 0),
+                   f"{name} must be a positive integer or null, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -283,7 +291,10 @@ class DeploymentConfig:
         """The engine config of one pool's replicas: the shared options with the pool's sizes."""
         parallel = dataclasses.replace(self.engine.parallel, tensor_parallel_size=pool.tensor_parallel_size,
                                        pipeline_parallel_size=pool.pipeline_parallel_size)
-        return dataclasses.replace(self.engine, parallel=parallel)
+        overrides = {name: getattr(pool, name) for name in ("max_num_batched_tokens", "long_prefill_token_threshold")
+                     if getattr(pool, name) is not None}
+        scheduler = dataclasses.replace(self.engine.scheduler, **overrides)
+        return dataclasses.replace(self.engine, parallel=parallel, scheduler=scheduler)
 
 
 # ---- loading ------------------------------------------------------------------------------------

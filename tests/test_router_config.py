@@ -132,3 +132,17 @@ def test_routing_policy_nests_router_policy_config():
 def test_bad_routing_policy(policy, fragment):
     with pytest.raises(ValueError, match=fragment.replace(".", r"\.")):
         parse_deployment_config({"routing": {"policy": policy}})
+
+
+def test_pool_scheduler_overrides_reach_only_that_pools_engine():
+    cfg = parse_deployment_config({
+        "model": "kvmesh-tiny", "engine": {"max_num_batched_tokens": 512},
+        "disaggregation": {"mode": "disaggregated",
+                           "prefill": {"max_num_batched_tokens": 2048, "long_prefill_token_threshold": 256}}})
+    prefill = cfg.pool_engine_config(cfg.disaggregation.prefill).scheduler
+    decode = cfg.pool_engine_config(cfg.disaggregation.decode).scheduler
+    assert (prefill.max_num_batched_tokens, prefill.long_prefill_token_threshold) == (2048, 256)
+    assert (decode.max_num_batched_tokens, decode.long_prefill_token_threshold) == (512, None)
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        parse_deployment_config({"model": "kvmesh-tiny", "disaggregation": {
+            "mode": "disaggregated", "prefill": {"long_prefill_token_threshold": 0}}})

@@ -107,8 +107,10 @@ def make_request(request_id: str, prompt: list[int], max_tokens: Optional[int] =
 def make_scheduler(num_blocks: int = 64, max_num_batched_tokens: int = 32, max_num_seqs: int = 8,
                    enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True,
                    policy: SchedulingPolicy = SchedulingPolicy.FCFS,
-                   max_model_len: int = 256) -> tuple[Scheduler, FakeRunner]:
-    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, policy),
+                   max_model_len: int = 256,
+                   long_prefill_token_threshold: Optional[int] = None) -> tuple[Scheduler, FakeRunner]:
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, policy,
+                                          long_prefill_token_threshold=long_prefill_token_threshold),
                           CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=enable_prefix_caching),
                           num_blocks, max_model_len)
     return scheduler, FakeRunner(scheduler)
@@ -149,6 +151,22 @@ def test_chunked_prefill_splits_a_long_prompt_and_mixes_with_decodes():
     run_all(scheduler, runner)
     assert short.output_token_ids == expected_output(short.prompt_token_ids, 6)
     assert long.output_token_ids == expected_output(long.prompt_token_ids, 8)
+
+
+def test_long_prefill_threshold_lets_short_prompts_share_the_step():
+    """Without the cap a long prompt's chunks take the whole budget and a short prompt behind it
+    waits for all of them; with it, the short prompt is computed in the next step."""
+    scheduler, runner = make_scheduler(max_num_batched_tokens=16, long_prefill_token_threshold=8)
+    long, short = make_request("long", prompt_of(40, 1)), make_request("short", prompt_of(5, 2), max_tokens=3)
+    scheduler.add_request(long)
+    assert step(scheduler, runner)[0].num_scheduled_tokens == {"long": 8}
+    scheduler.add_request(short)
+    assert step(scheduler, runner)[0].num_scheduled_tokens == {"long": 8, "short": 5}
+    run_all(scheduler, runner)
+    assert short.output_token_ids == expected_output(short.prompt_token_ids, 3)
+    assert long.output_token_ids == expected_output(long.prompt_token_ids, 8)
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        SchedulerConfig(long_prefill_token_threshold=0)
 
 
 def test_budget_and_max_num_seqs_are_respected():
