@@ -141,3 +141,14 @@ def test_gemv_tune_picks_per_shape_and_linear_follows_it():
     assert "4096x4096" in report  # measured once, a speed-up ratio per shape
     x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
     torch.testing.assert_close(layer(x).float(), (x.float() @ layer.weight.float().T), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (4, 151936), (16, 32000), (20, 128256)])
+def test_greedy_argmax_triton_is_argmax_ties_included(dtype, rows, vocab):
+    from engine.sampler import greedy_argmax
+    logits = torch.randn(rows, vocab, device="cuda").to(dtype)
+    logits[0, [3, 5000, vocab - 1]] = logits.max() + 1  # a tie: the first index wins
+    assert torch.equal(greedy_argmax(logits), logits.argmax(dim=-1))
+    assert greedy_argmax(logits)[0] == 3
