@@ -18,9 +18,8 @@ import triton  # noqa: E402
 
 from engine.kernels import gemv as g  # noqa: E402
 
-SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
-          "qkv_tp2": (3072, 4096), "o_proj_tp2": (4096, 2048), "down_tp2": (4096, 7168)}
-CONFIGS = [(bn, bk, w, s) for bn in (8, 16, 32, 64) for bk in (128, 256, 512) for w in (2, 4, 8) for s in (2, 3, 4, 6)]
+SHAPES = {"o_proj": (4096, 4096), "qkv": (6144, 4096), "down": (4096, 14336), "o_proj_tp2": (4096, 2048)}
+CONFIGS = [(bn, bk, w, s) for bn in (16, 32) for bk in (128, 256, 512) for w in (4, 8) for s in (3, 5)]
 
 
 def main() -> None:
