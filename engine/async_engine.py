@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -132,8 +134,24 @@ def _call_soon_threadsafe(loop: asyncio.AbstractEventLoop, callback, *args) -> N
         pass
 
 
+SWITCH_INTERVAL_ENV = "KVMESH_SWITCH_INTERVAL_S"
+DEFAULT_SWITCH_INTERVAL_S = 0.0005
+
+
+def _set_switch_interval() -> None:
+    """The engine thread shares the GIL with the server's threads (event loop, Serve's
+    streaming). Each time it waits on the device it lets the GIL go, and getting it back can
+    take a whole switch interval while another thread runs Python (5 ms by default, about a
+    decode step): under many streams every step paid it. A short interval bounds that wait.
+    ``KVMESH_SWITCH_INTERVAL_S`` overrides it (0: leave Python's)."""
+    value = float(os.environ.get(SWITCH_INTERVAL_ENV, DEFAULT_SWITCH_INTERVAL_S))
+    if value > 0:
+        sys.setswitchinterval(value)
+
+
 class AsyncLLM:
     def __init__(self, engine: LLMEngine) -> None:
+        _set_switch_interval()
         self.engine = engine
         self.config = engine.config
         self.tokenizer = engine.tokenizer
