@@ -131,6 +131,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.graph_runner: GraphRunner | None = None
+        self.gemv_report: dict[str, float] = {}  # weight shape -> cuBLAS time / GEMV time at batch 1
         self.requests: dict[str, RunnerRequestState] = {}
         # The previous step's sampled ids (R,) on the device and each request's row in them.
         self._prev_sampled: Optional[torch.Tensor] = None
@@ -209,7 +210,8 @@ class ModelRunner:
                     self.max_model_len, num_blocks * self.block_size / self.max_model_len)
         if self._use_cuda_graphs():
             from engine.kernels import gemv
-            gemv.tune(self.model)  # per weight shape: cuBLAS or the GEMV at batch <= 4, before capture
+            # per weight shape: cuBLAS or the GEMV at batch <= 4, before capture
+            self.gemv_report = gemv.tune(self.model)
             self.graph_runner = self._graph_runner(scratch_block=num_blocks, capture=True)
             self.graph_runner.capture()
 

@@ -11,7 +11,9 @@ only 64 programs on 132 SMs (profile of bench/gpu_bench.py --decode-profile).
 
 ``tune(model)`` times both at M = 1 for every distinct (N, K, dtype) of the model's
 linear layers once, after loading, and keeps the winner; nothing is decided inside
-a CUDA-graph capture. Off CUDA, in fp32 and untuned shapes use F.linear, so tests
+a CUDA-graph capture. Each is timed as a decode step runs it: many calls back to back
+inside one CUDA graph, each on another copy of the weight so that every call reads
+from HBM (per-call event timing adds ~15-20 us of overhead, more than the gap measured). Off CUDA, in fp32 and untuned shapes use F.linear, so tests
 comparing fp32 GPU runs with the reference path are unaffected.
 """
 
@@ -37,8 +39,8 @@ except ImportError:  # CPU-only install
 if triton is not None:
     @triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                 for bn, bk, w, s in ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4),
-                                      (32, 128, 4, 4), (64, 128, 4, 4), (16, 128, 2, 6))],
+                 for bn, bk, w, s in ((16, 256, 4, 5), (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4),
+                                      (32, 512, 4, 5), (32, 128, 4, 4), (64, 128, 4, 4), (16, 128, 2, 6))],
         key=["N", "K"])
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
@@ -79,10 +81,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
 
 @torch.inference_mode()
-def tune(model: torch.nn.Module, iters: int = 50) -> dict[str, float]:
+def tune(model: torch.nn.Module, calls: int = 24) -> dict[str, float]:
     """Times cuBLAS and the GEMV at batch 1 for each distinct linear weight shape of ``model``
     (modules whose forward calls ``linear``: they carry ``small_batch_gemv = True``); returns
-    {shape: speed-up} and records the shapes where the GEMV wins by more than 3%."""
+    {shape: cuBLAS time / GEMV time} and records the shapes where the GEMV wins by more than 3%."""
     if triton is None:
         return {}
     report = {}
@@ -97,35 +99,41 @@ def tune(model: torch.nn.Module, iters: int = 50) -> dict[str, float]:
             continue
         x = torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device)
         ref = F.linear(x, w)
-        got = gemv(x, w)  # also autotunes this shape
+        got = gemv(x, w)  # also autotunes this shape, outside any capture
         if not torch.allclose(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max().item()):
             logger.warning("GEMV disagrees with cuBLAS for %s; not used", key)
             _USE_GEMV[key] = False
             continue
-        t_cublas = _time(lambda: F.linear(x, w), iters)
-        t_gemv = _time(lambda: gemv(x, w), iters)
+        t_cublas = _time_in_graph(lambda wi: F.linear(x, wi), w, calls)
+        t_gemv = _time_in_graph(lambda wi: gemv(x, wi), w, calls)
         _USE_GEMV[key] = t_gemv < 0.97 * t_cublas
         report[f"{key[0]}x{key[1]}"] = round(t_cublas / t_gemv, 3)
     if report:
         logger.info("batch-1 linear layers, cuBLAS time / GEMV time per weight shape: %s "
-                    "(GEMV used where > 1.03)", report)
+                       "(GEMV used where > 1.03)", report)
     return report
 
 
-def _time(fn, iters: int) -> float:
-    for _ in range(5):
-        fn()
+def _time_in_graph(fn, weight: torch.Tensor, calls: int) -> float:
+    """Seconds per call of ``fn(w)``, as a decode step's CUDA graph runs it: ``calls`` calls back to
+    back in one captured graph (no launch or event overhead per call), each on another copy of the
+    weight so that the copies together overflow L2 (every call reads its weight from HBM)."""
+    copies = max(2, -(-(256 << 20) // (weight.numel() * weight.element_size())))
+    copies = min(copies, calls)
+    weights = [weight.clone() for _ in range(copies)]
+    for wi in weights[:2]:
+        fn(wi)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(weights[i % copies])
+    graph.replay()  # first replay uploads the graph
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    # Back to back like in a decode step, but each call reads its weight cold from HBM: the
-    # weights of one layer are far larger than L2 only for the big shapes, so interleave a
-    # 64 MB flush to keep small shapes honest.
-    flush = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
-    total = 0.0
-    for _ in range(iters):
-        flush.zero_()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        total += start.elapsed_time(end)
-    return total / iters
+    start.record()
+    for _ in range(3):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    del graph, weights
+    return start.elapsed_time(end) / 1e3 / (3 * calls)
