@@ -165,7 +165,12 @@ class AsyncLLM:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "AsyncLLM":
+    def from_config(cls, config: EngineConfig, engine_process: bool = False) -> "AsyncLLM":
+        """``engine_process``: run the ``LLMEngine`` and its step loop in a child process
+        (``engine/engine_process.py``), off this process's GIL; same API."""
+        if engine_process:
+            from engine.engine_process import ProcessAsyncLLM
+            return ProcessAsyncLLM(config)
         return cls(LLMEngine(config))
 
     @property
@@ -251,8 +256,8 @@ class AsyncLLM:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = stream
-        self._commands.put(_Add(request_id, token_ids if not isinstance(prompt, str) else prompt,
-                                params, priority, stream, kv_mode, stream_interval, max_outputs_per_step))
+        self._submit(_Add(request_id, token_ids if not isinstance(prompt, str) else prompt,
+                          params, priority, stream, kv_mode, stream_interval, max_outputs_per_step))
         finished = False
         try:
             while True:
@@ -275,8 +280,12 @@ class AsyncLLM:
             return
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._commands.put(_Abort(request_id, done, loop))
+        self._submit(_Abort(request_id, done, loop))
         await done
+
+    def _submit(self, command: object) -> None:
+        """Hands a command to the engine loop."""
+        self._commands.put(command)
 
     async def _abort_quietly(self, request_id: str) -> None:
         try:

@@ -119,6 +119,7 @@ def build_app(cfg: DeploymentConfig, *, engine_factory: Optional[EngineFactory] 
         llm = serve.deployment(DecodeServer, **decode_options).bind(cfg, board, engine_factory)
     else:
         replica_options = _replica_options(REPLICA_NAME, cfg.replicas, cfg.autoscaling, cfg.engine)
+        _pass_engine_process_env(replica_options["ray_actor_options"])
         router_config = request_router_config(cfg)
         if router_config is not None:
             replica_options["request_router_config"] = router_config
@@ -130,6 +131,15 @@ def build_app(cfg: DeploymentConfig, *, engine_factory: Optional[EngineFactory] 
         max_ongoing_requests=10_000, ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
         graceful_shutdown_timeout_s=5.0,
     ).bind(cfg, llm, board, renderer_factory, prefill)
+
+
+def _pass_engine_process_env(ray_actor_options: dict[str, Any]) -> None:
+    """``KVMESH_ENGINE_PROCESS`` set where the app is built reaches the replicas (their engine in a
+    child process, router/replica.py), also on a cluster started without it."""
+    from router.replica import ENGINE_PROCESS_ENV
+    value = os.environ.get(ENGINE_PROCESS_ENV)
+    if value is not None:
+        ray_actor_options["runtime_env"] = {"env_vars": {ENGINE_PROCESS_ENV: value}}
 
 
 def _replica_options(name: str, replicas: ReplicaConfig, scaling: AutoscalingConfig,

@@ -23,6 +23,9 @@ O(tokens so far) to pickle per token), at ``replicas.stream_interval``. Faults:
   again, mostly prefix-cache hits) on another decode replica, up to
   ``max_decode_retries`` times, skipping tokens the client already has. The
   ingress fixes the request's seed first, so the retry samples the same tokens.
+
+Both pools keep the engine in the replica's process (``in_process_engine_factory``), whatever
+``KVMESH_ENGINE_PROCESS`` says: the KV transfer needs the engine's tensors there.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Any, AsyncIterator, Optional
 from router.config import DeploymentConfig, DisaggregationConfig
 from router.deltas import DeltaTracker, DeltaTrimmer, OutputDelta
 from router.messages import GenerateRequest
-from router.replica import EngineFactory, LLMServer
+from router.replica import EngineFactory, LLMServer, in_process_engine_factory
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ class PrefillServer(LLMServer):
                        engine_factory: Optional[EngineFactory] = None) -> None:
         from engine.kv_transfer.connector import PrefillConnector
         cfg = dataclasses.replace(cfg, engine=cfg.pool_engine_config(cfg.disaggregation.prefill))
-        await super().__init__(cfg, board, engine_factory)
+        await super().__init__(cfg, board, engine_factory or in_process_engine_factory)
         self.connector = PrefillConnector(self.engine, _backend(cfg), f"prefill-{self.replica_id}",
                                           timeout_s=cfg.disaggregation.transfer_timeout_s)
 
@@ -107,7 +110,7 @@ class DecodeServer(LLMServer):
         from engine.kv_transfer.connector import DecodeConnector
         from engine.kv_transfer.mailbox import RayMailbox
         cfg = dataclasses.replace(cfg, engine=cfg.pool_engine_config(cfg.disaggregation.decode))
-        await super().__init__(cfg, board, engine_factory)
+        await super().__init__(cfg, board, engine_factory or in_process_engine_factory)
         self.connector = DecodeConnector(self.engine, _backend(cfg), RayMailbox.create(),
                                          f"decode-{self.replica_id}",
                                          timeout_s=cfg.disaggregation.transfer_timeout_s)

@@ -38,8 +38,24 @@ logger = logging.getLogger(__name__)
 EngineFactory = Callable[[EngineConfig], Any]  # returns an object with the AsyncLLM API
 
 
+ENGINE_PROCESS_ENV = "KVMESH_ENGINE_PROCESS"  # "1": the engine runs in a child process of the replica
+
+
+def engine_process_from_env() -> bool:
+    return os.environ.get(ENGINE_PROCESS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _default_engine_factory(config: EngineConfig) -> Any:
+    """``AsyncLLM``; with ``KVMESH_ENGINE_PROCESS=1`` its engine runs in a child process
+    (``engine/engine_process.py``: the step loop off the replica's GIL)."""
     from engine import AsyncLLM  # torch is imported here, in the replica only
+    return AsyncLLM.from_config(config, engine_process=engine_process_from_env())
+
+
+def in_process_engine_factory(config: EngineConfig) -> Any:
+    """``AsyncLLM`` with the engine in this process, whatever the environment says (the
+    disaggregated pools: their KV transfer needs the engine's tensors here)."""
+    from engine import AsyncLLM
     return AsyncLLM.from_config(config)
 
 
