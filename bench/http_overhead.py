@@ -270,7 +270,8 @@ def offline_engine(cfg: DeploymentConfig, args: argparse.Namespace):
 
 # ---- CPU time per process ---------------------------------------------------------------------
 ROLES = (("ProxyActor", "proxy"), (":OpenAIIngress", "ingress"), (":LLMServer", "replica"),
-         ("ServeController", "controller"), (":ReplicaStatsBoard", "stats_board"))
+         ("ServeController", "controller"), (":ReplicaStatsBoard", "stats_board"),
+         ("multiprocessing.spawn", "engine_core"))  # a replica's engine process (KVMESH_ENGINE_PROCESS=1)
 
 
 def _descendants(root: int) -> list[int]:
@@ -319,7 +320,7 @@ def cpu_seconds(by_thread: bool = False) -> dict[str, float]:
         elif role is None:
             role = "ray_system"  # raylet, GCS, agents
         out[role] = out.get(role, 0.0) + ticks / tick
-        if by_thread and role in ("proxy", "ingress", "replica"):
+        if by_thread and role in ("proxy", "ingress", "replica", "engine_core"):
             for tid in os.listdir(f"/proc/{pid}/task"):
                 try:
                     with open(f"/proc/{pid}/task/{tid}/comm") as f:
