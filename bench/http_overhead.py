@@ -595,10 +595,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("\nTTFT breakdown at c=1 (median ms per phase):")
     for row in result["http_c1"]["breakdown"]:
         print(f"  {row['p50_ms']:7.2f}  {row['what']}")
-    load_gen.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = load_gen.RESULTS_DIR / f"{args.name}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    load_gen.write_result(args.name, result)
     return 0
 
 

@@ -323,3 +323,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def write_result(name: str, result: dict) -> Path:
+    """Writes a benchmark's JSON as bench/results/<name>.json; returns the path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return path
+

@@ -100,10 +100,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         engine.shutdown()
     result = {"benchmark": "stream_host_cost", "machine": load_gen.machine_name(),
               "python": sys.version.split()[0], "time": time.time(), "args": vars(args), "runs": runs}
-    load_gen.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = load_gen.RESULTS_DIR / f"{args.name}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    load_gen.write_result(args.name, result)
     return 0
 
 

@@ -374,20 +374,13 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     assumed (as everywhere in sampling); ties resolve to the first index, like ``argmax``.
     """
     rows, vocab = logits.shape
-    if rows > 16 or vocab < 8192 or logits.stride(-1) != 1:
-        return logits.argmax(dim=-1)
-    if triton is not None and logits.is_cuda:
-        chunk = triton.cdiv(vocab, ARGMAX_CHUNKS)
-        values = torch.empty(rows, ARGMAX_CHUNKS, dtype=torch.float32, device=logits.device)
-        indices = torch.empty(rows, ARGMAX_CHUNKS, dtype=torch.int32, device=logits.device)
-        out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-        _argmax_chunk_kernel[(rows, ARGMAX_CHUNKS)](logits, values, indices, vocab, logits.stride(0), chunk,
-                                                   BLOCK=triton.next_power_of_2(chunk))
-        _argmax_final_kernel[(rows,)](values, indices, out, NUM_CHUNKS=ARGMAX_CHUNKS)
-        return out
-    if vocab % ARGMAX_CHUNKS or not logits.is_contiguous():
-        return logits.argmax(dim=-1)
-    chunk = vocab // ARGMAX_CHUNKS
-    values, indices = logits.view(rows, ARGMAX_CHUNKS, chunk).max(dim=-1)  # (R, C) each
-    best = values.argmax(dim=-1, keepdim=True)  # (R, 1) first chunk holding the maximum
-    return (indices.gather(1, best) + best * chunk).squeeze(1)
+    if triton is None or not logits.is_cuda or rows > 16 or vocab < 8192 or logits.stride(-1) != 1:
+        return logits.argmax(dim=-1)  # CPU, many rows or a small vocabulary: torch's is fine
+    chunk = triton.cdiv(vocab, ARGMAX_CHUNKS)
+    values = torch.empty(rows, ARGMAX_CHUNKS, dtype=torch.float32, device=logits.device)
+    indices = torch.empty(rows, ARGMAX_CHUNKS, dtype=torch.int32, device=logits.device)
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    _argmax_chunk_kernel[(rows, ARGMAX_CHUNKS)](logits, values, indices, vocab, logits.stride(0), chunk,
+                                               BLOCK=triton.next_power_of_2(chunk))
+    _argmax_final_kernel[(rows,)](values, indices, out, NUM_CHUNKS=ARGMAX_CHUNKS)
+    return out
