@@ -263,17 +263,25 @@ def test_flooded_owner_sheds_new_requests_of_its_prefix(app):
 
 def test_redis_outage_fails_no_request_and_routing_recovers(app):
     prompts = system_prompts(3, seed=3)
-    before = run_waves(app.client, prompts, num_rounds=3, tag="before")
-    # Owner = where most of a prompt's requests went (the first wave's requests are cold and
-    # race between the two ingress routers, so one of them may land elsewhere).
-    owners = {i: Counter(s.replica_id for s in r).most_common(1)[0][0] for i, r in before.items()}
-    assert sum(s.replica_id == owners[i] for i, r in before.items() for s in r) >= 7, before
+    # The first wave is cold: its requests race between the two ingress routers, so a prefix may
+    # land on two replicas. Both copies are valid owners afterwards ("holders"); what must hold
+    # through the outage is that requests keep going to a holder, not to a replica chosen at random.
+    before = run_waves(app.client, prompts, num_rounds=1, tag="before-first")
+    settle_stats()  # both routers' mirrors learn every holder from the replicas' reports
+    for i, requests in run_waves(app.client, prompts, num_rounds=2, tag="before").items():
+        before[i].extend(requests)
+    holders = {i: {s.replica_id for s in r} for i, r in before.items()}
+    assert all(len(h) <= 2 for h in holders.values()), before
+    warm = {i: r[1:] for i, r in before.items()}  # after the settle: one holder per prefix
+    assert sum(s.replica_id == Counter(x.replica_id for x in r).most_common(1)[0][0]
+               for r in warm.values() for s in r) >= 5, before
+    settle_stats()
 
     app.redis.stop()
     try:
         # Requests keep being served (and keep their affinity, from each router's mirror).
         during = run_waves(app.client, prompts, num_rounds=3, tag="outage")
-        assert sum(s.replica_id == owners[i] for i, r in during.items() for s in r) >= 8
+        assert sum(s.replica_id in holders[i] for i, r in during.items() for s in r) >= 8, (holders, during)
         seen_down = wait_for(lambda: 0.0 in redis_gauges(app.http, app.name).values(), timeout_s=20,
                              interval_s=0.1)
         assert seen_down, redis_gauges(app.http, app.name)
@@ -291,9 +299,9 @@ def test_redis_outage_fails_no_request_and_routing_recovers(app):
     import redis as redis_client
     keys = redis_client.Redis.from_url(app.redis.url).keys(f"kvmesh:{app.name}:b:*")
     assert keys, "the routers re-synced their prefix index into the restarted Redis"
-    time.sleep(1.0)  # a stats-report period: both routers see the replicas' current cached blocks
+    settle_stats()  # a stats-report period: both routers see the replicas' current cached blocks
     after = run_waves(app.client, prompts, num_rounds=2, tag="after")
-    assert sum(s.replica_id == owners[i] for i, r in after.items() for s in r) >= 5, after
+    assert sum(s.replica_id in holders[i] for i, r in after.items() for s in r) >= 5, (holders, after)
 
 
 def test_prefix_affinity_beats_power_of_two_on_fleet_hit_rate(app, serve_http_port):
