@@ -174,20 +174,50 @@ def make_engine(args: argparse.Namespace, max_num_seqs: int):
     return LLMEngine(config)
 
 
-def measure_decode(engine, decode_steps: int) -> dict:
-    """One request of a 128-token prompt; the step times once the prompt and 8 warm-up steps are done."""
+def measure_decode(engine, decode_steps: int, profile_steps: int = 0) -> dict:
+    """One request of a 128-token prompt; the step times once the prompt and 8 warm-up steps are done.
+
+    ``profile_steps`` > 0: after the timed steps, that many more under a kernel profile in every
+    rank (``engine/profiling.py``; the driver's own runner at TP=1), reported per rank."""
     from engine.sampling_params import SamplingParams
-    engine.add_request("decode", [7] * 128,
-                       SamplingParams(temperature=0.0, max_tokens=decode_steps + 8, ignore_eos=True))
-    steps = []
+    engine.add_request("decode", [7] * 128, SamplingParams(
+        temperature=0.0, max_tokens=decode_steps + 8 + (profile_steps + 4 if profile_steps else 0),
+        ignore_eos=True))
+    steps, profiled, profile = [], [], None
+    profile_from = 8 + decode_steps + 2  # step index where the profiled stretch starts
+    index = 0
     while engine.has_unfinished_requests():
+        in_profile = profile_steps and profile_from <= index < profile_from + profile_steps
+        if profile_steps and index == profile_from:
+            _profile(engine, "start")
         start = time.perf_counter()
         engine.step()
-        steps.append(time.perf_counter() - start)
-    decode = steps[8:-1] or steps  # the last step may only collect an in-flight result
-    return {"batch": 1, "median_step_ms": statistics.median(decode) * 1e3,
-            "mean_step_ms": sum(decode) / len(decode) * 1e3,
-            "p90_step_ms": sorted(decode)[int(0.9 * (len(decode) - 1))] * 1e3, "num_steps": len(decode)}
+        (profiled if in_profile else steps).append(time.perf_counter() - start)
+        index += 1
+        if profile_steps and index == profile_from + profile_steps:
+            profile = _profile(engine, "stop", profile_steps)
+    decode = steps[8:min(8 + decode_steps, len(steps) - 1)] or steps  # the last step may only collect
+    # an in-flight result
+    result = {"batch": 1, "median_step_ms": statistics.median(decode) * 1e3,
+              "mean_step_ms": sum(decode) / len(decode) * 1e3,
+              "p90_step_ms": sorted(decode)[int(0.9 * (len(decode) - 1))] * 1e3, "num_steps": len(decode)}
+    if profile is not None:
+        result["profile"] = {"num_steps": profile_steps, "median_step_ms": statistics.median(profiled) * 1e3,
+                             "ranks": profile}
+    return result
+
+
+def _profile(engine, action: str, num_steps: int = 1):
+    """Kernel profile of every rank (Ray workers) or of the driver's runner (one worker)."""
+    executor = engine.executor
+    if hasattr(executor, "profile"):
+        return executor.profile(action, num_steps)
+    from engine.profiling import KernelProfiler
+    if action == "start":
+        engine._bench_profiler = KernelProfiler()
+        engine._bench_profiler.start()
+        return None
+    return [{"rank": 0, **engine._bench_profiler.stop(num_steps).to_dict()}]
 
 
 def measure_throughput(engine, num_requests: int, prompt_len: int, max_tokens: int,
@@ -237,7 +267,7 @@ def bench_engine(args: argparse.Namespace) -> dict:
         if barrier is not None:
             barrier.wait("init")  # GPU 0's decode runs while its peer only waits
         if args.decode:
-            result["decode"] = measure_decode(engine, args.decode_steps)
+            result["decode"] = measure_decode(engine, args.decode_steps, args.profile_steps)
         if args.throughput_requests:
             result["throughput"] = measure_throughput(engine, args.throughput_requests, args.prompt_len,
                                                       args.max_tokens, barrier)
@@ -284,6 +314,7 @@ class Runner:
         env.pop("RAY_ADDRESS", None)  # never join another Ray cluster
         # The same engine settings in every part (only the load differs), so decode steps compare.
         common = ["--model-dir", self.args.model_dir, "--decode-steps", str(self.args.decode_steps),
+                  "--profile-steps", str(self.args.profile_steps),
                   "--prompt-len", str(self.args.prompt_len), "--max-tokens", str(self.args.max_tokens),
                   "--max-num-seqs", str(max(8, self.args.num_requests))]
         if self.args.smoke_cpu:
@@ -575,6 +606,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=96, help="decode steps timed at batch 1")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="then this many decode steps under a kernel profile in every rank (GPU)")
     parser.add_argument("--smoke-cpu", action="store_true", help="kvmesh-tiny on CPU: the plumbing only")
     parser.add_argument("--parts", default=",".join(p.name for p in PARTS),
                         help="comma-separated subset of the parts run by 'all'")

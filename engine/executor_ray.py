@@ -199,6 +199,11 @@ class RayExecutor(Executor):
         self.check_health()
         self._collect(self._launch(StepMethod.IMPORT_KV, block_ids, list(kv)), STEP_TIMEOUT_S)
 
+    def profile(self, action: str, num_steps: int = 1) -> list[Optional[dict]]:
+        """Starts (``"start"``) or stops (``"stop"``) a kernel profile in every worker; on stop,
+        each rank's kernels per step (``Worker.profile``), in rank order."""
+        return self._call_all([w.profile.remote(action, num_steps) for w in self.workers], INIT_TIMEOUT_S)
+
     # ---- async scheduling (one stage): each call launches a step and returns the one before ---
     @property
     def supports_async(self) -> bool:

@@ -66,6 +66,7 @@ class Worker:
         self.runner = None
         self._pending = None  # StepFuture of the last pipelined step (async scheduling)
         self._step_thread: Optional[threading.Thread] = None
+        self._profiler = None  # engine.profiling.KernelProfiler while ``profile`` runs one
 
     def rendezvous(self, backend) -> DistInit:
         """Worker 0: where the others meet it (a gloo address on this node, or NCCL ids)."""
@@ -156,6 +157,17 @@ class Worker:
         finally:
             calls.ring.close()
             replies.ring.close()
+
+    def profile(self, action: str, num_steps: int = 1) -> Optional[dict]:
+        """``"start"``, then ``"stop"`` after ``num_steps`` steps: this rank's kernels per step
+        (``engine/profiling.py``; GPU workers only)."""
+        from engine.profiling import KernelProfiler
+        if action == "start":
+            self._profiler = KernelProfiler()
+            self._profiler.start()
+            return None
+        profile, self._profiler = self._profiler.stop(num_steps), None
+        return {"rank": self.rank.rank, **profile.to_dict()}
 
     def ping(self) -> int:
         return os.getpid()
