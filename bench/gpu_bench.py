@@ -325,7 +325,7 @@ def main() -> None:
                                     "cuda_graph_max_prefill_tokens": args.graph_prefill_tokens}
         result["engine_startup_s"] = time.perf_counter() - t0
         result["engine_num_kv_blocks"] = llm.engine.num_blocks
-        result["gemv_cublas_over_gemv"] = getattr(llm.engine.executor.runner, "gemv_report", {})
+        result["gemv_tune_us"] = getattr(llm.engine.executor.runner, "gemv_report", {})
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.executor.runner.model.parameters())
         result["weight_bytes"] = weight_bytes
         if "copy_bandwidth_GBps" in result:

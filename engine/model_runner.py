@@ -131,7 +131,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.graph_runner: GraphRunner | None = None
-        self.gemv_report: dict[str, float] = {}  # weight shape -> cuBLAS time / GEMV time at batch 1
+        self.gemv_report: dict[str, dict] = {}  # weight shape -> µs a call per kernel at batch 1, and the one used
         self.requests: dict[str, RunnerRequestState] = {}
         # The previous step's sampled ids (R,) on the device and each request's row in them.
         self._prev_sampled: Optional[torch.Tensor] = None

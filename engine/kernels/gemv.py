@@ -9,8 +9,10 @@ only 64 programs on 132 SMs (profile of bench/gpu_bench.py --decode-profile).
     linear(x, w, bias)     x (M, K), w (N, K) -> (M, N); the GEMV when M <= MAX_ROWS and the
                            shape was measured faster with it (``tune``), else F.linear
 
-``tune(model)`` times both at M = 1 for every distinct (N, K, dtype) of the model's
-linear layers once, after loading, and keeps the winner; nothing is decided inside
+Two Triton kernels: ``gemv`` (one program per BLOCK_N outputs) and ``gemv_split_k`` (K split
+over programs too, fp32 partials and a reduce launch: more programs for shapes with few
+outputs). ``tune(model)`` times cuBLAS and both at M = 1 for every distinct (N, K, dtype) of
+the model's linear layers once, after loading, and keeps the fastest; nothing is decided inside
 a CUDA-graph capture. Each is timed as a decode step runs it: many calls back to back
 inside one CUDA graph, each on another copy of the weight so that every call reads
 from HBM (per-call event timing adds ~15-20 us of overhead, more than the gap measured). Off CUDA, in fp32 and untuned shapes use F.linear, so tests
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 4  # batch rows the GEMV takes (padded to 16 inside tl.dot)
+MAX_SPLIT_K = 8  # the largest SPLIT_K among the split-K configs
 _USE_GEMV: dict[tuple[int, int, torch.dtype], bool] = {}
 
 try:
@@ -60,6 +63,45 @@ if triton is not None:
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+                 for bn, bk, sk, w, st in ((32, 256, 4, 4, 4), (32, 256, 8, 4, 4), (64, 256, 4, 4, 4),
+                                           (64, 128, 8, 4, 4), (16, 256, 4, 4, 4), (32, 512, 2, 4, 3),
+                                           (64, 256, 2, 4, 4), (128, 128, 4, 8, 4))],
+        key=["N", "K"])
+    @triton.jit
+    def _gemv_split_k_kernel(x_ptr, w_ptr, part_ptr, M, N, K, stride_xm, stride_wn,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                             BLOCK_M: tl.constexpr):
+        """Program (n, s): BLOCK_N outputs over the s-th of SPLIT_K slices of K, fp32 partials in
+        part (SPLIT_K, M, N). More programs than N / BLOCK_N alone gives, for shapes whose N is
+        small against the SM count (o_proj: 4096 outputs)."""
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_start = pid_k * k_per_split
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
+                        mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)  # (BLOCK_M, BLOCK_K)
+            w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :],
+                        mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)  # (BLOCK_N, BLOCK_K)
+            acc = tl.dot(x, tl.trans(w), acc)
+        tl.store(part_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc,
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    @triton.jit
+    def _split_k_reduce_kernel(part_ptr, out_ptr, M, N, stride_om, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        """out (M, N) = sum over the SPLIT_K partials (SPLIT_K, M, N), in the output dtype."""
+        m = tl.program_id(1)
+        rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(part_ptr + (s * M + m) * N + rn, mask=rn < N, other=0.0)
+        tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
+
 
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (M, K) with M <= MAX_ROWS, weight (N, K), both bf16/fp16 on CUDA -> (M, N)."""
@@ -72,19 +114,47 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def gemv_split_k(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``gemv`` with K split over programs: fp32 partials, then one reduce launch."""
+    m, k = x.shape
+    n = weight.shape[0]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    part = torch.empty(MAX_SPLIT_K, m, n, dtype=torch.float32, device=x.device)  # (split, M, N)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    _gemv_split_k_kernel[grid](x, weight, part, m, n, k, x.stride(0), weight.stride(0), BLOCK_M=16)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _split_k_reduce_kernel[(triton.cdiv(n, 1024), m)](part, out, m, n, out.stride(0),
+                                                       SPLIT_K=_split_k_of(n, k, weight.dtype), BLOCK=1024)
+    return out
+
+
+def _split_k_of(n: int, k: int, dtype: torch.dtype) -> int:
+    """SPLIT_K of the config the autotuner chose for (N, K) (its cache is keyed by N, K, dtypes)."""
+    for key, config in _gemv_split_k_kernel.cache.items():
+        if key[0] == n and key[1] == k and str(dtype) in key:
+            return config.kwargs["SPLIT_K"]
+    raise RuntimeError(f"no tuned split-K GEMV config for {n}x{k} {dtype}")
+
+
+_KERNELS = {"gemv": gemv, "split_k": gemv_split_k}
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear, or the GEMV for a few rows of a shape ``tune`` found it faster on."""
-    if x.dim() == 2 and x.shape[0] <= MAX_ROWS and _USE_GEMV.get((weight.shape[0], weight.shape[1], weight.dtype)):
-        y = gemv(x, weight)
-        return y + bias if bias is not None else y
+    """F.linear, or the GEMV that ``tune`` measured fastest for this shape, for a few rows."""
+    if x.dim() == 2 and x.shape[0] <= MAX_ROWS:
+        kernel = _USE_GEMV.get((weight.shape[0], weight.shape[1], weight.dtype))
+        if kernel:
+            y = _KERNELS[kernel](x, weight)
+            return y + bias if bias is not None else y
     return F.linear(x, weight, bias)
 
 
 @torch.inference_mode()
-def tune(model: torch.nn.Module, calls: int = 24) -> dict[str, float]:
-    """Times cuBLAS and the GEMV at batch 1 for each distinct linear weight shape of ``model``
-    (modules whose forward calls ``linear``: they carry ``small_batch_gemv = True``); returns
-    {shape: cuBLAS time / GEMV time} and records the shapes where the GEMV wins by more than 3%."""
+def tune(model: torch.nn.Module, calls: int = 24) -> dict[str, dict]:
+    """Times cuBLAS, the GEMV and the split-K GEMV at batch 1 for each distinct linear weight
+    shape of ``model`` (modules whose forward calls ``linear``: they carry ``small_batch_gemv =
+    True``); a Triton kernel is used for a shape only where it beats cuBLAS by more than 3%.
+    Returns {shape: {kernel: microseconds a call, ..., "use": kernel}}."""
     if triton is None:
         return {}
     report = {}
@@ -97,26 +167,28 @@ def tune(model: torch.nn.Module, calls: int = 24) -> dict[str, float]:
         key = (w.shape[0], w.shape[1], w.dtype)
         if key in _USE_GEMV:
             continue
+        _USE_GEMV[key] = False  # cuBLAS unless a kernel below is right and faster
         x = torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device)
-        ref = F.linear(x, w)
-        got = gemv(x, w)  # also autotunes this shape, outside any capture
-        if not torch.allclose(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max().item()):
-            logger.warning("GEMV disagrees with cuBLAS for %s; not used", key)
-            _USE_GEMV[key] = False
-            continue
+        ref = F.linear(x, w).float()
+        times = {}
         try:
-            t_cublas = _time_in_graph(lambda wi: F.linear(x, wi), w, calls)
-            t_gemv = _time_in_graph(lambda wi: gemv(x, wi), w, calls)
+            times["cublas"] = _time_in_graph(lambda wi: F.linear(x, wi), w, calls)
+            for name, kernel in _KERNELS.items():
+                got = kernel(x, w).float()  # also autotunes this shape, outside any capture
+                if not torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
+                    logger.warning("%s disagrees with cuBLAS for %s; not used", name, key)
+                    continue
+                times[name] = _time_in_graph(lambda wi: kernel(x, wi), w, calls)
         except Exception as exc:  # noqa: BLE001 - timing is an optimisation: cuBLAS is always right
-            logger.warning("could not time the GEMV for %s (%r); using cuBLAS", key, exc)
+            logger.warning("could not time the GEMVs for %s (%r); using cuBLAS", key, exc)
             torch.cuda.synchronize()
-            _USE_GEMV[key] = False
-            continue
-        _USE_GEMV[key] = t_gemv < 0.97 * t_cublas
-        report[f"{key[0]}x{key[1]}"] = round(t_cublas / t_gemv, 3)
+        best = min(times, key=times.get) if times else "cublas"
+        if best != "cublas" and times[best] < 0.97 * times["cublas"]:
+            _USE_GEMV[key] = best
+        report[f"{key[0]}x{key[1]}"] = {**{k: round(v * 1e6, 2) for k, v in times.items()},
+                                        "use": _USE_GEMV[key] or "cublas"}
     if report:
-        logger.info("batch-1 linear layers, cuBLAS time / GEMV time per weight shape: %s "
-                       "(GEMV used where > 1.03)", report)
+        logger.info("batch-1 linear layers, microseconds a call in a CUDA graph: %s", report)
     return report
 
 
