@@ -1,8 +1,10 @@
 """Builds the Serve application from a ``DeploymentConfig`` and serves it.
 
     HTTP ──▶ Serve proxy ──▶ OpenAIIngress (FastAPI; tokenizes, block hashes, admission)
-                                  │ handle.options(stream=True).generate(GenerateRequest)
-                                  ▼ request router (prefix-aware, or Serve's default)
+                                  │ handle.options(stream=True)     ▲ OutputDeltas: one TCP frame per
+                                  │   .generate_deltas(request)     │ engine step and ingress (stream
+                                  ▼ request router (prefix-aware,   │ channel, router/stream_channel.py),
+                                  │   or Serve's default)           │ or Serve stream items
                              LLMServer × N (AsyncLLM each; autoscaled on queue depth;
                                             TP/PP: one placement group per replica, bundle 0
                                             the replica, bundles 1..N its worker actors)
@@ -126,6 +128,9 @@ def build_app(cfg: DeploymentConfig, *, engine_factory: Optional[EngineFactory] 
         llm = serve.deployment(LLMServer, **replica_options).bind(cfg, board, engine_factory)
 
     from router.ingress import OpenAIIngressDeployment
+    from router.stream_channel import stream_channel_from_env
+    if not stream_channel_from_env():  # KVMESH_STREAM_CHANNEL=0 where the app is built (A/B runs)
+        cfg = dataclasses.replace(cfg, ingress=dataclasses.replace(cfg.ingress, stream_channel=False))
     return serve.deployment(
         OpenAIIngressDeployment, name=INGRESS_NAME, num_replicas=cfg.ingress.num_replicas,
         max_ongoing_requests=10_000, ray_actor_options={"num_cpus": cfg.ingress.num_cpus},

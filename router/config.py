@@ -19,7 +19,7 @@ ingress starts (``AuthConfig.resolve_api_keys``), not when the file is parsed.
     admission: {max_waiting_per_replica: 32}
     auth: {api_keys: [sk-...], api_keys_env: KVMESH_API_KEYS}
     http: {host: 127.0.0.1, port: 8000}
-    ingress: {num_cpus: 0.1, num_replicas: 1}
+    ingress: {num_cpus: 0.1, num_replicas: 1, stream_channel: true}
     redis_url: redis://127.0.0.1:6379/0   # optional shared router state
     disaggregation:                   # optional; default mode: colocated (one pool)
       mode: disaggregated             # colocated | disaggregated | auto
@@ -189,10 +189,17 @@ class HttpConfig:
 class IngressConfig:
     num_cpus: float = 0.1  # the ingress only tokenizes and relays
     num_replicas: int = 1
+    # Replicas push deltas to the ingress over a direct TCP channel, one frame per engine step
+    # and ingress (router/stream_channel.py), instead of one Serve stream item per delta, whose
+    # host cost in the replica shares the GIL with the engine loop. false (or the environment's
+    # KVMESH_STREAM_CHANNEL=0): Serve streaming.
+    stream_channel: bool = True
 
     def __post_init__(self) -> None:
         _check(self.num_cpus > 0, f"num_cpus must be > 0, got {self.num_cpus}")
         _check(self.num_replicas >= 1, f"num_replicas must be >= 1, got {self.num_replicas}")
+        _check(isinstance(self.stream_channel, bool),
+               f"stream_channel must be true or false, got {self.stream_channel!r}")
 
 
 class DeploymentMode(str, enum.Enum):

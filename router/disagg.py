@@ -7,6 +7,8 @@
         ◀── PrefillReply: first token (streamed to the client now: TTFT), queue/prefill times
              └─ the prefill replica sends the KV to the decode replica's pair (gloo / NCCL)
       3 ◀── decode stream: OutputDeltas from token 0 (the first token again), until finished
+             (over the ingress's stream channel when it has one, router/stream_channel.py;
+              Serve's stream then ends with ChannelEnd(number of deltas))
 
 Outputs reach the client in order through one stream of ``OutputDelta``s: the
 prefill reply becomes the first delta, and a ``DeltaTrimmer`` cuts from the
@@ -23,6 +25,8 @@ O(tokens so far) to pickle per token), at ``replicas.stream_interval``. Faults:
   again, mostly prefix-cache hits) on another decode replica, up to
   ``max_decode_retries`` times, skipping tokens the client already has. The
   ingress fixes the request's seed first, so the retry samples the same tokens.
+  A retry is a new engine request, ``<request id>-retry<n>``, so frames the lost
+  replica left on the stream channel can never mix into its stream.
 
 Both pools keep the engine in the replica's process (``in_process_engine_factory``), whatever
 ``KVMESH_ENGINE_PROCESS`` says: the KV transfer needs the engine's tensors there.
@@ -41,6 +45,7 @@ from router.config import DeploymentConfig, DisaggregationConfig
 from router.deltas import DeltaTracker, DeltaTrimmer, OutputDelta
 from router.messages import GenerateRequest
 from router.replica import EngineFactory, LLMServer, in_process_engine_factory
+from router.stream_channel import ChannelStream, StreamReceiver
 
 logger = logging.getLogger(__name__)
 
@@ -119,20 +124,26 @@ class DecodeServer(LLMServer):
     async def generate_remote(self, req: GenerateRequest) -> AsyncIterator[Any]:
         """First the ``KVTransferPlan`` for a prefill replica (None: computed here), then
         ``OutputDelta``s from the request's first token on (the first carries the KV transfer's
-        bytes and seconds when the prompt's KV came from a prefill replica)."""
+        bytes and seconds when the prompt's KV came from a prefill replica). With
+        ``req.stream_to`` set the deltas go over the stream channel and the last item is a
+        ``ChannelEnd`` (``LLMServer._deliver``); the plan always comes through Serve."""
         disagg, replicas = self.cfg.disaggregation, self.cfg.replicas
         stream = self.connector.generate(req.prompt_token_ids, req.sampling_params, req.request_id,
                                          disagg.lease_timeout_s, disagg.min_remote_tokens,
                                          disagg.on_transfer_failure, priority=req.priority,
                                          stream_interval=replicas.stream_interval,
                                          max_outputs_per_step=replicas.max_stream_updates_per_step)
+        outputs = self._guarded(req.request_id, stream)
+        async for plan in outputs:  # the first item
+            yield plan
+            break
+        async for item in self._deliver(req, self._decode_deltas(outputs)):
+            yield item
+
+    async def _decode_deltas(self, outputs: AsyncIterator[Any]) -> AsyncIterator[OutputDelta]:
         tracker = DeltaTracker(self.replica_id)
-        first, transfer_reported = True, False
-        async for item in self._guarded(req.request_id, stream):
-            if first:
-                first = False
-                yield item
-                continue
+        transfer_reported = False
+        async for item in outputs:
             delta = tracker.update(item)
             if delta is None:
                 continue
@@ -164,19 +175,22 @@ class DisaggregatedFlow:
         self.metrics = metrics  # router.metrics.ServingMetrics or None
         self._rng = random.Random()
 
-    def start(self, req: GenerateRequest) -> "DisaggregatedStream":
+    def start(self, req: GenerateRequest, receiver: Optional[StreamReceiver] = None) -> "DisaggregatedStream":
+        """``receiver`` (started): the decode deltas come over the ingress's stream channel."""
         if req.sampling_params.seed is None:  # a retry must sample what the client already has
             params = dataclasses.replace(req.sampling_params, seed=self._rng.randrange(1 << 31))
             req = dataclasses.replace(req, sampling_params=params)
-        return DisaggregatedStream(self, req)
+        return DisaggregatedStream(self, req, receiver)
 
 
 class DisaggregatedStream:
     """One request's merged stream: ``OutputDelta``s in order; ``cancel()`` stops both pools' calls."""
 
-    def __init__(self, flow: DisaggregatedFlow, req: GenerateRequest) -> None:
+    def __init__(self, flow: DisaggregatedFlow, req: GenerateRequest,
+                 receiver: Optional[StreamReceiver] = None) -> None:
         self.flow = flow
         self.req = req
+        self.receiver = receiver  # None: the decode deltas are Serve stream items
         self.decode_replica_id: Optional[str] = None  # tests: whom to kill
         self.plan: Any = None
         self.num_retries = 0  # decode replicas lost and replaced by another
@@ -195,7 +209,7 @@ class DisaggregatedStream:
         attempt = 0
         while True:
             try:
-                async for item in self._attempt():
+                async for item in self._attempt(attempt):
                     yield item
                 return
             except Exception as exc:  # noqa: BLE001 - classified below
@@ -208,38 +222,51 @@ class DisaggregatedStream:
                                self.req.request_id, self.decode_replica_id, type(exc).__name__)
                 self._count("decode_retry")
 
-    async def _attempt(self) -> AsyncIterator[OutputDelta]:
-        flow, req = self.flow, self.req
-        decode = flow.decode.options(stream=True).generate_remote.remote(req)
-        self._calls.append(decode)
-        plan = await decode.__anext__()
-        self.plan = plan
-        if plan is None:
-            self._count("local")
-        else:
-            self.decode_replica_id = plan.endpoint.endpoint_id.removeprefix("decode-")
-            self._count("remote")
-            reply = await self._prefill(plan)
-            if reply is not None:
-                self._observe_prefill(reply)
-                first = DeltaTracker(reply.replica_id).update(reply.output)
-                item = self._trimmer.new_source().trim(first) if first is not None else None
-                if item is not None:
-                    yield item
-                if reply.output.finished:  # the first token ended it: free the reservation
-                    decode.cancel()
-                    return
-        source = self._trimmer.new_source()
-        async for delta in decode:
-            if self.decode_replica_id is None:
-                self.decode_replica_id = delta.replica_id
-            self._observe_transfer(delta)
-            forwarded = source.trim(delta)
-            if forwarded is not None:
-                yield forwarded
+    async def _attempt(self, attempt: int) -> AsyncIterator[OutputDelta]:
+        flow, req, receiver = self.flow, self.req, self.receiver
+        if attempt:  # a new engine request on another replica; its own channel subscription
+            req = dataclasses.replace(req, request_id=f"{req.request_id}-retry{attempt}")
+        if receiver is not None:
+            req = dataclasses.replace(req, stream_to=receiver.address)
+            queue = receiver.subscribe(req.request_id)  # before the call: deltas may precede the plan
+        try:
+            decode = flow.decode.options(stream=True).generate_remote.remote(req)
+            self._calls.append(decode)
+            plan = await decode.__anext__()
+            self.plan = plan
+            if plan is None:
+                self._count("local")
+            else:
+                self.decode_replica_id = plan.endpoint.endpoint_id.removeprefix("decode-")
+                self._count("remote")
+                reply = await self._prefill(req, plan)
+                if reply is not None:
+                    self._observe_prefill(reply)
+                    first = DeltaTracker(reply.replica_id).update(reply.output)
+                    item = self._trimmer.new_source().trim(first) if first is not None else None
+                    if item is not None:
+                        yield item
+                    if reply.output.finished:  # the first token ended it: free the reservation
+                        decode.cancel()
+                        return
+            deltas: Any = decode
+            if receiver is not None:  # the rest of the Serve stream is the ChannelEnd
+                deltas = ChannelStream(receiver, req.request_id, queue, decode)
+                self._calls[self._calls.index(decode)] = deltas  # its cancel() spares a finished call
+            source = self._trimmer.new_source()
+            async for delta in deltas:
+                if self.decode_replica_id is None:
+                    self.decode_replica_id = delta.replica_id
+                self._observe_transfer(delta)
+                forwarded = source.trim(delta)
+                if forwarded is not None:
+                    yield forwarded
+        finally:
+            if receiver is not None:
+                receiver.unsubscribe(req.request_id)
 
-    async def _prefill(self, plan: Any) -> Optional[PrefillReply]:
-        call = self.flow.prefill.prefill.remote(self.req, plan)
+    async def _prefill(self, req: GenerateRequest, plan: Any) -> Optional[PrefillReply]:
+        call = self.flow.prefill.prefill.remote(req, plan)
         self._calls.append(call)
         try:
             return await call
@@ -248,7 +275,7 @@ class DisaggregatedStream:
                 raise
             # The decode side's lease covers it: it recomputes the prompt or fails the request.
             logger.warning("request %s: prefill replica failed (%s); the decode side takes over",
-                           self.req.request_id, type(exc).__name__)
+                           req.request_id, type(exc).__name__)
             self._count("prefill_failed")
             return None
 

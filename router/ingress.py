@@ -10,7 +10,10 @@ Life of a request here:
    waiting requests per replica (429).
 4. Send one ``GenerateRequest`` per prompt to ``LLMServer.generate_deltas`` through the
    replica handle (streaming, by value over Serve's gRPC transport); the request router
-   picks the replica.
+   picks the replica. With the stream channel on (``ingress.stream_channel``), the request
+   names this ingress's ``StreamReceiver`` and the replica pushes its deltas there, one
+   frame per engine step for all of this ingress's requests (``router.stream_channel``);
+   the Serve call then carries errors, cancellation and the final count only.
 5. Turn the replica's ``OutputDelta`` stream (only new tokens and text; ``router.deltas``)
    into SSE chunks (per choice index, ``data: [DONE]`` last) or one response with exact
    ``usage``. The ``x-kvmesh-replica`` header names the replica that served each prompt,
@@ -29,6 +32,7 @@ the engine (``bench/http_overhead.py`` reads them).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -54,6 +58,7 @@ from router.protocol import (APIError, AssistantMessage, ChatCompletionChoice, C
                              ChatLogprobToken, CompletionChoice, CompletionLogprobs,
                              CompletionRequest, CompletionResponse, DeltaMessage, ModelCard,
                              ModelList, UsageInfo, dump, validation_error_to_api_error)
+from router.stream_channel import ChannelStream, StreamReceiver, stream_channel_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +241,10 @@ class OpenAIIngress:
         self._stats_lock: Optional[asyncio.Lock] = None
         self._stats_refresh: Optional[asyncio.Task] = None
         self._stream_handle: Any = None  # self.llm.options(stream=True), made once
+        # Deltas straight from the replicas (router/stream_channel.py); listens on first use.
+        # None: Serve streaming (off in the config or by KVMESH_STREAM_CHANNEL=0, or it failed).
+        self._receiver: Optional[StreamReceiver] = (
+            StreamReceiver() if cfg.ingress.stream_channel and stream_channel_from_env() else None)
         # Load the tokenizer in the background now, so the first requests do not wait for it.
         self._warmup = asyncio.get_running_loop().create_task(self._warm_up())
 
@@ -339,6 +348,7 @@ class OpenAIIngress:
                              "min_replicas": self.cfg.replicas.min_replicas,
                              "max_replicas": self.cfg.replicas.max_replicas,
                              "router": self.cfg.routing.kind.value,
+                             "stream_channel": self._receiver.stats() if self._receiver else None,
                              "replicas": [stats[r] for r in sorted(stats)]})
 
     # ---- request checks -----------------------------------------------------------------------
@@ -473,13 +483,12 @@ class OpenAIIngress:
         if trace is not None:
             jobs[0].trace = trace
             trace["ingress_dispatch"] = time.monotonic()
+        receiver = await self._stream_channel()
         for job in jobs:
             if self.disagg is not None:
-                job.stream = self.disagg.start(job.request)
-            elif job.trace is not None:
-                job.stream = handle.generate_deltas.remote(job.request, trace=True)
+                job.stream = self.disagg.start(job.request, receiver)
             else:
-                job.stream = handle.generate_deltas.remote(job.request)
+                job.stream = self._call_replica(handle, job, receiver)
             tasks.append(asyncio.get_running_loop().create_task(self._pump(job, queue)))
         # Wait for one output (or an error) per job before answering with a status code.
         pending: list = []
@@ -496,6 +505,29 @@ class OpenAIIngress:
             self._cancel(jobs, tasks)
             raise
         return _PrefilledQueue(queue, pending, tasks)
+
+    async def _stream_channel(self) -> Optional[StreamReceiver]:
+        """The started receiver, or None (Serve streaming): off, or it could not listen."""
+        if self._receiver is not None and not self._receiver.is_started:
+            try:
+                await self._receiver.start()
+            except OSError as exc:
+                logger.warning("stream channel: cannot listen (%r); replicas stream over Serve", exc)
+                self._receiver = None
+        return self._receiver
+
+    @staticmethod
+    def _call_replica(handle: Any, job: _Job, receiver: Optional[StreamReceiver]) -> Any:
+        """Starts the job's ``generate_deltas`` call; with a receiver, its deltas come over the channel."""
+        queue = None
+        if receiver is not None:
+            job.request = dataclasses.replace(job.request, stream_to=receiver.address)
+            queue = receiver.subscribe(job.request.request_id)  # before the replica can send
+        kwargs = {"trace": True} if job.trace is not None else {}
+        call = handle.generate_deltas.remote(job.request, **kwargs)
+        if receiver is None:
+            return call
+        return ChannelStream(receiver, job.request.request_id, queue, call)
 
     @staticmethod
     async def _pump(job: _Job, queue: asyncio.Queue) -> None:

@@ -8,7 +8,9 @@ replica streams back ``router.deltas.OutputDelta``s (``LLMServer.generate_deltas
 only the tokens, text and logprobs new since the last item; ``generate`` still
 streams cumulative ``engine.outputs.RequestOutput``s for direct handle users),
 each naming the replica, which the ingress returns as the ``x-kvmesh-replica``
-response header (routing is observable from outside).
+response header (routing is observable from outside). With ``stream_to`` set (the
+ingress's ``router.stream_channel.StreamReceiver``), the deltas go over that direct
+channel instead of Serve's stream, which then carries only the final ``ChannelEnd``.
 Replicas publish ``ReplicaStats`` as their Serve routing stats (a plain dict).
 """
 
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from engine.sampling_params import SamplingParams
+from router.stream_channel import ChannelAddress
 
 
 @dataclass
@@ -28,6 +31,7 @@ class GenerateRequest:
     block_hashes: list[int]  # hash chain of the prompt's full blocks
     prompt: Optional[str] = None  # rendered text, for echo/logging only
     priority: int = 0
+    stream_to: Optional[ChannelAddress] = None  # None: deltas are Serve stream items
 
     @property
     def num_prompt_tokens(self) -> int:

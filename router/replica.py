@@ -1,7 +1,10 @@
 """The engine replica deployment (``LLMServer``) and the board where replicas post their stats.
 
     ingress ──GenerateRequest──▶ LLMServer.generate_deltas ──▶ AsyncLLM.generate
-            ◀──OutputDelta (new tokens/text only, streamed; router/deltas.py)──┘
+            ◀──OutputDelta (new tokens/text only; router/deltas.py)────────┘
+    (over the direct stream channel when the request names one (``stream_to``): one frame per
+     loop turn per ingress, router/stream_channel.py, and Serve's stream carries only the
+     final ``ChannelEnd``; else each delta is a Serve stream item)
     (one delta per ``replicas.stream_interval`` tokens, the first token alone; widened
      under load so a step streams about ``replicas.max_stream_updates_per_step`` deltas)
     (``LLMServer.generate`` streams ReplicaOutput(replica_id, RequestOutput), cumulative,
@@ -13,7 +16,8 @@
 Invariants:
 - A replica owns exactly one ``AsyncLLM``; it never tokenizes or renders (the ingress did).
 - A ``generate`` call that ends early (client gone, Serve cancels the call) aborts
-  the engine request before the cancellation propagates, so its KV blocks are free.
+  the engine request before the cancellation propagates, so its KV blocks are free;
+  so does a stream-channel send that fails (the call then raises).
 - The board keeps the latest report of each replica for ``ttl_s``; a replica that
   stops reporting (dead, scaled down) drops out of the ingress's view by itself.
 """
@@ -21,6 +25,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -32,6 +37,7 @@ from engine.config import EngineConfig
 from router.config import DeploymentConfig
 from router.deltas import DeltaTracker, OutputDelta
 from router.messages import GenerateRequest, ReplicaOutput, ReplicaStats
+from router.stream_channel import ChannelEnd, StreamSender
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +82,7 @@ class LLMServer:
         self.replica_id = _replica_id()
         self.engine = (engine_factory or _default_engine_factory)(cfg.engine)
         self.board = board
+        self._sender = StreamSender()  # the stream channel to every ingress (one connection each)
         self._started_at = time.time()
         self._publisher: Optional[asyncio.Task] = None
         if board is not None:
@@ -100,8 +107,14 @@ class LLMServer:
 
         ``trace`` (the ``x-kvmesh-trace`` debug header) adds ``time.monotonic()`` stamps of
         the request's way through this replica and its engine to the first delta.
+        With ``req.stream_to`` set the deltas go over the stream channel and this yields
+        one ``ChannelEnd`` (``_deliver``).
         Raises ``ValueError`` (before any output) for a request the engine rejects.
         """
+        async for item in self._deliver(req, self._deltas(req, trace)):
+            yield item
+
+    async def _deltas(self, req: GenerateRequest, trace: bool) -> AsyncIterator[OutputDelta]:
         received = time.monotonic()
         tracker = DeltaTracker(self.replica_id)
         # ``replicas.stream_interval`` tokens per delta (the first token alone), widened under
@@ -119,6 +132,25 @@ class LLMServer:
             if trace:
                 delta.trace, trace = _trace_stamps(received, out), False
             yield delta
+
+    async def _deliver(self, req: GenerateRequest, deltas: AsyncIterator[OutputDelta]) -> AsyncIterator[Any]:
+        """The Serve stream of ``deltas``: the deltas themselves, or, when the request names a
+        stream channel, nothing until the end and then ``ChannelEnd(number of deltas sent)``,
+        yielded once the last frame is written (so the ingress knows how many to wait for).
+
+        Each delta is handed to the sender, which writes what this loop turn produced, for all
+        requests to the same ingress, as one frame. A failed send raises here, which fails the
+        Serve call and (closing ``deltas``) aborts the engine request.
+        """
+        if req.stream_to is None:
+            async for delta in deltas:
+                yield delta
+            return
+        sink = self._sender.open(req.stream_to, req.request_id)
+        async with contextlib.aclosing(deltas):
+            async for delta in deltas:
+                sink.put(delta)
+        yield ChannelEnd(await sink.flush())
 
     async def _guarded(self, request_id: str, stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """Relays an engine stream; if the caller goes away first, aborts the request (frees its blocks)."""
@@ -219,6 +251,7 @@ class LLMServer:
     def __del__(self) -> None:
         if self._publisher is not None:
             self._publisher.cancel()
+        self._sender.close()
         try:
             self.engine.shutdown()
         except Exception:

@@ -204,7 +204,10 @@ class ChannelStream:
     request's queue, so reading stays one ``queue.get`` per item. An error of the call (a
     ``ValueError`` before any output, the replica died) ends the stream at once; after a
     normal end the stream waits at most ``end_timeout_s`` for the items still on the wire.
-    ``cancel()`` cancels the call (the replica aborts the request) and unsubscribes.
+    ``cancel()`` cancels the call (the replica aborts the request) and unsubscribes; once an
+    item with ``finished`` set came, the call is left to end by itself (it is about to: the
+    replica only writes its last frame and yields ``ChannelEnd``), so finished requests do
+    not cost a cancellation round trip and do not show as cancelled calls.
     """
 
     def __init__(self, receiver: StreamReceiver, request_id: str, queue: asyncio.Queue, call: Any,
@@ -214,17 +217,20 @@ class ChannelStream:
         self._queue = queue
         self._call = call
         self._end_timeout_s = end_timeout_s
+        self._is_finished = False  # an item with ``finished`` set was yielded
         self._watcher = asyncio.get_running_loop().create_task(self._watch_call())
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._run()
 
     def cancel(self) -> None:
-        self._call.cancel()
+        if not self._is_finished:
+            self._call.cancel()
         self._close()
 
     def _close(self) -> None:
-        self._watcher.cancel()
+        if not self._is_finished:
+            self._watcher.cancel()
         self._receiver.unsubscribe(self._request_id)
 
     async def _watch_call(self) -> None:
@@ -252,6 +258,8 @@ class ChannelStream:
                 item = await queue.get()
                 if type(item) is not _CallEnded:
                     num_received += 1
+                    if getattr(item, "finished", False):
+                        self._is_finished = True
                     yield item
                     continue
                 if item.error is not None:
@@ -268,6 +276,8 @@ class ChannelStream:
                             f"request {self._request_id}: received {num_received} of {item.num_items} "
                             f"items over the stream channel within {self._end_timeout_s}s") from None
                     num_received += 1
+                    if getattr(late, "finished", False):
+                        self._is_finished = True
                     yield late
                 return
         finally:

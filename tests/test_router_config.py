@@ -92,6 +92,7 @@ def test_api_keys_from_env(monkeypatch):
     ("auth: {api_keys: ['']}\n", ["api_keys must be a list of non-empty strings"]),
     ("redis_url: http://localhost\n", ["redis_url must start with redis://"]),
     ("admission: {max_waiting_per_replica: 0}\n", ["max_waiting_per_replica must be >= 1"]),
+    ("ingress: {stream_channel: 'yes'}\n", ["ingress.stream_channel", "expected true or false"]),
     ("- just\n- a list\n", ["top level must be a mapping"]),
     ("model: [unclosed\n", ["invalid YAML"]),
 ])

@@ -200,3 +200,121 @@ async def test_channel_stream_raises_the_call_error_at_once_and_never_hangs():
     stream.cancel()
     assert call.cancelled and receiver.num_subscriptions == 0
     await receiver.close()
+
+
+async def test_cancel_after_the_finished_item_lets_the_call_end_by_itself():
+    from router.deltas import OutputDelta
+    receiver, sender = await _receiver(), StreamSender()
+    call = _Call([ChannelEnd(1)], delay_s=0.2)
+    stream = ChannelStream(receiver, "f", receiver.subscribe("f"), call)
+    items = stream.__aiter__()
+    sender.send(receiver.address, "f", OutputDelta("replica-a", [], finished=True))
+    assert (await asyncio.wait_for(items.__anext__(), 5.0)).finished
+    stream.cancel()  # what the ingress does once every job finished
+    assert not call.cancelled and receiver.num_subscriptions == 0
+    sender.close()
+    await receiver.close()
+
+
+# ---- end to end: the Serve app of test_openai_api.py (channel on by default) ----------------------
+@pytest.fixture(scope="module")
+def base_url(ray_cluster, serve_http_port) -> str:
+    from tests.test_openai_api import deploy_once
+    return deploy_once(serve_http_port)
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    import openai
+
+    from tests.test_openai_api import API_KEY
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, timeout=120, max_retries=0)
+
+
+def _status(base_url: str) -> dict:
+    return httpx.get(f"{base_url}/kvmesh/status", timeout=30).json()
+
+
+def _replica_request(request_id: str, prompt: list[int], max_tokens: int, stream_to=None):
+    from engine import SamplingParams
+    from router.messages import GenerateRequest
+    return GenerateRequest(request_id=request_id, prompt_token_ids=prompt, block_hashes=[], stream_to=stream_to,
+                           sampling_params=SamplingParams(temperature=0.0, max_tokens=max_tokens))
+
+
+def _text(deltas) -> str:
+    return "".join(c.text for d in deltas for c in d.choices)
+
+
+async def _direct_calls(prompt: list[int], max_tokens: int, too_long: list[int]) -> tuple[list, list]:
+    """The replica called from here: Serve streaming, then the channel into a receiver of our own."""
+    from ray import serve
+
+    from router.app import REPLICA_NAME
+    from tests.test_openai_api import served_config
+    handle = serve.get_deployment_handle(REPLICA_NAME, served_config().name).options(stream=True)
+    over_serve = [d async for d in handle.generate_deltas.remote(_replica_request("direct-serve", prompt, max_tokens))]
+    receiver = StreamReceiver()  # this node's IP, as in the ingress
+    address = await receiver.start()
+    req = _replica_request("direct-channel", prompt, max_tokens, address)
+    queue = receiver.subscribe(req.request_id)
+    over_channel = await _read(ChannelStream(receiver, req.request_id, queue, handle.generate_deltas.remote(req)))
+    assert receiver.num_frames >= 1 and receiver.num_subscriptions == 0
+    # A request the engine rejects: the Serve call's ValueError, promptly, nothing on the channel.
+    bad = _replica_request("direct-bad", too_long, 4, address)
+    stream = ChannelStream(receiver, bad.request_id, receiver.subscribe(bad.request_id),
+                           handle.generate_deltas.remote(bad))
+    with pytest.raises(ValueError):
+        await asyncio.wait_for(_read(stream), 60)
+    await receiver.close()
+    return over_serve, over_channel
+
+
+def test_channel_outputs_equal_serve_streaming_and_offline(client, base_url, tiny_llm):
+    from engine import SamplingParams
+
+    from tests.test_openai_api import MAX_MODEL_LEN, MODEL
+    channel = _status(base_url)["stream_channel"]
+    assert channel is not None and channel["address"], "the test app should stream over the channel"
+    prompt = tiny_llm.get_tokenizer().encode("The quick brown fox jumps over the lazy dog")
+    want = tiny_llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24))[0].outputs[0].text
+
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True)
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    over_serve, over_channel = asyncio.run(_direct_calls(prompt, 24, [5] * (MAX_MODEL_LEN + 8)))
+    assert full.choices[0].text == streamed == _text(over_serve) == _text(over_channel) == want
+    assert [c.token_ids for d in over_channel for c in d.choices] == \
+        [c.token_ids for d in over_serve for c in d.choices]
+    assert over_channel[-1].finished and over_channel[-1].choices[-1].finish_reason == "length"
+
+    after = _status(base_url)["stream_channel"]
+    assert after["num_items"] > channel["num_items"] and after["num_subscriptions"] == 0
+    assert after["num_rejected"] == 0
+
+
+def test_client_disconnect_mid_stream_frees_kv_blocks_and_subscription(base_url):
+    from tests.test_openai_api import API_KEY, MAX_MODEL_LEN, MODEL
+    from tests.test_serve_e2e import wait_for
+
+    def replicas():
+        return _status(base_url)["replicas"]
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}], "stream": True,
+            "max_tokens": MAX_MODEL_LEN - 64, "ignore_eos": True, "temperature": 0}
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body,
+                         headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+            assert r.status_code == 200 and r.headers["x-kvmesh-replica"]
+            lines = r.iter_lines()  # kept: closing this generator would close the stream now
+            received = [line for _, line in zip(range(6), lines) if line]
+            assert received and received[0].startswith("data: ")
+            busy = wait_for(lambda: [s for s in replicas() if s["num_running"] == 1
+                                     and s["num_free_blocks"] < s["num_blocks"]], timeout_s=10)
+            assert busy, replicas()
+            assert _status(base_url)["stream_channel"]["num_subscriptions"] == 1
+        # Leaving the `with` closes the connection mid-stream.
+    freed = wait_for(lambda: all(s["num_running"] == 0 and s["num_waiting"] == 0 and s["kv_usage"] == 0
+                                 and s["num_free_blocks"] == s["num_blocks"] for s in replicas()), timeout_s=20)
+    assert freed, replicas()
+    assert wait_for(lambda: _status(base_url)["stream_channel"]["num_subscriptions"] == 0, timeout_s=10)
