@@ -36,7 +36,10 @@ def scatter_blocks(kv_caches: list[torch.Tensor], block_ids: Sequence[int], kv: 
     if tuple(kv.shape) != expected or kv.dtype != first.dtype:
         raise ValueError(f"KV of shape {tuple(kv.shape)} {kv.dtype} does not fit {len(block_ids)} "
                          f"blocks of this cache: expected {expected} {first.dtype}")
+    from engine.device_copy import to_device
     kv = kv.to(first.device, non_blocking=True)
-    index = torch.tensor(list(block_ids), dtype=torch.long, device=first.device)
+    # Queued, not waited for: a blocking copy here would stall the decode replica's engine
+    # thread until the step in flight ends, once per arriving prompt (engine/device_copy.py).
+    index = to_device(list(block_ids), torch.long, first.device)
     for layer, cache in enumerate(kv_caches):
         cache.index_copy_(1, index, kv[layer])

@@ -57,12 +57,16 @@ class NcclPair(PairCommunicator):
                                     self._stream.cuda_stream)
             done = torch.cuda.Event()
             done.record(self._stream)
-        deadline = time.monotonic() + timeout_s
+        # Poll with backoff (0.1 -> 2 ms): each poll takes the GIL, which the replica's engine
+        # thread needs between steps; a fixed 0.2 ms poll woke this thread ~5,000 times a second
+        # for the whole transfer of a long prompt's KV (up to ~1 GB).
+        deadline, pause = time.monotonic() + timeout_s, 0.0001
         while not done.query():
             if time.monotonic() > deadline:
                 self.close()
                 raise KVTransferError(f"NCCL {op} of {nbytes} bytes timed out after {timeout_s:.1f}s")
-            time.sleep(0.0002)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
 
     def close(self) -> None:
         comm, self._comm = self._comm, None
