@@ -6,8 +6,9 @@ and transfer timeouts of a few seconds). Checked:
 * output equals the colocated engine's, token for token (greedy), streaming or not;
 * a shared prefix is found in the prefill replica's prefix cache;
 * faults: the prefill actor killed mid-transfer, a transfer stalled past its
-  timeout, the decode actor killed mid-stream: every request ends with the
-  right tokens (recompute, retry) and no KV block stays referenced anywhere.
+  timeout, the decode actor killed mid-stream (deltas as Serve stream items, and
+  over the stream channel): every request ends with the right tokens (recompute,
+  retry) and no KV block stays referenced anywhere.
 """
 
 from __future__ import annotations
@@ -184,11 +185,17 @@ def kill_replica(deployment: str, replica_id: str | None = None) -> None:
     raise AssertionError(f"no replica of {deployment} {replica_id or ''}")
 
 
-def run_flow(prompt: list[int], max_tokens: int, on_output=None) -> tuple[list[int], str, object]:
-    """One request through DisaggregatedFlow from this process; returns (token ids, finish reason, stream)."""
+def run_flow(prompt: list[int], max_tokens: int, on_output=None,
+             channel: bool = False) -> tuple[list[int], str, object]:
+    """One request through DisaggregatedFlow from this process; returns (token ids, finish reason, stream).
+
+    ``channel``: the decode deltas come over a stream channel into a receiver in this process
+    (router/stream_channel.py), as they do into the ingress; else as Serve stream items.
+    """
     from engine.sampling_params import SamplingParams as SP
     from router.disagg import DisaggregatedFlow
     from router.messages import GenerateRequest
+    from router.stream_channel import StreamReceiver
 
     prefill, decode = handles()
     flow = DisaggregatedFlow(disagg_config().disaggregation, prefill, decode)
@@ -198,7 +205,10 @@ def run_flow(prompt: list[int], max_tokens: int, on_output=None) -> tuple[list[i
 
     async def main():
         # The flow streams OutputDeltas with nothing repeated: their concatenation is the output.
-        stream = flow.start(req)
+        receiver = StreamReceiver() if channel else None
+        if receiver is not None:
+            await receiver.start()
+        stream = flow.start(req, receiver)
         ids, reason = [], None
         async for delta in stream:
             for choice in delta.choices:
@@ -206,6 +216,9 @@ def run_flow(prompt: list[int], max_tokens: int, on_output=None) -> tuple[list[i
                 reason = choice.finish_reason or reason
             if on_output is not None:
                 await on_output(stream, ids)
+        if receiver is not None:
+            assert receiver.num_items > 0 and receiver.num_subscriptions == 0
+            await receiver.close()
         return ids, reason, stream
 
     return asyncio.run(main())
@@ -250,7 +263,8 @@ def test_prefill_killed_mid_transfer(base_url, colocated):
     assert_no_leaks(base_url, timeout_s=60)
 
 
-def test_decode_killed_mid_stream_retries_on_another(base_url, colocated):
+@pytest.mark.parametrize("channel", [False, True], ids=["serve_stream", "stream_channel"])
+def test_decode_killed_mid_stream_retries_on_another(base_url, colocated, channel):
     prompt = random_prompt(30, seed=3)
     for _ in range(3):  # the kill is asynchronous: if the stream finished first, try again
         killed: list[str] = []
@@ -260,7 +274,7 @@ def test_decode_killed_mid_stream_retries_on_another(base_url, colocated):
                 killed.append(stream.decode_replica_id)
                 kill_replica("DecodeServer", stream.decode_replica_id)
 
-        ids, reason, stream = run_flow(prompt, 400, on_output)
+        ids, reason, stream = run_flow(prompt, 400, on_output, channel=channel)
         assert killed and ids == greedy_ids(colocated, prompt, 400) and reason == "length"
         wait_healthy(base_url, num_replicas=3)
         if stream.num_retries:
