@@ -294,6 +294,7 @@ class _Destination:
     pending_written: Optional[asyncio.Future] = None  # resolves once ``pending``'s frame is written
     writer: Optional[asyncio.StreamWriter] = None
     busy: Optional[asyncio.Task] = None  # connecting or waiting for the socket; flushes again when done
+    peer_watch: Optional[asyncio.Task] = None  # reads the connection to see the receiver close it
     is_flush_scheduled: bool = False
 
     @property
@@ -396,7 +397,7 @@ class StreamSender:
                                                 CONNECT_TIMEOUT_S)
         writer.write(address.token.encode())
         dest.writer = writer
-        asyncio.get_running_loop().create_task(self._watch_peer(dest, reader, writer))
+        dest.peer_watch = asyncio.get_running_loop().create_task(self._watch_peer(dest, reader, writer))
 
     @staticmethod
     async def _watch_peer(dest: _Destination, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
