@@ -16,8 +16,8 @@ Life of a request here:
    the Serve call then carries errors, cancellation and the final count only.
 5. Turn the replica's ``OutputDelta`` stream (only new tokens and text; ``router.deltas``)
    into SSE chunks (per choice index, ``data: [DONE]`` last) or one response with exact
-   ``usage``. The ``x-kvmesh-replica`` header names the replica that served each prompt,
-   and ``x-kvmesh-ingress`` the ingress replica whose router chose it.
+   ``usage`` (``router.openai_output``). The ``x-kvmesh-replica`` header names the replica
+   that served each prompt, and ``x-kvmesh-ingress`` the ingress replica whose router chose it.
 6. If the client goes away, Serve cancels this handler; we cancel the replica calls,
    and the replica aborts the engine request (its KV blocks are freed).
 
@@ -33,12 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Optional, Union
+from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -52,12 +51,10 @@ from router.disagg import DisaggregatedFlow
 from router.deltas import DeltaTracker, OutputDelta
 from router.messages import GenerateRequest, ReplicaOutput
 from router.metrics import CONTENT_TYPE, RequestTimer, get_metrics
-from router.protocol import (APIError, AssistantMessage, ChatCompletionChoice, ChatCompletionChunk,
-                             ChatCompletionChunkChoice, ChatCompletionRequest,
-                             ChatCompletionResponse, ChatLogprobAlternative, ChatLogprobs,
-                             ChatLogprobToken, CompletionChoice, CompletionLogprobs,
-                             CompletionRequest, CompletionResponse, DeltaMessage, ModelCard,
-                             ModelList, UsageInfo, dump, validation_error_to_api_error)
+from router.openai_output import (JobOutput, PromptRenderer, RendererFactory, chat_response,
+                                  chat_stream, completion_response, completion_stream)
+from router.protocol import (APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList,
+                             dump, validation_error_to_api_error)
 from router.stream_channel import ChannelStream, StreamReceiver, stream_channel_from_env
 
 logger = logging.getLogger(__name__)
@@ -68,89 +65,6 @@ INGRESS_HEADER = "x-kvmesh-ingress"  # the ingress replica (and so the router) t
 TRACE_HEADER = "x-kvmesh-trace"  # "1": stream the request's latency stamps as an SSE comment
 
 
-# ---- prompt rendering ---------------------------------------------------------------------------
-class PromptRenderer:
-    """Chat template + tokenizer of the served model (the engine's own helpers)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-
-    @classmethod
-    def from_model_info(cls, info: dict) -> "PromptRenderer":
-        from engine.tokenizer import load_tokenizer
-        return cls(load_tokenizer(info.get("tokenizer") or info["model_path"]))
-
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        from engine.tokenizer import apply_chat_template
-        return apply_chat_template(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
-
-    def encode(self, text: str) -> list[int]:
-        from engine.tokenizer import encode_prompt
-        return encode_prompt(self.tokenizer, text)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids)
-
-
-RendererFactory = Callable[[dict], PromptRenderer]
-
-
-# ---- per-choice streaming state -----------------------------------------------------------------
-@dataclass
-class _ChoiceState:
-    text_offset: int = 0  # completions logprobs: offset of the next token in the text
-    finish_reason: Optional[str] = None
-    has_role: bool = False
-
-
-@dataclass
-class _ChoiceOutput:
-    """One choice's output so far, gathered from its deltas (a cumulative ``CompletionOutput``)."""
-
-    index: int
-    text_parts: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: Optional[list] = None
-    finish_reason: Optional[str] = None
-
-    @property
-    def text(self) -> str:
-        return "".join(self.text_parts)
-
-
-@dataclass
-class _JobOutput:
-    """A prompt's outputs so far (what the last cumulative ``RequestOutput`` held)."""
-
-    choices: dict[int, _ChoiceOutput] = field(default_factory=dict)
-    finished: bool = False
-    error: Optional[str] = None
-
-    @property
-    def outputs(self) -> list[_ChoiceOutput]:
-        return [self.choices[i] for i in sorted(self.choices)]
-
-    def add(self, delta: OutputDelta) -> int:
-        """Appends a delta; returns how many tokens it brought."""
-        num_tokens = 0
-        for d in delta.choices:
-            c = self.choices.get(d.index)
-            if c is None:
-                c = self.choices[d.index] = _ChoiceOutput(d.index)
-            if d.text:
-                c.text_parts.append(d.text)
-            c.token_ids.extend(d.token_ids)
-            num_tokens += len(d.token_ids)
-            if d.logprobs is not None:
-                if c.logprobs is None:
-                    c.logprobs = []
-                c.logprobs.extend(d.logprobs)
-            c.finish_reason = d.finish_reason or c.finish_reason
-        self.finished = self.finished or delta.finished
-        self.error = delta.error or self.error
-        return num_tokens
-
-
 @dataclass
 class _Job:
     """One ``GenerateRequest`` of an API request (one prompt), and its stream."""
@@ -159,7 +73,7 @@ class _Job:
     request: GenerateRequest
     prompt_text: str
     stream: Any = None  # DeploymentResponseGenerator (or DisaggregatedStream)
-    final: _JobOutput = field(default_factory=_JobOutput)  # everything received so far
+    final: JobOutput = field(default_factory=JobOutput)  # everything received so far
     replica_id: Optional[str] = None  # set by the first output
     is_done: bool = False
     trace: Optional[dict[str, float]] = None  # x-kvmesh-trace stamps (the first job only)
@@ -275,10 +189,12 @@ class OpenAIIngress:
         if trace is not None:
             trace["ingress_response"] = time.monotonic()
         if body.stream:
-            return self._sse(self._chat_stream(api_id, body, jobs, first, timer, renderer, trace),
+            events = self._events(jobs, first, timer)
+            return self._sse(chat_stream(api_id, self.cfg.served_model_name, body, jobs, events, renderer,
+                                         trace),
                              self._routing_headers(jobs))
         await self._drain(jobs, first, timer)
-        return JSONResponse(dump(self._chat_response(api_id, body, jobs, renderer)),
+        return JSONResponse(dump(chat_response(api_id, self.cfg.served_model_name, body, jobs, renderer)),
                             headers=self._routing_headers(jobs))
 
     @app.post("/v1/completions")
@@ -315,10 +231,13 @@ class OpenAIIngress:
         if trace is not None:
             trace["ingress_response"] = time.monotonic()
         if body.stream:
-            return self._sse(self._completion_stream(api_id, body, jobs, first, timer, renderer, trace),
+            events = self._events(jobs, first, timer)
+            return self._sse(completion_stream(api_id, self.cfg.served_model_name, body, jobs, events,
+                                               renderer, trace),
                              self._routing_headers(jobs))
         await self._drain(jobs, first, timer)
-        return JSONResponse(dump(self._completion_response(api_id, body, jobs, renderer)),
+        return JSONResponse(dump(completion_response(api_id, self.cfg.served_model_name, body, jobs,
+                                                     renderer)),
                             headers=self._routing_headers(jobs))
 
     @app.get("/v1/models")
@@ -611,122 +530,6 @@ class OpenAIIngress:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                           **headers})
 
-    # ---- chat responses -----------------------------------------------------------------------
-    def _chat_response(self, api_id: str, body: ChatCompletionRequest, jobs: list[_Job],
-                       renderer: PromptRenderer) -> ChatCompletionResponse:
-        out = jobs[0].final
-        choices = []
-        for c in sorted(out.outputs, key=lambda c: c.index):
-            logprobs = (ChatLogprobs(content=_chat_logprobs(c.token_ids, c.logprobs or [],
-                                                            body.top_logprobs or 0, renderer))
-                        if body.logprobs else None)
-            choices.append(ChatCompletionChoice(index=c.index, message=AssistantMessage(content=c.text),
-                                                logprobs=logprobs, finish_reason=c.finish_reason))
-        return ChatCompletionResponse(id=api_id, model=self.cfg.served_model_name, choices=choices,
-                                      usage=_usage(jobs))
-
-    async def _chat_stream(self, api_id: str, body: ChatCompletionRequest, jobs: list[_Job],
-                           queue: "_PrefilledQueue", timer: RequestTimer, renderer: PromptRenderer,
-                           trace: Optional[dict[str, float]] = None) -> AsyncIterator[str]:
-        model = self.cfg.served_model_name
-        created = int(time.time())
-        states: dict[int, _ChoiceState] = {}
-        if trace is not None:
-            trace["ingress_stream_start"] = time.monotonic()
-        try:
-            async for _, out in self._events(jobs, queue, timer):
-                for c in out.choices:
-                    st = states.setdefault(c.index, _ChoiceState())
-                    delta_text, new_logprobs, new_ids = c.text, c.logprobs or [], c.token_ids
-                    finish = c.finish_reason if c.finish_reason and st.finish_reason is None else None
-                    if finish:
-                        st.finish_reason = finish
-                    if not (delta_text or finish or not st.has_role or new_logprobs):
-                        continue
-                    delta = DeltaMessage(content=delta_text)
-                    if not st.has_role:
-                        delta.role, st.has_role = "assistant", True
-                    logprobs = (ChatLogprobs(content=_chat_logprobs(new_ids, new_logprobs,
-                                                                    body.top_logprobs or 0, renderer))
-                                if body.logprobs else None)
-                    chunk = ChatCompletionChunk(
-                        id=api_id, created=created, model=model,
-                        choices=[ChatCompletionChunkChoice(index=c.index, delta=delta, logprobs=logprobs,
-                                                           finish_reason=finish)])
-                    if trace is not None:
-                        trace.setdefault("ingress_first_chunk", time.monotonic())
-                    yield _sse_data(chunk)
-            if body.include_usage:
-                yield _sse_data(ChatCompletionChunk(id=api_id, created=created, model=model,
-                                                    choices=[], usage=_usage(jobs)))
-        except APIError as exc:
-            yield f"data: {json.dumps(dump(exc.to_response()))}\n\n"
-        if trace is not None:
-            yield _sse_trace(trace)
-        yield "data: [DONE]\n\n"
-
-    # ---- completion responses -----------------------------------------------------------------
-    def _completion_response(self, api_id: str, body: CompletionRequest, jobs: list[_Job],
-                             renderer: PromptRenderer) -> CompletionResponse:
-        n = body.n
-        choices = []
-        for job in jobs:
-            prefix = job.prompt_text if body.echo else ""
-            for c in sorted(job.final.outputs, key=lambda c: c.index):
-                logprobs = None
-                if body.logprobs is not None:
-                    logprobs = _completion_logprobs(c.token_ids, c.logprobs or [], body.logprobs,
-                                                    renderer, len(prefix))
-                choices.append(CompletionChoice(index=job.prompt_index * n + c.index, text=prefix + c.text,
-                                                logprobs=logprobs, finish_reason=c.finish_reason))
-        return CompletionResponse(id=api_id, model=self.cfg.served_model_name, choices=choices,
-                                  usage=_usage(jobs))
-
-    async def _completion_stream(self, api_id: str, body: CompletionRequest, jobs: list[_Job],
-                                 queue: "_PrefilledQueue", timer: RequestTimer, renderer: PromptRenderer,
-                                 trace: Optional[dict[str, float]] = None) -> AsyncIterator[str]:
-        model = self.cfg.served_model_name
-        created = int(time.time())
-        states: dict[int, _ChoiceState] = {}
-        if trace is not None:
-            trace["ingress_stream_start"] = time.monotonic()
-        try:
-            async for job, out in self._events(jobs, queue, timer):
-                for c in out.choices:
-                    index = job.prompt_index * body.n + c.index
-                    is_new = index not in states
-                    st = states.setdefault(index, _ChoiceState())
-                    if is_new and body.echo:
-                        st.text_offset = len(job.prompt_text)
-                    delta_text, new_logprobs, new_ids = c.text, c.logprobs or [], c.token_ids
-                    finish = c.finish_reason if c.finish_reason and st.finish_reason is None else None
-                    if finish:
-                        st.finish_reason = finish
-                    if is_new and body.echo:
-                        delta_text = job.prompt_text + delta_text
-                    if not (delta_text or finish or new_logprobs):
-                        continue
-                    logprobs = None
-                    if body.logprobs is not None:
-                        logprobs = _completion_logprobs(new_ids, new_logprobs, body.logprobs, renderer,
-                                                        st.text_offset)
-                        st.text_offset += sum(len(t) for t in logprobs.tokens)
-                    chunk = CompletionResponse(
-                        id=api_id, created=created, model=model,
-                        choices=[CompletionChoice(index=index, text=delta_text, logprobs=logprobs,
-                                                  finish_reason=finish)])
-                    if trace is not None:
-                        trace.setdefault("ingress_first_chunk", time.monotonic())
-                    yield _sse_data(chunk)
-            if body.include_usage:
-                yield _sse_data(CompletionResponse(id=api_id, created=created, model=model, choices=[],
-                                                   usage=_usage(jobs)))
-        except APIError as exc:
-            yield f"data: {json.dumps(dump(exc.to_response()))}\n\n"
-        if trace is not None:
-            yield _sse_trace(trace)
-        yield "data: [DONE]\n\n"
-
 
 # serve.ingress rewrites the routes of ``app`` (and the signatures of the methods above) in
 # place. It must run at import time, so every process that unpickles the deployment
@@ -749,68 +552,12 @@ class _PrefilledQueue:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def _sse_data(model: Any) -> str:
-    return f"data: {model.model_dump_json()}\n\n"
-
-
-def _usage(jobs: list[_Job]) -> UsageInfo:
-    """Exact token counts: prompt tokens once per prompt, completion tokens over all n choices."""
-    prompt = sum(j.request.num_prompt_tokens for j in jobs)
-    completion = sum(len(c.token_ids) for j in jobs if j.final for c in j.final.outputs)
-    return UsageInfo.of(prompt, completion)
-
-
 def _start_trace(request: Request, stream: bool, arrival: float,
                  body_read: float) -> Optional[dict[str, float]]:
     """Latency stamps for a streaming request that asked for them (``x-kvmesh-trace: 1``)."""
     if not stream or request.headers.get(TRACE_HEADER) != "1":
         return None
     return {"ingress_arrival": arrival, "ingress_body_read": body_read, "ingress_tokenized": time.monotonic()}
-
-
-def _sse_trace(trace: dict[str, float]) -> str:
-    """An SSE comment line: clients skip it, ``bench/http_overhead.py`` reads it."""
-    return f": kvmesh-trace {json.dumps(trace)}\n\n"
-
-
-def _token_text(token_id: int, logprob: Any, renderer: PromptRenderer) -> str:
-    text = getattr(logprob, "decoded_token", None)
-    return text if text is not None else renderer.decode([token_id])
-
-
-def _top(entry: dict, k: int) -> list[tuple[int, Any]]:
-    items = sorted(entry.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30,
-                                                  -kv[1].logprob))
-    return items[:k]
-
-
-def _chat_logprobs(token_ids: list[int], entries: list[dict], k: int,
-                   renderer: PromptRenderer) -> list[ChatLogprobToken]:
-    result = []
-    for token_id, entry in zip(token_ids, entries):
-        chosen = entry.get(token_id)
-        token = _token_text(token_id, chosen, renderer)
-        alternatives = [ChatLogprobAlternative(token=(t := _token_text(tid, lp, renderer)),
-                                               logprob=lp.logprob, bytes=list(t.encode()))
-                        for tid, lp in _top(entry, k)]
-        result.append(ChatLogprobToken(token=token, logprob=chosen.logprob if chosen else float("-inf"),
-                                       bytes=list(token.encode()), top_logprobs=alternatives))
-    return result
-
-
-def _completion_logprobs(token_ids: list[int], entries: list[dict], k: int, renderer: PromptRenderer,
-                         offset: int) -> CompletionLogprobs:
-    out = CompletionLogprobs()
-    for token_id, entry in zip(token_ids, entries):
-        chosen = entry.get(token_id)
-        token = _token_text(token_id, chosen, renderer)
-        out.tokens.append(token)
-        out.token_logprobs.append(chosen.logprob if chosen else None)
-        out.top_logprobs.append({_token_text(tid, lp, renderer): lp.logprob for tid, lp in _top(entry, k)}
-                                if k else None)
-        out.text_offset.append(offset)
-        offset += len(token)
-    return out
 
 
 def _api_error_from(exc: BaseException) -> APIError:
