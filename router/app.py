@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Any, Optional
 
 from engine.config import EngineConfig
@@ -213,14 +214,18 @@ def serve_forever(cfg: DeploymentConfig, host: Optional[str] = None, port: Optio
     import ray
     from ray import serve
 
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # The handler only appends to a list: no lock. (``threading.Event.set`` takes a lock, and a
+    # second signal arriving inside the first handler's ``set`` - Ctrl-C twice, or a signal sent
+    # to both ``timeout`` and this process - deadlocked on it.)
+    stop: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         url = deploy(cfg, host, port)
         print(f"kvmesh: serving '{cfg.served_model_name}' at {url}/v1 "
               f"(OpenAI API; {url}/metrics, {url}/health). Ctrl-C to stop.", flush=True)
-        while not stop.wait(0.5):
-            pass
+        while not stop:
+            time.sleep(0.2)
         print("kvmesh: shutting down", flush=True)
     finally:
         for sig, handler in previous.items():

@@ -211,6 +211,7 @@ def test_kvmesh_status_command(base_url):
 
 # ---- kvmesh serve as a process -------------------------------------------------------------------
 def test_kvmesh_serve_subprocess_answers_and_exits_on_sigint(tmp_path):
+    """`kvmesh serve` answers, then a double SIGINT shuts it down cleanly (exit 0)."""
     port = free_port()
     config = tmp_path / "serve.yaml"
     config.write_text(textwrap.dedent(f"""\
@@ -240,6 +241,9 @@ def test_kvmesh_serve_subprocess_answers_and_exits_on_sigint(tmp_path):
         assert response is not None, (tmp_path / "serve.log").read_text()[-3000:]
         assert response.json()["usage"]["completion_tokens"] >= 1
         assert f"serving 'kvmesh-tiny' at {url}/v1" in (tmp_path / "serve.log").read_text()
+        # Twice, back to back: what Ctrl-C pressed twice or `timeout` forwarding its own SIGINT does
+        # (the old handler's Event.set could deadlock when the second landed inside the first).
+        proc.send_signal(signal.SIGINT)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0, (tmp_path / "serve.log").read_text()[-3000:]
         assert "shutting down" in (tmp_path / "serve.log").read_text()
