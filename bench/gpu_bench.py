@@ -247,8 +247,9 @@ def hf_model(path: str):
     return model.eval()
 
 
-def hf_generate(model, batch: list[tuple[list[int], int]], static: bool) -> float:
-    """Runs one left-padded batch to its longest output; returns seconds."""
+def hf_generate(model, batch: list[tuple[list[int], int]], static: bool, cache=None) -> float:
+    """Runs one left-padded batch to its longest output; returns seconds. ``cache``: a
+    ``StaticCache`` to reuse (reset here) instead of a fresh cache per call."""
     max_len = max(len(p) for p, _ in batch)
     ids = torch.zeros((len(batch), max_len), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -256,13 +257,17 @@ def hf_generate(model, batch: list[tuple[list[int], int]], static: bool) -> floa
         ids[i, max_len - len(p):] = torch.tensor(p)
         mask[i, max_len - len(p):] = 1
     new = max(n for _, n in batch)
-    kwargs = {"cache_implementation": "static"} if static else {}
-    torch.cuda.synchronize()
+    kwargs = {"cache_implementation": "static"} if static and cache is None else {}
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    sync()
     start = time.perf_counter()
     with torch.inference_mode():
-        model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new,
+        if cache is not None:
+            cache.reset()  # inference tensors: zeroed inside inference mode
+            kwargs["past_key_values"] = cache
+        model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=new,
                        min_new_tokens=new, do_sample=False, pad_token_id=0, **kwargs)
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - start
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
-from bench.gpu_bench import hf_model, make_dummy_checkpoint, mixed_requests  # noqa: E402
+from bench.gpu_bench import hf_generate, hf_model, make_dummy_checkpoint, mixed_requests  # noqa: E402
 
 CACHE_LEN = 2048 + 512  # longest prompt + longest output of gpu_bench.mixed_requests
 
@@ -50,22 +50,7 @@ def batches(reqs: list, batch_size: int) -> list[tuple[list, int]]:
 
 def run_batch(model, rows: list, cache) -> float:
     """One left-padded batch to its longest output through ``generate`` with ``cache``; seconds."""
-    max_len = max(len(p) for p, _ in rows)
-    ids = torch.zeros((len(rows), max_len), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, (p, _) in enumerate(rows):
-        ids[i, max_len - len(p):] = torch.tensor(p)
-        mask[i, max_len - len(p):] = 1
-    new = max(n for _, n in rows)
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        cache.reset()  # inference tensors: zeroed inside inference mode
-        model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=new,
-                       min_new_tokens=new, do_sample=False, pad_token_id=0, past_key_values=cache)
-    sync()
-    return time.perf_counter() - start
+    return hf_generate(model, rows, static=True, cache=cache)
 
 
 def run_shard(args) -> None:
