@@ -128,12 +128,20 @@ def gemv_split_k(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_SPLIT_K: dict[tuple[int, int, torch.dtype], int] = {}
+
+
 def _split_k_of(n: int, k: int, dtype: torch.dtype) -> int:
-    """SPLIT_K of the config the autotuner chose for (N, K) (its cache is keyed by N, K, dtypes)."""
-    for key, config in _gemv_split_k_kernel.cache.items():
-        if key[0] == n and key[1] == k and str(dtype) in key:
-            return config.kwargs["SPLIT_K"]
-    raise RuntimeError(f"no tuned split-K GEMV config for {n}x{k} {dtype}")
+    """SPLIT_K of the config the autotuner chose for (N, K) (its cache is keyed by N, K, dtypes);
+    looked up once per shape, not on every call."""
+    key = (n, k, dtype)
+    if key not in _SPLIT_K:
+        chosen = [config for tuned, config in _gemv_split_k_kernel.cache.items()
+                  if tuned[0] == n and tuned[1] == k and str(dtype) in tuned]
+        if not chosen:
+            raise RuntimeError(f"no tuned split-K GEMV config for {n}x{k} {dtype}")
+        _SPLIT_K[key] = chosen[0].kwargs["SPLIT_K"]
+    return _SPLIT_K[key]
 
 
 _KERNELS = {"gemv": gemv, "split_k": gemv_split_k}
