@@ -137,6 +137,24 @@ def sse_trace(trace: dict[str, float]) -> str:
     return f": kvmesh-trace {json.dumps(trace)}\n\n"
 
 
+# ---- SSE framing ---------------------------------------------------------------------------------
+async def sse_stream(chunks: AsyncIterator[Any], trace: Optional[dict[str, float]] = None) -> AsyncIterator[str]:
+    """The framing chat and completion streams share: each chunk as a ``data:`` line, an
+    ``APIError`` raised mid-stream as an error chunk, the trace comment, then ``[DONE]``."""
+    if trace is not None:
+        trace["ingress_stream_start"] = time.monotonic()
+    try:
+        async for chunk in chunks:
+            if trace is not None:
+                trace.setdefault("ingress_first_chunk", time.monotonic())
+            yield sse_data(chunk)
+    except APIError as exc:
+        yield f"data: {json.dumps(dump(exc.to_response()))}\n\n"
+    if trace is not None:
+        yield sse_trace(trace)
+    yield "data: [DONE]\n\n"
+
+
 # ---- chat responses -----------------------------------------------------------------------------
 def chat_response(api_id: str, model: str, body: ChatCompletionRequest, jobs: list[PromptJob],
                   renderer: PromptRenderer) -> ChatCompletionResponse:
@@ -152,45 +170,38 @@ def chat_response(api_id: str, model: str, body: ChatCompletionRequest, jobs: li
     return ChatCompletionResponse(id=api_id, model=model, choices=choices, usage=usage(jobs))
 
 
-async def chat_stream(api_id: str, model: str, body: ChatCompletionRequest, jobs: list[PromptJob],
-                      events: JobEvents, renderer: PromptRenderer,
-                      trace: Optional[dict[str, float]] = None) -> AsyncIterator[str]:
+def chat_stream(api_id: str, model: str, body: ChatCompletionRequest, jobs: list[PromptJob],
+                events: JobEvents, renderer: PromptRenderer,
+                trace: Optional[dict[str, float]] = None) -> AsyncIterator[str]:
     """SSE chunks of a chat request's ``events``; an error mid-stream becomes an error chunk."""
+    return sse_stream(_chat_chunks(api_id, model, body, jobs, events, renderer), trace)
+
+
+async def _chat_chunks(api_id: str, model: str, body: ChatCompletionRequest, jobs: list[PromptJob],
+                       events: JobEvents, renderer: PromptRenderer) -> AsyncIterator[ChatCompletionChunk]:
     created = int(time.time())
     states: dict[int, _ChoiceState] = {}
-    if trace is not None:
-        trace["ingress_stream_start"] = time.monotonic()
-    try:
-        async for _, out in events:
-            for c in out.choices:
-                st = states.setdefault(c.index, _ChoiceState())
-                delta_text, new_logprobs, new_ids = c.text, c.logprobs or [], c.token_ids
-                finish = c.finish_reason if c.finish_reason and st.finish_reason is None else None
-                if finish:
-                    st.finish_reason = finish
-                if not (delta_text or finish or not st.has_role or new_logprobs):
-                    continue
-                delta = DeltaMessage(content=delta_text)
-                if not st.has_role:
-                    delta.role, st.has_role = "assistant", True
-                logprobs = (ChatLogprobs(content=chat_logprobs(new_ids, new_logprobs,
-                                                               body.top_logprobs or 0, renderer))
-                            if body.logprobs else None)
-                chunk = ChatCompletionChunk(
-                    id=api_id, created=created, model=model,
-                    choices=[ChatCompletionChunkChoice(index=c.index, delta=delta, logprobs=logprobs,
-                                                       finish_reason=finish)])
-                if trace is not None:
-                    trace.setdefault("ingress_first_chunk", time.monotonic())
-                yield sse_data(chunk)
-        if body.include_usage:
-            yield sse_data(ChatCompletionChunk(id=api_id, created=created, model=model,
-                                               choices=[], usage=usage(jobs)))
-    except APIError as exc:
-        yield f"data: {json.dumps(dump(exc.to_response()))}\n\n"
-    if trace is not None:
-        yield sse_trace(trace)
-    yield "data: [DONE]\n\n"
+    async for _, out in events:
+        for c in out.choices:
+            st = states.setdefault(c.index, _ChoiceState())
+            delta_text, new_logprobs, new_ids = c.text, c.logprobs or [], c.token_ids
+            finish = c.finish_reason if c.finish_reason and st.finish_reason is None else None
+            if finish:
+                st.finish_reason = finish
+            if not (delta_text or finish or not st.has_role or new_logprobs):
+                continue
+            delta = DeltaMessage(content=delta_text)
+            if not st.has_role:
+                delta.role, st.has_role = "assistant", True
+            logprobs = (ChatLogprobs(content=chat_logprobs(new_ids, new_logprobs,
+                                                           body.top_logprobs or 0, renderer))
+                        if body.logprobs else None)
+            yield ChatCompletionChunk(
+                id=api_id, created=created, model=model,
+                choices=[ChatCompletionChunkChoice(index=c.index, delta=delta, logprobs=logprobs,
+                                                   finish_reason=finish)])
+    if body.include_usage:
+        yield ChatCompletionChunk(id=api_id, created=created, model=model, choices=[], usage=usage(jobs))
 
 
 # ---- completion responses -----------------------------------------------------------------------
@@ -211,50 +222,43 @@ def completion_response(api_id: str, model: str, body: CompletionRequest, jobs: 
     return CompletionResponse(id=api_id, model=model, choices=choices, usage=usage(jobs))
 
 
-async def completion_stream(api_id: str, model: str, body: CompletionRequest, jobs: list[PromptJob],
-                            events: JobEvents, renderer: PromptRenderer,
-                            trace: Optional[dict[str, float]] = None) -> AsyncIterator[str]:
+def completion_stream(api_id: str, model: str, body: CompletionRequest, jobs: list[PromptJob],
+                      events: JobEvents, renderer: PromptRenderer,
+                      trace: Optional[dict[str, float]] = None) -> AsyncIterator[str]:
     """SSE chunks of a completion request's ``events``; an error mid-stream becomes an error chunk."""
+    return sse_stream(_completion_chunks(api_id, model, body, jobs, events, renderer), trace)
+
+
+async def _completion_chunks(api_id: str, model: str, body: CompletionRequest, jobs: list[PromptJob],
+                             events: JobEvents, renderer: PromptRenderer) -> AsyncIterator[CompletionResponse]:
     created = int(time.time())
     states: dict[int, _ChoiceState] = {}
-    if trace is not None:
-        trace["ingress_stream_start"] = time.monotonic()
-    try:
-        async for job, out in events:
-            for c in out.choices:
-                index = job.prompt_index * body.n + c.index
-                is_new = index not in states
-                st = states.setdefault(index, _ChoiceState())
-                if is_new and body.echo:
-                    st.text_offset = len(job.prompt_text)
-                delta_text, new_logprobs, new_ids = c.text, c.logprobs or [], c.token_ids
-                finish = c.finish_reason if c.finish_reason and st.finish_reason is None else None
-                if finish:
-                    st.finish_reason = finish
-                if is_new and body.echo:
-                    delta_text = job.prompt_text + delta_text
-                if not (delta_text or finish or new_logprobs):
-                    continue
-                logprobs = None
-                if body.logprobs is not None:
-                    logprobs = completion_logprobs(new_ids, new_logprobs, body.logprobs, renderer,
-                                                   st.text_offset)
-                    st.text_offset += sum(len(t) for t in logprobs.tokens)
-                chunk = CompletionResponse(
-                    id=api_id, created=created, model=model,
-                    choices=[CompletionChoice(index=index, text=delta_text, logprobs=logprobs,
-                                              finish_reason=finish)])
-                if trace is not None:
-                    trace.setdefault("ingress_first_chunk", time.monotonic())
-                yield sse_data(chunk)
-        if body.include_usage:
-            yield sse_data(CompletionResponse(id=api_id, created=created, model=model, choices=[],
-                                              usage=usage(jobs)))
-    except APIError as exc:
-        yield f"data: {json.dumps(dump(exc.to_response()))}\n\n"
-    if trace is not None:
-        yield sse_trace(trace)
-    yield "data: [DONE]\n\n"
+    async for job, out in events:
+        for c in out.choices:
+            index = job.prompt_index * body.n + c.index
+            is_new = index not in states
+            st = states.setdefault(index, _ChoiceState())
+            if is_new and body.echo:
+                st.text_offset = len(job.prompt_text)
+            delta_text, new_logprobs, new_ids = c.text, c.logprobs or [], c.token_ids
+            finish = c.finish_reason if c.finish_reason and st.finish_reason is None else None
+            if finish:
+                st.finish_reason = finish
+            if is_new and body.echo:
+                delta_text = job.prompt_text + delta_text
+            if not (delta_text or finish or new_logprobs):
+                continue
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(new_ids, new_logprobs, body.logprobs, renderer,
+                                               st.text_offset)
+                st.text_offset += sum(len(t) for t in logprobs.tokens)
+            yield CompletionResponse(
+                id=api_id, created=created, model=model,
+                choices=[CompletionChoice(index=index, text=delta_text, logprobs=logprobs,
+                                          finish_reason=finish)])
+    if body.include_usage:
+        yield CompletionResponse(id=api_id, created=created, model=model, choices=[], usage=usage(jobs))
 
 
 # ---- logprobs -----------------------------------------------------------------------------------
