@@ -184,18 +184,19 @@ def measure_decode(engine, decode_steps: int, profile_steps: int = 0) -> dict:
         temperature=0.0, max_tokens=decode_steps + 8 + (profile_steps + 4 if profile_steps else 0),
         ignore_eos=True))
     steps, profiled, profile = [], [], None
+    profiler = _StepProfile(engine) if profile_steps else None
     profile_from = 8 + decode_steps + 2  # step index where the profiled stretch starts
     index = 0
     while engine.has_unfinished_requests():
         in_profile = profile_steps and profile_from <= index < profile_from + profile_steps
-        if profile_steps and index == profile_from:
-            _profile(engine, "start")
+        if profiler is not None and index == profile_from:
+            profiler.start()
         start = time.perf_counter()
         engine.step()
         (profiled if in_profile else steps).append(time.perf_counter() - start)
         index += 1
-        if profile_steps and index == profile_from + profile_steps:
-            profile = _profile(engine, "stop", profile_steps)
+        if profiler is not None and index == profile_from + profile_steps:
+            profile = profiler.stop(profile_steps)
     decode = steps[8:min(8 + decode_steps, len(steps) - 1)] or steps  # the last step may only collect
     # an in-flight result
     result = {"batch": 1, "median_step_ms": statistics.median(decode) * 1e3,
@@ -207,17 +208,21 @@ def measure_decode(engine, decode_steps: int, profile_steps: int = 0) -> dict:
     return result
 
 
-def _profile(engine, action: str, num_steps: int = 1):
-    """Kernel profile of every rank (Ray workers) or of the driver's runner (one worker)."""
-    executor = engine.executor
-    if hasattr(executor, "profile"):
-        return executor.profile(action, num_steps)
-    from engine.profiling import KernelProfiler
-    if action == "start":
-        engine._bench_profiler = KernelProfiler()
-        engine._bench_profiler.start()
-        return None
-    return [{"rank": 0, **engine._bench_profiler.stop(num_steps).to_dict()}]
+class _StepProfile:
+    """Kernel profile of every rank (Ray workers) or of the driver's own runner (one worker)."""
+
+    def __init__(self, engine) -> None:
+        from engine.profiling import KernelProfiler
+        self.executor = engine.executor if hasattr(engine.executor, "profile") else None
+        self.local = KernelProfiler() if self.executor is None else None
+
+    def start(self) -> None:
+        self.executor.profile("start") if self.executor is not None else self.local.start()
+
+    def stop(self, num_steps: int) -> list[dict]:
+        if self.executor is not None:
+            return self.executor.profile("stop", num_steps)
+        return [{"rank": 0, **self.local.stop(num_steps).to_dict()}]
 
 
 def measure_throughput(engine, num_requests: int, prompt_len: int, max_tokens: int,
