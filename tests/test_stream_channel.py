@@ -284,8 +284,10 @@ def test_channel_outputs_equal_serve_streaming_and_offline(client, base_url, tin
     streamed = "".join(c.choices[0].text for c in chunks if c.choices)
     over_serve, over_channel = asyncio.run(_direct_calls(prompt, 24, [5] * (MAX_MODEL_LEN + 8)))
     assert full.choices[0].text == streamed == _text(over_serve) == _text(over_channel) == want
-    assert [c.token_ids for d in over_channel for c in d.choices] == \
-        [c.token_ids for d in over_serve for c in d.choices]
+    # The same tokens in the same order; how they group into deltas depends on timing (a slow
+    # reader gets two steps' tokens in one delta), so the grouping is not compared.
+    assert [t for d in over_channel for c in d.choices for t in c.token_ids] == \
+        [t for d in over_serve for c in d.choices for t in c.token_ids]
     assert over_channel[-1].finished and over_channel[-1].choices[-1].finish_reason == "length"
 
     after = _status(base_url)["stream_channel"]
