@@ -191,7 +191,7 @@ def _bench(comm) -> dict:
 
 
 def run_ranks(world: int, isolated: bool = True, checks: bool = True, disable_ranks=(),
-              timeout_s: float = 240.0) -> dict:
+              timeout_s: float = 240.0, target=None) -> dict:
     """Spawns ``world`` ranks (GPUs 0..world-1); returns {rank: report}. Raises when a rank
     fails or the deadline passes (every rank is killed then: a hang fails, never blocks)."""
     import torch.multiprocessing as mp
@@ -206,7 +206,7 @@ def run_ranks(world: int, isolated: bool = True, checks: bool = True, disable_ra
         for rank in range(world):
             if isolated:  # the child's interpreter starts with it: before any CUDA call
                 os.environ["CUDA_VISIBLE_DEVICES"] = visible[rank]
-            proc = ctx.Process(target=rank_main, daemon=True,
+            proc = ctx.Process(target=target or rank_main, daemon=True,  # same arguments
                                args=(rank, world, nccl_id, isolated, checks, rank in disable_ranks, results))
             proc.start()
             procs.append(proc)

@@ -20,6 +20,7 @@ the peer sends (the runner derives both from the step's token count).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Optional
 
 import torch
 
@@ -33,6 +34,14 @@ class Communicator(ABC):
     @abstractmethod
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over the group; returns the reduced tensor (may be ``tensor`` itself, reduced in place)."""
+
+    def fused_all_reduce_rms_norm(self, x: torch.Tensor, residual: Optional[torch.Tensor],
+                                  weight: torch.Tensor, eps: float
+                                  ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``all_reduce(x)`` then ``RMSNorm(x, residual)`` as one kernel, where the backend has
+        one for this shape: (normed, x + residual). None: the caller does the two apart. The
+        choice must depend on shapes and dtypes only (every rank takes the same path)."""
+        return None
 
     @abstractmethod
     def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:

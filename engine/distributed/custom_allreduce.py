@@ -328,14 +328,19 @@ class CustomAllReduce:
         torch.cuda.synchronize(self._device)
         return int(flag.item()) == self.world_size
 
+    def _buffer_bytes(self) -> int:
+        """My buffer's size: the flags and tables, then the data area."""
+        return SIGNAL_BYTES + self.max_bytes
+
     def _allocate(self) -> torch.Tensor:
         """My zeroed buffer; returns my payload (IPC handle, node id, ok) as a CPU uint8 tensor."""
         import cupy
         self._cupy = cupy
         runtime = cupy.cuda.runtime
         with cupy.cuda.Device(self._device_index):
-            self._base = runtime.malloc(SIGNAL_BYTES + self.max_bytes)
-            runtime.memset(self._base, 0, SIGNAL_BYTES + self.max_bytes)
+            nbytes = self._buffer_bytes()
+            self._base = runtime.malloc(nbytes)
+            runtime.memset(self._base, 0, nbytes)
             runtime.deviceSynchronize()  # zeroed before any peer can see the handle
             handle = bytes(runtime.ipcGetMemHandle(self._base))
         if len(handle) != HANDLE_BYTES:

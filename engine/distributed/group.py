@@ -95,12 +95,16 @@ def init_worker_groups(rank: ParallelRank, init: DistInit, device: torch.device)
         else:
             stage = NcclCommunicator(init.nccl_stage_ids[rank.pp_rank], rank.stage_rank,
                                      rank.stage_size, device)
-        # Opt-in IPC all-reduce for small messages (engine/distributed/custom_allreduce.py). Off by
-        # default: on 4 H100s its own tests pass and it cuts an 8 KiB all-reduce from 18 to 9.4 µs
-        # inside CUDA graphs, but the engine's TP=4 GPU test gave wrong first tokens with it on,
-        # and TP=2's decode step did not get faster (host-bound); not understood yet.
-        if rank.stage_size > 1 and os.environ.get(CUSTOM_ALLREDUCE_ENV, "0") == "1":
-            stage.enable_custom_all_reduce()  # collective; checks the ranks share a node
+        if rank.stage_size > 1:
+            # The LL all-reduce (engine/distributed/ll_allreduce.py) for decode-sized rows, fused
+            # with the residual add + RMSNorm after it. Collective; it checks the ranks share a
+            # node and passes a self-check against NCCL, else NCCL does everything.
+            stage.enable_ll_all_reduce()
+            # The older one-shot IPC all-reduce (custom_allreduce.py), opt-in: the engine's TP=4
+            # GPU test gave wrong first tokens with it on once, and it was slower than NCCL's LL
+            # inside CUDA graphs (10.3 vs 6.7 µs on H100s).
+            if os.environ.get(CUSTOM_ALLREDUCE_ENV, "0") == "1":
+                stage.enable_custom_all_reduce()
     return WorkerGroups(stage=stage if rank.stage_size > 1 else None,
                         world=world if rank.pp_size > 1 else None)
 

@@ -55,6 +55,16 @@ class NcclCommunicator(Communicator):
         self.world_size = world_size
         self._custom = None  # CustomAllReduce, when enable_custom_all_reduce turned it on
         self.custom_disabled_reason: Optional[str] = "not enabled"
+        self._ll = None  # LLAllReduce, when enable_ll_all_reduce turned it on
+        self.ll_disabled_reason: Optional[str] = "not enabled"
+
+    def enable_ll_all_reduce(self) -> bool:
+        """Collective, like ``enable_custom_all_reduce``: whether the LL path is on (all ranks agree)."""
+        from engine.distributed.ll_allreduce import LLAllReduce
+        ll = LLAllReduce(self)
+        self._ll = ll if ll.is_enabled else None
+        self.ll_disabled_reason = ll.disabled_reason
+        return self._ll is not None
 
     def enable_custom_all_reduce(self) -> bool:
         """Collective: every rank calls it at once; only for a group within one node. Returns
@@ -74,9 +84,19 @@ class NcclCommunicator(Communicator):
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.contiguous()
+        if self._ll is not None and self._ll.can_reduce(tensor):
+            return self._ll.all_reduce(tensor)
         if self._custom is not None and self._custom.can_reduce(tensor):
             return self._custom.all_reduce(tensor)
         return self.nccl_all_reduce(tensor)
+
+    def fused_all_reduce_rms_norm(self, x: torch.Tensor, residual: Optional[torch.Tensor],
+                                  weight: torch.Tensor, eps: float
+                                  ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        if (self._ll is not None and self._ll.can_reduce(x) and weight.dtype == x.dtype
+                and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))):
+            return self._ll.all_reduce_rms_norm(x, residual, weight, eps)
+        return None
 
     def nccl_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """``all_reduce`` through NCCL always (the custom path's set-up and reference)."""
@@ -102,9 +122,11 @@ class NcclCommunicator(Communicator):
         return out
 
     def destroy(self) -> None:
-        custom, self._custom = getattr(self, "_custom", None), None
-        if custom is not None:
-            custom.destroy()
+        for name in ("_custom", "_ll"):
+            path = getattr(self, name, None)
+            setattr(self, name, None)
+            if path is not None:
+                path.destroy()
         comm, self.comm = getattr(self, "comm", None), None
         if comm is not None:
             comm.destroy()

@@ -12,6 +12,9 @@ is the whole tensor and no collective is ever called.
 
 A Megatron MLP is Column (gate_up) then Row (down): one all_reduce per MLP;
 attention is Column (qkv, heads split) then Row (o_proj): one per attention.
+A dense decoder leaves both partial (``reduce_results=False``) and has the RMSNorm
+that follows complete them (``RMSNorm(x, residual, reduce=comm)``): on GPUs that is one
+kernel for all-reduce + residual add + norm (``Communicator.fused_all_reduce_rms_norm``).
 KV heads are replicated when ``num_kv_heads < tp_size`` (each rank keeps one).
 
 Weights are created with ``torch.empty`` so the loader can build the model on
@@ -38,6 +41,11 @@ class Communicator(Protocol):
 
     def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate the ranks' tensors along ``dim`` in rank order."""
+
+    def fused_all_reduce_rms_norm(self, x: torch.Tensor, residual: Optional[torch.Tensor],
+                                  weight: torch.Tensor, eps: float
+                                  ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """all_reduce(x) then RMSNorm(x, residual) in one kernel, or None where there is none."""
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -93,9 +101,17 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
-    def forward(self, x: torch.Tensor,
-                residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (norm(x + residual), x + residual); with no residual, (norm(x), x)."""
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                reduce: Optional[Communicator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (norm(x + residual), x + residual); with no residual, (norm(x), x).
+
+        ``reduce``: x is a partial sum over that group's ranks (a row-parallel layer's output),
+        completed here first: in one fused kernel where the group has one."""
+        if reduce is not None:
+            fused_out = reduce.fused_all_reduce_rms_norm(x, residual, self.weight, self.eps)
+            if fused_out is not None:
+                return fused_out
+            x = reduce.all_reduce(x)
         if x.is_cuda:  # one fused Triton pass (add + norm) instead of several elementwise kernels
             return fused.rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:

@@ -70,8 +70,12 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx  # which KV cache tensor of ctx.kv_caches is ours
         self.qkv_proj = QKVParallelLinear(spec.hidden_size, spec.head_dim, spec.num_heads,
                                           spec.num_kv_heads, spec.qkv_bias, tp_rank, tp_size, comm)
+        # With TP (and no bias, which must be added once after the sum) o_proj leaves its
+        # partial sum to the next norm, which completes it (fused all-reduce + add + norm).
+        self.partial_output = tp_size > 1 and not spec.o_proj_bias
         self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size,
-                                        spec.o_proj_bias, tp_rank, tp_size, comm)
+                                        spec.o_proj_bias, tp_rank, tp_size, comm,
+                                        reduce_results=not self.partial_output)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.rotary = rotary  # shared by all layers
@@ -97,24 +101,33 @@ class DenseMLP(nn.Module):
                                                        False, tp_rank, tp_size, comm)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, tp_rank, tp_size,
                                            comm, reduce_results=reduce_results)
+        self.partial_output = tp_size > 1 and not reduce_results  # the caller completes the sum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # (T, 2I/tp) -> (T, I/tp) -> (T, H)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, attn: Attention, mlp: nn.Module) -> None:
+    """norm -> attention -> norm -> MLP. A sub-block whose ``partial_output`` is set returns
+    its row-parallel partial sum; the norm after it completes the sum (``reduce=comm``). The
+    MLP's partial output goes on to the next layer's input norm (``x_partial``)."""
+
+    def __init__(self, spec: ModelSpec, attn: Attention, mlp: nn.Module,
+                 comm: Optional[Communicator] = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.self_attn = attn
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = mlp
+        self.comm = comm
+        self.mlp_partial = getattr(mlp, "partial_output", False)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor],
-                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        x, residual = self.input_layernorm(x, residual)
+                ctx: ForwardContext, x_partial: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual = self.input_layernorm(x, residual, reduce=self.comm if x_partial else None)
         x = self.self_attn(positions, x, ctx)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(
+            x, residual, reduce=self.comm if self.self_attn.partial_output else None)
         return self.mlp(x), residual
 
 
@@ -130,6 +143,7 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(layers)  # all L entries; nn.Identity outside layer_range
         self.layer_range = layer_range
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps) if is_last_stage else None
+        self.comm = comm
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
                 intermediate: Optional[IntermediateTensors] = None
@@ -138,11 +152,13 @@ class DecoderModel(nn.Module):
             x, residual = self.embed_tokens(input_ids), None  # (T, H)
         else:
             x, residual = intermediate.hidden, intermediate.residual
+        partial = False  # x is the previous layer's MLP partial sum, not yet reduced
         for i in self.layer_range:
-            x, residual = self.layers[i](positions, x, residual, ctx)
-        if self.norm is None:
-            return IntermediateTensors(x, residual)
-        x, _ = self.norm(x, residual)
+            x, residual = self.layers[i](positions, x, residual, ctx, partial)
+            partial = self.layers[i].mlp_partial
+        if self.norm is None:  # the next stage gets whole sums
+            return IntermediateTensors(self.comm.all_reduce(x) if partial else x, residual)
+        x, _ = self.norm(x, residual, reduce=self.comm if partial else None)
         return x  # (T, H)
 
 
@@ -167,7 +183,7 @@ class LlamaForCausalLM(nn.Module):
                                  spec.rope_scaling)
         start = self.layer_range.start  # attention i reads ctx.kv_caches[i - start]: this stage's caches
         layers = [DecoderLayer(spec, Attention(spec, i - start, rotary, tp_rank, tp_size, comm),
-                               self._make_mlp(i)) if i in self.layer_range else nn.Identity()
+                               self._make_mlp(i), comm) if i in self.layer_range else nn.Identity()
                   for i in range(spec.num_layers)]
         self.model = DecoderModel(spec, layers, self.layer_range, self.is_first_stage,
                                   self.is_last_stage, tp_rank, tp_size, comm)
@@ -188,7 +204,7 @@ class LlamaForCausalLM(nn.Module):
 
     def _make_mlp(self, layer_idx: int) -> nn.Module:
         return DenseMLP(self.spec.hidden_size, self.spec.intermediate_size,
-                        self.tp_rank, self.tp_size, self.comm)
+                        self.tp_rank, self.tp_size, self.comm, reduce_results=self.tp_size == 1)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
                 intermediate: Optional[IntermediateTensors] = None

@@ -1,0 +1,38 @@
+#!/bin/bash
+# One device call on nvidia-h100-x2 (#5): the LL all-reduce's GPU tests and latency table, then
+# bench/parallel.py tp1,tp2 with per-rank kernel profiles (the LL path is on by default), then the
+# TP=2 GPU equality tests and the 8B-shape TP=2 serve test.
+set -u
+mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+export PYTHONUNBUFFERED=1
+L=/tmp/logs; mkdir -p $L
+nvidia-smi --query-gpu=name --format=csv,noheader | head -2
+timeout "${LLT_S:-120}" python3 -m pytest -q -x -s -p no:cacheprovider tests/gpu/test_ll_allreduce.py > $L/ll_tests.txt 2>&1
+tail -30 $L/ll_tests.txt
+timeout 60 python3 bench/ll_allreduce.py --out "$OUT/ll_allreduce.json" > $L/ll_bench.log 2>&1; tail -3 $L/ll_bench.log
+timeout "${PAR_S:-240}" python3 bench/parallel.py all --parts tp1,tp2 --budget-s "${PAR_BUDGET_S:-230}" \
+    --profile-steps 30 --out "$OUT/parallel.json" > $L/parallel.log 2>&1
+python3 - <<'PY'
+import json, os
+p = os.path.join(os.environ["OUT"], "parallel.json")
+if not os.path.exists(p):
+    print("parallel.json missing")
+else:
+    d = json.load(open(p))
+    t = d.get("throughput", {})
+    print("ratio", d.get("decode_step_ratio_vs_tp1"), "tok/s tp1x2", t.get("tp1_x2_output_tok_s"), "tp2x1", t.get("tp2_x1_output_tok_s"))
+    for tp, r in d.get("decode", {}).items():
+        dec = (r.get("decode") or {}) if isinstance(r, dict) else {}
+        prof = dec.get("profile") or {}
+        print(" TP", tp, "step ms", round(dec.get("median_step_ms", 0), 3), "profiled", round(prof.get("median_step_ms", 0), 3))
+        for rank in prof.get("ranks") or []:
+            print("  rank", rank["rank"], "kernel us/step", round(rank["kernel_us_per_step"], 1))
+            for row in rank["rows"][:14]:
+                print("   ", round(row["us_per_step"], 1), round(row["calls_per_step"], 1), row["name"][:70])
+PY
+grep -i "all-reduce\|LL " $L/parallel.log | head -5
+timeout "${PT_S:-150}" python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_parallel_gpu.py \
+    -k "two_gpus or 8b_shape_serves_at_tp" > $L/parallel_tests.txt 2>&1
+grep -E "^(FAILED|ERROR|PASSED)|passed|failed|Error" $L/parallel_tests.txt | tail -12
+tar -czf "$OUT/logs.tgz" -C /tmp logs

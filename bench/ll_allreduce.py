@@ -1,0 +1,259 @@
+"""The LL all-reduce (+ fused residual add and RMSNorm, engine/distributed/ll_allreduce.py) on 2/4 GPUs.
+
+    python bench/ll_allreduce.py --out bench/results/ll_allreduce_h100.json   # < 60 s
+
+Ranks are spawned processes seeing one GPU each (``bench/custom_allreduce.py``'s ``run_ranks``).
+Timed inside CUDA graphs of 50 calls (what the decode graphs see), bf16, hidden 4096, per row
+count: NCCL's all-reduce; NCCL + the Triton ``rms_norm`` (the unfused decode path); the LL sum;
+the LL fused all-reduce + add + norm. ``checks=True`` (tests/gpu/test_ll_allreduce.py) first
+compares both modes with NCCL + the reference norm over dtypes, hidden sizes and row counts
+(and checks every rank got bit-identical results), runs 1000 back-to-back calls of changing row
+counts with NCCL-sized ones between, and replays a CUDA graph of them 100 times with new inputs.
+Failures are collected, not raised, so no rank leaves the others waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench.custom_allreduce import run_ranks  # noqa: E402
+
+BENCH_ROWS = (1, 4, 16, 32)
+HIDDEN = 4096
+GRAPH_CALLS = 50
+EPS = 1e-5
+
+
+def rank_main(rank: int, world: int, nccl_id: tuple, isolated: bool, checks: bool,
+              disable: bool, results) -> None:
+    comm = None
+    try:
+        if disable:
+            os.environ["KVMESH_DISABLE_LL_ALLREDUCE"] = "1"
+        import torch
+
+        from engine.distributed.nccl import NcclCommunicator
+        device = torch.device("cuda", 0 if isolated else rank)
+        torch.cuda.set_device(device)
+        comm = NcclCommunicator(nccl_id, rank, world, device)
+        enabled = comm.enable_ll_all_reduce()
+        report = {"rank": rank, "enabled": enabled, "failures": [], "reason": comm.ll_disabled_reason}
+        if checks:
+            _check_modes(comm, report["failures"])
+            _check_back_to_back(comm, report["failures"])
+            _check_graph(comm, report["failures"])
+        report["latency_us"] = _bench(comm)
+        torch.cuda.synchronize(device)
+        results.put(("ok", rank, report))
+    except BaseException:  # noqa: BLE001 - report it; the parent fails the run
+        results.put(("error", rank, traceback.format_exc()))
+    finally:
+        if comm is not None:
+            try:
+                comm.destroy()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _reference(comm, x, residual, weight):
+    """NCCL all-reduce, then the separate add + norm: (normed, new residual)."""
+    from engine import kernels as fused
+    summed = comm.nccl_all_reduce(x.clone())
+    if weight is None:
+        return summed, None
+    return fused.rms_norm(summed, weight, EPS, residual)
+
+
+def _inputs(torch, rows, hidden, dtype, seed, device):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(rows, hidden, generator=gen, device=device).to(dtype)
+    residual = torch.randn(rows, hidden, generator=gen, device=device).to(dtype)
+    weight = (torch.rand(hidden, generator=gen, device=device) + 0.5).to(dtype)
+    return x, residual, weight
+
+
+def _close(torch, got, want, dtype) -> bool:
+    rtol, atol = {torch.bfloat16: (2e-2, 1e-1), torch.float16: (2e-3, 1e-2),
+                  torch.float32: (1e-5, 1e-4)}[dtype]
+    return torch.allclose(got.float(), want.float(), rtol=rtol, atol=atol)
+
+
+def _same_on_all_ranks(comm, torch, t) -> bool:
+    parts = comm.all_gather(t.contiguous(), dim=0).view(comm.world_size, *t.shape)
+    return all(torch.equal(parts[q], t) for q in range(comm.world_size))
+
+
+def _check_modes(comm, failures: list) -> None:
+    import torch
+    device, case = comm.device, 0
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for hidden in (64, 4096, 5120, 8192):
+            for rows in (1, 2, 7, 32, 64):
+                case += 1
+                x, residual, weight = _inputs(torch, rows, hidden, dtype, 1000 * comm.rank + case, device)
+                taken = comm._ll is not None and comm._ll.can_reduce(x)
+                for mode, (res, w) in (("sum", (None, None)), ("norm", (residual, weight)),
+                                       ("norm-no-residual", (None, weight))):
+                    want = _reference(comm, x, res, w)
+                    if mode == "sum":
+                        got = (comm.all_reduce(x.clone()), None)
+                    else:
+                        got = comm.fused_all_reduce_rms_norm(x, res, w, EPS)
+                        if got is None:
+                            if taken:
+                                failures.append(f"fused path refused {dtype} {rows}x{hidden}")
+                            continue
+                    for name, g, e in (("out", got[0], want[0]), ("residual", got[1], want[1])):
+                        if g is None:
+                            continue
+                        if not _close(torch, g, e, dtype):
+                            err = (g.float() - e.float()).abs().max().item()
+                            failures.append(f"{mode} {name} {dtype} {rows}x{hidden}: max err {err}")
+                        if not _same_on_all_ranks(comm, torch, g):
+                            failures.append(f"{mode} {name} {dtype} {rows}x{hidden}: ranks differ")
+    torch.cuda.synchronize(device)
+
+
+def _check_back_to_back(comm, failures: list, num_calls: int = 1000) -> None:
+    """No host sync between calls; row counts (and so the per-row rounds) change, some calls are
+    too big for the LL path and go to NCCL. Small integers: every sum is exact."""
+    import torch
+    device, world = comm.device, comm.world_size
+    rows_cycle = (1, 3, 64, 2, 33, 100, 1, 17)  # 100 rows of 4096: NCCL
+    max_err = torch.zeros((), dtype=torch.float32, device=device)
+    ones = torch.ones(HIDDEN, dtype=torch.bfloat16, device=device)
+    for k in range(num_calls):
+        rows = rows_cycle[k % len(rows_cycle)]
+        value = float(comm.rank + 1 + k % 5)
+        x = torch.full((rows, HIDDEN), value, dtype=torch.bfloat16, device=device)
+        expected = world * (world + 1) / 2 + world * (k % 5)
+        if k % 3 == 0:
+            out = comm.all_reduce(x)
+            max_err = torch.maximum(max_err, (out.float() - expected).abs().max())
+        else:  # a constant row normalizes to exactly 1 (residual 1 keeps it exact)
+            residual = torch.ones_like(x)
+            result = comm.fused_all_reduce_rms_norm(x, residual, ones, EPS)
+            normed, new_residual = result if result is not None else _reference(comm, x, residual, ones)
+            max_err = torch.maximum(max_err, (new_residual.float() - expected - 1).abs().max())
+            max_err = torch.maximum(max_err, (normed.float() - 1).abs().max())
+    torch.cuda.synchronize(device)
+    if max_err.item() != 0:
+        failures.append(f"back-to-back calls: max err {max_err.item()}")
+
+
+def _check_graph(comm, failures: list, num_replays: int = 100) -> None:
+    """A CUDA graph of fused (1 row), sum (4 rows), fused (32 rows) replayed with new inputs."""
+    import torch
+    device, dtype = comm.device, torch.bfloat16
+    shapes = (("norm", 1), ("sum", 4), ("norm", 32))
+    static = [_inputs(torch, rows, HIDDEN, dtype, 17 + i, device) for i, (_, rows) in enumerate(shapes)]
+
+    def calls():
+        outs = []
+        for (mode, _), (x, residual, weight) in zip(shapes, static):
+            if mode == "sum":
+                outs.append((comm.all_reduce(x), None))
+            else:
+                outs.append(comm.fused_all_reduce_rms_norm(x, residual, weight, EPS))
+        return outs
+
+    for _ in range(3):
+        calls()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = calls()
+    torch.cuda.synchronize(device)
+    if any(o is None for o in outs):
+        failures.append("graph: the LL path refused a call")
+        return
+    for replay in range(num_replays):
+        refs = []
+        for i, ((mode, rows), (x, residual, weight)) in enumerate(zip(shapes, static)):
+            fresh = _inputs(torch, rows, HIDDEN, dtype, 7919 * comm.rank + 31 * replay + i, device)
+            for dst, src in zip((x, residual, weight), fresh):
+                dst.copy_(src)
+            refs.append(_reference(comm, x, *((None, None) if mode == "sum" else (residual, weight))))
+        graph.replay()
+        for (mode, rows), got, want in zip(shapes, outs, refs):
+            for g, e in zip(got, want):
+                if g is not None and not _close(torch, g, e, dtype):
+                    failures.append(f"graph replay {replay}, {mode} x {rows} rows: differs")
+    torch.cuda.synchronize(device)
+    del graph
+
+
+def _bench(comm) -> dict:
+    """Microseconds per call inside a CUDA graph of GRAPH_CALLS calls, bf16, hidden 4096."""
+    import torch
+
+    from engine import kernels as fused
+    device = comm.device
+    out = {}
+    for rows in BENCH_ROWS:
+        x, residual, weight = _inputs(torch, rows, HIDDEN, torch.bfloat16, 5, device)
+        x.zero_()  # zeros stay zeros through any number of in-place sums
+        paths = {"nccl": lambda: comm.nccl_all_reduce(x),
+                 "nccl+rms_norm": lambda: fused.rms_norm(comm.nccl_all_reduce(x), weight, EPS, residual)}
+        if comm._ll is not None and comm._ll.can_reduce(x):
+            paths["ll"] = lambda: comm._ll.all_reduce(x)
+            paths["ll+rms_norm fused"] = lambda: comm._ll.all_reduce_rms_norm(x, residual, weight, EPS)
+        row = {}
+        for name, fn in paths.items():
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(GRAPH_CALLS):
+                    fn()
+            graph.replay()
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(20):
+                graph.replay()
+            torch.cuda.synchronize(device)
+            row[name] = round((time.perf_counter() - start) / (20 * GRAPH_CALLS) * 1e6, 2)
+            del graph
+        out[str(rows)] = row
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="write the JSON report here")
+    parser.add_argument("--timeout-s", type=float, default=60.0, help="per world size")
+    args = parser.parse_args()
+    import torch
+    num_gpus = torch.cuda.device_count()
+    report = {"gpu": torch.cuda.get_device_name(0) if num_gpus else None, "num_gpus": num_gpus,
+              "hidden": HIDDEN, "graph_calls": GRAPH_CALLS, "runs": {}}
+    for world in (2, 4):
+        if num_gpus < world:
+            continue
+        try:
+            reports = run_ranks(world, isolated=True, checks=False, timeout_s=args.timeout_s,
+                                target=rank_main)
+            report["runs"][str(world)] = {"enabled": all(r["enabled"] for r in reports.values()),
+                                          "reason": reports[0]["reason"],
+                                          "latency_us": reports[0]["latency_us"]}
+        except Exception as e:  # noqa: BLE001 - record it, go on with the next size
+            report["runs"][str(world)] = {"error": repr(e)[:2000]}
+        print(f"{world} ranks: {json.dumps(report['runs'][str(world)])}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""Low-latency all-reduce for decode-sized rows, optionally fused with residual add + RMSNorm.
+
+Why: a TP decode step of an 8B model does 65 all-reduces of one 8 KiB row each, and after every
+one of them an add + RMSNorm kernel. NCCL's LL all-reduce takes ~6.7 µs inside a CUDA graph on
+H100s (plus launch gaps from its 4 KiB kernel arguments), the norm ~2.1 µs. Here one kernel does
+both, and it never waits for a barrier: it uses NCCL's "LL" idea of putting a flag next to every
+8 bytes of data, so a reader knows the data is there by looking at the data itself::
+
+    rank r, row b (one CTA per row), the row's call count R (a per-row counter on the device, so
+    CUDA graph replays advance it), parity p = R & 1
+    1. load my row's partial sums (lines of 8 bytes) into registers
+    2. push: for every peer q, store each line as a 16-byte {data0, R, data1, R} into q's receive
+       area slot (p, r, b, line) with one volatile 16-byte store over NVLink (no reads of peers'
+       memory at all: remote reads are the slow part of a P2P all-reduce)
+    3. sum in fp32 in rank order 0..n-1 (so every rank gets bit-identical results): my own lines
+       from registers, a peer's by spinning on my receive slot (p, q, b, line) until both of its
+       flags equal R (8-byte halves are written atomically; the two flags catch a torn 16 bytes)
+    4. mode "sum": write the rounded sums; mode "norm": x = round(sum), r = round(x + residual)
+       -> residual_out, out = weight * round(r * rsqrt(mean(r^2) + eps)), exactly as the
+       separate all-reduce and ``rms_norm`` kernel would compute it
+
+Why two parities and no end barrier: rank r can only reach row b's call R+1 after it read row b's
+data of call R from every peer, which each peer wrote after its call R-1 kernel had finished
+(stream order), i.e. after that peer read everything of parity (R-1) & 1 = (R+1) & 1. So the
+slots r overwrites in call R+1 have been read. Flags of a parity's slots are R-2 or older (or the
+initial 0, and R starts at 1), never R, until the current write lands.
+
+Buffer (one per rank, ``cudaMalloc``, mapped by every peer through CUDA IPC)::
+
+    byte 0      round  u32[MAX_ROWS]   (mine: calls row b's CTA took part in)
+    2448        error  u32             (a wait timed out: self-check only; same place as the
+                                        one-shot kernel's, so ``_read_error`` is shared)
+    4096        receive-area pointers u64[MAX_ROWS... MAX_RANKS] (rank q's area, mine included)
+    8192        receive area: [2 parities][world][max_lines] lines of 16 bytes
+
+Rules: every rank calls with the same shapes and dtypes in the same order; the choice of path is
+a function of shape and dtype alone (``can_reduce``). A row spans at most THREADS * MAX_LPT lines
+(32 KiB of data: hidden 16384 in bf16) and a call at most MAX_ROWS rows (each CTA spins, so all
+must be resident at once: fewer than any GPU's SM count) and ``max_bytes`` bytes.
+Set-up, agreement and self-check are ``CustomAllReduce``'s (custom_allreduce.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+import torch
+
+from engine.distributed.custom_allreduce import (_DTYPE_CODES, _TOLERANCE, SELF_CHECK_KERNEL_TIMEOUT_NS,
+                                                 SIGNAL_BYTES, CustomAllReduce)
+
+logger = logging.getLogger(__name__)
+
+LL_DISABLE_ENV = "KVMESH_DISABLE_LL_ALLREDUCE"
+LL_DEFAULT_MAX_BYTES = 256 * 1024  # 32 decode rows of hidden 4096 in bf16
+MAX_ROWS = 64
+THREADS = 512
+MAX_LPT = 8  # lines (8 bytes of data each) per thread
+LINE_DATA_BYTES = 8
+LINE_BYTES = 16
+MODE_SUM, MODE_NORM, MODE_NORM_NO_RESIDUAL = 0, 1, 2
+
+_KERNEL_SOURCE = r"""
+// KV_DTYPE: 0 bfloat16, 1 float16, 2 float32 (set with -D). No headers: NVRTC built-ins only.
+#define MAX_ROWS 64
+#define THREADS 512
+#define MAX_LPT 8
+#define ROUND_OFF 0
+#define ERROR_OFF 612
+#define TABLE_OFFSET 4096
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#if KV_DTYPE == 2
+typedef float elem_t;
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float from_f32(float x) { return x; }
+__device__ __forceinline__ float round_f32(float x) { return x; }
+#else
+typedef unsigned short elem_t;
+__device__ __forceinline__ float to_f32(unsigned short h) {
+#if KV_DTYPE == 0
+  return __uint_as_float(((u32)h) << 16);
+#else
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+#endif
+}
+__device__ __forceinline__ unsigned short from_f32(float f) {
+  unsigned short h;
+#if KV_DTYPE == 0
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+  return h;
+}
+__device__ __forceinline__ float round_f32(float x) { return to_f32(from_f32(x)); }
+#endif
+
+#define EPL (8 / sizeof(elem_t))  // elements per line
+union line_t { uint2 u; elem_t e[EPL]; };
+
+__device__ __forceinline__ void st_line(uint4* p, uint2 d, u32 flag) {
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};"
+               :: "l"(p), "r"(d.x), "r"(flag), "r"(d.y), "r"(flag) : "memory");
+}
+__device__ __forceinline__ uint4 ld_line(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ u64 now_ns() {
+  u64 t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_addr, u64 out_addr,
+                     u64 residual_out_addr, int lines_per_row, int hidden, long long max_lines,
+                     float eps, int mode, int rank, int world, u64 timeout_ns) {
+  u32* sig = (u32*)self_base;
+  const u64* areas = (const u64*)(self_base + TABLE_OFFSET);
+  const int row = blockIdx.x;
+  const int t = threadIdx.x;
+  __shared__ u32 s_round;
+  __shared__ float s_sum[THREADS / 32];
+  if (t == 0) s_round = sig[ROUND_OFF + row] + 1u;
+  __syncthreads();
+  const u32 round = s_round;
+  const long long parity = round & 1u;
+  const long long row_line0 = (long long)row * lines_per_row;
+
+  // 1. my partial sums
+  line_t mine[MAX_LPT];
+#pragma unroll
+  for (int k = 0; k < MAX_LPT; ++k) {
+    const int line = t + k * THREADS;
+    if (line < lines_per_row) mine[k].u = ((const uint2*)x_addr)[row_line0 + line];
+  }
+  // 2. push them into every peer's slot (parity, me, row, line)
+  for (int q = 0; q < world; ++q) {
+    if (q == rank) continue;
+    uint4* dst = (uint4*)areas[q] + (parity * world + rank) * max_lines + row_line0;
+#pragma unroll
+    for (int k = 0; k < MAX_LPT; ++k) {
+      const int line = t + k * THREADS;
+      if (line < lines_per_row) st_line(dst + line, mine[k].u, round);
+    }
+  }
+  // 3. sum in rank order
+  float acc[MAX_LPT][EPL];
+  const u64 start = timeout_ns ? now_ns() : 0;
+  for (int q = 0; q < world; ++q) {
+    const uint4* src = (const uint4*)areas[rank] + (parity * world + q) * max_lines + row_line0;
+#pragma unroll
+    for (int k = 0; k < MAX_LPT; ++k) {
+      const int line = t + k * THREADS;
+      if (line >= lines_per_row) continue;
+      line_t p;
+      if (q == rank) {
+        p = mine[k];
+      } else {
+        uint4 v = ld_line(src + line);
+        while (v.y != round || v.w != round) {
+          if (timeout_ns && now_ns() - start > timeout_ns) {
+            *(volatile u32*)(sig + ERROR_OFF) = 1u;
+            break;
+          }
+          v = ld_line(src + line);
+        }
+        p.u.x = v.x;
+        p.u.y = v.z;
+      }
+#pragma unroll
+      for (int j = 0; j < (int)EPL; ++j) acc[k][j] = (q == 0) ? to_f32(p.e[j]) : acc[k][j] + to_f32(p.e[j]);
+    }
+  }
+  // 4. write the sums, or add the residual and normalize the row
+  if (mode == 0) {
+#pragma unroll
+    for (int k = 0; k < MAX_LPT; ++k) {
+      const int line = t + k * THREADS;
+      if (line >= lines_per_row) continue;
+      line_t o;
+#pragma unroll
+      for (int j = 0; j < (int)EPL; ++j) o.e[j] = from_f32(acc[k][j]);
+      ((uint2*)out_addr)[row_line0 + line] = o.u;
+    }
+  } else {
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < MAX_LPT; ++k) {
+      const int line = t + k * THREADS;
+      if (line >= lines_per_row) continue;
+      line_t r;
+      if (mode == 1) r.u = ((const uint2*)residual_addr)[row_line0 + line];
+      line_t o;
+#pragma unroll
+      for (int j = 0; j < (int)EPL; ++j) {
+        float v = round_f32(acc[k][j]);  // what a separate all-reduce would have stored
+        if (mode == 1) v = round_f32(v + to_f32(r.e[j]));  // what rms_norm's residual add stores
+        acc[k][j] = v;
+        o.e[j] = from_f32(v);
+        ss += v * v;
+      }
+      ((uint2*)residual_out_addr)[row_line0 + line] = o.u;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    if ((t & 31) == 0) s_sum[t >> 5] = ss;
+    __syncthreads();
+    if (t < 32) {
+      float v = (t < THREADS / 32) ? s_sum[t] : 0.0f;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (t == 0) s_sum[0] = v;
+    }
+    __syncthreads();
+    const float inv_rms = rsqrtf(s_sum[0] / (float)hidden + eps);
+#pragma unroll
+    for (int k = 0; k < MAX_LPT; ++k) {
+      const int line = t + k * THREADS;
+      if (line >= lines_per_row) continue;
+      line_t w, o;
+      w.u = ((const uint2*)weight_addr)[line];
+#pragma unroll
+      for (int j = 0; j < (int)EPL; ++j)
+        o.e[j] = from_f32(to_f32(w.e[j]) * round_f32(acc[k][j] * inv_rms));
+      ((uint2*)out_addr)[row_line0 + line] = o.u;
+    }
+  }
+  __syncthreads();
+  if (t == 0) sig[ROUND_OFF + row] = round;
+}
+"""
+
+
+def kernel_source() -> str:
+    """The CUDA C source (compiled per dtype with ``-DKV_DTYPE=<0|1|2>``); for offline checks."""
+    return _KERNEL_SOURCE
+
+
+def rows_and_lines(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int, int]:
+    """(rows, lines per row) of a (..., hidden) tensor: a function of shape and dtype only."""
+    hidden = shape[-1] if shape else 1
+    rows = 1
+    for n in shape[:-1]:
+        rows *= n
+    row_bytes = hidden * torch.tensor([], dtype=dtype).element_size()
+    return rows, (row_bytes // LINE_DATA_BYTES if row_bytes % LINE_DATA_BYTES == 0 else -1)
+
+
+class LLAllReduce(CustomAllReduce):
+    """The flag-per-line all-reduce of one NCCL group (set-up as ``CustomAllReduce``'s)."""
+
+    def __init__(self, comm, max_bytes: int = LL_DEFAULT_MAX_BYTES,
+                 self_check_timeout_s: float = 5.0) -> None:
+        self.max_lines = int(max_bytes) // LINE_DATA_BYTES
+        super().__init__(comm, max_bytes=max_bytes, self_check_timeout_s=self_check_timeout_s)
+
+    # ---- use ------------------------------------------------------------------------------------
+
+    def can_reduce(self, tensor: torch.Tensor) -> bool:
+        """Whether this path takes a (..., hidden) tensor (a function of shape, dtype, device)."""
+        if not (self.is_enabled and tensor.dtype in _DTYPE_CODES and tensor.is_cuda
+                and tensor.device.index == self._device_index and tensor.dim() >= 1):
+            return False
+        rows, lines = rows_and_lines(tuple(tensor.shape), tensor.dtype)
+        return 0 < rows <= MAX_ROWS and 0 < lines <= THREADS * MAX_LPT and rows * lines <= self.max_lines
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over the group, in a new tensor, on torch's current stream (graph-capturable)."""
+        x = _aligned(tensor)
+        out = torch.empty_like(x)
+        self._launch_ll(x, None, None, out, None, 0.0, MODE_SUM, timeout_ns=0)
+        return out
+
+    def all_reduce_rms_norm(self, x: torch.Tensor, residual: Optional[torch.Tensor],
+                            weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(sum(x) + residual) * weight, sum(x) + residual); without a residual,
+        (norm(sum(x)) * weight, sum(x)). Same rounding as all_reduce then ``rms_norm``."""
+        x = _aligned(x)
+        residual = _aligned(residual) if residual is not None else None
+        out, residual_out = torch.empty_like(x), torch.empty_like(x)
+        mode = MODE_NORM if residual is not None else MODE_NORM_NO_RESIDUAL
+        self._launch_ll(x, residual, _aligned(weight), out, residual_out, eps, mode, timeout_ns=0)
+        return out, residual_out
+
+    # ---- set-up ---------------------------------------------------------------------------------
+
+    def _unwanted_reason(self) -> Optional[str]:
+        if os.environ.get(LL_DISABLE_ENV, "0") not in ("", "0"):
+            return f"{LL_DISABLE_ENV} is set"
+        return super()._unwanted_reason()
+
+    def _buffer_bytes(self) -> int:
+        return SIGNAL_BYTES + 2 * self.world_size * self.max_lines * LINE_BYTES
+
+    def _compile(self) -> None:
+        cupy = self._cupy
+        with cupy.cuda.Device(self._device_index):
+            for dtype, code in _DTYPE_CODES.items():
+                kernel = cupy.RawKernel(_KERNEL_SOURCE, "kvmesh_ll_all_reduce",
+                                        options=(f"-DKV_DTYPE={code}",))
+                if hasattr(kernel, "compile"):  # compile and load now, never during a graph capture
+                    kernel.compile()
+                _ = kernel.attributes
+                self._kernels[dtype] = kernel
+
+    def _self_check(self, timeout_s: float) -> Optional[str]:
+        """Both modes against NCCL (+ the torch reference norm) on random rows; each case twice
+        with new data, so a stale read of a parity's previous round shows."""
+        cases = []
+        for dtype in _DTYPE_CODES:
+            size = torch.tensor([], dtype=dtype).element_size()
+            for hidden in (8 // size, 4096, 5120):
+                max_rows = min(MAX_ROWS, self.max_lines // max(1, hidden * size // LINE_DATA_BYTES))
+                for rows in sorted({1, 3, max_rows}):
+                    for mode in (MODE_SUM, MODE_NORM, MODE_NORM_NO_RESIDUAL):
+                        cases.append((dtype, rows, hidden, mode))
+        cases = cases * 2
+        gen = torch.Generator(device=self._device).manual_seed(4321 + self.rank)
+        inputs = []
+        for dtype, rows, hidden, mode in cases:
+            x = torch.randn(rows, hidden, generator=gen, device=self._device).to(dtype)
+            residual = torch.randn(rows, hidden, generator=gen, device=self._device).to(dtype)
+            weight = (torch.rand(hidden, generator=gen, device=self._device) + 0.5).to(dtype)
+            summed = x.clone()
+            self.comm.nccl_all_reduce(summed)
+            inputs.append((x, residual, weight, summed))
+        torch.cuda.synchronize(self._device)
+        for (dtype, rows, hidden, mode), (x, residual, weight, summed) in zip(cases, inputs):
+            out, residual_out = torch.empty_like(x), torch.empty_like(x)
+            try:
+                self._launch_ll(x, residual if mode == MODE_NORM else None, weight, out,
+                                residual_out, 1e-5, mode, timeout_ns=SELF_CHECK_KERNEL_TIMEOUT_NS)
+            except Exception as e:  # noqa: BLE001
+                return f"kernel launch failed: {e!r}"
+            if not self._wait(timeout_s):
+                raise RuntimeError("LL all-reduce self-check kernel hung; GPU stream blocked")
+            if self._read_error():
+                return f"a peer did not arrive within the kernel timeout ({dtype}, {rows}x{hidden})"
+            if mode == MODE_SUM:
+                expected = [(out, summed)]
+            else:
+                ref_res = (summed.float() + residual.float()).to(dtype) if mode == MODE_NORM else summed
+                r32 = ref_res.float()
+                normed = (r32 * torch.rsqrt(r32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+                expected = [(residual_out, ref_res), (out, weight * normed)]
+            rtol, atol = _TOLERANCE[dtype]
+            for got, ref in expected:
+                if not torch.allclose(got.float(), ref.float(), rtol=rtol, atol=atol * self.world_size):
+                    err = (got.float() - ref.float()).abs().max().item()
+                    return (f"result differs from the reference ({dtype}, {rows}x{hidden}, mode {mode}, "
+                            f"max abs err {err})")
+        return None
+
+    def _wait(self, timeout_s: float) -> bool:
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self._device))
+        deadline = time.monotonic() + timeout_s
+        while not done.query():
+            if time.monotonic() > deadline:  # the in-kernel timeout did not fire: stream stuck
+                return False
+            time.sleep(0.0005)
+        return True
+
+    def _launch_ll(self, x: torch.Tensor, residual: Optional[torch.Tensor],
+                   weight: Optional[torch.Tensor], out: torch.Tensor,
+                   residual_out: Optional[torch.Tensor], eps: float, mode: int,
+                   timeout_ns: int) -> None:
+        import numpy as np
+        rows, lines = rows_and_lines(tuple(x.shape), x.dtype)
+        addr = lambda t: np.uint64(t.data_ptr() if t is not None else 0)  # noqa: E731
+        args = (np.uint64(self._base), addr(x), addr(residual), addr(weight), addr(out),
+                addr(residual_out), np.int32(lines), np.int32(x.shape[-1]), np.int64(self.max_lines),
+                np.float32(eps), np.int32(mode), np.int32(self.rank), np.int32(self.world_size),
+                np.uint64(timeout_ns))
+        stream_ptr = torch.cuda.current_stream(self._device).cuda_stream
+        with self._cupy.cuda.Device(self._device_index):
+            stream = self._streams.get(stream_ptr)
+            if stream is None:
+                stream = self._streams[stream_ptr] = self._cupy.cuda.ExternalStream(stream_ptr)
+            with stream:
+                self._kernels[x.dtype]((rows,), (THREADS,), args)
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (the kernel moves 8-byte lines): a copy if not. Copying
+    depends on the pointer, which may differ across ranks, but only the data's place changes,
+    never which collective runs."""
+    tensor = tensor.contiguous()
+    return tensor if tensor.data_ptr() % 16 == 0 else tensor.clone()
