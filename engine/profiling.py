@@ -28,6 +28,11 @@ class KernelProfile:
     num_steps: int
     kernel_us_per_step: float  # sum of device-kernel time (kernels, memcpy, memset) a step
     rows: list[KernelRow] = field(default_factory=list)  # largest first
+    # Device idle time a step (no kernel of this process running), by gap length: the short
+    # ones are launch gaps inside a CUDA graph, the long ones the host between steps.
+    idle_us_per_step: dict[str, float] = field(default_factory=dict)
+    # Which kernels the idle time comes before (their launch waited): largest first.
+    idle_before: list[KernelRow] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,7 +73,36 @@ class KernelProfiler:
         steps = max(num_steps, 1)
         rows = sorted((KernelRow(name[:90], us / steps, calls / steps) for name, (us, calls) in totals.items()),
                       key=lambda r: -r.us_per_step)
-        return KernelProfile(num_steps, sum(r.us_per_step for r in rows), rows[:top])
+        profile = KernelProfile(num_steps, sum(r.us_per_step for r in rows), rows[:top])
+        if self.cuda:
+            spans = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == device and getattr(e, "time_range", None) is not None]
+            profile.idle_us_per_step, profile.idle_before = idle_gaps(spans, steps)
+        return profile
+
+
+GAP_CLASSES = ((2.0, "under_2us"), (10.0, "2_to_10us"), (100.0, "10_to_100us"), (float("inf"), "over_100us"))
+
+
+def idle_gaps(spans: list[tuple[float, float, str]], steps: int, top: int = 10
+              ) -> tuple[dict[str, float], list[KernelRow]]:
+    """(start_us, end_us, name) of device activities -> idle microseconds a step by gap class,
+    and the kernels the idle time preceded. Overlapping activities (several streams) count as busy."""
+    idle = {label: 0.0 for _, label in GAP_CLASSES}
+    before: dict[str, list[float]] = {}
+    busy_until = None
+    for start, end, name in sorted(spans):
+        if busy_until is not None and start > busy_until:
+            gap = start - busy_until
+            idle[next(label for limit, label in GAP_CLASSES if gap < limit)] += gap / steps
+            row = before.setdefault(name, [0.0, 0])
+            row[0] += gap
+            row[1] += 1
+        busy_until = end if busy_until is None else max(busy_until, end)
+    idle = {k: round(v, 2) for k, v in idle.items()}
+    rows = sorted((KernelRow(n[:90], us / steps, c / steps) for n, (us, c) in before.items()),
+                  key=lambda r: -r.us_per_step)
+    return idle, rows[:top]
 
 
 def _sync() -> None:

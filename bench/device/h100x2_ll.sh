@@ -27,7 +27,8 @@ else:
         prof = dec.get("profile") or {}
         print(" TP", tp, "step ms", round(dec.get("median_step_ms", 0), 3), "profiled", round(prof.get("median_step_ms", 0), 3))
         for rank in prof.get("ranks") or []:
-            print("  rank", rank["rank"], "kernel us/step", round(rank["kernel_us_per_step"], 1))
+            print("  rank", rank["rank"], "kernel us/step", round(rank["kernel_us_per_step"], 1), "idle", rank.get("idle_us_per_step"))
+            print("   idle before:", [(r["name"][:40], round(r["us_per_step"], 1), r["calls_per_step"]) for r in rank.get("idle_before", [])[:6]])
             for row in rank["rows"][:14]:
                 print("   ", round(row["us_per_step"], 1), round(row["calls_per_step"], 1), row["name"][:70])
 PY

@@ -6,8 +6,9 @@ H100s (plus launch gaps from its 4 KiB kernel arguments), the norm ~2.1 µs. Her
 both, and it never waits for a barrier: it uses NCCL's "LL" idea of putting a flag next to every
 8 bytes of data, so a reader knows the data is there by looking at the data itself::
 
-    rank r, row b (one CTA per row), the row's call count R (a per-row counter on the device, so
-    CUDA graph replays advance it), parity p = R & 1
+    rank r, row b (one CTA per row), the call's round R (a counter on the device, so CUDA graph
+    replays advance it: each CTA reads it at the start, the last CTA to finish advances it; the
+    next call starts after this one ended, in stream order), parity p = R & 1
     1. load my row's partial sums (lines of 8 bytes) into registers
     2. push: for every peer q, store each line as a 16-byte {data0, R, data1, R} into q's receive
        area slot (p, r, b, line) with one volatile 16-byte store over NVLink (no reads of peers'
@@ -19,15 +20,18 @@ both, and it never waits for a barrier: it uses NCCL's "LL" idea of putting a fl
        -> residual_out, out = weight * round(r * rsqrt(mean(r^2) + eps)), exactly as the
        separate all-reduce and ``rms_norm`` kernel would compute it
 
-Why two parities and no end barrier: rank r can only reach row b's call R+1 after it read row b's
-data of call R from every peer, which each peer wrote after its call R-1 kernel had finished
-(stream order), i.e. after that peer read everything of parity (R-1) & 1 = (R+1) & 1. So the
-slots r overwrites in call R+1 have been read. Flags of a parity's slots are R-2 or older (or the
-initial 0, and R starts at 1), never R, until the current write lands.
+Why one round per call, two parities and no end barrier: rank r can only start call R+1 after its
+call R read data of call R from every peer, which each peer wrote after its call R-1 kernel had
+finished (stream order), i.e. after that peer read everything of parity (R-1) & 1 = (R+1) & 1. So
+the slots r overwrites in call R+1 have been read. A slot's flag is the round of the call that
+last wrote it, so it equals R only once this call's write landed, whatever rows and hidden size
+earlier calls had (a per-row count would not do: calls of other shapes map other rows onto the
+same slots, and two rows' counts can agree). R starts at 1, slots at 0.
 
 Buffer (one per rank, ``cudaMalloc``, mapped by every peer through CUDA IPC)::
 
-    byte 0      round  u32[MAX_ROWS]   (mine: calls row b's CTA took part in)
+    byte 0      round  u32             (mine: the last finished call's round)
+    4           done   u32             (CTAs of the running call that finished)
     2448        error  u32             (a wait timed out: self-check only; same place as the
                                         one-shot kernel's, so ``_read_error`` is shared)
     4096        receive-area pointers u64[MAX_ROWS... MAX_RANKS] (rank q's area, mine included)
@@ -69,6 +73,7 @@ _KERNEL_SOURCE = r"""
 #define THREADS 512
 #define MAX_LPT 8
 #define ROUND_OFF 0
+#define DONE_OFF 1
 #define ERROR_OFF 612
 #define TABLE_OFFSET 4096
 
@@ -132,7 +137,7 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   const int t = threadIdx.x;
   __shared__ u32 s_round;
   __shared__ float s_sum[THREADS / 32];
-  if (t == 0) s_round = sig[ROUND_OFF + row] + 1u;
+  if (t == 0) s_round = ((volatile u32*)sig)[ROUND_OFF] + 1u;
   __syncthreads();
   const u32 round = s_round;
   const long long parity = round & 1u;
@@ -238,7 +243,14 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
     }
   }
   __syncthreads();
-  if (t == 0) sig[ROUND_OFF + row] = round;
+  if (t == 0) {  // the last CTA to finish advances the round for the next call
+    __threadfence();
+    if (atomicAdd(sig + DONE_OFF, 1u) == gridDim.x - 1) {
+      sig[DONE_OFF] = 0u;
+      ((volatile u32*)sig)[ROUND_OFF] = round;
+      __threadfence();
+    }
+  }
 }
 """
 
