@@ -73,11 +73,14 @@ def _reference(comm, x, residual, weight):
     return fused.rms_norm(summed, weight, EPS, residual)
 
 
-def _inputs(torch, rows, hidden, dtype, seed, device):
+def _inputs(torch, rows, hidden, dtype, seed, device, rank=0):
+    """x differs by rank (partial sums); residual and weight are the same on every rank, as in
+    the model (the residual stream and the norm weight are replicated)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(rows, hidden, generator=gen, device=device).to(dtype)
     residual = torch.randn(rows, hidden, generator=gen, device=device).to(dtype)
     weight = (torch.rand(hidden, generator=gen, device=device) + 0.5).to(dtype)
+    gen.manual_seed(seed + 7919 * (rank + 1))
+    x = torch.randn(rows, hidden, generator=gen, device=device).to(dtype)
     return x, residual, weight
 
 
@@ -99,7 +102,7 @@ def _check_modes(comm, failures: list) -> None:
         for hidden in (64, 4096, 5120, 8192):
             for rows in (1, 2, 7, 32, 64):
                 case += 1
-                x, residual, weight = _inputs(torch, rows, hidden, dtype, 1000 * comm.rank + case, device)
+                x, residual, weight = _inputs(torch, rows, hidden, dtype, case, device, comm.rank)
                 taken = comm._ll is not None and comm._ll.can_reduce(x)
                 for mode, (res, w) in (("sum", (None, None)), ("norm", (residual, weight)),
                                        ("norm-no-residual", (None, weight))):
@@ -155,7 +158,8 @@ def _check_graph(comm, failures: list, num_replays: int = 100) -> None:
     import torch
     device, dtype = comm.device, torch.bfloat16
     shapes = (("norm", 1), ("sum", 4), ("norm", 32))
-    static = [_inputs(torch, rows, HIDDEN, dtype, 17 + i, device) for i, (_, rows) in enumerate(shapes)]
+    static = [_inputs(torch, rows, HIDDEN, dtype, 17 + i, device, comm.rank)
+              for i, (_, rows) in enumerate(shapes)]
 
     def calls():
         outs = []
@@ -179,7 +183,7 @@ def _check_graph(comm, failures: list, num_replays: int = 100) -> None:
     for replay in range(num_replays):
         refs = []
         for i, ((mode, rows), (x, residual, weight)) in enumerate(zip(shapes, static)):
-            fresh = _inputs(torch, rows, HIDDEN, dtype, 7919 * comm.rank + 31 * replay + i, device)
+            fresh = _inputs(torch, rows, HIDDEN, dtype, 31 * replay + i, device, comm.rank)
             for dst, src in zip((x, residual, weight), fresh):
                 dst.copy_(src)
             refs.append(_reference(comm, x, *((None, None) if mode == "sum" else (residual, weight))))
