@@ -48,7 +48,6 @@ def rank_main(rank: int, world: int, nccl_id: tuple, isolated: bool, checks: boo
         enabled = comm.enable_ll_all_reduce()
         report = {"rank": rank, "enabled": enabled, "failures": [], "reason": comm.ll_disabled_reason}
         if checks:
-            _check_push(comm, report["failures"])
             _check_modes(comm, report["failures"])
             _check_back_to_back(comm, report["failures"])
             _check_graph(comm, report["failures"])
@@ -125,52 +124,6 @@ def _check_modes(comm, failures: list) -> None:
                         if not _same_on_all_ranks(comm, torch, g):
                             failures.append(f"{mode} {name} {dtype} {rows}x{hidden}: ranks differ")
     torch.cuda.synchronize(device)
-
-
-def _check_push(comm, failures: list) -> None:
-    """A row-parallel GEMV that pushes its output, then the reduce (sum, or + residual and norm)
-    that consumes it: equal to F.linear + NCCL + the separate norm, eagerly and in a CUDA graph."""
-    import torch
-    import torch.nn.functional as F
-    device, dtype = comm.device, torch.bfloat16
-    gen = torch.Generator(device=device).manual_seed(99 + comm.rank)
-    weight_ranked = (torch.randn(HIDDEN, 2048, generator=gen, device=device) * 0.02).to(dtype)
-    for rows in (1, 2, 4):
-        for mode in ("sum", "norm"):
-            x = _inputs(torch, rows, 2048, dtype, 40 + rows, device, comm.rank)[0]
-            _, residual, norm_w = _inputs(torch, rows, HIDDEN, dtype, 60 + rows, device)  # same on all ranks
-            y = comm.row_parallel_linear(x, weight_ranked)
-            if y is None:
-                failures.append(f"push GEMV refused {rows} rows")
-                continue
-            ref_y = F.linear(x, weight_ranked)
-            if mode == "sum":
-                got, want = (comm.all_reduce(y), None), _reference(comm, ref_y, None, None)
-            else:
-                got = comm.fused_all_reduce_rms_norm(y, residual, norm_w, EPS)
-                want = _reference(comm, ref_y, residual, norm_w)
-            for g, e in zip(got, want):
-                if g is not None and not _close(torch, g, e, dtype):
-                    err = (g.float() - e.float()).abs().max().item()
-                    failures.append(f"push {mode} {rows} rows: max err {err}")
-    # in a CUDA graph, replayed with new inputs
-    x = _inputs(torch, 1, 2048, dtype, 5, device, comm.rank)[0]
-    _, residual, norm_w = _inputs(torch, 1, HIDDEN, dtype, 6, device)
-    for _ in range(2):
-        comm.fused_all_reduce_rms_norm(comm.row_parallel_linear(x, weight_ranked), residual, norm_w, EPS)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = comm.fused_all_reduce_rms_norm(comm.row_parallel_linear(x, weight_ranked), residual, norm_w, EPS)
-    for replay in range(50):
-        x.copy_(_inputs(torch, 1, 2048, dtype, 1000 + replay, device, comm.rank)[0])
-        want = _reference(comm, F.linear(x, weight_ranked), residual, norm_w)
-        graph.replay()
-        if not all(_close(torch, g, e, dtype) for g, e in zip(out, want)):
-            failures.append(f"push graph replay {replay}: differs")
-            break
-    torch.cuda.synchronize(device)
-    del graph
 
 
 def _check_back_to_back(comm, failures: list, num_calls: int = 1000) -> None:
@@ -258,17 +211,6 @@ def _bench(comm) -> dict:
         if comm._ll is not None and comm._ll.can_reduce(x):
             paths["ll"] = lambda: comm._ll.all_reduce(x)
             paths["ll+rms_norm fused"] = lambda: comm._ll.all_reduce_rms_norm(x, residual, weight, EPS)
-        if rows <= 4:  # an o_proj-like GEMV (4096 x 2048) before the reduce + norm
-            from engine.kernels import gemv
-            xk = torch.zeros(rows, 2048, dtype=torch.bfloat16, device=device)
-            w = torch.zeros(HIDDEN, 2048, dtype=torch.bfloat16, device=device)
-            paths["gemv, nccl+rms_norm"] = lambda: fused.rms_norm(
-                comm.nccl_all_reduce(gemv.gemv(xk, w)), weight, EPS, residual)
-            if comm._ll is not None:
-                paths["gemv, ll+rms_norm fused"] = lambda: comm._ll.all_reduce_rms_norm(
-                    gemv.gemv(xk, w), residual, weight, EPS)
-                paths["gemv pushing, ll consume+rms_norm"] = lambda: comm.fused_all_reduce_rms_norm(
-                    comm.row_parallel_linear(xk, w), residual, weight, EPS)
         row = {}
         for name, fn in paths.items():
             for _ in range(5):

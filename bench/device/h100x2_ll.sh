@@ -10,7 +10,7 @@ L=/tmp/logs; mkdir -p $L
 nvidia-smi --query-gpu=name --format=csv,noheader | head -2
 timeout "${LLT_S:-120}" python3 -m pytest -q -x -s -p no:cacheprovider tests/gpu/test_ll_allreduce.py > $L/ll_tests.txt 2>&1
 tail -30 $L/ll_tests.txt
-timeout 90 python3 bench/ll_allreduce.py --out "$OUT/ll_allreduce.json" > $L/ll_bench.log 2>&1; tail -3 $L/ll_bench.log
+timeout 60 python3 bench/ll_allreduce.py --out "$OUT/ll_allreduce.json" > $L/ll_bench.log 2>&1; tail -3 $L/ll_bench.log
 timeout "${PAR_S:-240}" python3 bench/parallel.py all --parts tp1,tp2 --budget-s "${PAR_BUDGET_S:-230}" \
     --profile-steps 30 --out "$OUT/parallel.json" > $L/parallel.log 2>&1
 python3 - <<'PY'

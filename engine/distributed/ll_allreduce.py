@@ -28,15 +28,6 @@ last wrote it, so it equals R only once this call's write landed, whatever rows 
 earlier calls had (a per-row count would not do: calls of other shapes map other rows onto the
 same slots, and two rows' counts can agree). R starts at 1, slots at 0.
 
-Pushing from the GEMV: when the reduced tensor is the output of a row-parallel GEMV (o_proj,
-down_proj at batch <= 4), the GEMV itself stores each output tile into the peers' slots as
-above, as 8-byte {2 elements, R} words, two per line (``gemv.gemv_push``, one 64-bit store per
-word: each half of a line is whole when its flag is). The reduce kernel then runs with
-``push=0`` (``consume*``): it only waits for the peers' words, which were sent while their
-GEMVs finished, and sums. That removes the push and most of the wait from the 65 reduces of a
-step. The GEMV reads the same round (the counter + 1) the reduce will; nothing else may run
-on the group between the two (``NcclCommunicator.row_parallel_linear`` enforces it).
-
 Buffer (one per rank, ``cudaMalloc``, mapped by every peer through CUDA IPC)::
 
     byte 0      round  u32             (mine: the last finished call's round)
@@ -58,13 +49,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from engine.distributed.custom_allreduce import (_DTYPE_CODES, _TOLERANCE, SELF_CHECK_KERNEL_TIMEOUT_NS,
-                                                 SIGNAL_BYTES, TABLE_OFFSET, CustomAllReduce)
+                                                 SIGNAL_BYTES, CustomAllReduce)
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +130,7 @@ __device__ __forceinline__ u64 now_ns() {
 extern "C" __global__ void __launch_bounds__(THREADS)
 kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_addr, u64 out_addr,
                      u64 residual_out_addr, int lines_per_row, int hidden, long long max_lines,
-                     float eps, int mode, int push, int rank, int world, u64 timeout_ns) {
+                     float eps, int mode, int rank, int world, u64 timeout_ns) {
   u32* sig = (u32*)self_base;
   const u64* areas = (const u64*)(self_base + TABLE_OFFSET);
   const int row = blockIdx.x;
@@ -160,9 +150,8 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
     const int line = t + k * THREADS;
     if (line < lines_per_row) mine[k].u = ((const uint2*)x_addr)[row_line0 + line];
   }
-  // 2. push them into every peer's slot (parity, me, row, line); push == 0: the GEMV that made
-  //    x pushed them already (gemv_push in engine/kernels/gemv.py)
-  for (int q = 0; push && q < world; ++q) {
+  // 2. push them into every peer's slot (parity, me, row, line)
+  for (int q = 0; q < world; ++q) {
     if (q == rank) continue;
     uint4* dst = (uint4*)areas[q] + (parity * world + rank) * max_lines + row_line0;
 #pragma unroll
@@ -293,13 +282,10 @@ class LLAllReduce(CustomAllReduce):
 
     def can_reduce(self, tensor: torch.Tensor) -> bool:
         """Whether this path takes a (..., hidden) tensor (a function of shape, dtype, device)."""
-        return (tensor.is_cuda and tensor.device.index == self._device_index
-                and self.can_reduce_shape(tuple(tensor.shape), tensor.dtype))
-
-    def can_reduce_shape(self, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
-        if not (self.is_enabled and dtype in _DTYPE_CODES and len(shape) >= 1):
+        if not (self.is_enabled and tensor.dtype in _DTYPE_CODES and tensor.is_cuda
+                and tensor.device.index == self._device_index and tensor.dim() >= 1):
             return False
-        rows, lines = rows_and_lines(shape, dtype)
+        rows, lines = rows_and_lines(tuple(tensor.shape), tensor.dtype)
         return 0 < rows <= MAX_ROWS and 0 < lines <= THREADS * MAX_LPT and rows * lines <= self.max_lines
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -318,30 +304,6 @@ class LLAllReduce(CustomAllReduce):
         out, residual_out = torch.empty_like(x), torch.empty_like(x)
         mode = MODE_NORM if residual is not None else MODE_NORM_NO_RESIDUAL
         self._launch_ll(x, residual, _aligned(weight), out, residual_out, eps, mode, timeout_ns=0)
-        return out, residual_out
-
-    # ---- the pushed variant: a GEMV wrote x and pushed it already (engine/kernels/gemv.py) -----
-
-    def pointers(self) -> "LLPointers":
-        """What a kernel that pushes into the peers' receive areas needs (``gemv_push``)."""
-        return LLPointers(table=DevicePointer(self._base + TABLE_OFFSET, torch.int64),
-                          round=DevicePointer(self._base, torch.int32),
-                          max_words=self.max_lines * 2, rank=self.rank, world=self.world_size)
-
-    def consume(self, y: torch.Tensor) -> torch.Tensor:
-        """``all_reduce`` of a tensor whose kernel pushed it (same round: nothing ran between)."""
-        out = torch.empty_like(y)
-        self._launch_ll(y, None, None, out, None, 0.0, MODE_SUM, timeout_ns=0, push=False)
-        return out
-
-    def consume_rms_norm(self, y: torch.Tensor, residual: Optional[torch.Tensor],
-                         weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``all_reduce_rms_norm`` of a tensor whose kernel pushed it."""
-        residual = _aligned(residual) if residual is not None else None
-        out, residual_out = torch.empty_like(y), torch.empty_like(y)
-        mode = MODE_NORM if residual is not None else MODE_NORM_NO_RESIDUAL
-        self._launch_ll(y, residual, _aligned(weight), out, residual_out, eps, mode, timeout_ns=0,
-                        push=False)
         return out, residual_out
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -426,14 +388,13 @@ class LLAllReduce(CustomAllReduce):
     def _launch_ll(self, x: torch.Tensor, residual: Optional[torch.Tensor],
                    weight: Optional[torch.Tensor], out: torch.Tensor,
                    residual_out: Optional[torch.Tensor], eps: float, mode: int,
-                   timeout_ns: int, push: bool = True) -> None:
+                   timeout_ns: int) -> None:
         import numpy as np
         rows, lines = rows_and_lines(tuple(x.shape), x.dtype)
         addr = lambda t: np.uint64(t.data_ptr() if t is not None else 0)  # noqa: E731
         args = (np.uint64(self._base), addr(x), addr(residual), addr(weight), addr(out),
                 addr(residual_out), np.int32(lines), np.int32(x.shape[-1]), np.int64(self.max_lines),
-                np.float32(eps), np.int32(mode), np.int32(1 if push else 0), np.int32(self.rank),
-                np.int32(self.world_size),
+                np.float32(eps), np.int32(mode), np.int32(self.rank), np.int32(self.world_size),
                 np.uint64(timeout_ns))
         stream_ptr = torch.cuda.current_stream(self._device).cuda_stream
         with self._cupy.cuda.Device(self._device_index):
@@ -442,26 +403,6 @@ class LLAllReduce(CustomAllReduce):
                 stream = self._streams[stream_ptr] = self._cupy.cuda.ExternalStream(stream_ptr)
             with stream:
                 self._kernels[x.dtype]((rows,), (THREADS,), args)
-
-
-class DevicePointer:
-    """A raw device address that Triton takes as a pointer argument (it reads ``data_ptr`` and
-    ``dtype``): the LL buffer is ``cudaMalloc`` memory, not a torch tensor."""
-
-    def __init__(self, address: int, dtype: torch.dtype) -> None:
-        self.address, self.dtype = address, dtype
-
-    def data_ptr(self) -> int:
-        return self.address
-
-
-@dataclass(frozen=True)
-class LLPointers:
-    table: DevicePointer  # u64[world]: each rank's receive area (mine included)
-    round: DevicePointer  # u32: the last finished call's round (this call's is one more)
-    max_words: int  # 8-byte words a (parity, source rank) region of a receive area holds
-    rank: int
-    world: int
 
 
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:

@@ -14,16 +14,11 @@ path) and NCCL for the rest.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from engine.distributed.communicator import Communicator, gather_parts
-from engine.kernels import gemv
-
-# "0": row-parallel GEMVs do not push their outputs (the LL all-reduce then pushes them itself)
-PUSH_GEMV = os.environ.get("KVMESH_LL_PUSH_GEMV", "1") != "0"
 
 
 def _nccl():
@@ -62,7 +57,6 @@ class NcclCommunicator(Communicator):
         self.custom_disabled_reason: Optional[str] = "not enabled"
         self._ll = None  # LLAllReduce, when enable_ll_all_reduce turned it on
         self.ll_disabled_reason: Optional[str] = "not enabled"
-        self._pushed: Optional[torch.Tensor] = None  # row_parallel_linear's output, not reduced yet
 
     def enable_ll_all_reduce(self) -> bool:
         """Collective, like ``enable_custom_all_reduce``: whether the LL path is on (all ranks agree)."""
@@ -91,8 +85,6 @@ class NcclCommunicator(Communicator):
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.contiguous()
         if self._ll is not None and self._ll.can_reduce(tensor):
-            if self._take_pushed(tensor):
-                return self._ll.consume(tensor)
             return self._ll.all_reduce(tensor)
         if self._custom is not None and self._custom.can_reduce(tensor):
             return self._custom.all_reduce(tensor)
@@ -103,31 +95,8 @@ class NcclCommunicator(Communicator):
                                   ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         if (self._ll is not None and self._ll.can_reduce(x) and weight.dtype == x.dtype
                 and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))):
-            if self._take_pushed(x):
-                return self._ll.consume_rms_norm(x, residual, weight, eps)
             return self._ll.all_reduce_rms_norm(x, residual, weight, eps)
         return None
-
-    def row_parallel_linear(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
-        """x (M, K) @ weight (N, K)^T as a GEMV that also pushes its partial sums to the peers
-        (``gemv.gemv_push``), so the ``all_reduce`` / ``fused_all_reduce_rms_norm`` of the result,
-        which must be the group's next collective, only waits and sums. None: not for this shape
-        (the caller runs its usual linear; every rank decides alike, from shapes and dtypes)."""
-        if (self._ll is None or not PUSH_GEMV or x.dim() != 2 or x.shape[0] > gemv.MAX_ROWS
-                or x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype):
-            return None
-        if not self._ll.can_reduce_shape((x.shape[0], weight.shape[0]), x.dtype):
-            return None
-        y = gemv.gemv_push(x, weight, self._ll.pointers())
-        self._pushed = y
-        return y
-
-    def _take_pushed(self, y: torch.Tensor) -> bool:
-        """Whether ``y`` is the output ``row_parallel_linear`` pushed (and forget it)."""
-        pushed, self._pushed = self._pushed, None
-        if pushed is not None and pushed is not y:
-            raise RuntimeError("a pushed row-parallel output was not reduced before the next collective")
-        return pushed is not None
 
     def nccl_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """``all_reduce`` through NCCL always (the custom path's set-up and reference)."""

@@ -40,14 +40,16 @@ except ImportError:  # CPU-only install
     triton = None
 
 if triton is not None:
-    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                     for bn, bk, w, s in ((16, 256, 4, 5), (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4),
-                                          (32, 512, 4, 5), (32, 128, 4, 4), (64, 128, 4, 4), (16, 128, 2, 6))]
-
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                 for bn, bk, w, s in ((16, 256, 4, 5), (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4),
+                                      (32, 512, 4, 5), (32, 128, 4, 4), (64, 128, 4, 4), (16, 128, 2, 6))],
+        key=["N", "K"])
     @triton.jit
-    def _gemv_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, pid,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
-        """(BLOCK_M, BLOCK_N) fp32: outputs pid * BLOCK_N.. for all M rows, reading w's slab once."""
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+        """One program: BLOCK_N outputs for all M rows, reading its BLOCK_N x K slab of w once."""
+        pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -58,46 +60,8 @@ if triton is not None:
             w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :],
                         mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)  # (BLOCK_N, BLOCK_K)
             acc = tl.dot(x, tl.trans(w), acc)
-        return acc
-
-    @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K"])
-    @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
-        """One program: BLOCK_N outputs for all M rows, reading its BLOCK_N x K slab of w once."""
-        pid = tl.program_id(0)
-        acc = _gemv_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, pid, BLOCK_N, BLOCK_K, BLOCK_M)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.arange(0, BLOCK_M)
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-    @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K"])
-    @triton.jit
-    def _gemv_push_kernel(x_ptr, w_ptr, out_ptr, table_ptr, round_ptr, M, N, K, stride_xm, stride_wn,
-                          max_words, rank, WORLD: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
-        """``_gemv_kernel`` whose outputs (contiguous rows, 16-bit dtype) also go to every peer's LL
-        receive area as the LL all-reduce would push them (engine/distributed/ll_allreduce.py):
-        8-byte words {2 elements, round}, one 64-bit store each (atomic: a reader that sees the
-        round sees the data), region (parity, my rank), row m at word m * N / 2."""
-        pid = tl.program_id(0)
-        acc = _gemv_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, pid, BLOCK_N, BLOCK_K, BLOCK_M)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.arange(0, BLOCK_M)
-        y = acc.to(out_ptr.dtype.element_ty)  # (BLOCK_M, BLOCK_N)
-        tl.store(out_ptr + rm[:, None] * N + rn[None, :], y, mask=(rm[:, None] < M) & (rn[None, :] < N))
-        bits = y.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        lo, hi = tl.split(tl.reshape(bits, (BLOCK_M, BLOCK_N // 2, 2)))  # elements 2j, 2j+1
-        rnd = (tl.load(round_ptr, volatile=True).to(tl.int64) + 1) & 0xFFFFFFFF
-        words = ((lo | (hi << 16)).to(tl.int64) & 0xFFFFFFFF) | (rnd << 32)  # (BLOCK_M, BLOCK_N // 2)
-        rw = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        offsets = ((rnd & 1) * WORLD + rank) * max_words + rm[:, None] * (N // 2) + rw[None, :]
-        mask = (rm[:, None] < M) & (rw[None, :] < N // 2)
-        for q in tl.static_range(WORLD):
-            if q != rank:
-                area = tl.load(table_ptr + q).to(tl.pointer_type(tl.int64))
-                tl.store(area + offsets, words, mask=mask)
 
     @triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
@@ -178,19 +142,6 @@ def _split_k_of(n: int, k: int, dtype: torch.dtype) -> int:
             raise RuntimeError(f"no tuned split-K GEMV config for {n}x{k} {dtype}")
         _SPLIT_K[key] = chosen[0].kwargs["SPLIT_K"]
     return _SPLIT_K[key]
-
-
-def gemv_push(x: torch.Tensor, weight: torch.Tensor, ll) -> torch.Tensor:
-    """``gemv`` that also pushes its (partial-sum) output to the peers of an LL all-reduce
-    group (``ll``: ``LLAllReduce.pointers()``); the group's next LL call must consume it."""
-    m, k = x.shape
-    n = weight.shape[0]
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _gemv_push_kernel[grid](x, weight, out, ll.table, ll.round, m, n, k, x.stride(0), weight.stride(0),
-                            ll.max_words, ll.rank, WORLD=ll.world, BLOCK_M=16)
-    return out
 
 
 _KERNELS = {"gemv": gemv, "split_k": gemv_split_k}

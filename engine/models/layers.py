@@ -257,17 +257,9 @@ class RowParallelLinear(TPLayer):
         self.bias = nn.Parameter(torch.empty(output_size)) if bias else None
 
     small_batch_gemv = True
-    # Set by the owner when the next op is the fused all-reduce + norm: the communicator may then
-    # run this GEMV so that it pushes its partial sums to the peers as it finishes (on GPUs).
-    push_partial = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = None
-        if self.push_partial and self.tp_size > 1 and not self.reduce_results and x.dim() == 2:
-            push_linear = getattr(self.comm, "row_parallel_linear", None)
-            y = push_linear(x, self.weight) if push_linear is not None else None
-        if y is None:
-            y = gemv.linear(x, self.weight)  # (T, output_size), partial over ranks
+        y = gemv.linear(x, self.weight)  # (T, output_size), partial over ranks
         if self.tp_size > 1 and self.reduce_results:
             y = self.comm.all_reduce(y)
         return y + self.bias if self.bias is not None else y

@@ -76,7 +76,6 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size,
                                         spec.o_proj_bias, tp_rank, tp_size, comm,
                                         reduce_results=not self.partial_output)
-        self.o_proj.push_partial = self.partial_output  # the post-attention norm reduces it next
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.rotary = rotary  # shared by all layers
@@ -103,9 +102,6 @@ class DenseMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, tp_rank, tp_size,
                                            comm, reduce_results=reduce_results)
         self.partial_output = tp_size > 1 and not reduce_results  # the caller completes the sum
-        # Only a DecoderLayer's MLP (its next op is a norm that reduces) may push; the shared expert
-        # of an MoE block is added to the routed output first (moe.py leaves this off).
-        self.down_proj.push_partial = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # (T, 2I/tp) -> (T, I/tp) -> (T, H)
@@ -125,8 +121,6 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
         self.comm = comm
         self.mlp_partial = getattr(mlp, "partial_output", False)
-        if self.mlp_partial:  # the next layer's input norm (or the final norm) reduces it
-            mlp.down_proj.push_partial = True
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor],
                 ctx: ForwardContext, x_partial: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
