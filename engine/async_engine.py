@@ -39,6 +39,7 @@ from engine.kv_transfer.plan import (KVArrival, KVExport, KVReservation, KVTrans
 from engine.llm_engine import LLMEngine, PromptType
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.step_timeline import KVDeliver, StatsRefresh, StepTimeline
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +178,8 @@ class AsyncLLM:
         self._commands: "queue.Queue[object]" = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._stats = engine.get_stats(with_block_hashes=True)
+        # Steps and stalls for ITL diagnosis (KVMESH_STEP_TIMELINE=1); None: off, no cost.
+        self.timeline: Optional[StepTimeline] = StepTimeline.from_env()
         self._dead: Optional[BaseException] = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run_loop, name="kvmesh-engine", daemon=True)
@@ -327,6 +330,8 @@ class AsyncLLM:
         self._stopping.set()
         self._commands.put(None)
         self._thread.join(timeout=30)
+        if self.timeline is not None:
+            self.timeline.close()
         self.engine.shutdown()
 
     # ---- the engine thread --------------------------------------------------------------------
@@ -339,18 +344,37 @@ class AsyncLLM:
                 self._drain_commands(block)
                 self._publish(self.engine.expire_kv_leases())
                 if self.engine.has_unfinished_requests():
-                    self._publish(self.engine.step())
+                    self._step()
                     for export in self.engine.take_kv_exports():
                         self._publish_item(export.plan.request_id, export)
                 now = time.monotonic()
                 if now - last_stats > STATS_REFRESH_S or not self.engine.has_unfinished_requests():
                     self._stats = self.engine.get_stats(with_block_hashes=True)
                     last_stats = now
+                    if self.timeline is not None:
+                        self.timeline.record(StatsRefresh(now, time.monotonic()))
         except BaseException as exc:  # noqa: BLE001 - the loop must report any death
             logger.exception("engine loop died")
             self._dead = exc
             for stream in list(self._streams.values()):
                 stream.put(EngineDeadError(f"engine loop died: {exc!r}"))
+
+    def _step(self) -> None:
+        timeline = self.timeline
+        if timeline is None:
+            self._publish(self.engine.step())
+            return
+        start = time.monotonic()
+        outputs = self.engine.step()
+        end = time.monotonic()
+        # The step's shape: decoding requests schedule one token, prompt chunks more.
+        scheduled = self.engine.last_scheduled
+        counts = scheduled.num_scheduled_tokens.values() if scheduled is not None else ()
+        num_decode = sum(1 for n in counts if n == 1)
+        num_prefill_tokens = sum(counts) - num_decode
+        timeline.record_step(start, end, len(self.engine.scheduler.running), num_decode,
+                             num_prefill_tokens, len(outputs))
+        self._publish(outputs)
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -371,7 +395,13 @@ class AsyncLLM:
             except ValueError as exc:
                 command.stream.put(exc)
         elif isinstance(command, _DeliverKV):
-            self._publish(self.engine.import_remote_kv(command.arrival))
+            start = time.monotonic()
+            outputs = self.engine.import_remote_kv(command.arrival)
+            if self.timeline is not None:
+                header = command.arrival.header
+                self.timeline.record(KVDeliver(start, time.monotonic(), header.request_id,
+                                               command.arrival.num_bytes or 0))
+            self._publish(outputs)
         elif isinstance(command, _Abort):
             self._publish(self.engine.abort_request(command.request_id))
             self._stats = self.engine.get_stats(with_block_hashes=True)

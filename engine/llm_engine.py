@@ -72,6 +72,9 @@ class LLMEngine:
         self.num_kv_recomputes = 0  # decode side: leases that fell back to computing the prompt
         self.async_scheduling = self._resolve_async_scheduling()
         self._in_flight: Optional[tuple[SchedulerOutput, Any]] = None  # (step, its StepFuture)
+        # What the last step() scheduled (None: it only finished the in-flight step); read by
+        # AsyncLLM's step timeline (engine/step_timeline.py).
+        self.last_scheduled: Optional[SchedulerOutput] = None
 
     def _resolve_async_scheduling(self) -> bool:
         wanted = self.config.scheduler.async_scheduling
@@ -156,8 +159,9 @@ class LLMEngine:
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self.last_scheduled = None
         if not self.async_scheduling:
-            scheduler_output = self.scheduler.schedule()
+            scheduler_output = self.last_scheduled = self.scheduler.schedule()
             try:
                 model_output = self.executor.execute_model(scheduler_output)
             except Exception as exc:  # a broken batch must not take the engine down
@@ -165,7 +169,7 @@ class LLMEngine:
             return self._apply(scheduler_output, model_output)
         if self._in_flight is not None and self._needs_sampled_ids_on_host():
             return self._finish_in_flight()  # penalties read the in-flight token: no overlap this step
-        scheduler_output = self.scheduler.schedule()
+        scheduler_output = self.last_scheduled = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
         try:
             future = self.executor.execute_model_async(scheduler_output)

@@ -71,7 +71,8 @@ class DecodeConnector:
                  endpoint_id: Optional[str] = None, timeout_s: float = 30.0) -> None:
         self.engine = engine  # AsyncLLM
         self.endpoint = KVEndpoint(endpoint_id or f"decode-{uuid.uuid4().hex[:8]}", mailbox)
-        self.receiver = KVReceiver(backend, mailbox, engine.deliver_kv, timeout_s=timeout_s)
+        self.receiver = KVReceiver(backend, mailbox, engine.deliver_kv, timeout_s=timeout_s,
+                                   timeline=getattr(engine, "timeline", None))  # AsyncLLM's, if on
         self._task: Optional[asyncio.Task] = None
 
     def start(self) -> None:

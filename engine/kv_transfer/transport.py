@@ -11,6 +11,10 @@ tensor, or with an error) passed to ``on_arrival``. What the engine does with
 it (scatter into the reserved blocks, or drop it because the lease expired) is
 not the transport's business.
 
+With a ``StepTimeline`` (engine/step_timeline.py) the receiver records each
+transfer's phases (staging allocation on the event loop, bytes in a thread), so
+decode-side stalls can be matched against them.
+
 Fault injection for tests: ``KVSender.stall_s`` sleeps after posting the header
 and before sending the bytes, so a transfer can be caught "in flight".
 """
@@ -30,6 +34,7 @@ from engine.kv_transfer.base import CommunicatorBackend, KVTransferError, PairCo
 from engine.kv_transfer.mailbox import Mailbox
 from engine.kv_transfer.plan import (KVArrival, KVTransferHeader, KVTransferPlan, KVTransferStats,
                                      PairRendezvous)
+from engine.step_timeline import KVRecv, StepTimeline
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +121,9 @@ ArrivalCallback = Callable[[KVArrival], Optional[Awaitable[None]]]
 
 class KVReceiver:
     def __init__(self, backend: CommunicatorBackend, mailbox: Mailbox, on_arrival: ArrivalCallback,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = 30.0, timeline: Optional[StepTimeline] = None) -> None:
         self.backend = backend
+        self.timeline = timeline  # None: nothing recorded
         self.mailbox = mailbox
         self.on_arrival = on_arrival
         self.timeout_s = timeout_s
@@ -178,19 +184,30 @@ class KVReceiver:
 
     async def _receive(self, comm: PairCommunicator, header: KVTransferHeader) -> KVArrival:
         start = time.perf_counter()
+        started = time.monotonic()  # the timeline's clock
         dtype = _DTYPES.get(header.dtype)
         if dtype is None:
             return KVArrival(header, error=f"unsupported KV dtype {header.dtype!r}")
+        # On this (the event loop's) thread: a device allocation here may block the loop.
         kv = torch.empty(header.shape, dtype=dtype, device=self.backend.device)
+        allocated = time.monotonic()
+        num_bytes = kv.numel() * kv.element_size()
         try:
             await asyncio.to_thread(comm.recv, kv, self.timeout_s)
         except KVTransferError as exc:
             self.stats.num_failures += 1
+            self._record(header, started, allocated, num_bytes, str(exc))
             return KVArrival(header, error=f"receiving the KV failed: {exc}")
         seconds = time.perf_counter() - start
-        num_bytes = kv.numel() * kv.element_size()
         self.stats.add(num_bytes, seconds)
+        self._record(header, started, allocated, num_bytes, None)
         return KVArrival(header, kv=kv, transfer_s=seconds, num_bytes=num_bytes)
+
+    def _record(self, header: KVTransferHeader, started: float, allocated: float, num_bytes: int,
+                error: Optional[str]) -> None:
+        if self.timeline is not None:
+            self.timeline.record(KVRecv(started, time.monotonic(), allocated, header.request_id,
+                                        num_bytes, error))
 
     async def _deliver(self, arrival: KVArrival) -> None:
         try:
