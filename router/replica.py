@@ -9,6 +9,7 @@
      under load so a step streams about ``replicas.max_stream_updates_per_step`` deltas)
     (``LLMServer.generate`` streams ReplicaOutput(replica_id, RequestOutput), cumulative,
      for callers holding a handle to the replicas directly)
+    LLMServer.step_timeline_summary() ◀── benchmarks (KVMESH_STEP_TIMELINE=1: where ITL stalls came from)
     LLMServer ──every stats_period_s──▶ ReplicaStatsBoard ◀── ingress (/metrics, /health,
                                                                admission, kvmesh status)
     Serve's request router ◀── LLMServer.record_routing_stats() (ReplicaStats.to_dict())
@@ -85,6 +86,11 @@ class LLMServer:
         self._sender = StreamSender()  # the stream channel to every ingress (one connection each)
         self._started_at = time.time()
         self._publisher: Optional[asyncio.Task] = None
+        # With the engine's step timeline on (KVMESH_STEP_TIMELINE=1), watch this loop's lag too.
+        self._lag_probe: Optional[asyncio.Task] = None
+        timeline = getattr(self.engine, "timeline", None)
+        if timeline is not None:
+            self._lag_probe = asyncio.get_running_loop().create_task(timeline.watch_loop_lag())
         if board is not None:
             await self._publish_once()  # visible to the ingress as soon as Serve marks us ready
             self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
@@ -236,6 +242,18 @@ class LLMServer:
             "pool": "colocated",  # PrefillServer / DecodeServer (router/disagg.py) say theirs
         }
 
+    def step_timeline_summary(self, top: int = 20, start_s: Optional[float] = None,
+                              end_s: Optional[float] = None) -> dict:
+        """``engine.step_timeline.summarize`` of this replica's steps and stalls (``start_s`` /
+        ``end_s``: a ``time.monotonic()`` window of this host); ``enabled: False`` when the
+        timeline is off (``KVMESH_STEP_TIMELINE`` unset, or the engine runs in a child process)."""
+        from engine.step_timeline import summarize
+        timeline = getattr(self.engine, "timeline", None)
+        summary = {"enabled": False} if timeline is None else summarize(timeline, top, start_s=start_s,
+                                                                        end_s=end_s)
+        summary.update(replica_id=self.replica_id, pool=self.get_stats()["pool"])
+        return summary
+
     async def _publish_once(self) -> None:
         try:
             await self.board.report.remote(self.replica_id, self.get_stats())
@@ -249,8 +267,9 @@ class LLMServer:
             await self._publish_once()
 
     def __del__(self) -> None:
-        if self._publisher is not None:
-            self._publisher.cancel()
+        for task in (self._publisher, self._lag_probe):
+            if task is not None:
+                task.cancel()
         self._sender.close()
         try:
             self.engine.shutdown()
