@@ -20,6 +20,17 @@ against the issue's target (ITL p99 at most 0.5x, TTFT p50 at most 1.2x). The JS
 machine, configs, per-request records) is rewritten after each mode, so a run cut short
 keeps what it measured.
 
+Where the ITL tails come from: the replicas run with ``KVMESH_STEP_TIMELINE=1``
+(engine/step_timeline.py; ``KVMESH_STEP_TIMELINE=0`` in the environment turns it off), and
+after each mode's load the benchmark asks every engine replica for
+``LLMServer.step_timeline_summary`` over the load window (the same host's monotonic clock):
+``results[<mode>]["timeline"]["<pool>:<replica id>"]`` holds the largest gaps between step
+ends (what a stream sees as ITL on the replica) and the longest steps, each with the events
+overlapping it (GC pauses by generation, KV receives and their staging allocation, KV
+scatters, event-loop lag, stats refreshes, prefill tokens in the step), and, over all gaps
+and steps above 20 ms, the fraction that overlapped each kind (``stalls``). The top 10 gaps
+of each replica are printed.
+
     python bench/disagg_serve.py --model-shape llama8b --out bench/results/disagg_serve_h100.json  # 2 GPUs
     python bench/disagg_serve.py --smoke          # CPU, kvmesh-tiny, 2-3 min: bench/results/disagg_serve_tiny_cpu.json
 
@@ -236,7 +247,9 @@ def run_mode(mode: str, cfg: DeploymentConfig, port: int, profile: Profile, work
         before = replica_snapshot(url)
         drain_s = max(0.0, min(drain_s, deadline - time.monotonic() - duration_s))
         load_before = os.getloadavg()[0]  # a shared box: say how busy it was
+        load_window = (time.monotonic(), None)  # the replicas' timelines are summarized over it
         records, elapsed = asyncio.run(drive(url, cfg.served_model_name, workload, duration_s, drain_s))
+        load_window = (load_window[0], time.monotonic())
         entry["load_average_1m"] = [load_before, os.getloadavg()[0]]
         time.sleep(1.5)  # the replicas' last counters reach the stats board
         entry.update(summary=summarize(records, elapsed), replicas_before=before,
@@ -246,6 +259,12 @@ def run_mode(mode: str, cfg: DeploymentConfig, port: int, profile: Profile, work
         print(f"[{mode}] {s['num_ok']}/{s['num_requests']} ok in {elapsed:.1f}s, "
               f"ITL p99 {_ms(s['itl_s']['p99'])}, TTFT p50 {_ms(s['ttft_s']['p50'])}, "
               f"{s['output_tok_s']:.1f} output tok/s", flush=True)
+        try:  # diagnosis only: a failure here must not lose the mode's measurements
+            entry["timeline"] = fetch_timelines(cfg, load_window)
+            print_timelines(mode, entry["timeline"])
+        except Exception as exc:  # noqa: BLE001
+            entry["timeline_error"] = f"{type(exc).__name__}: {exc}"[:1000]
+            print(f"[{mode}] step timelines not fetched: {entry['timeline_error']}", flush=True)
     except Exception as exc:  # noqa: BLE001 - recorded; the next mode still runs
         entry["error"] = f"{type(exc).__name__}: {exc}"[:3000]
         print(f"[{mode}] failed: {entry['error']}", flush=True)
@@ -257,6 +276,65 @@ def run_mode(mode: str, cfg: DeploymentConfig, port: int, profile: Profile, work
         wait_gpus_released()
         entry["mode_s"] = time.monotonic() - start
     return entry
+
+
+def fetch_timelines(cfg: DeploymentConfig, window: tuple[float, Optional[float]], top: int = 20,
+                    timeout_s: float = 60.0) -> dict[str, dict]:
+    """Every engine replica's ``step_timeline_summary`` over ``window``, by "<pool>:<replica id>".
+
+    A handle call reaches one replica of its deployment, chosen by Serve's router, so each
+    deployment is asked until every one of its replicas has answered (or 10 calls per replica).
+    """
+    from ray import serve
+
+    from router.app import DECODE_NAME, PREFILL_NAME, REPLICA_NAME
+    d = cfg.disaggregation
+    deployments = ({DECODE_NAME: d.decode.replicas.min_replicas, PREFILL_NAME: d.prefill.replicas.min_replicas}
+                   if d.is_disaggregated else {REPLICA_NAME: cfg.replicas.min_replicas})
+    out: dict[str, dict] = {}
+    for name, want in deployments.items():
+        handle = serve.get_deployment_handle(name, cfg.name)
+        seen: set[str] = set()
+        for _ in range(10 * want):
+            summary = handle.step_timeline_summary.remote(top, *window).result(timeout_s=timeout_s)
+            seen.add(summary["replica_id"])
+            out[f"{summary['pool']}:{summary['replica_id']}"] = summary
+            if len(seen) >= want:
+                break
+    return out
+
+
+def print_timelines(mode: str, timelines: dict[str, dict], top: int = 10) -> None:
+    """Per replica: gap quantiles, the causes of gaps above the stall threshold, the top gaps."""
+    for key, t in timelines.items():
+        if not t.get("enabled"):
+            print(f"[{mode}] {key}: step timeline off", flush=True)
+            continue
+        gaps, stalls = t["gap_ms"], t["stalls"]["gaps"]
+        quantiles = " ".join(f"{q} {gaps[q]:.1f}" for q in ("p50", "p99", "p99.9", "max") if q in gaps)
+        fractions = " ".join(f"{k} {v:.2f}" for k, v in stalls["overlap_fraction"].items() if v)
+        print(f"\n[{mode}] {key}: {t['num_steps']} steps; gap ms {quantiles}; "
+              f"{stalls['count']} gaps > {t['stall_ms']:.0f} ms, overlapping: {fractions or '-'}; "
+              f"{t['stalls']['steps']['count']} steps > {t['stall_ms']:.0f} ms; gc {t['gc']}", flush=True)
+        print(f"{'t_s':>9}{'gap ms':>9}{'step':>8}{'between':>9}{'prefill':>9}{'running':>9}  overlapping")
+        for g in t["top_gaps"][:top]:
+            print(f"{g['t_s']:>9.3f}{g['ms']:>9.1f}{g['step_ms']:>8.1f}{g['between_ms']:>9.1f}"
+                  f"{g['num_prefill_tokens']:>9}{g['num_running']:>9}  "
+                  f"{', '.join(_overlap_text(e) for e in g['overlaps'] if _worth_printing(e)) or '-'}", flush=True)
+
+
+def _worth_printing(e: dict) -> bool:
+    """The table leaves out sub-millisecond stats refreshes and GC pauses (the JSON keeps them)."""
+    return e["kind"] not in ("stats_refresh", "gc") or e["ms"] >= 1.0
+
+
+def _overlap_text(e: dict) -> str:
+    kind, ms = e["kind"], e["ms"]
+    if kind == "gc":
+        return f"gc gen{e['generation']} {ms:.1f}ms"
+    if kind == "kv_recv":
+        return f"kv_recv {ms:.1f}ms (alloc {e['alloc_ms']:.1f}) {e['num_bytes'] / 2**20:.0f}MiB"
+    return f"{kind} {ms:.1f}ms"
 
 
 def wait_gpus_released(timeout_s: float = 60.0, max_used_mib: int = 4096) -> None:
@@ -388,6 +466,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # No internet on the GPU hosts: never let HF libraries try (the replicas inherit this).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("KVMESH_STEP_TIMELINE", "1")  # the replicas record steps and stalls
     machine_info: dict = {}
     query = threading.Thread(target=lambda: machine_info.update(machine()), daemon=True)
     query.start()  # CUDA is initialized in a child process meanwhile

@@ -224,3 +224,17 @@ def test_decode_side_records_kv_receive_and_scatter(monkeypatch):
     finally:
         p_engine.shutdown()
         d_engine.shutdown()
+
+
+def test_benchmark_prints_a_summary(capsys):
+    from bench.disagg_serve import print_timelines
+
+    timeline = StepTimeline()
+    start, _ = decode_steps(timeline, 30, stall_at=10, stall_s=0.030)
+    timeline.record(GCPause(start, start + 0.025, 2, 5, "kvmesh-engine"))
+    timeline.record(KVRecv(start, start + 0.1, start + 0.002, "r1", num_bytes=1 << 20))
+    print_timelines("disaggregated", {"decode:r0": {**summarize(timeline), "replica_id": "r0", "pool": "decode"},
+                                      "prefill:r1": {"enabled": False}})
+    out = capsys.readouterr().out
+    assert "decode:r0: 30 steps" in out and "gc gen2 25.0ms" in out and "kv_recv 100.0ms (alloc 2.0) 1MiB" in out
+    assert "prefill:r1: step timeline off" in out
