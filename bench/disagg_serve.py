@@ -248,7 +248,9 @@ def run_mode(mode: str, cfg: DeploymentConfig, port: int, profile: Profile, work
         drain_s = max(0.0, min(drain_s, deadline - time.monotonic() - duration_s))
         load_before = os.getloadavg()[0]  # a shared box: say how busy it was
         load_window = (time.monotonic(), None)  # the replicas' timelines are summarized over it
-        records, elapsed = asyncio.run(drive(url, cfg.served_model_name, workload, duration_s, drain_s))
+        probe: dict = {}
+        records, elapsed = asyncio.run(drive(url, cfg.served_model_name, workload, duration_s, drain_s,
+                                             probe=probe))
         load_window = (load_window[0], time.monotonic())
         entry["load_average_1m"] = [load_before, os.getloadavg()[0]]
         time.sleep(1.5)  # the replicas' last counters reach the stats board
@@ -259,9 +261,16 @@ def run_mode(mode: str, cfg: DeploymentConfig, port: int, profile: Profile, work
         print(f"[{mode}] {s['num_ok']}/{s['num_requests']} ok in {elapsed:.1f}s, "
               f"ITL p99 {_ms(s['itl_s']['p99'])}, TTFT p50 {_ms(s['ttft_s']['p50'])}, "
               f"{s['output_tok_s']:.1f} output tok/s", flush=True)
+        entry["client"] = {"t0_monotonic_s": probe.get("t0_monotonic_s"),
+                           "loop_lags": probe.get("loop_lags", [])}
         try:  # diagnosis only: a failure here must not lose the mode's measurements
-            entry["timeline"] = fetch_timelines(cfg, load_window)
+            entry["timeline"] = fetch_timelines(cfg, load_window, top=200)
             print_timelines(mode, entry["timeline"])
+            entry["ingress_timeline"] = httpx.get(
+                f"{url}/kvmesh/timeline", params={"start_s": load_window[0], "end_s": load_window[1],
+                                                  "top": 200}, timeout=60).json()
+            entry["stall_attribution"] = attribute_client_stalls(records, entry)
+            print_attribution(mode, entry["stall_attribution"])
         except Exception as exc:  # noqa: BLE001
             entry["timeline_error"] = f"{type(exc).__name__}: {exc}"[:1000]
             print(f"[{mode}] step timelines not fetched: {entry['timeline_error']}", flush=True)
@@ -302,6 +311,86 @@ def fetch_timelines(cfg: DeploymentConfig, window: tuple[float, Optional[float]]
             if len(seen) >= want:
                 break
     return out
+
+
+def client_stall_clusters(records: list, t0: float, min_itl_s: float = 0.03, window_s: float = 0.02,
+                          min_streams: int = 4) -> list[dict]:
+    """Moments when several short streams waited > ``min_itl_s`` for a token at once (one
+    cause held them all): clusters of such waits starting within ``window_s`` of each other.
+    ``burst``: the share of those streams whose next token came < 1 ms later (the tokens were
+    made in time but delivered late: a delivery-path stall, not an engine one)."""
+    waits = []
+    for r in records:
+        if not r.ok or r.kind != "short":
+            continue
+        t = r.start_s + r.ttft_s
+        for i, g in enumerate(r.itl_s):
+            t += g
+            if g > min_itl_s:
+                nxt = r.itl_s[i + 1] if i + 1 < len(r.itl_s) else None
+                waits.append((t0 + t - g, t0 + t, nxt is not None and nxt < 0.001))
+    waits.sort()
+    clusters: list[list] = []
+    for w in waits:
+        if clusters and w[0] - clusters[-1][0][0] < window_s:
+            clusters[-1].append(w)
+        else:
+            clusters.append([w])
+    out = []
+    for c in clusters:
+        if len(c) < min_streams:
+            continue
+        start, end = max(w[0] for w in c), min(w[1] for w in c)  # when all of them were waiting
+        if end <= start:
+            start, end = min(w[0] for w in c), min(w[1] for w in c)
+        out.append({"start_s": start, "end_s": end, "streams": len(c),
+                    "burst": round(sum(w[2] for w in c) / len(c), 2)})
+    return out
+
+
+def attribute_client_stalls(records: list, entry: dict, slack_s: float = 0.005) -> dict:
+    """Which process was stalled while the clients waited: each client stall cluster against the
+    engine replicas' long step gaps and loop lags, the ingress's loop lags and the client's own."""
+    t0 = entry["client"]["t0_monotonic_s"]
+    if t0 is None:
+        return {"error": "no client time origin"}
+    sources: dict[str, list[tuple[float, float]]] = {}
+    for key, t in (entry.get("timeline") or {}).items():
+        if not t.get("enabled"):
+            continue
+        base = t["t0_monotonic_s"]
+        sources[f"{key} step gap"] = [(base + g["t_s"], base + g["t_s"] + g["ms"] / 1e3) for g in t["top_gaps"]
+                                      if g["ms"] > 20]
+        sources[f"{key} loop lag"] = [(base + g["t_s"], base + g["t_s"] + g["ms"] / 1e3)
+                                      for g in t["top_loop_lags"] if g["ms"] > 10]
+    ingress = entry.get("ingress_timeline") or {}
+    if ingress.get("enabled"):
+        base = ingress["t0_monotonic_s"]
+        sources["ingress loop lag"] = [(base + g["t_s"], base + g["t_s"] + g["ms"] / 1e3)
+                                       for g in ingress["top_loop_lags"] if g["ms"] > 10]
+    sources["client loop lag"] = [(t0 + a, t0 + a + ms / 1e3) for a, ms in entry["client"]["loop_lags"] if ms > 10]
+    clusters = client_stall_clusters(records, t0)
+    for c in clusters:
+        c["overlaps"] = [name for name, spans in sources.items()
+                         if any(a - slack_s < c["end_s"] and b + slack_s > c["start_s"] for a, b in spans)]
+    return {"num_clusters": len(clusters),
+            "mean_burst": round(sum(c["burst"] for c in clusters) / len(clusters), 2) if clusters else None,
+            "overlapped_by": {name: sum(name in c["overlaps"] for c in clusters) for name in sources},
+            "unexplained": sum(not c["overlaps"] for c in clusters),
+            "clusters": [{**c, "start_s": round(c["start_s"] - t0, 3), "ms": round((c["end_s"] - c["start_s"]) * 1e3, 1),
+                          "end_s": None} for c in clusters[:60]]}
+
+
+def print_attribution(mode: str, a: dict) -> None:
+    if "error" in a:
+        print(f"[{mode}] stall attribution: {a['error']}", flush=True)
+        return
+    print(f"\n[{mode}] client stall clusters (>= 4 short streams waiting > 30 ms at once): {a['num_clusters']}, "
+          f"mean burst share {a['mean_burst']}, unexplained {a['unexplained']}; overlapped by: "
+          + ", ".join(f"{k} {v}" for k, v in a["overlapped_by"].items() if v), flush=True)
+    for c in a["clusters"][:12]:
+        print(f"  t={c['start_s']:.3f}s {c['ms']:.0f} ms, {c['streams']} streams, burst {c['burst']}: "
+              f"{', '.join(c['overlaps']) or '-'}", flush=True)
 
 
 def print_timelines(mode: str, timelines: dict[str, dict], top: int = 10) -> None:

@@ -108,11 +108,15 @@ async def stream_one(client: httpx.AsyncClient, model: str, record: Record, prom
         record.error = repr(exc)[:200]
 
 
-async def drive(url: str, model: str, workload: Workload, duration_s: float, drain_s: float
-                ) -> tuple[list[Record], float]:
+async def drive(url: str, model: str, workload: Workload, duration_s: float, drain_s: float,
+                probe: Optional[dict] = None) -> tuple[list[Record], float]:
     """Runs the workload; returns the records and the seconds from the start to the last finish.
 
     Requests still running ``drain_s`` after the last one was sent are cancelled (counted as errors).
+    ``probe`` (a dict) gets ``t0_monotonic_s`` (the records' time origin: ``perf_counter`` is
+    CLOCK_MONOTONIC on Linux, the clock of the servers' timelines) and ``loop_lags``: when this
+    client's own event loop woke more than 3 ms late from a 2 ms sleep, as (t_s, lag_ms), so a
+    stall the client itself caused is not blamed on the servers.
     """
     records: list[Record] = []
     limits = httpx.Limits(max_connections=workload.concurrency + 64, max_keepalive_connections=workload.concurrency + 64)
@@ -120,6 +124,17 @@ async def drive(url: str, model: str, workload: Workload, duration_s: float, dra
         t0 = time.perf_counter()
         next_short = [0]
         tasks: list[asyncio.Task] = []
+        lags: list[tuple[float, float]] = []
+
+        async def watch_lag() -> None:
+            while True:
+                due = time.perf_counter() + 0.002
+                await asyncio.sleep(0.002)
+                late = time.perf_counter() - due
+                if late > 0.003:
+                    lags.append((round(due - t0, 4), round(late * 1e3, 2)))
+
+        lag_task = asyncio.create_task(watch_lag()) if probe is not None else None
 
         async def short_loop() -> None:
             while time.perf_counter() - t0 < duration_s:
@@ -148,6 +163,9 @@ async def drive(url: str, model: str, workload: Workload, duration_s: float, dra
                 record.error = "cancelled: still running at the end of the drain"
         ends = [r.start_s + r.e2e_s for r in records if r.ok]
         elapsed = max(ends) if ends else time.perf_counter() - t0
+        if lag_task is not None:
+            lag_task.cancel()
+            probe.update(t0_monotonic_s=t0, loop_lags=lags)
     return records, elapsed
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.block_hash import block_hash_chain
+from engine.step_timeline import StepTimeline
+from engine.step_timeline import summarize as summarize_timeline
 from router.config import DeploymentConfig
 from router.disagg import DisaggregatedFlow
 from router.deltas import DeltaTracker, OutputDelta
@@ -161,6 +164,11 @@ class OpenAIIngress:
             StreamReceiver() if cfg.ingress.stream_channel and stream_channel_from_env() else None)
         # Load the tokenizer in the background now, so the first requests do not wait for it.
         self._warmup = asyncio.get_running_loop().create_task(self._warm_up())
+        # KVMESH_STEP_TIMELINE=1 (benchmarks): this loop's lags and GC pauses, for attributing
+        # stalls that clients see (engine/step_timeline.py; GET /kvmesh/timeline).
+        self._timeline = StepTimeline.from_env()
+        self._lag_probe = (asyncio.get_running_loop().create_task(self._timeline.watch_loop_lag())
+                           if self._timeline is not None else None)
 
     # ---- endpoints ----------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -269,6 +277,16 @@ class OpenAIIngress:
                              "router": self.cfg.routing.kind.value,
                              "stream_channel": self._receiver.stats() if self._receiver else None,
                              "replicas": [stats[r] for r in sorted(stats)]})
+
+    @app.get("/kvmesh/timeline")
+    async def timeline(self, start_s: Optional[float] = None, end_s: Optional[float] = None,
+                       top: int = 50) -> Response:
+        """This ingress replica's loop lags and GC pauses over a monotonic window (the host's
+        clock), summarized by ``engine.step_timeline.summarize``; ``enabled: false`` when off."""
+        if self._timeline is None:
+            return JSONResponse({"enabled": False, "ingress_id": self.ingress_id})
+        summary = summarize_timeline(self._timeline, top, start_s=start_s, end_s=end_s)
+        return JSONResponse({**summary, "ingress_id": self.ingress_id, "pid": os.getpid()})
 
     # ---- request checks -----------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:

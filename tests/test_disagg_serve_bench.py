@@ -59,3 +59,26 @@ def test_summary_splits_kinds_and_counts_errors():
     assert s["all"]["num_ok"] == 2 and s["all"]["num_errors"] == 1 and s["errors"] == {"cancelled": 1}
     assert s["all"]["output_tok_s"] == 3.0 and s["short"]["ttft_s"]["p50"] == 0.1 and s["long"]["ttft_s"]["p50"] == 0.5
     assert s["all"]["itl_s"]["count"] == 4
+
+
+def test_client_stalls_cluster_and_are_attributed():
+    """Five short streams wait 50 ms at the same moment, then get two tokens at once (a burst):
+    one cluster, burst share 1, overlapped by the decode replica's loop lag there only."""
+    from bench.disagg_serve import attribute_client_stalls
+    from bench.mixed_workload import Record
+
+    records = []
+    for i in range(5):
+        r = Record("short", i, 100, 10, start_s=0.0, ok=True, ttft_s=0.1)
+        r.itl_s = [0.006, 0.006, 0.05, 0.0002, 0.006]  # the wait ends at 0.1 + 0.062 s
+        records.append(r)
+    t0 = 1000.0
+    entry = {"client": {"t0_monotonic_s": t0, "loop_lags": [(5.0, 40.0)]},
+             "timeline": {"decode:x": {"enabled": True, "t0_monotonic_s": t0 + 0.1, "top_gaps": [],
+                                       "top_loop_lags": [{"t_s": 0.02, "ms": 30.0}]}},
+             "ingress_timeline": {"enabled": True, "t0_monotonic_s": t0, "top_loop_lags": []}}
+    a = attribute_client_stalls(records, entry)
+    assert a["num_clusters"] == 1 and a["clusters"][0]["streams"] == 5 and a["mean_burst"] == 1.0
+    assert a["overlapped_by"] == {"decode:x step gap": 0, "decode:x loop lag": 1, "ingress loop lag": 0,
+                                  "client loop lag": 0}
+    assert a["unexplained"] == 0
