@@ -156,6 +156,8 @@ def _check_back_to_back(comm, failures: list, num_calls: int = 1000) -> None:
 def _check_graph(comm, failures: list, num_replays: int = 100) -> None:
     """A CUDA graph of fused (1 row), sum (4 rows), fused (32 rows) replayed with new inputs."""
     import torch
+    if comm._ll is None:  # off (opt-out test): the other checks cover NCCL's path
+        return
     device, dtype = comm.device, torch.bfloat16
     shapes = (("norm", 1), ("sum", 4), ("norm", 32))
     static = [_inputs(torch, rows, HIDDEN, dtype, 17 + i, device, comm.rank)

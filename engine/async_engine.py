@@ -22,7 +22,6 @@ shares the GIL with this thread, shrinks too.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import queue
@@ -38,6 +37,7 @@ from engine.kv_transfer.plan import (KVArrival, KVExport, KVReservation, KVTrans
                                      TransferFailurePolicy)
 from engine.llm_engine import LLMEngine, PromptType
 from engine.outputs import EngineStats, RequestOutput
+from engine.gc_freeze import freeze_startup_heap
 from engine.sampling_params import SamplingParams
 from engine.step_timeline import KVDeliver, StatsRefresh, StepTimeline
 
@@ -151,26 +151,10 @@ def _set_switch_interval() -> None:
         sys.setswitchinterval(value)
 
 
-GC_FREEZE_ENV = "KVMESH_GC_FREEZE"
-
-
-def _freeze_startup_heap() -> None:
-    """Moves every object alive now (the model, its modules, CUDA graphs' Python side, Ray and
-    Serve state: hundreds of thousands of long-lived objects) out of the garbage collector's
-    reach. A full collection walks all tracked objects while holding the GIL; with the startup
-    heap in it, one pause can stall the engine thread and every stream for tens to hundreds of
-    milliseconds, an ITL spike at p99.9. What is allocated while serving is collected as
-    before. ``KVMESH_GC_FREEZE=0`` turns it off."""
-    if os.environ.get(GC_FREEZE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return
-    gc.collect()
-    gc.freeze()
-
-
 class AsyncLLM:
     def __init__(self, engine: LLMEngine) -> None:
         _set_switch_interval()
-        _freeze_startup_heap()
+        freeze_startup_heap()
         self.engine = engine
         self.config = engine.config
         self.tokenizer = engine.tokenizer

@@ -41,6 +41,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
+from engine.gc_freeze import freeze_startup_heap
 from router.config import DeploymentConfig, DisaggregationConfig
 from router.deltas import DeltaTracker, DeltaTrimmer, OutputDelta
 from router.messages import GenerateRequest
@@ -86,6 +87,7 @@ class PrefillServer(LLMServer):
         await super().__init__(cfg, board, engine_factory or in_process_engine_factory)
         self.connector = PrefillConnector(self.engine, _backend(cfg), f"prefill-{self.replica_id}",
                                           timeout_s=cfg.disaggregation.transfer_timeout_s)
+        freeze_startup_heap()  # the transport's imports (CuPy, NCCL) too
 
     async def prefill(self, req: GenerateRequest, plan: Any) -> PrefillReply:
         """Computes the prompt and the first token; the KV goes to ``plan``'s endpoint in the background."""
@@ -120,6 +122,7 @@ class DecodeServer(LLMServer):
                                          f"decode-{self.replica_id}",
                                          timeout_s=cfg.disaggregation.transfer_timeout_s)
         self.connector.start()
+        freeze_startup_heap()  # the transport's imports (CuPy, NCCL) too
 
     async def generate_remote(self, req: GenerateRequest) -> AsyncIterator[Any]:
         """First the ``KVTransferPlan`` for a prefill replica (None: computed here), then

@@ -46,6 +46,7 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine.gc_freeze import freeze_startup_heap
 from engine.block_hash import block_hash_chain
 from engine.step_timeline import StepTimeline
 from engine.step_timeline import summarize as summarize_timeline
@@ -363,6 +364,10 @@ class OpenAIIngress:
             await self._ready()
         except Exception as exc:  # retried by the first request
             logger.warning("ingress warm-up failed: %r", exc)
+            return
+        # Tokenizer, Serve and FastAPI state out of the collector's reach: gen-2 pauses of
+        # 200-245 ms in this process stalled every stream at once (2-H200 runs of disagg_serve).
+        freeze_startup_heap()
 
     async def _replica_stats(self, max_age_s: float = STATS_MAX_AGE_S, wait: bool = True) -> dict[str, dict]:
         """The board's snapshot, re-read when older than ``max_age_s``.
