@@ -20,6 +20,9 @@ both, and it never waits for a barrier: it uses NCCL's "LL" idea of putting a fl
        -> residual_out, out = weight * round(r * rsqrt(mean(r^2) + eps)), exactly as the
        separate all-reduce and ``rms_norm`` kernel would compute it
 
+Measured on 2 H200s inside a CUDA graph (bench/ll_allreduce.py), one 8 KiB row: NCCL all-reduce +
+Triton norm 8.28 µs, this kernel fused 5.62 µs (4.07 µs for the sum alone).
+
 Why one round per call, two parities and no end barrier: rank r can only start call R+1 after its
 call R read data of call R from every peer, which each peer wrote after its call R-1 kernel had
 finished (stream order), i.e. after that peer read everything of parity (R-1) & 1 = (R+1) & 1. So
@@ -34,7 +37,7 @@ Buffer (one per rank, ``cudaMalloc``, mapped by every peer through CUDA IPC)::
     4           done   u32             (CTAs of the running call that finished)
     2448        error  u32             (a wait timed out: self-check only; same place as the
                                         one-shot kernel's, so ``_read_error`` is shared)
-    4096        receive-area pointers u64[MAX_ROWS... MAX_RANKS] (rank q's area, mine included)
+    4096        receive-area pointers u64[MAX_RANKS] (rank q's area, mine included)
     8192        receive area: [2 parities][world][max_lines] lines of 16 bytes
 
 Rules: every rank calls with the same shapes and dtypes in the same order; the choice of path is
