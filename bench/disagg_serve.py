@@ -292,7 +292,9 @@ def fetch_timelines(cfg: DeploymentConfig, window: tuple[float, Optional[float]]
     """Every engine replica's ``step_timeline_summary`` over ``window``, by "<pool>:<replica id>".
 
     A handle call reaches one replica of its deployment, chosen by Serve's router, so each
-    deployment is asked until every one of its replicas has answered (or 10 calls per replica).
+    deployment is asked in rounds of concurrent calls (the router spreads calls in flight over
+    replicas; sequential ones may all land on one) until every replica has answered, at most
+    5 rounds.
     """
     from ray import serve
 
@@ -304,10 +306,12 @@ def fetch_timelines(cfg: DeploymentConfig, window: tuple[float, Optional[float]]
     for name, want in deployments.items():
         handle = serve.get_deployment_handle(name, cfg.name)
         seen: set[str] = set()
-        for _ in range(10 * want):
-            summary = handle.step_timeline_summary.remote(top, *window).result(timeout_s=timeout_s)
-            seen.add(summary["replica_id"])
-            out[f"{summary['pool']}:{summary['replica_id']}"] = summary
+        for _ in range(5):
+            calls = [handle.step_timeline_summary.remote(top, *window) for _ in range(2 * want)]
+            for call in calls:
+                summary = call.result(timeout_s=timeout_s)
+                seen.add(summary["replica_id"])
+                out[f"{summary['pool']}:{summary['replica_id']}"] = summary
             if len(seen) >= want:
                 break
     return out
