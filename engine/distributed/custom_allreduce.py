@@ -57,16 +57,10 @@ SELF_CHECK_KERNEL_TIMEOUT_NS = 2_000_000_000
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _TOLERANCE = {torch.bfloat16: (2e-2, 5e-2), torch.float16: (2e-3, 5e-3), torch.float32: (1e-5, 1e-5)}
 
-_KERNEL_SOURCE = r"""
+# Shared with ll_allreduce.py's kernel: the integer types, the element type of KV_DTYPE with its
+# fp32 conversions, and the global timer.
+DEVICE_PRELUDE = r"""
 // KV_DTYPE: 0 bfloat16, 1 float16, 2 float32 (set with -D). No headers: NVRTC built-ins only.
-#define MAX_RANKS 8
-#define MAX_BLOCKS 36
-#define START_OFF 0
-#define END_OFF (MAX_BLOCKS * MAX_RANKS)
-#define ROUND_OFF (2 * MAX_BLOCKS * MAX_RANKS)
-#define ERROR_OFF (ROUND_OFF + MAX_BLOCKS)
-#define TABLE_OFFSET 4096
-
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
@@ -95,6 +89,23 @@ __device__ __forceinline__ unsigned short from_f32(float f) {
   return h;
 }
 #endif
+// x rounded to the element type and back (the identity for fp32)
+__device__ __forceinline__ float round_f32(float x) { return to_f32(from_f32(x)); }
+__device__ __forceinline__ u64 now_ns() {
+  u64 t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+"""
+
+_KERNEL_SOURCE = DEVICE_PRELUDE + r"""
+#define MAX_RANKS 8
+#define MAX_BLOCKS 36
+#define START_OFF 0
+#define END_OFF (MAX_BLOCKS * MAX_RANKS)
+#define ROUND_OFF (2 * MAX_BLOCKS * MAX_RANKS)
+#define ERROR_OFF (ROUND_OFF + MAX_BLOCKS)
+#define TABLE_OFFSET 4096
 
 #define EPP (16 / sizeof(elem_t))  // elements per 16-byte pack
 union pack_t { uint4 v; elem_t e[EPP]; };
@@ -113,12 +124,6 @@ __device__ __forceinline__ uint4 ld_volatile_pack(const void* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
   return v;
 }
-__device__ __forceinline__ u64 now_ns() {
-  u64 t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
 // Spins until *flag reaches round (wrap-safe compare). timeout_ns == 0: no limit.
 __device__ void wait_flag(const u32* flag, u32 round, u64 timeout_ns, u32* error) {
   const u64 start = timeout_ns ? now_ns() : 0;
@@ -241,6 +246,9 @@ class CustomAllReduce:
     ``disabled_reason``), except when the GPU stream is left blocked or the CUDA context broken,
     where no collective can work any more.
     """
+
+    KERNEL_SOURCE = _KERNEL_SOURCE
+    KERNEL_NAME = "kvmesh_custom_all_reduce"
 
     def __init__(self, comm, max_bytes: int = DEFAULT_MAX_BYTES,
                  self_check_timeout_s: float = 5.0) -> None:
@@ -385,8 +393,7 @@ class CustomAllReduce:
         cupy = self._cupy
         with cupy.cuda.Device(self._device_index):
             for dtype, code in _DTYPE_CODES.items():
-                kernel = cupy.RawKernel(_KERNEL_SOURCE, "kvmesh_custom_all_reduce",
-                                        options=(f"-DKV_DTYPE={code}",))
+                kernel = cupy.RawKernel(self.KERNEL_SOURCE, self.KERNEL_NAME, options=(f"-DKV_DTYPE={code}",))
                 if hasattr(kernel, "compile"):  # compile and load now, never during a graph capture
                     kernel.compile()
                 _ = kernel.attributes  # loads the module on this device (older CuPy: compiles too)
@@ -415,13 +422,7 @@ class CustomAllReduce:
                 self._launch(x, timeout_ns=SELF_CHECK_KERNEL_TIMEOUT_NS)
             except Exception as e:  # noqa: BLE001
                 return f"kernel launch failed: {e!r}"
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self._device))
-            deadline = time.monotonic() + timeout_s
-            while not done.query():
-                if time.monotonic() > deadline:  # the in-kernel timeout did not fire: stream stuck
-                    raise RuntimeError("custom all-reduce self-check kernel hung; GPU stream blocked")
-                time.sleep(0.0005)
+            self._wait_for_stream(timeout_s)
             if self._read_error():
                 return f"a peer did not arrive within the kernel timeout ({dtype}, {numel} elements)"
             rtol, atol = _TOLERANCE[dtype]
@@ -429,6 +430,17 @@ class CustomAllReduce:
                 err = (x.float() - ref.float()).abs().max().item()
                 return f"result differs from NCCL ({dtype}, {numel} elements, max abs err {err})"
         return None
+
+    def _wait_for_stream(self, timeout_s: float) -> None:
+        """Waits for the self-check's kernel; raises if it outlived its own in-kernel timeout
+        (then the stream is stuck and no collective can work any more)."""
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self._device))
+        deadline = time.monotonic() + timeout_s
+        while not done.query():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{type(self).__name__} self-check kernel hung; GPU stream blocked")
+            time.sleep(0.0005)
 
     def _read_error(self) -> bool:
         runtime = self._cupy.cuda.runtime
@@ -440,16 +452,20 @@ class CustomAllReduce:
     def _launch(self, tensor: torch.Tensor, timeout_ns: int) -> None:
         import numpy as np
         nbytes = tensor.numel() * tensor.element_size()
-        stream_ptr = torch.cuda.current_stream(self._device).cuda_stream
         args = (np.uint64(self._base), np.uint64(tensor.data_ptr()), np.int64(nbytes // 16),
                 np.int64(tensor.numel()), np.int32(self.rank), np.int32(self.world_size),
                 np.uint64(timeout_ns))
+        self._run(tensor.dtype, grid_size(nbytes), args)
+
+    def _run(self, dtype: torch.dtype, grid: int, args: tuple, threads: int = THREADS) -> None:
+        """Launches the kernel for ``dtype`` on torch's current stream (graph-capturable)."""
+        stream_ptr = torch.cuda.current_stream(self._device).cuda_stream
         with self._cupy.cuda.Device(self._device_index):
             stream = self._streams.get(stream_ptr)
             if stream is None:  # made on this device (CuPy ties a stream to the current device)
                 stream = self._streams[stream_ptr] = self._cupy.cuda.ExternalStream(stream_ptr)
             with stream:
-                self._kernels[tensor.dtype]((grid_size(nbytes),), (THREADS,), args)
+                self._kernels[dtype]((grid,), (threads,), args)
 
     def _disable(self, reason: str, collective: bool) -> None:
         self.disabled_reason = reason

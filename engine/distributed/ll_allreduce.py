@@ -49,17 +49,13 @@ Set-up, agreement and self-check are ``CustomAllReduce``'s (custom_allreduce.py)
 
 from __future__ import annotations
 
-import logging
 import os
-import time
 from typing import Optional
 
 import torch
 
-from engine.distributed.custom_allreduce import (_DTYPE_CODES, _TOLERANCE, SELF_CHECK_KERNEL_TIMEOUT_NS,
-                                                 SIGNAL_BYTES, CustomAllReduce)
-
-logger = logging.getLogger(__name__)
+from engine.distributed.custom_allreduce import (_DTYPE_CODES, _TOLERANCE, DEVICE_PRELUDE,
+                                                 SELF_CHECK_KERNEL_TIMEOUT_NS, SIGNAL_BYTES, CustomAllReduce)
 
 LL_DISABLE_ENV = "KVMESH_DISABLE_LL_ALLREDUCE"
 LL_DEFAULT_MAX_BYTES = 256 * 1024  # 32 decode rows of hidden 4096 in bf16
@@ -70,8 +66,7 @@ LINE_DATA_BYTES = 8
 LINE_BYTES = 16
 MODE_SUM, MODE_NORM, MODE_NORM_NO_RESIDUAL = 0, 1, 2
 
-_KERNEL_SOURCE = r"""
-// KV_DTYPE: 0 bfloat16, 1 float16, 2 float32 (set with -D). No headers: NVRTC built-ins only.
+_KERNEL_SOURCE = DEVICE_PRELUDE + r"""
 #define MAX_ROWS 64
 #define THREADS 512
 #define MAX_LPT 8
@@ -79,37 +74,6 @@ _KERNEL_SOURCE = r"""
 #define DONE_OFF 1
 #define ERROR_OFF 612
 #define TABLE_OFFSET 4096
-
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
-#if KV_DTYPE == 2
-typedef float elem_t;
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float from_f32(float x) { return x; }
-__device__ __forceinline__ float round_f32(float x) { return x; }
-#else
-typedef unsigned short elem_t;
-__device__ __forceinline__ float to_f32(unsigned short h) {
-#if KV_DTYPE == 0
-  return __uint_as_float(((u32)h) << 16);
-#else
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-#endif
-}
-__device__ __forceinline__ unsigned short from_f32(float f) {
-  unsigned short h;
-#if KV_DTYPE == 0
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#else
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#endif
-  return h;
-}
-__device__ __forceinline__ float round_f32(float x) { return to_f32(from_f32(x)); }
-#endif
 
 #define EPL (8 / sizeof(elem_t))  // elements per line
 union line_t { uint2 u; elem_t e[EPL]; };
@@ -123,11 +87,6 @@ __device__ __forceinline__ uint4 ld_line(const uint4* p) {
   asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
   return v;
-}
-__device__ __forceinline__ u64 now_ns() {
-  u64 t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
@@ -276,6 +235,9 @@ def rows_and_lines(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int, int
 class LLAllReduce(CustomAllReduce):
     """The flag-per-line all-reduce of one NCCL group (set-up as ``CustomAllReduce``'s)."""
 
+    KERNEL_SOURCE = _KERNEL_SOURCE
+    KERNEL_NAME = "kvmesh_ll_all_reduce"
+
     def __init__(self, comm, max_bytes: int = LL_DEFAULT_MAX_BYTES,
                  self_check_timeout_s: float = 5.0) -> None:
         self.max_lines = int(max_bytes) // LINE_DATA_BYTES
@@ -319,17 +281,6 @@ class LLAllReduce(CustomAllReduce):
     def _buffer_bytes(self) -> int:
         return SIGNAL_BYTES + 2 * self.world_size * self.max_lines * LINE_BYTES
 
-    def _compile(self) -> None:
-        cupy = self._cupy
-        with cupy.cuda.Device(self._device_index):
-            for dtype, code in _DTYPE_CODES.items():
-                kernel = cupy.RawKernel(_KERNEL_SOURCE, "kvmesh_ll_all_reduce",
-                                        options=(f"-DKV_DTYPE={code}",))
-                if hasattr(kernel, "compile"):  # compile and load now, never during a graph capture
-                    kernel.compile()
-                _ = kernel.attributes
-                self._kernels[dtype] = kernel
-
     def _self_check(self, timeout_s: float) -> Optional[str]:
         """Both modes against NCCL (+ the torch reference norm) on random rows; each case twice
         with new data, so a stale read of a parity's previous round shows."""
@@ -359,8 +310,7 @@ class LLAllReduce(CustomAllReduce):
                                 residual_out, 1e-5, mode, timeout_ns=SELF_CHECK_KERNEL_TIMEOUT_NS)
             except Exception as e:  # noqa: BLE001
                 return f"kernel launch failed: {e!r}"
-            if not self._wait(timeout_s):
-                raise RuntimeError("LL all-reduce self-check kernel hung; GPU stream blocked")
+            self._wait_for_stream(timeout_s)
             if self._read_error():
                 return f"a peer did not arrive within the kernel timeout ({dtype}, {rows}x{hidden})"
             if mode == MODE_SUM:
@@ -378,16 +328,6 @@ class LLAllReduce(CustomAllReduce):
                             f"max abs err {err})")
         return None
 
-    def _wait(self, timeout_s: float) -> bool:
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(self._device))
-        deadline = time.monotonic() + timeout_s
-        while not done.query():
-            if time.monotonic() > deadline:  # the in-kernel timeout did not fire: stream stuck
-                return False
-            time.sleep(0.0005)
-        return True
-
     def _launch_ll(self, x: torch.Tensor, residual: Optional[torch.Tensor],
                    weight: Optional[torch.Tensor], out: torch.Tensor,
                    residual_out: Optional[torch.Tensor], eps: float, mode: int,
@@ -399,13 +339,7 @@ class LLAllReduce(CustomAllReduce):
                 addr(residual_out), np.int32(lines), np.int32(x.shape[-1]), np.int64(self.max_lines),
                 np.float32(eps), np.int32(mode), np.int32(self.rank), np.int32(self.world_size),
                 np.uint64(timeout_ns))
-        stream_ptr = torch.cuda.current_stream(self._device).cuda_stream
-        with self._cupy.cuda.Device(self._device_index):
-            stream = self._streams.get(stream_ptr)
-            if stream is None:
-                stream = self._streams[stream_ptr] = self._cupy.cuda.ExternalStream(stream_ptr)
-            with stream:
-                self._kernels[x.dtype]((rows,), (THREADS,), args)
+        self._run(x.dtype, rows, args, threads=THREADS)
 
 
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:
