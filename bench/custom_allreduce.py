@@ -173,21 +173,42 @@ def _bench(comm) -> dict:
                 fn(x)
             torch.cuda.synchronize(device)
             eager = (time.perf_counter() - start) / 200 * 1e6
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(GRAPH_CALLS):
-                    fn(x)
-            graph.replay()
-            torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            for _ in range(20):
-                graph.replay()
-            torch.cuda.synchronize(device)
-            in_graph = (time.perf_counter() - start) / (20 * GRAPH_CALLS) * 1e6
-            del graph
+            in_graph = graph_us(lambda: fn(x), device)
             row[name] = {"eager_us": round(eager, 2), "graph_us": round(in_graph, 2)}
         out[str(nbytes)] = row
     return out
+
+
+def graph_us(fn, device, calls: int = GRAPH_CALLS, replays: int = 20) -> float:
+    """Microseconds per call of ``fn()`` inside a CUDA graph of ``calls`` back-to-back calls
+    (what a decode step's graph sees: no launch overhead per call), after one warm replay."""
+    import torch
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    del graph
+    return seconds / (replays * calls) * 1e6
+
+
+def check_reports(reports: dict, world: int, expect_enabled: bool, path: str = "custom all-reduce") -> None:
+    """Asserts every rank reported, without failures, with the path on (or off) as expected;
+    prints rank 0's latency table (pytest -s)."""
+    assert sorted(reports) == list(range(world))
+    for rank, report in sorted(reports.items()):
+        print(f"rank {rank}: enabled={report['enabled']} reason={report['reason']}")
+        assert report["failures"] == [], f"rank {rank}: {report['failures'][:20]}"
+        assert report["enabled"] is expect_enabled, (
+            f"rank {rank}: {path} enabled={report['enabled']}, expected {expect_enabled}; "
+            f"reason: {report['reason']}")
+    print(f"latency us (world {world}, rank 0): {json.dumps(reports[0]['latency_us'], indent=1)}")
 
 
 def run_ranks(world: int, isolated: bool = True, checks: bool = True, disable_ranks=(),

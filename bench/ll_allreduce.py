@@ -18,18 +18,16 @@ import argparse
 import json
 import os
 import sys
-import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.custom_allreduce import run_ranks  # noqa: E402
+from bench.custom_allreduce import GRAPH_CALLS, graph_us, run_ranks  # noqa: E402
 
 BENCH_ROWS = (1, 4, 16, 32)
 HIDDEN = 4096
-GRAPH_CALLS = 50
 EPS = 1e-5
 
 
@@ -218,18 +216,7 @@ def _bench(comm) -> dict:
             for _ in range(5):
                 fn()
             torch.cuda.synchronize(device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(GRAPH_CALLS):
-                    fn()
-            graph.replay()
-            torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            for _ in range(20):
-                graph.replay()
-            torch.cuda.synchronize(device)
-            row[name] = round((time.perf_counter() - start) / (20 * GRAPH_CALLS) * 1e6, 2)
-            del graph
+            row[name] = round(graph_us(fn, device), 2)
         out[str(rows)] = row
     return out
 

@@ -21,6 +21,7 @@ from typing import Optional
 import httpx
 
 from bench import load_gen
+from engine.step_timeline import StepTimeline
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,11 @@ async def drive(url: str, model: str, workload: Workload, duration_s: float, dra
     """Runs the workload; returns the records and the seconds from the start to the last finish.
 
     Requests still running ``drain_s`` after the last one was sent are cancelled (counted as errors).
-    ``probe`` (a dict) gets ``t0_monotonic_s`` (the records' time origin: ``perf_counter`` is
-    CLOCK_MONOTONIC on Linux, the clock of the servers' timelines) and ``loop_lags``: when this
-    client's own event loop woke more than 3 ms late from a 2 ms sleep, as (t_s, lag_ms), so a
-    stall the client itself caused is not blamed on the servers.
+    ``probe`` (a dict) gets ``t0_monotonic_s`` (the records' time origin: ``perf_counter`` and
+    ``monotonic`` are both CLOCK_MONOTONIC on Linux, the clock of the servers' timelines) and
+    ``loop_lags``: when this client's own event loop woke more than 3 ms late from a 2 ms sleep
+    (``StepTimeline.watch_loop_lag``), as (t_s, lag_ms), so a stall the client itself caused is not
+    blamed on the servers.
     """
     records: list[Record] = []
     limits = httpx.Limits(max_connections=workload.concurrency + 64, max_keepalive_connections=workload.concurrency + 64)
@@ -124,17 +126,9 @@ async def drive(url: str, model: str, workload: Workload, duration_s: float, dra
         t0 = time.perf_counter()
         next_short = [0]
         tasks: list[asyncio.Task] = []
-        lags: list[tuple[float, float]] = []
-
-        async def watch_lag() -> None:
-            while True:
-                due = time.perf_counter() + 0.002
-                await asyncio.sleep(0.002)
-                late = time.perf_counter() - due
-                if late > 0.003:
-                    lags.append((round(due - t0, 4), round(late * 1e3, 2)))
-
-        lag_task = asyncio.create_task(watch_lag()) if probe is not None else None
+        lags = StepTimeline()  # only its loop-lag watcher is used here
+        lag_task = (asyncio.create_task(lags.watch_loop_lag(period_s=0.002, min_lag_s=0.003))
+                    if probe is not None else None)
 
         async def short_loop() -> None:
             while time.perf_counter() - t0 < duration_s:
@@ -165,7 +159,9 @@ async def drive(url: str, model: str, workload: Workload, duration_s: float, dra
         elapsed = max(ends) if ends else time.perf_counter() - t0
         if lag_task is not None:
             lag_task.cancel()
-            probe.update(t0_monotonic_s=t0, loop_lags=lags)
+            probe.update(t0_monotonic_s=t0,
+                         loop_lags=[(round(e.start_s - t0, 4), round((e.end_s - e.start_s) * 1e3, 2))
+                                    for e in lags.events])
     return records, elapsed
 
 

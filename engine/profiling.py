@@ -63,6 +63,7 @@ class KernelProfiler:
         prof.stop()
         from torch.autograd import DeviceType
         totals: dict[str, list[float]] = {}
+        spans: list[tuple[float, float, str]] = []  # (start_us, end_us, name) on the device
         device = DeviceType.CUDA if self.cuda else DeviceType.CPU
         for event in prof.events():
             if event.device_type != device:
@@ -70,13 +71,13 @@ class KernelProfiler:
             row = totals.setdefault(event.name, [0.0, 0])
             row[0] += event.device_time_total if self.cuda else event.self_cpu_time_total
             row[1] += 1
+            if self.cuda and getattr(event, "time_range", None) is not None:
+                spans.append((event.time_range.start, event.time_range.end, event.name))
         steps = max(num_steps, 1)
         rows = sorted((KernelRow(name[:90], us / steps, calls / steps) for name, (us, calls) in totals.items()),
                       key=lambda r: -r.us_per_step)
         profile = KernelProfile(num_steps, sum(r.us_per_step for r in rows), rows[:top])
         if self.cuda:
-            spans = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                     if e.device_type == device and getattr(e, "time_range", None) is not None]
             profile.idle_us_per_step, profile.idle_before = idle_gaps(spans, steps)
         return profile
 

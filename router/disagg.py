@@ -102,7 +102,7 @@ class PrefillServer(LLMServer):
     def get_stats(self) -> dict:
         stats = super().get_stats()
         sender = self.connector.sender.stats
-        stats.update(pool=self.pool, kv_sends=sender.num_transfers, kv_send_failures=sender.num_failures,
+        stats.update(kv_sends=sender.num_transfers, kv_send_failures=sender.num_failures,
                      kv_bytes_sent=sender.num_bytes, kv_send_s=round(sender.seconds, 6))
         return stats
 
@@ -159,7 +159,7 @@ class DecodeServer(LLMServer):
         stats = super().get_stats()
         receiver = self.connector.receiver.stats
         engine = getattr(self.engine, "engine", None)
-        stats.update(pool=self.pool, num_waiting_for_kv=self.engine.get_stats().num_waiting_for_kv,
+        stats.update(num_waiting_for_kv=self.engine.get_stats().num_waiting_for_kv,
                      kv_recvs=receiver.num_transfers, kv_recv_failures=receiver.num_failures,
                      kv_bytes_received=receiver.num_bytes, kv_recv_s=round(receiver.seconds, 6),
                      kv_recomputes=getattr(engine, "num_kv_recomputes", 0))

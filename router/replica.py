@@ -77,6 +77,8 @@ def _replica_id() -> str:
 class LLMServer:
     """One engine replica. Deployed by ``router.app.build_app`` with the config's resources."""
 
+    pool = "colocated"  # PrefillServer / DecodeServer (router/disagg.py) name theirs
+
     async def __init__(self, cfg: DeploymentConfig, board: Any = None,
                        engine_factory: Optional[EngineFactory] = None) -> None:
         self.cfg = cfg
@@ -239,7 +241,7 @@ class LLMServer:
             "num_prompt_tokens": s.num_prompt_tokens,
             "num_generation_tokens": s.num_generation_tokens,
             "num_cached_blocks": len(s.cached_block_hashes),
-            "pool": "colocated",  # PrefillServer / DecodeServer (router/disagg.py) say theirs
+            "pool": self.pool,
         }
 
     def step_timeline_summary(self, top: int = 20, start_s: Optional[float] = None,
@@ -251,7 +253,7 @@ class LLMServer:
         timeline = getattr(self.engine, "timeline", None)
         summary = {"enabled": False} if timeline is None else summarize(timeline, top, start_s=start_s,
                                                                         end_s=end_s)
-        summary.update(replica_id=self.replica_id, pool=self.get_stats()["pool"])
+        summary.update(replica_id=self.replica_id, pool=self.pool)
         return summary
 
     async def _publish_once(self) -> None:

@@ -13,41 +13,28 @@ in a CUDA graph) is printed: run with ``-s`` to see it.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from bench.custom_allreduce import run_ranks
+from bench.custom_allreduce import check_reports, run_ranks
 
 pytestmark = pytest.mark.multigpu
 
 
-def _assert_reports(reports: dict, world: int, expect_enabled: bool) -> None:
-    assert sorted(reports) == list(range(world))
-    for rank, report in sorted(reports.items()):
-        print(f"rank {rank}: enabled={report['enabled']} reason={report['reason']}")
-        assert report["failures"] == [], f"rank {rank}: {report['failures'][:20]}"
-        assert report["enabled"] is expect_enabled, (
-            f"rank {rank}: custom all-reduce enabled={report['enabled']}, expected {expect_enabled}; "
-            f"reason: {report['reason']}")
-    print(f"latency us (world {world}, rank 0): {json.dumps(reports[0]['latency_us'], indent=1)}")
-
-
 def test_two_ranks_one_visible_gpu_each():
     """The engine's configuration: each worker sees one GPU; IPC between the processes."""
-    _assert_reports(run_ranks(2, isolated=True), 2, expect_enabled=True)
+    check_reports(run_ranks(2, isolated=True), 2, expect_enabled=True)
 
 
 def test_two_ranks_all_gpus_visible():
-    _assert_reports(run_ranks(2, isolated=False), 2, expect_enabled=True)
+    check_reports(run_ranks(2, isolated=False), 2, expect_enabled=True)
 
 
 def test_opt_out_on_one_rank_turns_it_off_everywhere():
     reports = run_ranks(2, isolated=True, disable_ranks=(1,))
-    _assert_reports(reports, 2, expect_enabled=False)
+    check_reports(reports, 2, expect_enabled=False)
     assert "KVMESH_DISABLE_CUSTOM_ALLREDUCE" in reports[1]["reason"]
 
 
 @pytest.mark.multigpu4
 def test_four_ranks_one_visible_gpu_each():
-    _assert_reports(run_ranks(4, isolated=True), 4, expect_enabled=True)
+    check_reports(run_ranks(4, isolated=True), 4, expect_enabled=True)

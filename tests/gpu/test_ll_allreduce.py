@@ -10,36 +10,25 @@ calls of changing row counts (the per-row rounds and parities) with NCCL-sized c
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from bench.custom_allreduce import run_ranks
+from bench.custom_allreduce import check_reports, run_ranks
 from bench.ll_allreduce import rank_main
 
 pytestmark = pytest.mark.multigpu
-
-
-def _assert_reports(reports: dict, world: int, expect_enabled: bool) -> None:
-    assert sorted(reports) == list(range(world))
-    for rank, report in sorted(reports.items()):
-        assert report["failures"] == [], f"rank {rank}: {report['failures'][:20]}"
-        assert report["enabled"] is expect_enabled, (
-            f"rank {rank}: LL all-reduce enabled={report['enabled']}, expected {expect_enabled}; "
-            f"reason: {report['reason']}")
-    print(f"latency us (world {world}, rank 0): {json.dumps(reports[0]['latency_us'], indent=1)}")
+PATH = "LL all-reduce"
 
 
 def test_two_ranks():
-    _assert_reports(run_ranks(2, isolated=True, target=rank_main), 2, expect_enabled=True)
+    check_reports(run_ranks(2, isolated=True, target=rank_main), 2, expect_enabled=True, path=PATH)
 
 
 def test_opt_out_on_one_rank_turns_it_off_everywhere():
     reports = run_ranks(2, isolated=True, disable_ranks=(1,), target=rank_main)
-    _assert_reports(reports, 2, expect_enabled=False)
+    check_reports(reports, 2, expect_enabled=False, path=PATH)
     assert "KVMESH_DISABLE_LL_ALLREDUCE" in reports[1]["reason"]
 
 
 @pytest.mark.multigpu4
 def test_four_ranks():
-    _assert_reports(run_ranks(4, isolated=True, target=rank_main), 4, expect_enabled=True)
+    check_reports(run_ranks(4, isolated=True, target=rank_main), 4, expect_enabled=True, path=PATH)
