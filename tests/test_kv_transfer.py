@@ -25,7 +25,7 @@ from engine.kv_transfer.plan import (KVArrival, KVEndpoint, KVTransferHeader, KV
                                      TransferFailurePolicy)
 from engine.kv_transfer.transport import KVReceiver, KVSender
 from engine.request import RequestStatus
-from tests.engine_helpers import assert_no_leaks
+from tests.engine_helpers import assert_no_leaks, gloo_connector_pair
 
 BLOCK = 8
 ENGINE_KW = dict(model="kvmesh-tiny", dtype="float32", device="cpu", block_size=BLOCK, num_blocks=64,
@@ -263,8 +263,7 @@ def _plan(request_id: str, endpoint: KVEndpoint) -> KVTransferPlan:
 
 # ---- two async engines and the connectors (what the replicas run) -------------------------------
 def test_connectors_over_gloo_equal_colocated(engines):
-    from engine import AsyncLLM, EngineConfig
-    from engine.kv_transfer.connector import DecodeConnector, PrefillConnector
+    from engine import EngineConfig
 
     colocated = engines[0]
     batch = prompts([6, 25, 40], seed=21)
@@ -281,19 +280,11 @@ def test_connectors_over_gloo_equal_colocated(engines):
         return outputs
 
     async def main():
-        p_engine, d_engine = AsyncLLM.from_config(config), AsyncLLM.from_config(config)
-        prefill = PrefillConnector(p_engine, create_backend(KVTransportKind.GLOO, "cpu"), "p0", timeout_s=10)
-        decode = DecodeConnector(d_engine, create_backend(KVTransportKind.GLOO, "cpu"), LocalMailbox(), "d0",
-                                 timeout_s=10)
-        decode.start()
-        try:
+        async with gloo_connector_pair(config) as (prefill, decode):
             results = await asyncio.gather(*(one(prefill, decode, f"c{i}", p) for i, p in enumerate(batch)))
             while prefill.num_sends_in_flight:
                 await asyncio.sleep(0.01)
-            return results, p_engine, d_engine, prefill, decode
-        finally:
-            decode.close()
-            prefill.close()
+            return results, prefill.engine, decode.engine, prefill, decode
 
     results, p_engine, d_engine, prefill, decode = asyncio.run(main())
     for outputs, want in zip(results, expected):

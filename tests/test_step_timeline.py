@@ -182,10 +182,8 @@ def test_async_engine_without_the_env_records_nothing(monkeypatch):
 def test_decode_side_records_kv_receive_and_scatter(monkeypatch):
     """Two in-process engines, gloo connectors (tests/test_kv_transfer.py's setup): the decode
     engine's timeline holds each transfer's receive and its scatter into blocks."""
-    from engine import AsyncLLM, EngineConfig, SamplingParams
-    from engine.kv_transfer.base import KVTransportKind, create_backend
-    from engine.kv_transfer.connector import DecodeConnector, PrefillConnector
-    from engine.kv_transfer.mailbox import LocalMailbox
+    from engine import EngineConfig, SamplingParams
+    from tests.engine_helpers import gloo_connector_pair
 
     monkeypatch.setenv(STEP_TIMELINE_ENV, "1")
     config = EngineConfig.create(model="kvmesh-tiny", dtype="float32", device="cpu", block_size=8,
@@ -193,22 +191,14 @@ def test_decode_side_records_kv_receive_and_scatter(monkeypatch):
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
     async def main():
-        p_engine, d_engine = AsyncLLM.from_config(config), AsyncLLM.from_config(config)
-        prefill = PrefillConnector(p_engine, create_backend(KVTransportKind.GLOO, "cpu"), "p0", timeout_s=10)
-        decode = DecodeConnector(d_engine, create_backend(KVTransportKind.GLOO, "cpu"), LocalMailbox(), "d0",
-                                 timeout_s=10)
-        decode.start()
-        try:
+        async with gloo_connector_pair(config) as (prefill, decode):
             stream = decode.generate(list(range(10, 50)), params, "kv-1", lease_timeout_s=30.0)
             plan = await stream.__anext__()
             assert plan is not None
             await prefill.prefill(list(range(10, 50)), params, "kv-1", plan)
             outputs = [out async for out in stream]
             assert outputs[-1].finished
-            return p_engine, d_engine
-        finally:
-            decode.close()
-            prefill.close()
+            return prefill.engine, decode.engine
 
     p_engine, d_engine = asyncio.run(main())
     try:
