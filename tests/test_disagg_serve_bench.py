@@ -64,7 +64,7 @@ def test_summary_splits_kinds_and_counts_errors():
 def test_client_stalls_cluster_and_are_attributed():
     """Five short streams wait 50 ms at the same moment, then get two tokens at once (a burst):
     one cluster, burst share 1, overlapped by the decode replica's loop lag there only."""
-    from bench.disagg_serve import attribute_client_stalls
+    from bench.stall_attribution import attribute_client_stalls
     from bench.mixed_workload import Record
 
     records = []

@@ -217,7 +217,7 @@ def test_decode_side_records_kv_receive_and_scatter(monkeypatch):
 
 
 def test_benchmark_prints_a_summary(capsys):
-    from bench.disagg_serve import print_timelines
+    from bench.stall_attribution import print_timelines
 
     timeline = StepTimeline()
     start, _ = decode_steps(timeline, 30, stall_at=10, stall_s=0.030)
