@@ -115,10 +115,11 @@ class DecodeServer(LLMServer):
     async def __init__(self, cfg: DeploymentConfig, board: Any = None,
                        engine_factory: Optional[EngineFactory] = None) -> None:
         from engine.kv_transfer.connector import DecodeConnector
-        from engine.kv_transfer.mailbox import RayMailbox
+        from router.kv_mailbox import ChannelMailbox
         cfg = dataclasses.replace(cfg, engine=cfg.pool_engine_config(cfg.disaggregation.decode))
         await super().__init__(cfg, board, engine_factory or in_process_engine_factory)
-        self.connector = DecodeConnector(self.engine, _backend(cfg), RayMailbox.create(),
+        # Headers come over a direct TCP channel, not a mailbox actor's two Ray hops.
+        self.connector = DecodeConnector(self.engine, _backend(cfg), await ChannelMailbox.create(),
                                          f"decode-{self.replica_id}",
                                          timeout_s=cfg.disaggregation.transfer_timeout_s)
         self.connector.start()
