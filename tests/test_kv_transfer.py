@@ -19,6 +19,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.kv_transfer.base import KVTransferError, KVTransportKind, create_backend
+from engine.attention.base import allocate_kv_cache, copy_blocks, stacked_kv
 from engine.kv_transfer.blocks import gather_blocks, scatter_blocks
 from engine.kv_transfer.mailbox import LocalMailbox
 from engine.kv_transfer.plan import (KVArrival, KVEndpoint, KVTransferHeader, KVTransferPlan,
@@ -87,6 +88,30 @@ def test_gather_scatter_round_trip():
     assert torch.equal(other[2][:, 9], caches[2][:, 5]) and torch.equal(other[0][:, 1], caches[0][:, 2])
     with pytest.raises(ValueError, match="does not fit"):
         scatter_blocks(other, [0, 1], kv)
+
+
+def test_stacked_caches_move_blocks_like_per_layer_ones():
+    """allocate_kv_cache's layers are views of one tensor; gather, scatter and copy-on-write take
+    one launch over all of them and must move exactly what the per-layer path moves."""
+    stacked = allocate_kv_cache(3, 10, 4, 2, 3, torch.float32, torch.device("cpu"))
+    assert stacked_kv(stacked) is not None and len(stacked) == 3
+    torch.manual_seed(0)
+    for cache in stacked:
+        cache.copy_(torch.randn_like(cache))  # through the views: the stacked tensor sees it
+    plain = [cache.clone() for cache in stacked]
+    assert stacked_kv(plain) is None
+    assert torch.equal(gather_blocks(stacked, [7, 2, 5]), gather_blocks(plain, [7, 2, 5]))
+    kv = torch.randn(3, 2, 2, 4, 2, 3)
+    scatter_blocks(stacked, [9, 0], kv)
+    scatter_blocks(plain, [9, 0], kv)
+    copy_blocks(stacked, [(9, 1), (3, 4)])
+    copy_blocks(plain, [(9, 1), (3, 4)])
+    for a, b in zip(stacked, plain):
+        assert torch.equal(a, b)
+    assert torch.equal(stacked[2][:, 1], kv[2, :, 0])  # the copy saw the scattered block
+    assert stacked[1].data_ptr() == stacked.stacked[1].data_ptr()  # still views, nothing rebound
+    with pytest.raises(ValueError, match="does not fit"):
+        scatter_blocks(stacked, [0], kv)
 
 
 # ---- the engine hooks, KV handed over in memory ----------------------------------------------

@@ -6,7 +6,9 @@ Per layer the cache is ``(2, num_blocks, block_size, num_kv_heads, head_dim)``
     kv: (num_layers, 2, n, block_size, num_kv_heads, head_dim)
         kv[l, :, i] = cache_l[:, block_ids[i]]
 
-One contiguous tensor means one send per transfer, whatever the block ids. With
+One contiguous tensor means one send per transfer, whatever the block ids. When the
+caches are views of one stacked tensor (``allocate_kv_cache``'s ``LayerKVCaches``), the
+gather and the scatter are one launch over every layer, not one per layer. With
 tensor parallelism each rank stages its own heads (``num_kv_heads`` per rank);
 rank r of the prefill replica sends to rank r of the decode replica.
 """
@@ -17,11 +19,16 @@ from typing import Sequence
 
 import torch
 
+from engine.attention.base import stacked_kv
+
 
 def gather_blocks(kv_caches: list[torch.Tensor], block_ids: Sequence[int]) -> torch.Tensor:
     """A new contiguous staging tensor with the blocks' K and V of every layer."""
     first = kv_caches[0]
     index = torch.tensor(list(block_ids), dtype=torch.long, device=first.device)
+    stacked = stacked_kv(kv_caches)
+    if stacked is not None:
+        return torch.index_select(stacked, 2, index)  # (L, 2, n, ...), contiguous
     out = torch.empty((len(kv_caches), 2, len(block_ids), *first.shape[2:]), dtype=first.dtype,
                       device=first.device)
     for layer, cache in enumerate(kv_caches):
@@ -41,5 +48,9 @@ def scatter_blocks(kv_caches: list[torch.Tensor], block_ids: Sequence[int], kv: 
     # Queued, not waited for: a blocking copy here would stall the decode replica's engine
     # thread until the step in flight ends, once per arriving prompt (engine/device_copy.py).
     index = to_device(list(block_ids), torch.long, first.device)
+    stacked = stacked_kv(kv_caches)
+    if stacked is not None:
+        stacked.index_copy_(2, index, kv)
+        return
     for layer, cache in enumerate(kv_caches):
         cache.index_copy_(1, index, kv[layer])
