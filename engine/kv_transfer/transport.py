@@ -80,7 +80,7 @@ class KVSender:
                 await endpoint.mailbox.post(header)
                 if self.stall_s:
                     await asyncio.sleep(self.stall_s)
-                await asyncio.to_thread(pair.comm.send, kv, self.timeout_s)
+                await asyncio.to_thread(self._send_bytes, pair.comm, kv)
             except BaseException as exc:
                 self._drop(endpoint.endpoint_id)
                 self.stats.num_failures += 1
@@ -92,6 +92,11 @@ class KVSender:
         seconds = time.perf_counter() - start
         self.stats.add(kv.numel() * kv.element_size(), seconds)
         return seconds
+
+    def _send_bytes(self, comm: PairCommunicator, kv: torch.Tensor) -> None:
+        # A CPU transport (gloo) for a GPU engine: the copy to the host is made here, on the
+        # sender's thread, not on the engine's.
+        comm.send(kv.to(self.backend.device) if kv.device != self.backend.device else kv, self.timeout_s)
 
     async def _pair_for(self, plan: KVTransferPlan) -> _Pair:
         endpoint = plan.endpoint

@@ -53,9 +53,15 @@ class _DecodeActor:
         from engine.kv_transfer.mailbox import RayMailbox
         config = EngineConfig.create(**engine_kw)
         self.engine = AsyncLLM.from_config(config)
-        self.connector = DecodeConnector(self.engine, create_backend(transport, torch.device(resolve_device(config))),
-                                         RayMailbox.create(), "d0")
+        self.backend = create_backend(transport, torch.device(resolve_device(config)))
+        self.connector = DecodeConnector(self.engine, self.backend, RayMailbox.create(), "d0")
         self.streams = {}
+
+    async def use_channel_mailbox(self):
+        """The serving path's mailbox (router/kv_mailbox.py) instead of the Ray actor."""
+        from engine.kv_transfer.connector import DecodeConnector
+        from router.kv_mailbox import ChannelMailbox
+        self.connector = DecodeConnector(self.engine, self.backend, await ChannelMailbox.create(), "d0")
 
     async def reserve(self, prompt, params, request_id):
         self.connector.start()
@@ -81,8 +87,9 @@ def colocated_tokens(engine_kw: dict, prompts: list[list[int]]) -> list[list[int
     return [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]  # one at a time
 
 
-def run_pair(ray, transport: str, device: str, num_gpus: float) -> None:
-    kw = dict(ENGINE_KW, device=device)
+def run_pair(ray, transport: str, device: str, num_gpus: float, channel_mailbox: bool = False,
+             **engine_kw) -> None:
+    kw = dict(ENGINE_KW, device=device, **engine_kw)
     rng = random.Random(0)
     prompts = [[rng.randrange(10, 500) for _ in range(n)] for n in (7, 33, 100, 250)]
     shared = prompts[2][:64]
@@ -90,6 +97,8 @@ def run_pair(ray, transport: str, device: str, num_gpus: float) -> None:
     opts = {"num_gpus": num_gpus, "num_cpus": 0.1}
     prefill = ray.remote(**opts)(_PrefillActor).remote(kw, transport)
     decode = ray.remote(**opts)(_DecodeActor).remote(kw, transport)
+    if channel_mailbox:
+        ray.get(decode.use_channel_mailbox.remote())
     try:
         got = []
         for i, prompt in enumerate(prompts):
@@ -122,3 +131,13 @@ def test_nccl_disaggregated_equals_colocated(ray_cluster):
 
 def test_gloo_actor_pair_equals_colocated(ray_cluster):
     run_pair(ray_cluster, "gloo", "cpu", num_gpus=0)
+
+
+@pytest.mark.gpu
+def test_one_gpu_triton_graphs_channel_mailbox_equals_colocated(ray_cluster):
+    """Both engines on one GPU (Triton kernels, CUDA graphs, the stacked KV cache's one-launch
+    gather and scatter), headers over the channel mailbox, bytes over gloo through the host."""
+    import torch
+    assert torch.cuda.device_count() >= 1
+    run_pair(ray_cluster, "gloo", "cuda", num_gpus=0.5, channel_mailbox=True,
+             attention_backend="triton", enforce_eager=False)
