@@ -18,7 +18,10 @@ between content chunks (ITL), by kind. Reported per mode: ITL p50/p90/p99/p99.9,
 p50/p90/p99, output tokens/s, the same per kind, and the ratios disaggregated/colocated
 against the issue's target (ITL p99 at most 0.5x, TTFT p50 at most 1.2x). The JSON (named
 machine, configs, per-request records) is rewritten after each mode, so a run cut short
-keeps what it measured.
+keeps what it measured. The load client runs in ``--client-processes`` processes (the
+profile's: 4 for ``llama8b``, 1 for ``--smoke``; ``bench/client_pool.py``), the same for
+both modes, so its own event loop's lags stay out of the ITL it measures; the JSON says how many
+(``client_processes``).
 
 Where the ITL tails come from: the replicas run with ``KVMESH_STEP_TIMELINE=1``
 (engine/step_timeline.py; ``KVMESH_STEP_TIMELINE=0`` in the environment turns it off), and
@@ -75,7 +78,8 @@ import yaml
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench import load_gen  # noqa: E402
-from bench.mixed_workload import Workload, drive, rounded, summarize, warm_up  # noqa: E402
+from bench.client_pool import run_load  # noqa: E402
+from bench.mixed_workload import Workload, rounded, summarize, warm_up  # noqa: E402
 from bench.routing_compare import free_port, start_ray  # noqa: E402
 from bench.stall_attribution import (attribute_client_stalls, fetch_timelines, print_attribution,  # noqa: E402
                                      print_timelines)
@@ -107,6 +111,9 @@ class Profile:
     # Scheduler options of the prefill pool only (router.config.PoolConfig): a larger step budget
     # with a per-prompt chunk cap, so short prompts share steps with a long prompt's chunks.
     prefill_pool: dict = dataclasses.field(default_factory=dict)
+    # Load client processes (bench/client_pool.py): one process parsing every stream's chunks lags
+    # by milliseconds at the GPU runs' ~4,000 tokens/s, and those lags would count as ITL.
+    client_processes: int = 1
 
 
 PROFILES = {
@@ -122,7 +129,8 @@ PROFILES = {
                           long_interval_s=1.0, long_prompt=(4096, 8192), long_output=8,
                           token_id_range=(1000, 120000)),
         duration_s=60.0, drain_s=20.0, deploy_timeout_s=180.0,
-        prefill_pool={"max_num_batched_tokens": 4096, "long_prefill_token_threshold": 1024}),
+        prefill_pool={"max_num_batched_tokens": 4096, "long_prefill_token_threshold": 1024},
+        client_processes=4),
     "tiny": Profile(
         name="tiny", base_config="configs/tiny-disagg.yaml", model="kvmesh-tiny",
         served_model_name="kvmesh-tiny",
@@ -253,8 +261,8 @@ def run_mode(mode: str, cfg: DeploymentConfig, port: int, profile: Profile, work
         load_before = os.getloadavg()[0]  # a shared box: say how busy it was
         load_window = (time.monotonic(), None)  # the replicas' timelines are summarized over it
         probe: dict = {}
-        records, elapsed = asyncio.run(drive(url, cfg.served_model_name, workload, duration_s, drain_s,
-                                             probe=probe))
+        records, elapsed = run_load(url, cfg.served_model_name, workload, duration_s, drain_s, probe=probe,
+                                    processes=profile.client_processes)
         load_window = (load_window[0], time.monotonic())
         entry["load_average_1m"] = [load_before, os.getloadavg()[0]]
         time.sleep(1.5)  # the replicas' last counters reach the stats board
@@ -265,8 +273,8 @@ def run_mode(mode: str, cfg: DeploymentConfig, port: int, profile: Profile, work
         print(f"[{mode}] {s['num_ok']}/{s['num_requests']} ok in {elapsed:.1f}s, "
               f"ITL p99 {_ms(s['itl_s']['p99'])}, TTFT p50 {_ms(s['ttft_s']['p50'])}, "
               f"{s['output_tok_s']:.1f} output tok/s", flush=True)
-        entry["client"] = {"t0_monotonic_s": probe.get("t0_monotonic_s"),
-                           "loop_lags": probe.get("loop_lags", [])}
+        entry["client"] = {"processes": profile.client_processes, "t0_monotonic_s": probe.get("t0_monotonic_s"),
+                           "loop_lags": probe.get("loop_lags", []), "workers": probe.get("workers")}
         try:  # diagnosis only: a failure here must not lose the mode's measurements
             entry["timeline"] = fetch_timelines(cfg, load_window, top=200)
             print_timelines(mode, entry["timeline"])
@@ -387,6 +395,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--concurrency", type=int, default=None, help="short streams (default: the profile's)")
     parser.add_argument("--long-interval-s", type=float, default=None, help="mean gap between long prompts")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine step token budget")
+    parser.add_argument("--client-processes", type=int, default=None,
+                        help="load client processes, the streams split over them (default: the profile's: "
+                             + ", ".join(f"{p.name} {p.client_processes}" for p in PROFILES.values()) + ")")
     parser.add_argument("--transport", choices=("gloo", "nccl"), default=None)
     parser.add_argument("--disagg-mode", choices=("auto", "disaggregated"), default=None)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset, in this order")
@@ -405,6 +416,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.max_num_batched_tokens:
         profile = dataclasses.replace(profile, engine={**profile.engine,
                                                        "max_num_batched_tokens": args.max_num_batched_tokens})
+    if args.client_processes is not None:
+        if args.client_processes < 1:
+            parser.error("--client-processes must be at least 1")
+        profile = dataclasses.replace(profile, client_processes=args.client_processes)
     duration_s = args.duration_s or profile.duration_s
     drain_s = profile.drain_s if args.drain_s is None else args.drain_s
     mode_timeout_s = args.mode_timeout_s or profile.deploy_timeout_s + duration_s + drain_s + 30
@@ -437,7 +452,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "benchmark": "disagg_serve", "profile": profile.name, "machine": machine_info,
             "python": sys.version.split()[0], "time": time.time(), "argv": sys.argv[1:],
             "transport": transport, "disagg_mode": disagg_mode, "duration_s": duration_s, "drain_s": drain_s,
-            "workload": dataclasses.asdict(workload),
+            "workload": dataclasses.asdict(workload), "client_processes": profile.client_processes,
             "configs": {m: {"engine": dataclasses.asdict(c.engine), "replicas": dataclasses.asdict(c.replicas),
                             "disaggregation": dataclasses.asdict(c.disaggregation)} for m, c in configs.items()},
             "results": {}, "ratios": {}}

@@ -6,17 +6,20 @@
 Prompts are random token ids sent to ``/v1/completions`` with ``ignore_eos``, so lengths
 are exact and no prefix is shared; the same seed gives the same requests in the same order.
 Per request the client records its TTFT and every gap between content chunks (ITL).
+``drive`` runs it all in this process's event loop; ``bench/client_pool.py`` spreads it over
+several processes (``send_share`` is the part each of them runs).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import httpx
 
@@ -111,58 +114,93 @@ async def stream_one(client: httpx.AsyncClient, model: str, record: Record, prom
 
 async def drive(url: str, model: str, workload: Workload, duration_s: float, drain_s: float,
                 probe: Optional[dict] = None) -> tuple[list[Record], float]:
-    """Runs the workload; returns the records and the seconds from the start to the last finish.
+    """Runs the workload in this process; returns the records and the seconds from the start to the
+    last finish (``bench/client_pool.py`` spreads it over several processes).
 
     Requests still running ``drain_s`` after the last one was sent are cancelled (counted as errors).
+    Short requests take their indices from one counter, in the order they are sent.
     ``probe`` (a dict) gets ``t0_monotonic_s`` (the records' time origin: ``perf_counter`` and
     ``monotonic`` are both CLOCK_MONOTONIC on Linux, the clock of the servers' timelines) and
     ``loop_lags``: when this client's own event loop woke more than 3 ms late from a 2 ms sleep
     (``StepTimeline.watch_loop_lag``), as (t_s, lag_ms), so a stall the client itself caused is not
     blamed on the servers.
     """
-    records: list[Record] = []
-    limits = httpx.Limits(max_connections=workload.concurrency + 64, max_keepalive_connections=workload.concurrency + 64)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(duration_s + drain_s + 60)) as client:
+    async with open_client(url, workload, duration_s, drain_s) as client:
         t0 = time.perf_counter()
-        next_short = [0]
-        tasks: list[asyncio.Task] = []
-        lags = StepTimeline()  # only its loop-lag watcher is used here
-        lag_task = (asyncio.create_task(lags.watch_loop_lag(period_s=0.002, min_lag_s=0.003))
-                    if probe is not None else None)
+        lags = StepTimeline() if probe is not None else None  # only its loop-lag watcher is used
+        next_short = itertools.count()  # shared by all streams
+        records = await send_share(client, model, workload, [next_short] * workload.concurrency,
+                                   list(enumerate(workload.long_arrivals(duration_s))), t0, duration_s,
+                                   drain_s, lags)
+        elapsed = last_finish_s(records, t0)
+        if lags is not None:
+            probe.update(t0_monotonic_s=t0, loop_lags=loop_lag_rows(lags, t0))
+    return records, elapsed
 
-        async def short_loop() -> None:
-            while time.perf_counter() - t0 < duration_s:
-                i = next_short[0]
-                next_short[0] += 1
-                prompt, max_tokens = workload.short(i)
-                record = Record("short", i, len(prompt), max_tokens)
-                records.append(record)
-                await stream_one(client, model, record, prompt, t0)
 
-        async def long_at(i: int, at_s: float) -> None:
-            await asyncio.sleep(max(0.0, at_s - (time.perf_counter() - t0)))
-            prompt, max_tokens = workload.long(i)
-            record = Record("long", i, len(prompt), max_tokens)
+def open_client(url: str, workload: Workload, duration_s: float, drain_s: float) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=workload.concurrency + 64, max_keepalive_connections=workload.concurrency + 64)
+    return httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(duration_s + drain_s + 60))
+
+
+async def send_share(client: httpx.AsyncClient, model: str, workload: Workload,
+                     short_indices: list[Iterator[int]], long_arrivals: list[tuple[int, float]], t0: float,
+                     duration_s: float, drain_s: float, lags: Optional[StepTimeline]) -> list[Record]:
+    """Sends one process's share of the workload from ``t0`` on (waits for it); returns its records.
+
+    ``short_indices``: one iterator per closed-loop stream, giving the short indices it sends (the
+    same iterator for several streams shares their sequence). ``long_arrivals``: (long index, seconds
+    after ``t0``). Requests still running ``drain_s`` after ``t0 + duration_s`` are cancelled and
+    recorded as errors. ``lags``, if given, watches this loop from ``t0`` to the end of the drain.
+    """
+    delay = t0 - time.perf_counter()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    records: list[Record] = []
+    lag_task = (asyncio.create_task(lags.watch_loop_lag(period_s=0.002, min_lag_s=0.003))
+                if lags is not None else None)
+
+    async def short_loop(indices: Iterator[int]) -> None:
+        while time.perf_counter() - t0 < duration_s:
+            i = next(indices)
+            prompt, max_tokens = workload.short(i)
+            record = Record("short", i, len(prompt), max_tokens)
             records.append(record)
             await stream_one(client, model, record, prompt, t0)
 
-        tasks += [asyncio.create_task(short_loop()) for _ in range(workload.concurrency)]
-        tasks += [asyncio.create_task(long_at(i, t)) for i, t in enumerate(workload.long_arrivals(duration_s))]
-        _, pending = await asyncio.wait(tasks, timeout=duration_s + drain_s)
+    async def long_at(i: int, at_s: float) -> None:
+        await asyncio.sleep(max(0.0, at_s - (time.perf_counter() - t0)))
+        prompt, max_tokens = workload.long(i)
+        record = Record("long", i, len(prompt), max_tokens)
+        records.append(record)
+        await stream_one(client, model, record, prompt, t0)
+
+    tasks = [asyncio.create_task(short_loop(indices)) for indices in short_indices]
+    tasks += [asyncio.create_task(long_at(i, at_s)) for i, at_s in long_arrivals]
+    if tasks:
+        drain_end = t0 + duration_s + drain_s
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, drain_end - time.perf_counter()))
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        for record in records:
-            if not record.ok and record.error is None:
-                record.error = "cancelled: still running at the end of the drain"
-        ends = [r.start_s + r.e2e_s for r in records if r.ok]
-        elapsed = max(ends) if ends else time.perf_counter() - t0
-        if lag_task is not None:
-            lag_task.cancel()
-            probe.update(t0_monotonic_s=t0,
-                         loop_lags=[(round(e.start_s - t0, 4), round((e.end_s - e.start_s) * 1e3, 2))
-                                    for e in lags.events])
-    return records, elapsed
+    for record in records:
+        if not record.ok and record.error is None:
+            record.error = "cancelled: still running at the end of the drain"
+    if lag_task is not None:
+        lag_task.cancel()
+        await asyncio.gather(lag_task, return_exceptions=True)
+    return records
+
+
+def last_finish_s(records: list[Record], t0: float) -> float:
+    """Seconds from ``t0`` to the last successful finish (to now if none finished)."""
+    ends = [r.start_s + r.e2e_s for r in records if r.ok]
+    return max(ends) if ends else time.perf_counter() - t0
+
+
+def loop_lag_rows(lags: StepTimeline, t0: float) -> list[tuple[float, float]]:
+    """The watched loop lags as (seconds after ``t0``, lag ms)."""
+    return [(round(e.start_s - t0, 4), round((e.end_s - e.start_s) * 1e3, 2)) for e in lags.events]
 
 
 def summarize(records: list[Record], elapsed_s: float) -> dict:

@@ -50,6 +50,12 @@ def test_smoke_profile_is_cpu_gloo():
     assert configs["colocated"].replicas.num_gpus == 0 and configs["colocated"].replicas.num_cpus < 1
 
 
+def test_client_processes_per_profile():
+    """The GPU run's load client is 4 processes (one would lag at its ~4,000 tokens/s), the smoke
+    run's one (``tests/test_mixed_workload.py`` runs the client itself)."""
+    assert PROFILES["llama8b"].client_processes == 4 and PROFILES["tiny"].client_processes == 1
+
+
 def test_summary_splits_kinds_and_counts_errors():
     short = Record("short", 0, 20, 4, ok=True, ttft_s=0.1, e2e_s=0.4, itl_s=[0.1, 0.1, 0.1], num_chunks=4,
                    completion_tokens=4)
