@@ -1,6 +1,6 @@
 """Kernel benchmarks: paged decode / prefill attention and the fused layer kernels.
 
-    python -m bench.kernels [--out bench/results/kernels_<gpu>.json] [--quick]
+    python -m bench.kernels [--out bench/results/kernels_<gpu>.json] [--quick] [--rope-store]
 
 Decode attention at the Llama-3.1-8B shape (32 query heads, 8 KV heads, head_dim
 128, bf16, block_size 16) for batch 1/16/64/128 x context 512/2048/8192, against
@@ -11,8 +11,9 @@ Decode attention at the Llama-3.1-8B shape (32 query heads, 8 KV heads, head_dim
 Decode is timed as many forwards back to back inside one CUDA graph (as the
 engine's decode step runs), cycling over enough independent input sets that
 they don't fit in L2. Also: prefill attention throughput (TFLOP/s of the causal
-attention actually computed) and the fused RMSNorm / rotary / SiLU-and-mul kernels
-against their torch fallbacks. Prints a table and writes JSON with the GPU name.
+attention actually computed), the fused RMSNorm / rotary / SiLU-and-mul kernels
+against their torch fallbacks, and RoPE + K/V store as two launches vs one at decode
+shapes (``--rope-store``: only that). Prints tables and writes JSON with the GPU name.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 import os
 import statistics
 from dataclasses import replace
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -228,7 +230,7 @@ def fused_cases() -> list[dict]:
     q = qkv[:, :HQ * D].view(T, HQ, D)
     k = qkv[:, HQ * D:(HQ + HKV) * D].view(T, HKV, D)
     positions = torch.randint(0, 8192, (T,), device="cuda")
-    cos_sin = RotaryEmbedding(D, 8192, 500000.0)._cache(torch.device("cuda"))
+    cos_sin = RotaryEmbedding(D, 8192, 500000.0).cos_sin_cache(torch.device("cuda"))
     e = DTYPE.itemsize
     cases = [("rms_norm+residual", lambda m: m.rms_norm(x, w, 1e-5, res), 4 * T * H * e),
              ("silu_and_mul", lambda m: m.silu_and_mul(gate_up), 3 * T * inter * e),
@@ -241,6 +243,81 @@ def fused_cases() -> list[dict]:
         rows.append(dict(kernel=name, bytes=nbytes, triton_us=t_tr * 1e6, torch_us=t_th * 1e6,
                          floor_us=nbytes / BANDWIDTH * 1e6, of_floor=nbytes / BANDWIDTH / t_tr))
     return rows
+
+
+def rope_store_cases(batches=(1, 8, 32), ctx: int = 512, num_layers: int = 32) -> list[dict]:
+    """RoPE + K/V store at the 8B decode shape, unfused (the rotary kernel, then store_kv) vs
+    fused (rotary_store_kv); alone, and as a layer's whole attention (+ paged decode).
+
+    ``num_layers`` layers, each with its own qkv output and cache, back to back in one CUDA
+    graph, as a decode step runs them: the gap is mostly the launch the fusion removes.
+    """
+    from engine.attention import triton_kernels as tk
+    from engine.kernels import triton_ops
+    from engine.models.rotary import RotaryEmbedding
+    rope = RotaryEmbedding(D, 8192, 500000.0)
+    cos_sin = rope.cos_sin_cache(torch.device("cuda"))
+    unfused = TritonBackend(TritonAttentionConfig(fuse_rope_store=False))
+    fused = TritonBackend(TritonAttentionConfig(fuse_rope_store=True))
+    if not fused.fuse_rope_store:
+        print("  (KVMESH_DISABLE_FUSED_ROPE_STORE is set: the fused layer column runs unfused)")
+    rows = []
+    for batch in batches:
+        blocks_per_req = ctx // BS
+        layers = []
+        for _ in range(num_layers):
+            qkv = torch.randn(batch, (HQ + 2 * HKV) * D, device="cuda", dtype=DTYPE)
+            q, k, v = qkv.split([HQ * D, HKV * D, HKV * D], dim=-1)
+            cache = torch.randn(2, batch * blocks_per_req, BS, HKV, D, device="cuda", dtype=DTYPE)
+            tables = torch.randperm(batch * blocks_per_req, device="cuda").to(torch.int32)
+            tables = tables.view(batch, blocks_per_req)
+            positions = torch.full((batch,), ctx - 1, device="cuda")
+            meta = AttentionMetadata(
+                slot_mapping=tables[:, -1].long() * BS + (ctx - 1) % BS,
+                query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device="cuda"),
+                seq_lens=torch.full((batch,), ctx, dtype=torch.int32, device="cuda"),
+                block_tables=tables, max_query_len=1, max_seq_len=ctx,
+                query_start_loc_cpu=list(range(batch + 1)), seq_lens_cpu=[ctx] * batch)
+            out = torch.empty(batch, HQ, D, device="cuda", dtype=DTYPE)
+            layers.append((positions, q.view(batch, HQ, D), k.view(batch, HKV, D),
+                           v.view(batch, HKV, D), cache, meta, out))
+
+        def two_launches(pos, q, k, v, cache, meta, out):
+            triton_ops.rotary_embedding(pos, q, k, cos_sin)
+            tk.store_kv(k, v, cache, meta.slot_mapping)
+
+        def one_launch(pos, q, k, v, cache, meta, out):
+            tk.rotary_store_kv(pos, q, k, v, cos_sin, cache, meta.slot_mapping)
+
+        def layer(backend):
+            return lambda pos, q, k, v, cache, meta, out: backend.forward_with_rotary(
+                rope, pos, q, k, v, cache, meta, D ** -0.5, out=out)
+
+        times = {}
+        for name, fn in (("unfused", two_launches), ("fused", one_launch),
+                         ("layer_unfused", layer(unfused)), ("layer_fused", layer(fused))):
+            fns = [lambda a=a, fn=fn: fn(*a) for a in layers]
+            times[name] = time_in_graph(fns, reps=4 * num_layers) * 1e6
+        rows.append(dict(batch=batch, ctx=ctx, num_layers=num_layers,
+                         **{f"{name}_us": t for name, t in times.items()},
+                         fused_over_unfused=times["fused"] / times["unfused"],
+                         layer_fused_over_unfused=times["layer_fused"] / times["layer_unfused"],
+                         step_saving_us=num_layers * (times["layer_unfused"] - times["layer_fused"])))
+        del layers
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_rope_store(rows: list[dict]) -> None:
+    print(f"\nRoPE + K/V store, 8B decode shape (Hq {HQ}, Hkv {HKV}, D {D}, bf16), us a layer, "
+          f"{rows[0]['num_layers']} layers back to back in one CUDA graph")
+    print(f"{'batch':>5} {'rot+store':>10} {'fused':>7} {'ratio':>6} {'layer':>8} {'layer fused':>12} "
+          f"{'ratio':>6} {'step saves us':>14}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['unfused_us']:>10.2f} {r['fused_us']:>7.2f} "
+              f"{r['fused_over_unfused']:>6.2f} {r['layer_unfused_us']:>8.2f} "
+              f"{r['layer_fused_us']:>12.2f} {r['layer_fused_over_unfused']:>6.2f} "
+              f"{r['step_saving_us']:>14.1f}", flush=True)
 
 
 def sweep(result: dict) -> None:
@@ -292,6 +369,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="also time tile / split variants")
     parser.add_argument("--skip-prefill", action="store_true")
+    parser.add_argument("--rope-store", action="store_true",
+                        help="only the RoPE + K/V store case (unfused vs fused)")
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -300,7 +379,12 @@ def main() -> None:
           f"copy bandwidth {BANDWIDTH / 1e12:.2f} TB/s (read + write)")
     result = dict(gpu=props.name, num_sms=props.multi_processor_count, torch=torch.__version__,
                   copy_bandwidth_tb_s=BANDWIDTH / 1e12, decode=[], prefill=[], fused=[],
-                  decode_variants=[], prefill_variants=[])
+                  decode_variants=[], prefill_variants=[], rope_store=[])
+    if args.rope_store:
+        result["rope_store"] = rope_store_cases()
+        print_rope_store(result["rope_store"])
+        write_result(result, args.out, "rope_store_" + props.name)
+        return
 
     backend = TritonBackend()
     batches, ctxs = ([1, 64], [512, 8192]) if args.quick else ([1, 16, 64, 128], [512, 2048, 8192])
@@ -334,9 +418,15 @@ def main() -> None:
         result["fused"].append(row)
         print(f"  {row['kernel']:<24} triton {row['triton_us']:8.1f} us  torch {row['torch_us']:8.1f} us  "
               f"floor {row['floor_us']:6.1f} us ({row['of_floor']:.0%})", flush=True)
+    result["rope_store"] = rope_store_cases()
+    print_rope_store(result["rope_store"])
 
-    out = args.out or os.path.join("bench", "results",
-                                   "kernels_" + props.name.lower().replace(" ", "_") + ".json")
+    write_result(result, args.out, props.name)
+
+
+def write_result(result: dict, out: Optional[str], name: str) -> None:
+    """To ``out``, or bench/results/kernels_<name>.json."""
+    out = out or os.path.join("bench", "results", "kernels_" + name.lower().replace(" ", "_") + ".json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

@@ -4,6 +4,8 @@ One ``forward`` is at most three launches, none of which reads the device to
 size its grid (the host copies in ``AttentionMetadata`` suffice)::
 
     store_kv                         new K/V -> slot_mapping
+      (forward_with_rotary: rotary_store_kv, RoPE on q in place and on k on its way to
+       the cache, replaces the model's rotary launch and this one)
     all requests decoding (max_query_len == 1):
         paged_decode (+ reduce)      grid (R, Hkv, splits), splits = f(R) only -> graph-capturable
     otherwise (prefill, chunked prefill, prefix hits, decodes mixed in):
@@ -16,13 +18,17 @@ Kernels live in ``engine/attention/triton_kernels.py``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.attention import triton_kernels as tk
+
+# Set to 1 to turn the fused RoPE + K/V store off whatever the config says (A/B runs).
+DISABLE_FUSED_ROPE_STORE_ENV = "KVMESH_DISABLE_FUSED_ROPE_STORE"
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ class TritonAttentionConfig:
     prefill_block_n: int = 64
     prefill_num_stages: int = 2
     decode_num_splits: Optional[int] = None  # fixed split count (tests); None: from batch size
+    # RoPE rides along the K/V store (forward_with_rotary): one launch a layer fewer, same bits.
+    fuse_rope_store: bool = True
 
 
 class TritonBackend(AttentionBackend):
@@ -53,6 +61,8 @@ class TritonBackend(AttentionBackend):
 
     def __init__(self, config: TritonAttentionConfig = TritonAttentionConfig()) -> None:
         self.config = config
+        self.fuse_rope_store = config.fuse_rope_store and os.environ.get(
+            DISABLE_FUSED_ROPE_STORE_ENV, "0") in ("", "0")
         self._num_sms: dict[torch.device, int] = {}
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -63,6 +73,38 @@ class TritonBackend(AttentionBackend):
         ``out`` (T, Hq, D), optional: written in place (static buffers of a CUDA graph, tests).
         """
         tk.store_kv(key, value, kv_cache, meta.slot_mapping)
+        return self._attend(query, kv_cache, meta, scale, out)
+
+    def forward_with_rotary(self, rotary: Callable, positions: torch.Tensor, query: torch.Tensor,
+                            key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                            meta: AttentionMetadata, scale: float, *,
+                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``rotary`` then ``forward`` (base contract), fused when the rotary offers its table.
+
+        Fused: one ``rotary_store_kv`` launch rotates query in place and writes the rotated
+        key and value into the cache, instead of the rotary kernel then ``store_kv``; query
+        and the cache are bit for bit the same (key is left unrotated). Its grid is (T,),
+        so it is captured in CUDA graphs like ``store_kv``.
+        """
+        cos_sin = self._rope_table(rotary, query)
+        if cos_sin is None:
+            query, key = rotary(positions, query, key)
+            return self.forward(query, key, value, kv_cache, meta, scale, out=out)
+        tk.rotary_store_kv(positions, query, key, value, cos_sin, kv_cache, meta.slot_mapping)
+        return self._attend(query, kv_cache, meta, scale, out)
+
+    def _rope_table(self, rotary: Callable, query: torch.Tensor) -> Optional[torch.Tensor]:
+        """The (max_position, D) fp32 [cos | sin] table to fuse with, or None to run unfused:
+        fusion off, or a rotary without a whole-head neox table (``cos_sin_cache``)."""
+        table_of = getattr(rotary, "cos_sin_cache", None)
+        if not self.fuse_rope_store or table_of is None:
+            return None
+        cos_sin = table_of(query.device)
+        return cos_sin if cos_sin.shape[-1] == query.shape[-1] else None
+
+    def _attend(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float, out: Optional[torch.Tensor]) -> torch.Tensor:
+        """Attention over the cache, the step's K/V already stored; returns out (T, Hq, D)."""
         if out is None:
             out = torch.empty_like(query)  # (T, Hq, D)
         num_reqs = meta.num_reqs

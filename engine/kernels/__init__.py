@@ -7,6 +7,8 @@
         in place; q (T, Hq, D), k (T, Hkv, D), positions (T,), cos_sin_cache
         (max_position, rot_dim) fp32 = [cos | sin] as ``RotaryEmbedding`` builds it;
         neox / "rotate half" pairs (i, i + rot_dim/2) over the first rot_dim dims.
+        (On the Triton attention backend the model's RoPE usually runs inside the K/V
+        store instead: ``rotary_store_kv`` in engine/attention/triton_kernels.py.)
     silu_and_mul(x) -> out
         x (..., 2I) = [gate | up] -> (..., I) = silu(gate) * up.
 

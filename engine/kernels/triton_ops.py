@@ -56,16 +56,37 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _rotate_heads(x_ptr, t, stride_t, stride_h, cos, sin, num_heads,
-                  HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEADS_PAD: tl.constexpr):
+def cos_sin_at(cos_sin_ptr, pos_ptr, t, stride_cs, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    """(1, HALF_PAD) fp32 cos and sin at token t's position (padding lanes 0)."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    i = tl.arange(0, HALF_PAD)
+    row = cos_sin_ptr + pos * stride_cs
+    cos = tl.load(row + i, mask=i < HALF, other=0.0)[None, :]
+    sin = tl.load(row + HALF + i, mask=i < HALF, other=0.0)[None, :]
+    return cos, sin
+
+
+@triton.jit
+def rotate_heads(src_ptr, dst_ptr, stride_src_h, stride_dst_h, cos, sin, num_heads,
+                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEADS_PAD: tl.constexpr):
+    """Rotates heads 0 .. num_heads-1 of one token from src to dst (each pointing at head 0).
+
+    src and dst may be the same memory (in place). fp32 inside, rounded once to the source
+    dtype, then converted to the destination's (a no-op when they match): so the rotated key
+    that engine/attention/triton_kernels.py's fused store writes into the KV cache is bit for
+    bit the one this kernel leaves in k for store_kv to copy there.
+    """
     h = tl.arange(0, HEADS_PAD)[:, None]
     i = tl.arange(0, HALF_PAD)[None, :]
     mask = (h < num_heads) & (i < HALF)
-    p1 = x_ptr + t * stride_t + h * stride_h + i  # (HEADS_PAD, HALF_PAD) first halves
-    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(p1, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+    src = src_ptr + h * stride_src_h + i  # (HEADS_PAD, HALF_PAD) first halves
+    dst = dst_ptr + h * stride_dst_h + i
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    out1 = (x1 * cos - x2 * sin).to(src_ptr.dtype.element_ty)
+    out2 = (x2 * cos + x1 * sin).to(src_ptr.dtype.element_ty)
+    tl.store(dst, out1.to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, out2.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -74,12 +95,12 @@ def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cos_sin_ptr, stride_qt, stride_qh, str
                    HALF: tl.constexpr, HALF_PAD: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
                    KV_HEADS_PAD: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    i = tl.arange(0, HALF_PAD)
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + i, mask=i < HALF, other=0.0)[None, :]
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + i, mask=i < HALF, other=0.0)[None, :]
-    _rotate_heads(q_ptr, t, stride_qt, stride_qh, cos, sin, num_q_heads, HALF, HALF_PAD, Q_HEADS_PAD)
-    _rotate_heads(k_ptr, t, stride_kt, stride_kh, cos, sin, num_kv_heads, HALF, HALF_PAD, KV_HEADS_PAD)
+    cos, sin = cos_sin_at(cos_sin_ptr, pos_ptr, t, stride_cs, HALF, HALF_PAD)
+    q_row, k_row = q_ptr + t * stride_qt, k_ptr + t * stride_kt
+    rotate_heads(q_row, q_row, stride_qh, stride_qh, cos, sin, num_q_heads, HALF, HALF_PAD,
+                 Q_HEADS_PAD)
+    rotate_heads(k_row, k_row, stride_kh, stride_kh, cos, sin, num_kv_heads, HALF, HALF_PAD,
+                 KV_HEADS_PAD)
 
 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

@@ -85,9 +85,10 @@ class Attention(nn.Module):
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))  # (T, Hq, D), (T, Hkv, D), (T, Hkv, D)
         if self.q_norm is not None:  # Qwen3: RMSNorm over each head's D before RoPE
             q, k = self.q_norm.normalize(q), self.k_norm.normalize(k)
-        q, k = self.rotary(positions, q, k)
-        out = ctx.backend.forward(q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn_metadata,
-                                  self.scale)  # (T, Hq, D)
+        # RoPE, K/V store and attention; a backend may fuse the first two (one launch).
+        out = ctx.backend.forward_with_rotary(self.rotary, positions, q, k, v,
+                                              ctx.kv_caches[self.layer_idx], ctx.attn_metadata,
+                                              self.scale)  # (T, Hq, D)
         return self.o_proj(out.reshape(out.shape[0], -1))  # (T, H)
 
 

@@ -55,7 +55,10 @@ class RotaryEmbedding(nn.Module):
         # rebuilt on the right device after the loader materialises the model.
         self._cos_sin: Optional[torch.Tensor] = None  # (max_position, D) = [cos | sin], fp32
 
-    def _cache(self, device: torch.device) -> torch.Tensor:
+    def cos_sin_cache(self, device: torch.device) -> torch.Tensor:
+        """(max_position, D) fp32 [cos | sin] on ``device``: what the fused kernels gather from
+        (an attention backend may rotate with it while storing K/V, see
+        ``AttentionBackend.forward_with_rotary``)."""
         if self._cos_sin is None or self._cos_sin.device != device:
             inv_freq = inverse_frequencies(self.head_dim, self.theta, self.scaling).to(device)
             t = torch.arange(self.max_position, device=device, dtype=torch.float32)
@@ -67,8 +70,9 @@ class RotaryEmbedding(nn.Module):
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (T,); q (T, Hq, D), k (T, Hkv, D) -> rotated q, k (same shapes/dtypes)."""
         if q.is_cuda:  # fused Triton kernel, in place (q, k are views into the qkv output)
-            return fused.rotary_embedding(positions, q, k, self._cache(q.device))
-        cos, sin = self._cache(q.device)[positions].unsqueeze(1).chunk(2, dim=-1)  # (T, 1, D/2) each
+            return fused.rotary_embedding(positions, q, k, self.cos_sin_cache(q.device))
+        cos_sin = self.cos_sin_cache(q.device)[positions].unsqueeze(1)  # (T, 1, D)
+        cos, sin = cos_sin.chunk(2, dim=-1)  # (T, 1, D/2) each
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

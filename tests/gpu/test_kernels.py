@@ -36,7 +36,8 @@ def test_rotary_fallback_matches_layer():
     positions = torch.randint(0, 100, (7,))
     q, k = torch.randn(7, 4, 32), torch.randn(7, 2, 32)
     eq, ek = rope(positions, q, k)
-    gq, gk = torch_ops.rotary_embedding(positions, q.clone(), k.clone(), rope._cache(q.device))
+    gq, gk = torch_ops.rotary_embedding(positions, q.clone(), k.clone(),
+                                        rope.cos_sin_cache(q.device))
     torch.testing.assert_close(gq, eq)
     torch.testing.assert_close(gk, ek)
 
@@ -81,7 +82,7 @@ def test_rotary_triton_in_place_on_qkv_views(dtype, head_dim, rot_dim, heads):
     num_q, num_kv = heads
     num_tokens = 53
     rope = RotaryEmbedding(rot_dim, 4096, 500000.0)
-    cache = rope._cache(torch.device("cuda"))  # (4096, rot_dim) fp32 [cos | sin]
+    cache = rope.cos_sin_cache(torch.device("cuda"))  # (4096, rot_dim) fp32 [cos | sin]
     positions = torch.randint(0, 4096, (num_tokens,), device="cuda")
     qkv = torch.randn(num_tokens, (num_q + 2 * num_kv) * head_dim, device="cuda").to(dtype)
     q, k, v = qkv.split([num_q * head_dim, num_kv * head_dim, num_kv * head_dim], dim=-1)
