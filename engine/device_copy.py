@@ -25,13 +25,27 @@ def to_device(values: "Sequence[int] | Sequence[float] | np.ndarray", dtype: tor
     return host.pin_memory().to(device, non_blocking=True)
 
 
+ALIGN_BYTES = 16
+
+
 def packed_to_device(parts: Sequence["Sequence[int] | np.ndarray"], dtype: torch.dtype,
                      device: torch.device) -> list[torch.Tensor]:
-    """Several int arrays in one staging buffer and one copy; returns a device view per part."""
-    arrays = [np.asarray(p, dtype=np.int64 if dtype == torch.long else np.int32).ravel() for p in parts]
-    flat = to_device(np.concatenate(arrays) if arrays else np.zeros(0), dtype, device)
-    views, start = [], 0
+    """Several int arrays in one staging buffer and one copy; returns a device view per part.
+
+    Each view starts on a 16-byte boundary. Triton specializes a kernel on whether each
+    pointer argument is 16-byte aligned, so views at offsets that depend on the batch (the
+    sequence lengths after R + 1 query starts) would make new variants of the attention
+    kernels appear mid-serving, each a JIT compile of about a second in the engine thread.
+    """
+    np_dtype = np.int64 if dtype == torch.long else np.int32
+    per_align = ALIGN_BYTES // np.dtype(np_dtype).itemsize
+    arrays = [np.asarray(p, dtype=np_dtype).ravel() for p in parts]
+    starts, padded = [], []
+    size = 0
     for a in arrays:
-        views.append(flat[start:start + a.size])
-        start += a.size
-    return views
+        starts.append(size)
+        pad = -a.size % per_align
+        padded.append(np.pad(a, (0, pad)) if pad else a)
+        size += a.size + pad
+    flat = to_device(np.concatenate(padded) if padded else np.zeros(0, dtype=np_dtype), dtype, device)
+    return [flat[start:start + a.size] for start, a in zip(starts, arrays)]

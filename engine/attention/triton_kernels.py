@@ -196,7 +196,11 @@ def _attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0, kv_
 
 # ---- decode (flash-decoding) -----------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["num_splits"])
+# The block table's row stride (its width: the batch's longest request, in blocks) changes from
+# step to step; specialized (== 1, % 16) it would make a new variant, a JIT compile of about a
+# second mid-serving, the first time each kind of width appears (so would an unaligned pointer:
+# engine/device_copy.packed_to_device aligns the step's index arrays).
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
                    query_start_ptr, out_ptr, part_out_ptr, part_lse_ptr,
                    scale_log2, num_splits, stride_qt, stride_qh, stride_ot, stride_oh,
@@ -314,7 +318,7 @@ def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
 
 # ---- prefill / mixed -------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["num_reqs"])
+@triton.jit(do_not_specialize=["num_reqs", "stride_bt"])  # stride_bt: see _decode_kernel
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
                     query_start_ptr, out_ptr, scale_log2, num_reqs,
                     stride_qt, stride_qh, stride_ot, stride_oh,
