@@ -133,8 +133,10 @@ def test_fused_decode_in_a_cuda_graph():
     rng = random.Random(1)
     cases = [make_case([(rng.randrange(1, 3000), 1) for _ in range(batch)], 32, 8, 128, 16,
                        torch.bfloat16, "cuda", seed=s) for s in range(3)]
-    num_blocks = max(c.kv_cache.shape[1] for c in cases)
     static = make_case([(width * 16 - 1, 1)] * batch, 32, 8, 128, 16, torch.bfloat16, "cuda", seed=9)
+    # Room for every case's blocks and for the static case's own slots (the eager warm-up call
+    # writes there): a smaller cache made that call write past its end.
+    num_blocks = max(c.kv_cache.shape[1] for c in cases + [static])
     static.kv_cache = torch.zeros(2, num_blocks, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
     static.meta.block_tables = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
     positions = torch.zeros(batch, dtype=torch.long, device="cuda")
