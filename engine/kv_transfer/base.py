@@ -48,7 +48,12 @@ class PairCommunicator(ABC):
 
     @abstractmethod
     def recv(self, tensor: Any, timeout_s: float) -> None:
-        """Blocks until ``tensor`` is filled; raises ``KVTransferError`` on failure or timeout."""
+        """Blocks until ``tensor`` (from ``empty``) is filled; raises ``KVTransferError`` on failure or timeout."""
+
+    def empty(self, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
+        """A new tensor to ``recv`` into, its memory ordered with this pair's transfers."""
+        import torch
+        return torch.empty(shape, dtype=dtype, device=device)
 
     def close(self) -> None:
         """Releases the pair (a failed pair is closed so its peer's pending call fails too)."""

@@ -45,6 +45,8 @@ def scatter_blocks(kv_caches: list[torch.Tensor], block_ids: Sequence[int], kv: 
                          f"blocks of this cache: expected {expected} {first.dtype}")
     from engine.device_copy import to_device
     kv = kv.to(first.device, non_blocking=True)
+    if kv.is_cuda:  # received on a pair's stream (PairCommunicator.empty), read on this one:
+        kv.record_stream(torch.cuda.current_stream(kv.device))  # not reused before the copy ran
     # Queued, not waited for: a blocking copy here would stall the decode replica's engine
     # thread until the step in flight ends, once per arriving prompt (engine/device_copy.py).
     index = to_device(list(block_ids), torch.long, first.device)

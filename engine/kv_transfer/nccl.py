@@ -39,11 +39,22 @@ class NcclPair(PairCommunicator):
         self._device = device
         self._stream = torch.cuda.Stream(device)
 
+    # Neither call waits for the compute stream: that stream runs the replica's next steps, and
+    # a pair stream ordered after it made every hand-off wait for the step in flight (decode,
+    # ~5 ms) or, on the prefill side, for the steps queued after the export (tens of ms).
     def send(self, tensor: torch.Tensor, timeout_s: float) -> None:
+        """``tensor``'s writes must be complete (``export_kv`` synchronizes after its gather)."""
         self._run("send", tensor, timeout_s)
 
     def recv(self, tensor: torch.Tensor, timeout_s: float) -> None:
+        """Into a tensor from ``empty``: allocated on this pair's stream, so memory the caching
+        allocator hands out again is ordered after its last use there."""
         self._run("recv", tensor, timeout_s)
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        # Whoever reads it on another stream records that stream on it (scatter_blocks does).
+        with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
+            return torch.empty(shape, dtype=dtype, device=self._device)
 
     def _run(self, op: str, tensor: torch.Tensor, timeout_s: float) -> None:
         if self._comm is None:
@@ -51,8 +62,6 @@ class NcclPair(PairCommunicator):
         assert tensor.is_contiguous() and tensor.device == self._device
         nbytes = tensor.numel() * tensor.element_size()
         with torch.cuda.device(self._device):
-            # The staging tensor was written on the compute stream; order after that work.
-            self._stream.wait_stream(torch.cuda.current_stream(self._device))
             getattr(self._comm, op)(tensor.data_ptr(), nbytes, _NCCL_UINT8, self._peer,
                                     self._stream.cuda_stream)
             done = torch.cuda.Event()

@@ -194,7 +194,7 @@ class KVReceiver:
         if dtype is None:
             return KVArrival(header, error=f"unsupported KV dtype {header.dtype!r}")
         # On this (the event loop's) thread: a device allocation here may block the loop.
-        kv = torch.empty(header.shape, dtype=dtype, device=self.backend.device)
+        kv = comm.empty(header.shape, dtype, self.backend.device)
         allocated = time.monotonic()
         num_bytes = kv.numel() * kv.element_size()
         try:
