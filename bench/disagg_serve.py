@@ -158,7 +158,8 @@ def make_llama8b_checkpoint(path: str) -> str:
     return path
 
 
-def app_configs(profile: Profile, model: str, transport: str, disagg_mode: str) -> dict[str, DeploymentConfig]:
+def app_configs(profile: Profile, model: str, transport: str, disagg_mode: str,
+                overlap_prefill: bool = False) -> dict[str, DeploymentConfig]:
     """Both modes' ``DeploymentConfig``s from the profile's base YAML (same engine options)."""
     base = yaml.safe_load((ROOT / profile.base_config).read_text())
     base.update(model=model, served_model_name=profile.served_model_name)
@@ -174,7 +175,7 @@ def app_configs(profile: Profile, model: str, transport: str, disagg_mode: str) 
     disagg["name"] = "disagg-serve-disaggregated"
     pools = base.get("disaggregation", {})
     disagg["disaggregation"] = {
-        **pools, "mode": disagg_mode, "transport": transport,
+        **pools, "mode": disagg_mode, "transport": transport, "overlap_prefill": overlap_prefill,
         "auto_min_uncached_tokens": profile.auto_min_uncached_tokens,
         "prefill": {**pools.get("prefill", {}), "replicas": replicas, **profile.prefill_pool},
         "decode": {**pools.get("decode", {}), "replicas": replicas}}
@@ -400,6 +401,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                              + ", ".join(f"{p.name} {p.client_processes}" for p in PROFILES.values()) + ")")
     parser.add_argument("--transport", choices=("gloo", "nccl"), default=None)
     parser.add_argument("--disagg-mode", choices=("auto", "disaggregated"), default=None)
+    parser.add_argument("--overlap-prefill", action="store_true",
+                        help="disaggregated mode: prefill alongside the decode reservation")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset, in this order")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=None)
@@ -440,7 +443,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     query = threading.Thread(target=lambda: machine_info.update(machine()), daemon=True)
     query.start()  # CUDA is initialized in a child process meanwhile
     model = profile.model or make_llama8b_checkpoint("/tmp/kvmesh-llama8b-dummy-131k")
-    configs = app_configs(profile, model, transport, disagg_mode)
+    configs = app_configs(profile, model, transport, disagg_mode, args.overlap_prefill)
     start_ray(num_cpus=profile.ray_num_cpus)
     try:
         query.join()
@@ -451,7 +454,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         result: dict[str, Any] = {
             "benchmark": "disagg_serve", "profile": profile.name, "machine": machine_info,
             "python": sys.version.split()[0], "time": time.time(), "argv": sys.argv[1:],
-            "transport": transport, "disagg_mode": disagg_mode, "duration_s": duration_s, "drain_s": drain_s,
+            "transport": transport, "disagg_mode": disagg_mode, "overlap_prefill": args.overlap_prefill,
+            "duration_s": duration_s, "drain_s": drain_s,
             "workload": dataclasses.asdict(workload), "client_processes": profile.client_processes,
             "configs": {m: {"engine": dataclasses.asdict(c.engine), "replicas": dataclasses.asdict(c.replicas),
                             "disaggregation": dataclasses.asdict(c.disaggregation)} for m, c in configs.items()},

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
 from engine.config import EngineConfig
-from engine.kv_transfer.plan import (KVArrival, KVExport, KVReservation, KVTransferPlan,
+from engine.kv_transfer.plan import (DeferredPlan, KVArrival, KVExport, KVReservation, KVTransferPlan,
                                      TransferFailurePolicy)
 from engine.llm_engine import LLMEngine, PromptType
 from engine.outputs import EngineStats, RequestOutput
@@ -220,7 +220,7 @@ class AsyncLLM:
             yield item.reservation if isinstance(item, _Reserved) else item
 
     async def prefill(self, prompt: PromptType, sampling_params: Optional[SamplingParams],
-                      request_id: str, plan: KVTransferPlan,
+                      request_id: str, plan: "KVTransferPlan | DeferredPlan",
                       priority: int = 0) -> tuple[RequestOutput, Optional[KVExport]]:
         """Prefill side: computes the prompt and samples the first token.
 
@@ -397,7 +397,7 @@ class AsyncLLM:
             engine.add_request(command.request_id, command.prompt, command.params, priority=command.priority,
                                stream_interval=command.stream_interval,
                                max_outputs_per_step=command.max_outputs_per_step)
-        elif isinstance(mode, KVTransferPlan):
+        elif isinstance(mode, (KVTransferPlan, DeferredPlan)):
             engine.add_prefill_request(command.request_id, command.prompt, command.params, mode,
                                        priority=command.priority)
         else:

@@ -32,8 +32,8 @@ from engine.executor import Executor, make_executor, resolve_device, resolve_max
 from engine.models.spec import ModelSpec
 from engine.output_processor import OutputProcessor
 from engine.outputs import EngineStats, RequestOutput
-from engine.kv_transfer.plan import (KVArrival, KVExport, KVReservation, KVTransferPlan, KVTransferRole,
-                                     TransferFailurePolicy)
+from engine.kv_transfer.plan import (DeferredPlan, KVArrival, KVExport, KVReservation, KVTransferPlan,
+                                     KVTransferRole, TransferFailurePolicy)
 from engine.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -67,7 +67,7 @@ class LLMEngine:
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         # Disaggregated serving: plans of prefill-only requests, and their staged KV after a step.
-        self._export_plans: dict[str, KVTransferPlan] = {}
+        self._export_plans: dict[str, KVTransferPlan | DeferredPlan] = {}
         self._kv_exports: list[KVExport] = []
         self.num_kv_recomputes = 0  # decode side: leases that fell back to computing the prompt
         self.async_scheduling = self._resolve_async_scheduling()
@@ -224,8 +224,9 @@ class LLMEngine:
 
     # ---- disaggregated serving (engine/kv_transfer) --------------------------------------------
     def add_prefill_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams],
-                            plan: KVTransferPlan, priority: int = 0) -> None:
-        """Prefill only: compute the prompt, sample the first token, export the prompt's KV.
+                            plan: "KVTransferPlan | DeferredPlan", priority: int = 0) -> None:
+        """Prefill only: compute the prompt, sample the first token, export the prompt's KV
+        (every prompt block when the plan is deferred).
 
         After the step that samples the first token, the staged KV of the blocks the
         plan asks for is in ``take_kv_exports()`` and the request is gone from this
@@ -235,10 +236,10 @@ class LLMEngine:
         params = params or SamplingParams()
         if params.n != 1:
             raise ValueError("disaggregated prefill supports n == 1 only")
-        reservation = plan.reservation
         _, prompt_ids = self.tokenize_prompt(prompt)
         num_blocks = self.scheduler.kv_cache_manager.num_blocks_for(len(prompt_ids))
-        if (reservation.num_prompt_tokens != len(prompt_ids)
+        reservation = plan.reservation if isinstance(plan, KVTransferPlan) else None
+        if reservation is not None and (reservation.num_prompt_tokens != len(prompt_ids)
                 or reservation.first_block_index + reservation.num_blocks != num_blocks):
             raise ValueError(f"the KV reservation for {request_id} ({reservation.first_block_index} cached "
                              f"+ {reservation.num_blocks} reserved blocks, {reservation.num_prompt_tokens} "
@@ -256,7 +257,7 @@ class LLMEngine:
         manager = self.scheduler.kv_cache_manager
         for request in self.scheduler.remote_kv.take_exports():
             plan = self._export_plans.pop(request.request_id)
-            first = plan.reservation.first_block_index
+            first = plan.reservation.first_block_index if isinstance(plan, KVTransferPlan) else 0
             block_ids = request.block_ids[first:manager.num_blocks_for(request.num_prompt_tokens)]
             kv = self.executor.export_kv(block_ids)
             token_logprobs = logprobs.get(request.request_id)

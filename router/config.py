@@ -241,6 +241,9 @@ class DisaggregationConfig:
     transfer_timeout_s: float = 30.0  # one pair send/recv (and pair creation)
     on_transfer_failure: TransferFailurePolicy = TransferFailurePolicy.RECOMPUTE
     max_decode_retries: int = 1  # a dead decode replica: restart the request on another this often
+    # DISAGGREGATED only: start the prefill together with the decode side's reservation (the KV
+    # waits on the prefill replica for the plan), so TTFT does not include the reservation.
+    overlap_prefill: bool = False
     prefill: PoolConfig = field(default_factory=PoolConfig)
     decode: PoolConfig = field(default_factory=PoolConfig)
 
@@ -253,6 +256,9 @@ class DisaggregationConfig:
         _check(self.lease_timeout_s > 0, f"lease_timeout_s must be > 0, got {self.lease_timeout_s}")
         _check(self.transfer_timeout_s > 0, f"transfer_timeout_s must be > 0, got {self.transfer_timeout_s}")
         _check(self.max_decode_retries >= 0, f"max_decode_retries must be >= 0, got {self.max_decode_retries}")
+        _check(not self.overlap_prefill or self.mode is DeploymentMode.DISAGGREGATED,
+               f"overlap_prefill needs mode: disaggregated (in {self.mode.value} mode the decode side "
+               "decides whether the prefill pool runs the prompt at all)")
         # Rank r of a prefill replica sends its KV shard to rank r of the decode replica.
         _check((self.prefill.tensor_parallel_size, self.prefill.pipeline_parallel_size)
                == (self.decode.tensor_parallel_size, self.decode.pipeline_parallel_size),

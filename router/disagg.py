@@ -6,6 +6,9 @@
       2 ──(GenerateRequest, plan)──▶ PrefillServer.prefill   (prefill pool: prefix-aware router)
         ◀── PrefillReply: first token (streamed to the client now: TTFT), queue/prefill times
              └─ the prefill replica sends the KV to the decode replica's pair (gloo / NCCL)
+      (``overlap_prefill``: 1 and 2 start together, the prefill with no plan; its KV is parked
+       until the ingress posts the plan to the reply's ``plan_mailbox``, so TTFT does not
+       include the reservation's round trip)
       3 ◀── decode stream: OutputDeltas from token 0 (the first token again), until finished
              (over the ingress's stream channel when it has one, router/stream_channel.py;
               Serve's stream then ends with ChannelEnd(number of deltas))
@@ -62,6 +65,7 @@ class PrefillReply:
     replica_id: str
     output: Any  # engine.outputs.RequestOutput: the first token (final if it ended the request)
     timings: Any  # engine.kv_transfer.plan.PrefillTimings
+    plan_mailbox: Any = None  # deferred plan: where to post it (router.kv_mailbox.ChannelMailbox)
 
 
 def _backend(cfg: DeploymentConfig):
@@ -83,17 +87,37 @@ class PrefillServer(LLMServer):
     async def __init__(self, cfg: DeploymentConfig, board: Any = None,
                        engine_factory: Optional[EngineFactory] = None) -> None:
         from engine.kv_transfer.connector import PrefillConnector
+        from router.kv_mailbox import ChannelMailbox
         cfg = dataclasses.replace(cfg, engine=cfg.pool_engine_config(cfg.disaggregation.prefill))
         await super().__init__(cfg, board, engine_factory or in_process_engine_factory)
         self.connector = PrefillConnector(self.engine, _backend(cfg), f"prefill-{self.replica_id}",
                                           timeout_s=cfg.disaggregation.transfer_timeout_s)
+        # Deferred plans (disaggregation.overlap_prefill) come here, one TCP frame each.
+        self.plan_mailbox = await ChannelMailbox.create()
+        self._plan_reader = asyncio.get_running_loop().create_task(self._read_plans())
         freeze_startup_heap()  # the transport's imports (CuPy, NCCL) too
 
     async def prefill(self, req: GenerateRequest, plan: Any) -> PrefillReply:
-        """Computes the prompt and the first token; the KV goes to ``plan``'s endpoint in the background."""
-        output, timings = await self.connector.prefill(req.prompt_token_ids, req.sampling_params,
-                                                       req.request_id, plan, priority=req.priority)
-        return PrefillReply(self.replica_id, output, timings)
+        """Computes the prompt and the first token; the KV goes to ``plan``'s endpoint in the
+        background. ``plan`` None: the decode side is reserving meanwhile; the KV is parked
+        until its plan is posted to the reply's ``plan_mailbox``."""
+        from engine.kv_transfer.plan import DeferredPlan
+        output, timings = await self.connector.prefill(
+            req.prompt_token_ids, req.sampling_params, req.request_id,
+            plan or DeferredPlan(req.request_id), priority=req.priority)
+        return PrefillReply(self.replica_id, output, timings, None if plan else self.plan_mailbox)
+
+    async def _read_plans(self) -> None:
+        while True:
+            try:
+                plan = await self.plan_mailbox.next(1.0)
+                if plan is not None:
+                    self.connector.deliver_plan(plan)
+                self.connector.drop_expired()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bad message must not end the reader
+                logger.exception("prefill replica %s: reading a plan failed", self.replica_id)
 
     def inject_transfer_stall(self, seconds: float) -> None:
         """Fault injection (tests): pause every send between its header and its bytes."""
@@ -103,7 +127,8 @@ class PrefillServer(LLMServer):
         stats = super().get_stats()
         sender = self.connector.sender.stats
         stats.update(kv_sends=sender.num_transfers, kv_send_failures=sender.num_failures,
-                     kv_bytes_sent=sender.num_bytes, kv_send_s=round(sender.seconds, 6))
+                     kv_bytes_sent=sender.num_bytes, kv_send_s=round(sender.seconds, 6),
+                     kv_parked=self.connector.num_parked)
         return stats
 
 
@@ -236,23 +261,38 @@ class DisaggregatedStream:
         try:
             decode = flow.decode.options(stream=True).generate_remote.remote(req)
             self._calls.append(decode)
-            plan = await decode.__anext__()
-            self.plan = plan
-            if plan is None:
-                self._count("local")
-            else:
-                self.decode_replica_id = plan.endpoint.endpoint_id.removeprefix("decode-")
-                self._count("remote")
-                reply = await self._prefill(req, plan)
+            if flow.cfg.overlap_prefill and req.sampling_params.n == 1:
+                # The prefill runs while the decode side reserves: the first token does not wait
+                # for the plan, which goes to the prefill replica's mailbox once both are in.
+                reply = await self._prefill(req, None)
                 if reply is not None:
-                    self._observe_prefill(reply)
-                    first = DeltaTracker(reply.replica_id).update(reply.output)
-                    item = self._trimmer.new_source().trim(first) if first is not None else None
+                    item = self._first_delta(reply)
                     if item is not None:
                         yield item
                     if reply.output.finished:  # the first token ended it: free the reservation
                         decode.cancel()
                         return
+                plan = self.plan = await decode.__anext__()
+                self._count("local" if plan is None else "remote")  # local: the parked KV expires
+                if plan is not None:
+                    self.decode_replica_id = plan.endpoint.endpoint_id.removeprefix("decode-")
+                    if reply is not None:
+                        await self._post_plan(reply, plan)
+            else:
+                plan = self.plan = await decode.__anext__()
+                if plan is None:
+                    self._count("local")
+                else:
+                    self.decode_replica_id = plan.endpoint.endpoint_id.removeprefix("decode-")
+                    self._count("remote")
+                    reply = await self._prefill(req, plan)
+                    if reply is not None:
+                        item = self._first_delta(reply)
+                        if item is not None:
+                            yield item
+                        if reply.output.finished:  # the first token ended it: free the reservation
+                            decode.cancel()
+                            return
             deltas: Any = decode
             if receiver is not None:  # the rest of the Serve stream is the ChannelEnd
                 deltas = ChannelStream(receiver, req.request_id, queue, decode)
@@ -268,6 +308,19 @@ class DisaggregatedStream:
         finally:
             if receiver is not None:
                 receiver.unsubscribe(req.request_id)
+
+    def _first_delta(self, reply: PrefillReply) -> Optional[OutputDelta]:
+        self._observe_prefill(reply)
+        first = DeltaTracker(reply.replica_id).update(reply.output)
+        return self._trimmer.new_source().trim(first) if first is not None else None
+
+    async def _post_plan(self, reply: PrefillReply, plan: Any) -> None:
+        try:
+            await reply.plan_mailbox.post(plan)
+        except Exception as exc:  # noqa: BLE001 - the prefill replica is gone: the lease covers it
+            logger.warning("request %s: the plan did not reach prefill replica %s (%r); the decode "
+                           "side takes over", self.req.request_id, reply.replica_id, exc)
+            self._count("prefill_failed")
 
     async def _prefill(self, req: GenerateRequest, plan: Any) -> Optional[PrefillReply]:
         call = self.flow.prefill.prefill.remote(req, plan)

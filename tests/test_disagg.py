@@ -14,6 +14,7 @@ and transfer timeouts of a few seconds). Checked:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 
@@ -186,7 +187,7 @@ def kill_replica(deployment: str, replica_id: str | None = None) -> None:
 
 
 def run_flow(prompt: list[int], max_tokens: int, on_output=None,
-             channel: bool = False) -> tuple[list[int], str, object]:
+             channel: bool = False, overlap: bool = False) -> tuple[list[int], str, object]:
     """One request through DisaggregatedFlow from this process; returns (token ids, finish reason, stream).
 
     ``channel``: the decode deltas come over a stream channel into a receiver in this process
@@ -198,7 +199,8 @@ def run_flow(prompt: list[int], max_tokens: int, on_output=None,
     from router.stream_channel import StreamReceiver
 
     prefill, decode = handles()
-    flow = DisaggregatedFlow(disagg_config().disaggregation, prefill, decode)
+    cfg = disagg_config().disaggregation
+    flow = DisaggregatedFlow(dataclasses.replace(cfg, overlap_prefill=overlap), prefill, decode)
     req = GenerateRequest(request_id=f"fault-{random.randrange(1 << 30)}", prompt_token_ids=prompt,
                           sampling_params=SP(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
                           block_hashes=[])
@@ -222,6 +224,28 @@ def run_flow(prompt: list[int], max_tokens: int, on_output=None,
         return ids, reason, stream
 
     return asyncio.run(main())
+
+
+@pytest.mark.parametrize("max_tokens", [12, 1])
+def test_overlapped_prefill_equals_colocated(base_url, colocated, max_tokens):
+    """overlap_prefill: the reservation runs alongside the prefill and the plan follows to the
+    prefill replica's mailbox; same tokens, nothing parked or leaked (max_tokens 1: the first
+    token ends the request and the reservation is cancelled)."""
+    prompt = random_prompt(70, seed=77 + max_tokens)
+    sends = sum(r.get("kv_sends", 0) for r in status(base_url))
+    ids, reason, stream = run_flow(prompt, max_tokens, overlap=True)
+    assert ids == greedy_ids(colocated, prompt, max_tokens) and reason == "length"
+    if max_tokens > 1:  # the KV went over the pair (a lost plan would also give these tokens,
+        assert stream.plan is not None  # computed again on the decode side after the lease)
+        deadline = time.time() + 10
+        while sum(r.get("kv_sends", 0) for r in status(base_url)) == sends and time.time() < deadline:
+            time.sleep(0.2)
+        assert sum(r.get("kv_sends", 0) for r in status(base_url)) == sends + 1
+    deadline = time.time() + 20
+    while (parked := sum(r.get("kv_parked", 0) for r in status(base_url))) and time.time() < deadline:
+        time.sleep(0.2)
+    assert parked == 0 or max_tokens == 1  # max_tokens 1: its KV was never asked for
+    assert_no_leaks(base_url)
 
 
 def greedy_ids(colocated, prompt, max_tokens):

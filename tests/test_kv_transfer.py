@@ -319,3 +319,50 @@ def test_connectors_over_gloo_equal_colocated(engines):
     for engine in (p_engine, d_engine):
         engine.shutdown()
         assert_no_leaks(engine.engine)
+
+
+def test_deferred_plan_parks_the_kv_until_the_plan_comes(engines):
+    """overlap_prefill's engine side: the prefill runs with no plan and parks every prompt block;
+    the plan, delivered after, sends only the blocks the decode side lacks (here it has 3 of a
+    shared prefix cached). A plan that never comes leaves nothing parked after the timeout."""
+    from engine import EngineConfig
+    from engine.kv_transfer.plan import DeferredPlan
+
+    colocated = engines[0]
+    shared = prompts([30], seed=31)[0]
+    batch = [shared + [7, 8], shared[:27] + [9, 10, 11, 12]]  # the second hits 3 cached blocks of 8
+    expected = [o.outputs[0].token_ids for o in colocated.generate(batch, GREEDY)]
+    config = EngineConfig.create(**ENGINE_KW)
+
+    async def one(prefill, decode, request_id, prompt, deliver=True):
+        stream = decode.generate(prompt, GREEDY, request_id, lease_timeout_s=2.0)
+        first, _ = await prefill.prefill(prompt, GREEDY, request_id, DeferredPlan(request_id))  # meanwhile
+        plan = await stream.__anext__()
+        assert prefill.num_parked == 1
+        if deliver:
+            assert prefill.deliver_plan(plan)
+        return plan, [first] + [out async for out in stream]
+
+    async def main():
+        async with gloo_connector_pair(config) as (prefill, decode):
+            plan0, out0 = await one(prefill, decode, "d0", batch[0])
+            plan1, out1 = await one(prefill, decode, "d1", batch[1])
+            assert plan0.reservation.first_block_index == 0 and plan1.reservation.first_block_index == 3
+            prefill.timeout_s = 0.2  # the next parked KV is dropped if no plan comes in time
+            _, out2 = await one(prefill, decode, "d2", batch[0], deliver=False)  # lease ends: recomputed
+            await asyncio.sleep(0.3)
+            prefill.drop_expired()
+            assert prefill.num_parked == 0 and not prefill.deliver_plan(plan0)
+            while prefill.num_sends_in_flight:
+                await asyncio.sleep(0.01)
+            return (out0, out1, out2), prefill, decode
+
+    outs, prefill, decode = asyncio.run(main())
+    for outputs, want in zip(outs, expected + expected[:1]):
+        assert outputs[-1].outputs[0].token_ids == want
+    assert outs[0][-1].metrics.kv_transfer_bytes > outs[1][-1].metrics.kv_transfer_bytes > 0  # 3 blocks fewer
+    assert not outs[2][-1].metrics.kv_transfer_bytes  # the lease expired: computed on the decode side
+    assert prefill.sender.stats.num_transfers == 2 == decode.receiver.stats.num_transfers
+    for engine in (prefill.engine, decode.engine):
+        engine.shutdown()
+        assert_no_leaks(engine.engine)

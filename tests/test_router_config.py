@@ -147,3 +147,12 @@ def test_pool_scheduler_overrides_reach_only_that_pools_engine():
     with pytest.raises(ValueError, match="long_prefill_token_threshold"):
         parse_deployment_config({"model": "kvmesh-tiny", "disaggregation": {
             "mode": "disaggregated", "prefill": {"long_prefill_token_threshold": 0}}})
+
+
+def test_overlap_prefill_only_in_disaggregated_mode():
+    cfg = parse_deployment_config({"model": "kvmesh-tiny", "disaggregation": {
+        "mode": "disaggregated", "overlap_prefill": True}})
+    assert cfg.disaggregation.overlap_prefill is True
+    with pytest.raises(ValueError, match="overlap_prefill needs mode: disaggregated"):
+        parse_deployment_config({"model": "kvmesh-tiny", "disaggregation": {
+            "mode": "auto", "overlap_prefill": True}})

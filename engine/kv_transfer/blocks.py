@@ -56,3 +56,21 @@ def scatter_blocks(kv_caches: list[torch.Tensor], block_ids: Sequence[int], kv: 
         return
     for layer, cache in enumerate(kv_caches):
         cache.index_copy_(1, index, kv[layer])
+
+
+def blocks_from(kv: torch.Tensor, first: int) -> torch.Tensor:
+    """A contiguous copy of a staging tensor's blocks from ``first`` on, complete on return.
+
+    On CUDA the copy runs on a stream of its own and is waited for there: a pair's stream does
+    not wait for other streams (engine/kv_transfer/nccl.py), and the compute stream may hold
+    the replica's next steps, which the copy must not wait behind. Call it off the event loop.
+    """
+    part = kv[:, :, first:]
+    if not kv.is_cuda:
+        return part.contiguous()
+    stream = torch.cuda.Stream(kv.device)
+    with torch.cuda.stream(stream):
+        out = part.contiguous()
+    stream.synchronize()
+    return out
+

@@ -70,6 +70,15 @@ class KVReservation:
 
 
 @dataclass(frozen=True)
+class DeferredPlan:
+    """A prefill whose plan comes after it (the reservation ran alongside the prefill): the
+    prefill side exports every prompt block and sends from the plan's first block once the
+    plan is delivered (``PrefillConnector.deliver_plan``)."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
 class KVTransferPlan:
     """What the prefill side needs to send one request's KV: reservation + destination."""
 
@@ -164,7 +173,7 @@ class KVArrival:
 class KVExport:
     """The prefill side's staged KV of one request, ready to send (``kv``: torch.Tensor)."""
 
-    plan: KVTransferPlan
+    plan: "KVTransferPlan | DeferredPlan"  # deferred: kv holds every prompt block
     kv: Any  # (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), see blocks.py
     first_token_id: int
     first_token_logprobs: Any = None  # engine.scheduler_output.TokenLogprobs or None
