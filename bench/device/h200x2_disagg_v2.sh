@@ -4,6 +4,7 @@
 #   1. the GPU tests touched this stop, one pytest process per file (a CUDA fault in one file
 #      must not fail the others), and the 2-GPU NCCL disaggregation equality test
 #   2. bench/disagg_serve.py, mode ${MODE:-disaggregated} vs 2 colocated, timelines on
+#      (OVERLAP=1: with --overlap-prefill, the reservation alongside the prefill)
 set -u
 mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
@@ -16,7 +17,7 @@ for f in ${TESTS:-test_rope_store test_no_recompile test_engine_gpu test_disagg_
   grep -E "^(FAILED|ERROR)" $L/$f.txt | head -5
 done
 timeout "${SERVE_S:-400}" python3 bench/disagg_serve.py --model-shape llama8b --disagg-mode "${MODE:-disaggregated}" \
-    --duration-s "${DURATION_S:-30}" --drain-s 10 --out "$OUT/disagg_serve.json" > $L/disagg_serve.log 2>&1
+    --duration-s "${DURATION_S:-30}" --drain-s 10 ${OVERLAP:+--overlap-prefill} --out "$OUT/disagg_serve.json" > $L/disagg_serve.log 2>&1
 grep -E "ok in|steps; gap ms|stall clusters|failed|Error" $L/disagg_serve.log | head -30
 tail -16 $L/disagg_serve.log
 gzip -9 "$OUT/disagg_serve.json"
