@@ -223,6 +223,7 @@ class DisaggregatedStream:
         self.decode_replica_id: Optional[str] = None  # tests: whom to kill
         self.plan: Any = None
         self.num_retries = 0  # decode replicas lost and replaced by another
+        self.kv_transfer: Optional[tuple[int, float]] = None  # (bytes, s) when the KV came over a pair
         self._calls: list[Any] = []
         self._trimmer = DeltaTrimmer()  # what the client has, per choice
 
@@ -301,6 +302,8 @@ class DisaggregatedStream:
             async for delta in deltas:
                 if self.decode_replica_id is None:
                     self.decode_replica_id = delta.replica_id
+                if delta.kv_transfer is not None:
+                    self.kv_transfer = delta.kv_transfer
                 self._observe_transfer(delta)
                 forwarded = source.trim(delta)
                 if forwarded is not None:

@@ -232,15 +232,11 @@ def test_overlapped_prefill_equals_colocated(base_url, colocated, max_tokens):
     prefill replica's mailbox; same tokens, nothing parked or leaked (max_tokens 1: the first
     token ends the request and the reservation is cancelled)."""
     prompt = random_prompt(70, seed=77 + max_tokens)
-    sends = sum(r.get("kv_sends", 0) for r in status(base_url))
     ids, reason, stream = run_flow(prompt, max_tokens, overlap=True)
     assert ids == greedy_ids(colocated, prompt, max_tokens) and reason == "length"
-    if max_tokens > 1:  # the KV went over the pair (a lost plan would also give these tokens,
+    if max_tokens > 1:  # the KV came over the pair (a lost plan would give the same tokens,
         assert stream.plan is not None  # computed again on the decode side after the lease)
-        deadline = time.time() + 10
-        while sum(r.get("kv_sends", 0) for r in status(base_url)) == sends and time.time() < deadline:
-            time.sleep(0.2)
-        assert sum(r.get("kv_sends", 0) for r in status(base_url)) == sends + 1
+        assert stream.kv_transfer is not None and stream.kv_transfer[0] > 0
     deadline = time.time() + 20
     while (parked := sum(r.get("kv_parked", 0) for r in status(base_url))) and time.time() < deadline:
         time.sleep(0.2)
