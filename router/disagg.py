@@ -262,10 +262,14 @@ class DisaggregatedStream:
         try:
             decode = flow.decode.options(stream=True).generate_remote.remote(req)
             self._calls.append(decode)
-            if flow.cfg.overlap_prefill and req.sampling_params.n == 1:
-                # The prefill runs while the decode side reserves: the first token does not wait
-                # for the plan, which goes to the prefill replica's mailbox once both are in.
-                reply = await self._prefill(req, None)
+            # overlap_prefill: the prefill runs while the decode side reserves; its first token
+            # does not wait for the plan, which then goes to the prefill replica's mailbox.
+            overlap = flow.cfg.overlap_prefill and req.sampling_params.n == 1
+            plan = reply = None
+            if not overlap:
+                plan = await self._take_plan(decode)
+            if overlap or plan is not None:
+                reply = await self._prefill(req, plan)  # plan None: the KV is parked for it
                 if reply is not None:
                     item = self._first_delta(reply)
                     if item is not None:
@@ -273,27 +277,10 @@ class DisaggregatedStream:
                     if reply.output.finished:  # the first token ended it: free the reservation
                         decode.cancel()
                         return
-                plan = self.plan = await decode.__anext__()
-                self._count("local" if plan is None else "remote")  # local: the parked KV expires
-                if plan is not None:
-                    self.decode_replica_id = plan.endpoint.endpoint_id.removeprefix("decode-")
-                    if reply is not None:
-                        await self._post_plan(reply, plan)
-            else:
-                plan = self.plan = await decode.__anext__()
-                if plan is None:
-                    self._count("local")
-                else:
-                    self.decode_replica_id = plan.endpoint.endpoint_id.removeprefix("decode-")
-                    self._count("remote")
-                    reply = await self._prefill(req, plan)
-                    if reply is not None:
-                        item = self._first_delta(reply)
-                        if item is not None:
-                            yield item
-                        if reply.output.finished:  # the first token ended it: free the reservation
-                            decode.cancel()
-                            return
+            if overlap:
+                plan = await self._take_plan(decode)  # None: computed there; the parked KV expires
+                if plan is not None and reply is not None:
+                    await self._post_plan(reply, plan)
             deltas: Any = decode
             if receiver is not None:  # the rest of the Serve stream is the ChannelEnd
                 deltas = ChannelStream(receiver, req.request_id, queue, decode)
@@ -302,15 +289,23 @@ class DisaggregatedStream:
             async for delta in deltas:
                 if self.decode_replica_id is None:
                     self.decode_replica_id = delta.replica_id
-                if delta.kv_transfer is not None:
+                if delta.kv_transfer is not None and self.kv_transfer is None:
                     self.kv_transfer = delta.kv_transfer
-                self._observe_transfer(delta)
+                    self._observe_transfer(*delta.kv_transfer)
                 forwarded = source.trim(delta)
                 if forwarded is not None:
                     yield forwarded
         finally:
             if receiver is not None:
                 receiver.unsubscribe(req.request_id)
+
+    async def _take_plan(self, decode: Any) -> Any:
+        """The decode call's first item: its ``KVTransferPlan``, or None (computed there)."""
+        plan = self.plan = await decode.__anext__()
+        if plan is not None:
+            self.decode_replica_id = plan.endpoint.endpoint_id.removeprefix("decode-")
+        self._count("local" if plan is None else "remote")
+        return plan
 
     def _first_delta(self, reply: PrefillReply) -> Optional[OutputDelta]:
         self._observe_prefill(reply)
@@ -350,11 +345,9 @@ class DisaggregatedStream:
             metrics.ttft_phase.labels("queue").observe(reply.timings.queue_s)
             metrics.ttft_phase.labels("prefill").observe(reply.timings.prefill_s)
 
-    def _observe_transfer(self, delta: OutputDelta) -> None:
-        if self.flow.metrics is None or delta.kv_transfer is None or getattr(self, "_seen_kv", False):
-            return
-        self._seen_kv = True
-        num_bytes, seconds = delta.kv_transfer
-        self.flow.metrics.ttft_phase.labels("transfer").observe(seconds)
-        self.flow.metrics.kv_transfer_bytes.inc(num_bytes)
-        self.flow.metrics.kv_transfer_seconds.observe(seconds)
+    def _observe_transfer(self, num_bytes: int, seconds: float) -> None:
+        metrics = self.flow.metrics
+        if metrics is not None:
+            metrics.ttft_phase.labels("transfer").observe(seconds)
+            metrics.kv_transfer_bytes.inc(num_bytes)
+            metrics.kv_transfer_seconds.observe(seconds)
