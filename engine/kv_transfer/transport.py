@@ -188,8 +188,7 @@ class KVReceiver:
             self._tasks.pop(pair_id, None)
 
     async def _receive(self, comm: PairCommunicator, header: KVTransferHeader) -> KVArrival:
-        start = time.perf_counter()
-        started = time.monotonic()  # the timeline's clock
+        started = time.monotonic()  # the timeline's clock, and the transfer's
         dtype = _DTYPES.get(header.dtype)
         if dtype is None:
             return KVArrival(header, error=f"unsupported KV dtype {header.dtype!r}")
@@ -203,16 +202,18 @@ class KVReceiver:
             self.stats.num_failures += 1
             self._record(header, started, allocated, num_bytes, str(exc))
             return KVArrival(header, error=f"receiving the KV failed: {exc}")
-        seconds = time.perf_counter() - start
+        ended = self._record(header, started, allocated, num_bytes, None)
+        seconds = ended - started
         self.stats.add(num_bytes, seconds)
-        self._record(header, started, allocated, num_bytes, None)
         return KVArrival(header, kv=kv, transfer_s=seconds, num_bytes=num_bytes)
 
     def _record(self, header: KVTransferHeader, started: float, allocated: float, num_bytes: int,
-                error: Optional[str]) -> None:
+                error: Optional[str]) -> float:
+        """Records the receive on the timeline (if any); returns its end (``time.monotonic``)."""
+        ended = time.monotonic()
         if self.timeline is not None:
-            self.timeline.record(KVRecv(started, time.monotonic(), allocated, header.request_id,
-                                        num_bytes, error))
+            self.timeline.record(KVRecv(started, ended, allocated, header.request_id, num_bytes, error))
+        return ended
 
     async def _deliver(self, arrival: KVArrival) -> None:
         try:
