@@ -301,8 +301,8 @@ def test_fused_kernel_compiles_for_sm90(dtype):
             stride_vh=128, stride_cs=128, stride_cache_kv=1 << 33, stride_cache_slot=1024,
             stride_cache_head=128, num_q_heads=32, NUM_KV_HEADS=C(8), HEAD_DIM=C(128),
             HALF_PAD=C(64), Q_HEADS_PAD=C(32), KV_HEADS_PAD=C(8), DIM_PAD=C(128)))
-    except (ImportError, RuntimeError, FileNotFoundError) as e:  # no CUDA toolchain in this Triton
-        pytest.skip(f"cannot compile for sm_90 here: {e}")
+    except (ImportError, FileNotFoundError) as e:  # no CUDA toolchain in this Triton (a compile
+        pytest.skip(f"cannot compile for sm_90 here: {e}")  # or ptxas error fails the test)
     usage = resource_usage(compiled)
     assert "LOCAL:0" in usage, usage  # no register spills
 
