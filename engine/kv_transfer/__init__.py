@@ -7,7 +7,7 @@
 | `blocks.py` | gather blocks into one staging tensor / scatter one back |
 | `base.py` | `KVTransportKind`, the pair-communicator interface |
 | `gloo.py`, `nccl.py` | pair communicators: torch gloo (CPU, CI), CuPy NCCL (GPU) |
-| `mailbox.py` | the decode side's control mailbox (in-process or a Ray actor) |
+| `mailbox.py` | the control mailbox interface, in-process and Ray-actor kinds (serving uses `router/kv_mailbox.py`'s TCP one) |
 | `transport.py` | `KVSender` / `KVReceiver`: one request's KV over a pair |
 
 Nothing here is imported by ``engine/__init__``; only ``plan`` and ``leases`` are
