@@ -9,11 +9,14 @@ only 64 programs on 132 SMs (profile of bench/gpu_bench.py --decode-profile).
     linear(x, w, bias)     x (M, K), w (N, K) -> (M, N); the GEMV when M <= MAX_ROWS and the
                            shape was measured faster with it (``tune``), else F.linear
 
-Two Triton kernels: ``gemv`` (one program per BLOCK_N outputs) and ``gemv_split_k`` (K split
-over programs too, fp32 partials and a reduce launch: more programs for shapes with few
-outputs). ``tune(model)`` times cuBLAS and both at M = 1 for every distinct (N, K, dtype) of
-the model's linear layers once, after loading, and keeps the fastest; nothing is decided inside
-a CUDA-graph capture. Each is timed as a decode step runs it: many calls back to back
+Three Triton kernels: ``gemv`` (one program per BLOCK_N outputs, ``tl.dot`` over rows padded
+to 16), ``gemv_split_k`` (K split over programs too, fp32 partials and a reduce launch: more
+programs for shapes with few outputs) and, for one row only, ``gemv_row`` (no ``tl.dot``: a
+multiply and a sum over K, so a program may take as few as 2 outputs, and small shapes still
+spread over every SM without a second launch). ``tune(model)`` times cuBLAS and the kernels at
+M = 1 for every distinct (N, K, dtype) of the model's linear layers once, after loading, and
+keeps the fastest for one row, and the fastest of cuBLAS, ``gemv`` and ``gemv_split_k`` for
+2..MAX_ROWS rows; nothing is decided inside a CUDA-graph capture. Each is timed as a decode step runs it: many calls back to back
 inside one CUDA graph, each on another copy of the weight so that every call reads
 from HBM (per-call event timing adds ~15-20 us of overhead, more than the gap measured). Off CUDA, in fp32 and untuned shapes use F.linear, so tests
 comparing fp32 GPU runs with the reference path are unaffected.
@@ -31,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 MAX_ROWS = 4  # batch rows the GEMV takes (padded to 16 inside tl.dot)
 MAX_SPLIT_K = 8  # the largest SPLIT_K among the split-K configs
-_USE_GEMV: dict[tuple[int, int, torch.dtype], bool] = {}
+# (N, K, dtype) -> (kernel for one row, kernel for 2..MAX_ROWS rows); None: cuBLAS (F.linear)
+_USE_GEMV: dict[tuple[int, int, torch.dtype], tuple[Optional[str], Optional[str]]] = {}
 
 try:
     import triton
@@ -62,6 +66,40 @@ if triton is not None:
             acc = tl.dot(x, tl.trans(w), acc)
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                 for bn, bk, w, s in ((2, 2048, 4, 3), (4, 1024, 4, 3), (4, 1024, 4, 4), (4, 2048, 8, 3),
+                                      (8, 512, 4, 4), (8, 1024, 8, 3), (16, 512, 8, 3), (16, 256, 4, 4))],
+        key=["N", "K"])
+    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+                        "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
+    @triton.jit
+    def _gemv_row_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                         EVEN_N: tl.constexpr):
+        """One row: program p computes out[p*BLOCK_N : (p+1)*BLOCK_N] = w[rows] @ x, keeping a
+        (BLOCK_N, BLOCK_K) fp32 partial product and summing it over K once at the end. With no
+        ``tl.dot`` there is no 16-row padding and BLOCK_N may be 2-8, so even a 3072-output
+        shape makes enough programs to keep every SM's loads in flight."""
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn  # (BLOCK_N, 1)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K and EVEN_N:
+                x = tl.load(x_ptr + rk)  # (BLOCK_K,)
+                w = tl.load(w_rows + rk[None, :])  # (BLOCK_N, BLOCK_K)
+            else:
+                x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
+                w = tl.load(w_rows + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        out = tl.sum(acc, axis=1)  # (BLOCK_N,)
+        if EVEN_N:
+            tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty))
+        else:
+            tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=rn < N)
 
     @triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
@@ -114,6 +152,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def gemv_row(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (1, K), weight (N, K), both bf16/fp16 on CUDA -> (1, N)."""
+    if x.shape[0] != 1:
+        raise ValueError(f"gemv_row takes one row, got x of shape {tuple(x.shape)}")
+    n, k = weight.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _gemv_row_kernel[grid](x, weight, out, n, k, weight.stride(0))
+    return out
+
+
 def gemv_split_k(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``gemv`` with K split over programs: fp32 partials, then one reduce launch."""
     m, k = x.shape
@@ -144,13 +194,15 @@ def _split_k_of(n: int, k: int, dtype: torch.dtype) -> int:
     return _SPLIT_K[key]
 
 
-_KERNELS = {"gemv": gemv, "split_k": gemv_split_k}
+_KERNELS = {"gemv": gemv, "split_k": gemv_split_k, "row": gemv_row}
+_ONE_ROW_ONLY = frozenset({"row"})
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear, or the GEMV that ``tune`` measured fastest for this shape, for a few rows."""
     if x.dim() == 2 and x.shape[0] <= MAX_ROWS:
-        kernel = _USE_GEMV.get((weight.shape[0], weight.shape[1], weight.dtype))
+        choice = _USE_GEMV.get((weight.shape[0], weight.shape[1], weight.dtype))
+        kernel = choice and choice[0 if x.shape[0] == 1 else 1]
         if kernel:
             y = _KERNELS[kernel](x, weight)
             return y + bias if bias is not None else y
@@ -162,7 +214,8 @@ def tune(model: torch.nn.Module, calls: int = 24) -> dict[str, dict]:
     """Times cuBLAS, the GEMV and the split-K GEMV at batch 1 for each distinct linear weight
     shape of ``model`` (modules whose forward calls ``linear``: they carry ``small_batch_gemv =
     True``); a Triton kernel is used for a shape only where it beats cuBLAS by more than 3%.
-    Returns {shape: {kernel: microseconds a call, ..., "use": kernel}}."""
+    Returns {shape: {kernel: microseconds a call, ..., "use": kernel for one row,
+    "use_few_rows": kernel for 2..MAX_ROWS rows}}."""
     if triton is None:
         return {}
     report = {}
@@ -175,7 +228,7 @@ def tune(model: torch.nn.Module, calls: int = 24) -> dict[str, dict]:
         key = (w.shape[0], w.shape[1], w.dtype)
         if key in _USE_GEMV:
             continue
-        _USE_GEMV[key] = False  # cuBLAS unless a kernel below is right and faster
+        _USE_GEMV[key] = (None, None)  # cuBLAS unless a kernel below is right and faster
         x = torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device)
         ref = F.linear(x, w).float()
         times = {}
@@ -190,14 +243,22 @@ def tune(model: torch.nn.Module, calls: int = 24) -> dict[str, dict]:
         except Exception as exc:  # noqa: BLE001 - timing is an optimisation: cuBLAS is always right
             logger.warning("could not time the GEMVs for %s (%r); using cuBLAS", key, exc)
             torch.cuda.synchronize()
-        best = min(times, key=times.get) if times else "cublas"
-        if best != "cublas" and times[best] < 0.97 * times["cublas"]:
-            _USE_GEMV[key] = best
+        one_row = _fastest(times)
+        few_rows = _fastest({k: v for k, v in times.items() if k not in _ONE_ROW_ONLY})
+        _USE_GEMV[key] = (one_row, few_rows)
         report[f"{key[0]}x{key[1]}"] = {**{k: round(v * 1e6, 2) for k, v in times.items()},
-                                        "use": _USE_GEMV[key] or "cublas"}
+                                        "use": one_row or "cublas", "use_few_rows": few_rows or "cublas"}
     if report:
         logger.info("batch-1 linear layers, microseconds a call in a CUDA graph: %s", report)
     return report
+
+
+def _fastest(times: dict[str, float]) -> Optional[str]:
+    """The fastest Triton kernel of ``times`` (seconds a call) if it beats cuBLAS by > 3%, else None."""
+    if "cublas" not in times:
+        return None
+    best = min(times, key=times.get)
+    return best if best != "cublas" and times[best] < 0.97 * times["cublas"] else None
 
 
 def _time_in_graph(fn, weight: torch.Tensor, calls: int) -> float:

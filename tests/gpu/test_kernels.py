@@ -121,9 +121,11 @@ def test_dispatch_picks_triton_on_cuda_and_fallback_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (2, 6144, 4096), (4, 4096, 14336), (3, 1000, 2000)])
-@pytest.mark.parametrize("kernel", ["gemv", "split_k"])
+@pytest.mark.parametrize("kernel", ["gemv", "split_k", "row"])
 def test_small_batch_gemv_matches_cublas(dtype, m, n, k, kernel):
     from engine.kernels.gemv import _KERNELS
+    if kernel == "row" and m != 1:
+        pytest.skip("gemv_row takes one row")
     torch.manual_seed(0)
     x = torch.randn(m, k, dtype=dtype, device="cuda")
     w = torch.randn(n, k, dtype=dtype, device="cuda") / k ** 0.5
@@ -142,10 +144,13 @@ def test_gemv_tune_picks_per_shape_and_linear_follows_it():
     torch.nn.init.normal_(layer.weight, std=0.02)
     report = g.tune(layer)
     entry = report["4096x4096"]  # measured once: microseconds per kernel, and the one used
-    assert entry["cublas"] > 0 and entry["use"] in ("cublas", "gemv", "split_k"), entry
-    assert entry["use"] == "cublas" or entry[entry["use"]] < 0.97 * entry["cublas"], entry
-    x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
-    torch.testing.assert_close(layer(x).float(), (x.float() @ layer.weight.float().T), rtol=2e-2, atol=2e-2)
+    assert entry["cublas"] > 0 and entry["use"] in ("cublas", "gemv", "split_k", "row"), entry
+    assert entry["use_few_rows"] in ("cublas", "gemv", "split_k"), entry  # "row" takes one row only
+    for use in (entry["use"], entry["use_few_rows"]):
+        assert use == "cublas" or entry[use] < 0.97 * entry["cublas"], entry
+    for rows in (1, 3):
+        x = torch.randn(rows, 4096, dtype=torch.bfloat16, device="cuda")
+        torch.testing.assert_close(layer(x).float(), (x.float() @ layer.weight.float().T), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu

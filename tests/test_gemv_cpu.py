@@ -1,0 +1,114 @@
+"""The batch-1 linear layers' kernel choice (engine/kernels/gemv.py) on the CPU.
+
+``gemv_row`` (one row, multiply-and-sum over K) runs in Triton's CPU interpreter, which must
+be switched on before Triton is imported: ``test_in_triton_interpreter`` reruns this file in
+a subprocess with ``TRITON_INTERPRET=1`` (the interpreted tests skip otherwise). The
+interpreter cannot autotune (no GPU to time on), so every config the autotuner may pick is
+launched directly, on shapes that do and do not divide the blocks.
+
+The dispatch tests need no Triton: ``linear`` must send one row to the one-row kernel, 2..4
+rows to the few-rows kernel, and anything the tuner left to cuBLAS to ``F.linear``. The GPU
+versions (timing, cuBLAS comparison) are in tests/gpu/test_kernels.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import gemv as g
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_in_triton_interpreter's subprocess")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- the kernel, interpreted ---------------------------------------------------------------------
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(64, 2048), (30, 300), (3, 4096), (48, 7168)])
+def test_every_row_config_matches_fp32(dtype, n, k):
+    import triton
+
+    from tests.gpu.test_triton_attention import patch_interpreter_scalars
+    patch_interpreter_scalars()
+    gen = torch.Generator().manual_seed(n * k)
+    x = torch.randn(1, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
+    ref = x.float() @ w.float().T  # (1, N)
+    kernel = g._gemv_row_kernel
+    for config in kernel.configs:
+        out = torch.full((1, n), float("nan"), dtype=dtype)
+        kernel.fn[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](x, w, out, n, k, w.stride(0), **config.kwargs)
+        # fp32 accumulation, rounded once to the output dtype: within that rounding of fp32
+        torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2, msg=f"config {config}")
+
+
+# ---- dispatch ------------------------------------------------------------------------------------
+@pytest.fixture
+def recorded(monkeypatch):
+    """Each Triton kernel replaced by F.linear that records its name and the row count."""
+    calls: list[tuple[str, int]] = []
+
+    def recorder(name):
+        def run(x, w):
+            calls.append((name, x.shape[0]))
+            return F.linear(x, w)
+        return run
+
+    monkeypatch.setattr(g, "_KERNELS", {name: recorder(name) for name in g._KERNELS})
+    monkeypatch.setattr(g, "_USE_GEMV", {})
+    return calls
+
+
+def test_linear_sends_one_row_and_few_rows_to_their_kernels(recorded):
+    w = torch.randn(8, 16)
+    g._USE_GEMV[(8, 16, w.dtype)] = ("row", "split_k")
+    bias = torch.randn(8)
+    for rows in (1, 2, 4, 5):
+        x = torch.randn(rows, 16)
+        torch.testing.assert_close(g.linear(x, w, bias), F.linear(x, w, bias))
+    assert recorded == [("row", 1), ("split_k", 2), ("split_k", 4)]  # 5 rows: cuBLAS
+
+
+def test_linear_uses_cublas_where_the_tuner_chose_it(recorded):
+    w = torch.randn(8, 16)
+    g._USE_GEMV[(8, 16, w.dtype)] = ("row", None)  # no Triton kernel beat cuBLAS at 2..4 rows
+    g.linear(torch.randn(3, 16), w)
+    g.linear(torch.randn(1, 32), torch.randn(8, 32))  # a shape never tuned
+    assert recorded == []
+    g.linear(torch.randn(1, 16), w)
+    assert recorded == [("row", 1)]
+
+
+def test_fastest_needs_a_3_percent_win_and_few_rows_never_gets_the_one_row_kernel():
+    assert g._fastest({"cublas": 10.0, "gemv": 9.6, "row": 8.0}) == "row"
+    assert g._fastest({"cublas": 10.0, "gemv": 9.8}) is None  # 2% is within timing noise
+    assert g._fastest({"gemv": 1.0}) is None  # cuBLAS failed to time: never guess
+    times = {"cublas": 10.0, "gemv": 9.6, "split_k": 9.0, "row": 8.0}
+    few = g._fastest({k: v for k, v in times.items() if k not in g._ONE_ROW_ONLY})
+    assert few == "split_k"
+
+
+def test_gemv_row_refuses_more_than_one_row():
+    if g.triton is None:
+        pytest.skip("triton is not installed")
+    with pytest.raises(ValueError, match="one row"):
+        g.gemv_row(torch.randn(2, 16), torch.randn(8, 16))
+
+
+def test_in_triton_interpreter():
+    if INTERPRETED:
+        pytest.skip("already the interpreter's run")
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          "-k", "row_config", os.path.abspath(__file__)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    assert "8 passed" in res.stdout, res.stdout[-2000:]
