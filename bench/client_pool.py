@@ -54,6 +54,7 @@ class WorkerResult:
     pid: int
     records: list[Record]
     loop_lags: list[tuple[float, float]]  # (seconds after t0, lag ms)
+    cpu_s: float = 0.0  # the worker's user + system seconds from t0 to its end (not its start-up)
 
 
 @dataclass
@@ -76,9 +77,11 @@ def run_load(url: str, model: str, workload: Workload, duration_s: float, drain_
 
     Requests still running ``drain_s`` after ``t0 + duration_s`` are cancelled (counted as errors).
     ``probe`` gets ``t0_monotonic_s`` and ``loop_lags`` (every worker's, merged by time; see
-    ``drive``) and, with several processes, ``workers``: per worker its pid and how many streams,
-    long prompts, records and loop lags it had. Raises ``RuntimeError`` when a worker fails, exits
-    or does not answer in time (``ready_timeout_s`` to start; the load's length plus 60 s to end).
+    ``drive``) and, with several processes, ``workers``: per worker its pid, how many streams,
+    long prompts, records and loop lags it had, and its CPU seconds over the load (``cpu_s``: the
+    workers have exited when this returns, so ``bench/proc_cpu.py`` cannot see them). Raises
+    ``RuntimeError`` when a worker fails, exits or does not answer in time (``ready_timeout_s`` to
+    start; the load's length plus 60 s to end).
     """
     if processes < 1:
         raise ValueError(f"processes must be at least 1, got {processes}")
@@ -116,7 +119,7 @@ def run_load(url: str, model: str, workload: Workload, duration_s: float, drain_
         probe.update(t0_monotonic_s=t0, loop_lags=sorted(lag for result in results for lag in result.loop_lags),
                      workers=[{"pid": result.pid, "num_streams": len(share.stream_ids),
                                "num_long": len(share.long_arrivals), "num_records": len(result.records),
-                               "num_loop_lags": len(result.loop_lags)}
+                               "num_loop_lags": len(result.loop_lags), "cpu_s": round(result.cpu_s, 3)}
                               for (_, _, share), result in zip(workers, results)])
     return records, elapsed
 
@@ -141,7 +144,10 @@ def _worker(conn: Connection, url: str, model: str, workload: Workload, share: S
     try:
         conn.send("ready")
         t0 = conn.recv()
-        conn.send(asyncio.run(_send(url, model, workload, share, t0, duration_s, drain_s, watch_lags)))
+        cpu0 = time.process_time()  # waiting for t0 sleeps, so this is the load's CPU
+        result = asyncio.run(_send(url, model, workload, share, t0, duration_s, drain_s, watch_lags))
+        result.cpu_s = time.process_time() - cpu0
+        conn.send(result)
     except Exception:  # noqa: BLE001 - the parent raises it with this traceback
         conn.send(WorkerError(traceback.format_exc()))
     finally:

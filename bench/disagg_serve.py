@@ -21,7 +21,14 @@ machine, configs, per-request records) is rewritten after each mode, so a run cu
 keeps what it measured. The load client runs in ``--client-processes`` processes (the
 profile's: 4 for ``llama8b``, 1 for ``--smoke``; ``bench/client_pool.py``), the same for
 both modes, so its own event loop's lags stay out of the ITL it measures; the JSON says how many
-(``client_processes``).
+(``client_processes``). ``--ingress-replicas`` overrides the profile's OpenAIIngress replicas
+(2 for ``llama8b``, 1 for ``--smoke``; the JSON's ``ingress``).
+
+Where the CPU goes: ``results[<mode>]["cpu"]`` holds each role's CPU seconds over the load
+(``bench/proc_cpu.py``: proxy, ingress, prefill and decode or replica, their engine processes
+``engine_core``, controller, stats board, Ray's own processes, the load ``client``) and the
+cores each kept busy (``utilization``: seconds / the load's wall seconds); one line per mode
+prints the latter.
 
 Where the ITL tails come from: the replicas run with ``KVMESH_STEP_TIMELINE=1``
 (engine/step_timeline.py; ``KVMESH_STEP_TIMELINE=0`` in the environment turns it off), and
@@ -80,6 +87,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench import load_gen  # noqa: E402
 from bench.client_pool import run_load  # noqa: E402
 from bench.mixed_workload import Workload, rounded, summarize, warm_up  # noqa: E402
+from bench.proc_cpu import cpu_delta, cpu_seconds  # noqa: E402
 from bench.routing_compare import free_port, start_ray  # noqa: E402
 from bench.stall_attribution import (attribute_client_stalls, fetch_timelines, print_attribution,  # noqa: E402
                                      print_timelines)
@@ -262,8 +270,10 @@ def run_mode(mode: str, cfg: DeploymentConfig, port: int, profile: Profile, work
         load_before = os.getloadavg()[0]  # a shared box: say how busy it was
         load_window = (time.monotonic(), None)  # the replicas' timelines are summarized over it
         probe: dict = {}
+        cpu_before = cpu_seconds()
         records, elapsed = run_load(url, cfg.served_model_name, workload, duration_s, drain_s, probe=probe,
                                     processes=profile.client_processes)
+        entry["cpu"] = cpu_use(cpu_before, cpu_seconds(), probe, elapsed)
         load_window = (load_window[0], time.monotonic())
         entry["load_average_1m"] = [load_before, os.getloadavg()[0]]
         time.sleep(1.5)  # the replicas' last counters reach the stats board
@@ -274,6 +284,8 @@ def run_mode(mode: str, cfg: DeploymentConfig, port: int, profile: Profile, work
         print(f"[{mode}] {s['num_ok']}/{s['num_requests']} ok in {elapsed:.1f}s, "
               f"ITL p99 {_ms(s['itl_s']['p99'])}, TTFT p50 {_ms(s['ttft_s']['p50'])}, "
               f"{s['output_tok_s']:.1f} output tok/s", flush=True)
+        busy = sorted(entry["cpu"]["utilization"].items(), key=lambda kv: -kv[1])
+        print(f"[{mode}] CPU busy (cores): " + ", ".join(f"{k} {v:.2f}" for k, v in busy if v >= 0.005), flush=True)
         entry["client"] = {"processes": profile.client_processes, "t0_monotonic_s": probe.get("t0_monotonic_s"),
                            "loop_lags": probe.get("loop_lags", []), "workers": probe.get("workers")}
         try:  # diagnosis only: a failure here must not lose the mode's measurements
@@ -298,6 +310,17 @@ def run_mode(mode: str, cfg: DeploymentConfig, port: int, profile: Profile, work
         wait_gpus_released()
         entry["mode_s"] = time.monotonic() - start
     return entry
+
+
+def cpu_use(before: dict[str, float], after: dict[str, float], probe: dict, elapsed_s: float) -> dict:
+    """CPU seconds per role over ``run_load`` (``bench/proc_cpu.py``) and cores busy: seconds / the
+    load's wall seconds. Client workers have exited by ``after`` and report their own ("client"); with
+    one client process the load runs in this process, so its CPU is the client's."""
+    seconds = cpu_delta(before, after)
+    workers = probe.get("workers")
+    seconds["client"] = round(sum(w["cpu_s"] for w in workers), 3) if workers else seconds.pop("bench", 0.0)
+    return {"seconds": seconds,
+            "utilization": {k: round(v / elapsed_s, 3) for k, v in seconds.items()} if elapsed_s > 0 else {}}
 
 
 def wait_gpus_released(timeout_s: float = 60.0, max_used_mib: int = 4096) -> None:
@@ -399,6 +422,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--client-processes", type=int, default=None,
                         help="load client processes, the streams split over them (default: the profile's: "
                              + ", ".join(f"{p.name} {p.client_processes}" for p in PROFILES.values()) + ")")
+    parser.add_argument("--ingress-replicas", type=int, default=None,
+                        help="OpenAIIngress replicas (default: the profile's: "
+                             + ", ".join(f"{p.name} {p.ingress['num_replicas']}" for p in PROFILES.values()) + ")")
     parser.add_argument("--transport", choices=("gloo", "nccl"), default=None)
     parser.add_argument("--disagg-mode", choices=("auto", "disaggregated"), default=None)
     parser.add_argument("--overlap-prefill", action="store_true",
@@ -423,6 +449,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.client_processes < 1:
             parser.error("--client-processes must be at least 1")
         profile = dataclasses.replace(profile, client_processes=args.client_processes)
+    if args.ingress_replicas is not None:
+        if args.ingress_replicas < 1:
+            parser.error("--ingress-replicas must be at least 1")
+        profile = dataclasses.replace(profile, ingress={**profile.ingress, "num_replicas": args.ingress_replicas})
     duration_s = args.duration_s or profile.duration_s
     drain_s = profile.drain_s if args.drain_s is None else args.drain_s
     mode_timeout_s = args.mode_timeout_s or profile.deploy_timeout_s + duration_s + drain_s + 30
@@ -457,6 +487,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "transport": transport, "disagg_mode": disagg_mode, "overlap_prefill": args.overlap_prefill,
             "duration_s": duration_s, "drain_s": drain_s,
             "workload": dataclasses.asdict(workload), "client_processes": profile.client_processes,
+            "ingress": profile.ingress,
             "configs": {m: {"engine": dataclasses.asdict(c.engine), "replicas": dataclasses.asdict(c.replicas),
                             "disaggregation": dataclasses.asdict(c.disaggregation)} for m, c in configs.items()},
             "results": {}, "ratios": {}}

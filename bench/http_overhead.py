@@ -20,8 +20,8 @@ AsyncLLM) with one fixed replica, then
 3. measures output tokens/s, TPOT and ITL at ``--concurrency`` (streaming, ``bench/load_gen.py``'s
    client) through the server, then offline with the same concurrency (server idle).
    Wall times swing with whatever else runs on a shared box; the CPU time each Serve
-   actor (proxy, ingress, replica; per thread too) spends per output token, minus its
-   idle use measured right after, barely does: it is the steadier measure of per-token
+   actor (proxy, ingress, replica; per thread too; ``bench/proc_cpu.py``) spends per output
+   token, minus its idle use measured right after, barely does: it is the steadier measure of per-token
    serving overhead (the replica's share includes the engine; compare with the offline
    engine's CPU per token).
 
@@ -54,6 +54,7 @@ import httpx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench import load_gen  # noqa: E402
+from bench.proc_cpu import cpu_delta, cpu_seconds, per_token_ms, role_pids  # noqa: E402
 from bench.routing_compare import free_port, start_ray  # noqa: E402
 from router.config import DeploymentConfig, parse_deployment_config  # noqa: E402
 
@@ -268,77 +269,6 @@ def offline_engine(cfg: DeploymentConfig, args: argparse.Namespace):
     return AsyncLLM.from_config(cfg.engine)
 
 
-# ---- CPU time per process ---------------------------------------------------------------------
-ROLES = (("ProxyActor", "proxy"), (":OpenAIIngress", "ingress"), (":LLMServer", "replica"),
-         ("ServeController", "controller"), (":ReplicaStatsBoard", "stats_board"),
-         ("multiprocessing.spawn", "engine_core"))  # a replica's engine process (KVMESH_ENGINE_PROCESS=1)
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def _cpu_ticks(stat_path: str) -> int:
-    with open(stat_path) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
-def cpu_seconds(by_thread: bool = False) -> dict[str, float]:
-    """CPU seconds (user + system) so far of this process and of our Ray cluster's Serve actors.
-
-    CPU time, unlike wall time, barely moves with whatever else loads the machine, so
-    per-token CPU cost per process is the steadier measure of serving overhead here.
-    ``by_thread`` adds "role/thread name" entries for the proxy, ingress and replica.
-    """
-    tick = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
-    for pid in _descendants(os.getpid()):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace")
-            ticks = _cpu_ticks(f"/proc/{pid}/stat")
-        except OSError:
-            continue
-        role = "bench" if pid == os.getpid() else next((r for key, r in ROLES if key in cmd), None)
-        if role is None and cmd.startswith("ray::"):
-            role = "other_ray_workers"
-        elif role is None:
-            role = "ray_system"  # raylet, GCS, agents
-        out[role] = out.get(role, 0.0) + ticks / tick
-        if by_thread and role in ("proxy", "ingress", "replica", "engine_core"):
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                try:
-                    with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                        key = f"{role}/{f.read().strip()}"
-                    out[key] = out.get(key, 0.0) + _cpu_ticks(f"/proc/{pid}/task/{tid}/stat") / tick
-                except OSError:
-                    continue
-    return out
-
-
-def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    return {k: round(after.get(k, 0.0) - before.get(k, 0.0), 3) for k in sorted(set(before) | set(after))}
-
-
-def per_token_ms(cpu: dict[str, float], num_tokens: int) -> dict[str, float]:
-    return {k: round(v * 1000 / num_tokens, 3) for k, v in cpu.items()} if num_tokens else {}
-
-
 # ---- main ---------------------------------------------------------------------------------------
 def wait_ready(url: str, model: str, timeout_s: float = 240.0) -> None:
     deadline = time.monotonic() + timeout_s
@@ -384,20 +314,6 @@ def measure_c1(url: str, model: str, engine, prompts: list, offline_prompts: lis
               f"(first text: {fmt_ms(out['offline_c1']['ttft_first_text_s'])})", flush=True)
         print(f"serving overhead on TTFT p50 (first token): {out['ttft_overhead_p50_ms']:.1f} ms", flush=True)
     return out
-
-
-def role_pids(role: str) -> list[int]:
-    """Pids of this run's Serve actors of one role ("replica", "ingress", "proxy")."""
-    key = next(k for k, r in ROLES if r == role)
-    pids = []
-    for pid in _descendants(os.getpid()):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if key in f.read().decode(errors="replace"):
-                    pids.append(pid)
-        except OSError:
-            continue
-    return pids
 
 
 def start_py_spy(out_dir: str, roles: tuple[str, ...] = ("replica", "ingress")) -> list:

@@ -139,6 +139,7 @@ def test_every_request_once_on_one_time_origin(sse_server, processes):
         assert worker["num_records"] == len(mine) > 0
         assert worker["num_long"] == sum(r.kind == "long" for r in mine) > 0
     assert sum(w["num_loop_lags"] for w in workers) == len(probe["loop_lags"])
+    assert all(w["cpu_s"] > 0 for w in workers)  # measured inside the worker: it has exited by now
 
 
 def test_requests_running_after_the_drain_are_cancelled(sse_server):
