@@ -1,0 +1,59 @@
+#!/bin/bash
+# One device call on nvidia-h200-x2 (#5 and #6):
+#   1. the GEMV kernels' GPU tests (the one-row kernel among them), one pytest process
+#   2. bench/gemv_probe.py: batch-1 linear layers of the 8B shape at TP 1/2/4, cuBLAS vs the
+#      Triton kernels, as the tuner times them
+#   3. bench/parallel.py tp1,tp2: decode step at batch 1 with per-rank kernel profiles, and
+#      throughput of TP1 x 2 vs TP2 x 1
+#   4. bench/disagg_serve.py, both modes side by side, with ${OVERLAP:+--overlap-prefill},
+#      ${INGRESS:-4} ingress replicas and ${CLIENTS:-8} client processes; CPU per Serve role
+# PARTS (default "tests,probe,parallel,serve") picks steps.
+set -u
+mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+export PYTHONUNBUFFERED=1
+L=/tmp/logs; mkdir -p $L
+PARTS=${PARTS:-tests,probe,parallel,serve}
+has() { [[ ",$PARTS," == *",$1,"* ]]; }
+nvidia-smi --query-gpu=name --format=csv,noheader | head -2
+if has tests; then
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_kernels.py -k "gemv" > $L/test_kernels.txt 2>&1
+  echo "test_kernels (gemv): $(grep -E 'passed|failed|error' $L/test_kernels.txt | tail -1)"
+  grep -E "^(FAILED|ERROR)" $L/test_kernels.txt | head -5
+fi
+if has probe; then
+  timeout 120 python3 bench/gemv_probe.py --out "$OUT/gemv_probe.json" > $L/gemv_probe.log 2>&1
+  grep -E "^tp|Error" $L/gemv_probe.log | head -20
+fi
+if has parallel; then
+  timeout "${PAR_S:-170}" python3 bench/parallel.py all --parts tp1,tp2 --budget-s "${PAR_BUDGET_S:-160}" \
+      --profile-steps 30 --out "$OUT/parallel.json" > $L/parallel.log 2>&1
+  python3 - <<'PY'
+import json, os
+p = os.path.join(os.environ["OUT"], "parallel.json")
+if not os.path.exists(p):
+    print("parallel.json missing")
+else:
+    d = json.load(open(p))
+    t = d.get("throughput", {})
+    print("ratio", d.get("decode_step_ratio_vs_tp1"), "tok/s tp1x2", t.get("tp1_x2_output_tok_s"), "tp2x1", t.get("tp2_x1_output_tok_s"))
+    for tp, r in d.get("decode", {}).items():
+        dec = (r.get("decode") or {}) if isinstance(r, dict) else {}
+        prof = dec.get("profile") or {}
+        print(" TP", tp, "step ms", round(dec.get("median_step_ms", 0), 3), "profiled", round(prof.get("median_step_ms", 0), 3))
+        for rank in (prof.get("ranks") or [])[:1]:
+            print("  rank", rank["rank"], "kernel us/step", round(rank["kernel_us_per_step"], 1), "idle", rank.get("idle_us_per_step"))
+            for row in rank["rows"][:9]:
+                print("   ", round(row["us_per_step"], 1), round(row["calls_per_step"], 1), row["name"][:70])
+PY
+fi
+if has serve; then
+  timeout "${SERVE_S:-330}" python3 bench/disagg_serve.py --model-shape llama8b --disagg-mode disaggregated \
+      --duration-s "${DURATION_S:-30}" --drain-s 10 ${OVERLAP:+--overlap-prefill} \
+      --ingress-replicas "${INGRESS:-4}" --client-processes "${CLIENTS:-8}" \
+      --out "$OUT/disagg_serve.json" > $L/disagg_serve.log 2>&1
+  grep -E "ok in|CPU busy|steps; gap ms|stall clusters|failed|Error" $L/disagg_serve.log | head -30
+  tail -16 $L/disagg_serve.log
+  gzip -9 "$OUT/disagg_serve.json"
+fi
+tar -czf "$OUT/logs.tgz" -C /tmp logs
