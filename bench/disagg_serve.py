@@ -22,7 +22,9 @@ keeps what it measured. The load client runs in ``--client-processes`` processes
 profile's: 4 for ``llama8b``, 1 for ``--smoke``; ``bench/client_pool.py``), the same for
 both modes, so its own event loop's lags stay out of the ITL it measures; the JSON says how many
 (``client_processes``). ``--ingress-replicas`` overrides the profile's OpenAIIngress replicas
-(2 for ``llama8b``, 1 for ``--smoke``; the JSON's ``ingress``).
+(2 for ``llama8b``, 1 for ``--smoke``; the JSON's ``ingress``). ``--direct-http`` sends the load to
+the ingress replicas' shared port (``http.direct_port``, router/direct_http.py) instead of
+Serve's HTTP proxy, in both modes (the JSON's ``direct_http``).
 
 Where the CPU goes: ``results[<mode>]["cpu"]`` holds each role's CPU seconds over the load
 (``bench/proc_cpu.py``: proxy, ingress, prefill and decode or replica, their engine processes
@@ -167,7 +169,7 @@ def make_llama8b_checkpoint(path: str) -> str:
 
 
 def app_configs(profile: Profile, model: str, transport: str, disagg_mode: str,
-                overlap_prefill: bool = False) -> dict[str, DeploymentConfig]:
+                overlap_prefill: bool = False, direct_port: Optional[int] = None) -> dict[str, DeploymentConfig]:
     """Both modes' ``DeploymentConfig``s from the profile's base YAML (same engine options)."""
     base = yaml.safe_load((ROOT / profile.base_config).read_text())
     base.update(model=model, served_model_name=profile.served_model_name)
@@ -177,6 +179,8 @@ def app_configs(profile: Profile, model: str, transport: str, disagg_mode: str,
     base["ingress"] = dict(profile.ingress)
     base["routing"] = {"kind": "prefix_aware", "stats_period_s": 0.5}
     base.pop("http", None)
+    if direct_port is not None:  # the bench's Serve proxy listens on a port of its own (run_mode)
+        base["http"] = {"direct_port": direct_port}
     replicas = {"min_replicas": 1, "max_replicas": 1, **profile.replica_resources}
 
     disagg = copy.deepcopy(base)
@@ -254,6 +258,8 @@ def run_mode(mode: str, cfg: DeploymentConfig, port: int, profile: Profile, work
         return entry
     deadline = time.monotonic() + mode_timeout_s
     url = f"http://127.0.0.1:{port}"
+    # The load's URL: the ingress replicas' own port (http.direct_port), or Serve's proxy.
+    load_url = f"http://127.0.0.1:{cfg.http.direct_port}" if cfg.http.direct_port else url
     start = time.monotonic()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -261,9 +267,12 @@ def run_mode(mode: str, cfg: DeploymentConfig, port: int, profile: Profile, work
                        wait_for_applications_running=False)
         wait_ready(url, cfg.name, cfg.served_model_name, num_replicas(cfg),
                    min(deadline, start + profile.deploy_timeout_s))
+        if load_url != url:
+            wait_ready(load_url, cfg.name, cfg.served_model_name, num_replicas(cfg),
+                       min(deadline, start + profile.deploy_timeout_s))
         entry["deploy_s"] = time.monotonic() - start
         print(f"[{mode}] ready in {entry['deploy_s']:.0f}s ({entry['num_replicas']} replicas)", flush=True)
-        asyncio.run(asyncio.wait_for(warm_up(url, cfg.served_model_name, workload),
+        asyncio.run(asyncio.wait_for(warm_up(load_url, cfg.served_model_name, workload),
                                      max(1.0, deadline - time.monotonic())))
         before = replica_snapshot(url)
         drain_s = max(0.0, min(drain_s, deadline - time.monotonic() - duration_s))
@@ -271,7 +280,7 @@ def run_mode(mode: str, cfg: DeploymentConfig, port: int, profile: Profile, work
         load_window = (time.monotonic(), None)  # the replicas' timelines are summarized over it
         probe: dict = {}
         cpu_before = cpu_seconds()
-        records, elapsed = run_load(url, cfg.served_model_name, workload, duration_s, drain_s, probe=probe,
+        records, elapsed = run_load(load_url, cfg.served_model_name, workload, duration_s, drain_s, probe=probe,
                                     processes=profile.client_processes)
         entry["cpu"] = cpu_use(cpu_before, cpu_seconds(), probe, elapsed)
         load_window = (load_window[0], time.monotonic())
@@ -429,6 +438,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--disagg-mode", choices=("auto", "disaggregated"), default=None)
     parser.add_argument("--overlap-prefill", action="store_true",
                         help="disaggregated mode: prefill alongside the decode reservation")
+    parser.add_argument("--direct-http", action="store_true",
+                        help="send the load to the ingress replicas' own port (http.direct_port), not Serve's proxy")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset, in this order")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=None)
@@ -473,7 +484,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     query = threading.Thread(target=lambda: machine_info.update(machine()), daemon=True)
     query.start()  # CUDA is initialized in a child process meanwhile
     model = profile.model or make_llama8b_checkpoint("/tmp/kvmesh-llama8b-dummy-131k")
-    configs = app_configs(profile, model, transport, disagg_mode, args.overlap_prefill)
+    direct_port = free_port() if args.direct_http else None
+    configs = app_configs(profile, model, transport, disagg_mode, args.overlap_prefill, direct_port)
     start_ray(num_cpus=profile.ray_num_cpus)
     try:
         query.join()
@@ -485,6 +497,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "benchmark": "disagg_serve", "profile": profile.name, "machine": machine_info,
             "python": sys.version.split()[0], "time": time.time(), "argv": sys.argv[1:],
             "transport": transport, "disagg_mode": disagg_mode, "overlap_prefill": args.overlap_prefill,
+            "direct_http": args.direct_http,
             "duration_s": duration_s, "drain_s": drain_s,
             "workload": dataclasses.asdict(workload), "client_processes": profile.client_processes,
             "ingress": profile.ingress,
@@ -499,6 +512,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"disagg_serve: profile {profile.name}, {transport}, modes {modes}, {duration_s:.0f}s of load "
               f"each; machine {result['machine']}", flush=True)
         port = args.port or free_port()
+        while port == direct_port:
+            port = free_port()
         for mode in modes:
             result["results"][mode] = run_mode(mode, configs[mode], port, profile, workload, duration_s,
                                                drain_s, mode_timeout_s, preflight[mode])

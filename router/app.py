@@ -224,6 +224,9 @@ def serve_forever(cfg: DeploymentConfig, host: Optional[str] = None, port: Optio
         url = deploy(cfg, host, port)
         print(f"kvmesh: serving '{cfg.served_model_name}' at {url}/v1 "
               f"(OpenAI API; {url}/metrics, {url}/health). Ctrl-C to stop.", flush=True)
+        if cfg.http.direct_port is not None:
+            print(f"kvmesh: the ingress replicas also serve it at http://{cfg.http.host}:"
+                  f"{cfg.http.direct_port}/v1 (no proxy hop)", flush=True)
         while not stop:
             time.sleep(0.2)
         print("kvmesh: shutting down", flush=True)

@@ -178,11 +178,20 @@ class AuthConfig:
 @dataclass(frozen=True)
 class HttpConfig:
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = 8000  # Serve's HTTP proxy
+    # Also serve the OpenAI API from every ingress replica on this port (router/direct_http.py):
+    # the replicas of a node share it (SO_REUSEPORT) and streamed tokens skip the proxy's hop.
+    # None: only the proxy's port.
+    direct_port: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check(bool(self.host), "host must be non-empty")
         _check(0 < self.port < 65536, f"port must be in [1, 65535], got {self.port}")
+        if self.direct_port is not None:
+            _check(isinstance(self.direct_port, int) and 0 < self.direct_port < 65536,
+                   f"direct_port must be in [1, 65535] or null, got {self.direct_port!r}")
+            _check(self.direct_port != self.port,
+                   f"direct_port must differ from port (both {self.port}): the proxy listens there")
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from engine.block_hash import block_hash_chain
 from engine.step_timeline import StepTimeline
 from engine.step_timeline import summarize as summarize_timeline
 from router.config import DeploymentConfig
+from router.direct_http import DirectHTTPServer
 from router.disagg import DisaggregatedFlow
 from router.deltas import DeltaTracker, OutputDelta
 from router.messages import GenerateRequest, ReplicaOutput
@@ -170,6 +171,12 @@ class OpenAIIngress:
         self._timeline = StepTimeline.from_env()
         self._lag_probe = (asyncio.get_running_loop().create_task(self._timeline.watch_loop_lag())
                            if self._timeline is not None else None)
+        # http.direct_port: this app also on the replicas' shared port, skipping Serve's proxy;
+        # it listens once Serve has made this object the replica's (the routes' ``self``).
+        self._direct: Optional[DirectHTTPServer] = None
+        if cfg.http.direct_port is not None:
+            self._direct = DirectHTTPServer(app, cfg.http.host, cfg.http.direct_port)
+            self._direct.start(ready=lambda: serve.get_replica_context().servable_object is self)
 
     # ---- endpoints ----------------------------------------------------------------------------
     @app.post("/v1/chat/completions")

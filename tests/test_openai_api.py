@@ -15,6 +15,8 @@ import pytest
 
 from engine import SamplingParams
 from router.config import parse_deployment_config
+from router.ingress import INGRESS_HEADER
+from tests.fixtures_redis import free_port
 
 API_KEY = "sk-kvmesh-test"
 MODEL = "kvmesh-tiny"
@@ -23,6 +25,8 @@ MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Name three colors."}]
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 
+# http.direct_port: the ingress also serves the API itself here (router/direct_http.py)
+DIRECT_PORT = free_port()
 _DEPLOYED: dict = {}
 
 
@@ -40,6 +44,7 @@ def served_config():
         "routing": {"kind": "prefix_aware", "stats_period_s": 0.25},
         "auth": {"api_keys": [API_KEY]},
         "ingress": {"num_cpus": 0.1},
+        "http": {"direct_port": DIRECT_PORT},
     })
 
 
@@ -262,3 +267,43 @@ def test_prompt_too_long_is_bad_request(client):
     assert "maximum context length" in str(info.value)
     # and the server keeps serving
     assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices
+
+
+# ---- the same API on the ingress's direct port (no Serve proxy) ---------------------------------
+@pytest.fixture(scope="module")
+def direct_client(base_url) -> openai.OpenAI:
+    url = f"http://127.0.0.1:{DIRECT_PORT}"
+    deadline = time.monotonic() + 30  # listens once Serve has made the ingress object its replica's
+    while True:
+        try:
+            httpx.get(f"{url}/health", timeout=5)
+            break
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, timeout=120, max_retries=0)
+
+
+def test_direct_port_answers_like_the_proxy(direct_client, client, tiny_llm):
+    ref = tiny_llm.chat(MESSAGES, greedy(12))[0]
+    raw = direct_client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES,
+                                                                  max_tokens=12, temperature=0)
+    assert raw.headers.get(INGRESS_HEADER)  # the ingress answered itself
+    assert raw.parse().choices[0].message.content == ref.outputs[0].text
+    stream = direct_client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0,
+                                              stream=True)
+    text = "".join(choice.text for chunk in stream for choice in chunk.choices)
+    assert text == client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0).choices[0].text
+
+
+def test_direct_port_errors_are_openai_errors(direct_client):
+    with pytest.raises(openai.NotFoundError) as info:
+        direct_client.chat.completions.create(model="gpt-17", messages=MESSAGES, max_tokens=2)
+    assert info.value.status_code == 404 and "gpt-17" in str(info.value)
+    bad = openai.OpenAI(base_url=str(direct_client.base_url), api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.BadRequestError):
+        direct_client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=-1)
+    assert direct_client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices  # still serving
