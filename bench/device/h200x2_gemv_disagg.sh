@@ -6,7 +6,9 @@
 #   3. bench/parallel.py tp1,tp2: decode step at batch 1 with per-rank kernel profiles, and
 #      throughput of TP1 x 2 vs TP2 x 1
 #   4. bench/disagg_serve.py, both modes side by side, with ${OVERLAP:+--overlap-prefill},
-#      ${INGRESS:-4} ingress replicas and ${CLIENTS:-8} client processes; CPU per Serve role
+#      ${INGRESS:-4} ingress replicas and ${CLIENTS:-8} client processes; CPU per Serve role;
+#      DIRECT=1: the load on the ingress replicas' own port (--direct-http, no Serve proxy)
+#   5. GC_AB=1: disaggregated mode again with Python's own GC thresholds (KVMESH_GC_THRESHOLDS=0)
 # PARTS (default "tests,probe,parallel,serve") picks steps.
 set -u
 mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
@@ -50,10 +52,18 @@ fi
 if has serve; then
   timeout "${SERVE_S:-330}" python3 bench/disagg_serve.py --model-shape llama8b --disagg-mode disaggregated \
       --duration-s "${DURATION_S:-30}" --drain-s 10 ${OVERLAP:+--overlap-prefill} \
-      --ingress-replicas "${INGRESS:-4}" --client-processes "${CLIENTS:-8}" \
+      --ingress-replicas "${INGRESS:-4}" --client-processes "${CLIENTS:-8}" ${DIRECT:+--direct-http} \
       --out "$OUT/disagg_serve.json" > $L/disagg_serve.log 2>&1
   grep -E "ok in|CPU busy|steps; gap ms|stall clusters|failed|Error" $L/disagg_serve.log | head -30
   tail -16 $L/disagg_serve.log
   gzip -9 "$OUT/disagg_serve.json"
+fi
+if [ -n "${GC_AB:-}" ]; then
+  KVMESH_GC_THRESHOLDS=0 timeout "${GC_S:-170}" python3 bench/disagg_serve.py --model-shape llama8b \
+      --disagg-mode disaggregated --modes disaggregated --duration-s "${DURATION_S:-30}" --drain-s 10 \
+      ${OVERLAP:+--overlap-prefill} --ingress-replicas "${INGRESS:-4}" --client-processes "${CLIENTS:-8}" \
+      ${DIRECT:+--direct-http} --out "$OUT/disagg_serve_gc0.json" > $L/disagg_serve_gc0.log 2>&1
+  grep -E "ok in|CPU busy|steps; gap ms|stall clusters|failed|Error" $L/disagg_serve_gc0.log | head -12
+  gzip -9 "$OUT/disagg_serve_gc0.json"
 fi
 tar -czf "$OUT/logs.tgz" -C /tmp logs
