@@ -15,7 +15,7 @@ ingress starts (``AuthConfig.resolve_api_keys``), not when the file is parsed.
     replicas: {min_replicas: 1, max_replicas: 3, initial_replicas: 1,
                num_cpus: 0.25, num_gpus: 0, max_ongoing_requests: 64}
     autoscaling: {target_waiting_per_replica: 2, upscale_delay_s: 5, downscale_delay_s: 30}
-    routing: {kind: prefix_aware, stats_period_s: 0.5, policy: {...}}  # policy: RouterPolicyConfig
+    routing: {kind: prefix_aware, stats_period_s: 0.5, block_report_period_s: 5, policy: {...}}  # policy: RouterPolicyConfig
     admission: {max_waiting_per_replica: 32}
     auth: {api_keys: [sk-...], api_keys_env: KVMESH_API_KEYS}
     http: {host: 127.0.0.1, port: 8000}
@@ -134,12 +134,19 @@ class AutoscalingConfig:
 class RoutingConfig:
     kind: RouterKind = RouterKind.PREFIX_AWARE
     stats_period_s: float = 1.0  # how often Serve pulls each replica's ReplicaStats
+    # How often those stats also list every block of the replica's prefix cache: a correction
+    # (evictions) for the routers' prefix index, which each dispatch already updates. A GPU
+    # replica caches tens of thousands of blocks, and every router of every ingress parses
+    # the list, holding the GIL of the process that streams tokens to clients.
+    block_report_period_s: float = 5.0
     # router.policy.RouterPolicyConfig (thresholds of the prefix-aware policy); None: its defaults.
     policy: Optional[Any] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", RouterKind(self.kind))
         _check(self.stats_period_s > 0, f"stats_period_s must be > 0, got {self.stats_period_s}")
+        _check(self.block_report_period_s > 0,
+               f"block_report_period_s must be > 0, got {self.block_report_period_s}")
 
 
 @dataclass(frozen=True)
@@ -389,13 +396,11 @@ def _build_routing(data: Any, source: str) -> RoutingConfig:
         return RoutingConfig()
     if not isinstance(data, dict):
         raise ValueError(f"{source}: routing must be a mapping")
-    _reject_unknown(data, {"kind", "stats_period_s", "policy"}, source, "routing")
+    _reject_unknown(data, {"kind", "stats_period_s", "block_report_period_s", "policy"}, source, "routing")
     kwargs: dict[str, Any] = {}
-    if "kind" in data:
-        kwargs["kind"] = _coerce(data["kind"], RoutingConfig, "kind", source, "routing")
-    if "stats_period_s" in data:
-        kwargs["stats_period_s"] = _coerce(data["stats_period_s"], RoutingConfig, "stats_period_s",
-                                           source, "routing")
+    for key in ("kind", "stats_period_s", "block_report_period_s"):
+        if key in data:
+            kwargs[key] = _coerce(data[key], RoutingConfig, key, source, "routing")
     if data.get("policy") is not None:
         policy_cls = router_policy_config_class()
         if policy_cls is None:

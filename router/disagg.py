@@ -136,6 +136,9 @@ class DecodeServer(LLMServer):
     """A decode-pool replica: reserves blocks, receives the prompt's KV, decodes."""
 
     pool = DECODE_POOL
+    # The decode pool's router picks by load and free blocks (DecodeRequestRouter), never by
+    # prefix: a list of every cached block would only cost each ingress the parsing.
+    reports_block_hashes = False
 
     async def __init__(self, cfg: DeploymentConfig, board: Any = None,
                        engine_factory: Optional[EngineFactory] = None) -> None:

@@ -104,20 +104,27 @@ class PrefixIndex:
     def replace_replica_blocks(self, replica_id: str, block_hashes: Iterable[int]) -> None:
         """Make the index hold exactly ``block_hashes`` for ``replica_id``.
 
-        A correction from the replica's own report of its prefix cache: blocks
-        it evicted are dropped, blocks it has that we did not know are added
-        (as most recently used, in the given order's reverse).
+        A correction from the replica's own report of its prefix cache: blocks it evicted
+        are dropped, blocks it has that we did not know are added (as most recently used,
+        in the given order's reverse); blocks both sides knew keep their place in the LRU.
+        A report lists every cached block (tens of thousands on a GPU replica) and arrives
+        every ``stats_period_s`` from each replica, in the ingress's process: the work is set
+        differences (in C) plus a Python step per changed block, not per reported block.
         """
-        new_blocks = list(block_hashes)
+        new_blocks = block_hashes if isinstance(block_hashes, list) else list(block_hashes)
         new_set = set(new_blocks)
-        for block_hash in self._replica_blocks.get(replica_id, set()) - new_set:
+        owned = self._replica_blocks.setdefault(replica_id, set())
+        for block_hash in owned - new_set:
             holders = self._holders.get(block_hash)
             if holders is not None:
                 holders.discard(replica_id)
                 if not holders:
                     del self._holders[block_hash]
-        self._replica_blocks[replica_id] = set()
-        self.insert(replica_id, new_blocks)
+        owned &= new_set
+        added = new_set - owned
+        if added:
+            self.insert(replica_id, [h for h in new_blocks if h in added] if len(added) < len(new_set)
+                        else new_blocks)
 
     def _evict(self) -> None:
         holders_of = self._holders

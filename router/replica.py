@@ -78,6 +78,7 @@ class LLMServer:
     """One engine replica. Deployed by ``router.app.build_app`` with the config's resources."""
 
     pool = "colocated"  # PrefillServer / DecodeServer (router/disagg.py) name theirs
+    reports_block_hashes = True  # the routing stats carry the prefix cache (record_routing_stats)
 
     async def __init__(self, cfg: DeploymentConfig, board: Any = None,
                        engine_factory: Optional[EngineFactory] = None) -> None:
@@ -87,6 +88,7 @@ class LLMServer:
         self.board = board
         self._sender = StreamSender()  # the stream channel to every ingress (one connection each)
         self._started_at = time.time()
+        self._next_block_report = 0.0  # the first routing stats carry the prefix cache
         self._publisher: Optional[asyncio.Task] = None
         # With the engine's step timeline on (KVMESH_STEP_TIMELINE=1), watch this loop's lag too.
         self._lag_probe: Optional[asyncio.Task] = None
@@ -198,12 +200,18 @@ class LLMServer:
         self.engine.check_health()
 
     def record_routing_stats(self) -> dict:
-        """Serve's routing-stats hook: ``ReplicaStats`` for the request router."""
+        """Serve's routing-stats hook: ``ReplicaStats`` for the request router. The prefix
+        cache's block hashes go along every ``routing.block_report_period_s`` only (an empty
+        list reads "not reported"), and never from a pool whose router ignores them."""
         s = self.engine.get_stats()
+        hashes: list[int] = []
+        now = time.monotonic()
+        if self.reports_block_hashes and now >= self._next_block_report:
+            self._next_block_report = now + self.cfg.routing.block_report_period_s
+            hashes = list(s.cached_block_hashes)
         stats = ReplicaStats(num_waiting=s.num_waiting, num_running=s.num_running,
                              kv_usage=s.kv_usage, prefix_cache_hit_rate=s.prefix_cache_hit_rate,
-                             num_preemptions=s.num_preemptions,
-                             cached_block_hashes=list(s.cached_block_hashes)).to_dict()
+                             num_preemptions=s.num_preemptions, cached_block_hashes=hashes).to_dict()
         # Free KV blocks (cached-and-evictable ones included): the decode pool's router
         # (request_router.DecodeRequestRouter) sends prompts only where their blocks fit.
         stats.update(num_free_blocks=int(s.num_free_blocks), num_blocks=int(s.num_blocks))

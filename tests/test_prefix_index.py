@@ -115,3 +115,36 @@ def test_capacity_and_invariants_hold(ops, capacity):
         assert holders
         for replica_id in holders:
             assert block_hash in index.blocks_of(replica_id)
+
+
+def test_replace_keeps_known_blocks_in_place_and_adds_new_ones_as_newest():
+    index = PrefixIndex(capacity_blocks=4)
+    index.insert("r0", [1, 2])
+    index.insert("r1", [3, 4])  # LRU order, oldest first: 2, 1, 4, 3
+    index.replace_replica_blocks("r0", [1, 2])  # nothing new: no reordering
+    index.insert("r1", [5])  # over capacity: evicts the oldest, block 2
+    assert index.blocks_of("r0") == {1} and index.blocks_of("r1") == {3, 4, 5}
+    # LRU now 1, 4, 3, 5: 6 and 7 come in as the newest, and 1 (not touched by a report) and
+    # 4, the two oldest, make room
+    index.replace_replica_blocks("r0", [1, 6, 7])
+    assert index.blocks_of("r0") == {6, 7} and index.blocks_of("r1") == {3, 5}
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.tuples(st.booleans(), st.sampled_from(["a", "b"]),
+                                st.lists(st.integers(0, 15), max_size=8)), max_size=15))
+def test_replace_holds_exactly_the_report_and_the_invariant(steps):
+    index = PrefixIndex()
+    held: dict[str, set[int]] = {}
+    for replace, replica_id, blocks in steps:
+        if replace:
+            index.replace_replica_blocks(replica_id, blocks)
+            held[replica_id] = set(blocks)
+        else:
+            index.insert(replica_id, blocks)
+            held.setdefault(replica_id, set()).update(blocks)
+    for replica_id, blocks in held.items():
+        assert index.blocks_of(replica_id) == blocks
+    assert len(index) == len(set().union(*held.values())) if held else len(index) == 0
+    for block_hash in set().union(*held.values()) if held else ():
+        assert index._holders[block_hash] == {r for r, b in held.items() if block_hash in b}
