@@ -8,7 +8,8 @@
 #   4. bench/disagg_serve.py, both modes side by side, with ${OVERLAP:+--overlap-prefill},
 #      ${INGRESS:-4} ingress replicas and ${CLIENTS:-8} client processes; CPU per Serve role;
 #      DIRECT=1: the load on the ingress replicas' own port (--direct-http, no Serve proxy)
-#   5. GC_AB=1: disaggregated mode again with Python's own GC thresholds (KVMESH_GC_THRESHOLDS=0)
+#   5. REPEAT=1: both modes again with --seed 1
+#   6. GC_AB=1: disaggregated mode again with Python's own GC thresholds (KVMESH_GC_THRESHOLDS=0)
 # PARTS (default "tests,probe,parallel,serve") picks steps.
 set -u
 mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
@@ -57,6 +58,15 @@ if has serve; then
   grep -E "ok in|CPU busy|steps; gap ms|stall clusters|failed|Error" $L/disagg_serve.log | head -30
   tail -16 $L/disagg_serve.log
   gzip -9 "$OUT/disagg_serve.json"
+fi
+if [ -n "${REPEAT:-}" ]; then  # both modes again, another seed's workload
+  timeout "${SERVE_S:-330}" python3 bench/disagg_serve.py --model-shape llama8b --disagg-mode disaggregated \
+      --duration-s "${DURATION_S:-30}" --drain-s 10 ${OVERLAP:+--overlap-prefill} --seed 1 \
+      --ingress-replicas "${INGRESS:-4}" --client-processes "${CLIENTS:-8}" ${DIRECT:+--direct-http} \
+      --out "$OUT/disagg_serve_seed1.json" > $L/disagg_serve_seed1.log 2>&1
+  grep -E "ok in|CPU busy|steps; gap ms|stall clusters|failed|Error" $L/disagg_serve_seed1.log | head -30
+  tail -16 $L/disagg_serve_seed1.log
+  gzip -9 "$OUT/disagg_serve_seed1.json"
 fi
 if [ -n "${GC_AB:-}" ]; then
   KVMESH_GC_THRESHOLDS=0 timeout "${GC_S:-170}" python3 bench/disagg_serve.py --model-shape llama8b \
