@@ -13,25 +13,7 @@ tail -30 $L/ll_tests.txt
 timeout 60 python3 bench/ll_allreduce.py --out "$OUT/ll_allreduce.json" > $L/ll_bench.log 2>&1; tail -3 $L/ll_bench.log
 timeout "${PAR_S:-240}" python3 bench/parallel.py all --parts tp1,tp2 --budget-s "${PAR_BUDGET_S:-230}" \
     --profile-steps 30 --out "$OUT/parallel.json" > $L/parallel.log 2>&1
-python3 - <<'PY'
-import json, os
-p = os.path.join(os.environ["OUT"], "parallel.json")
-if not os.path.exists(p):
-    print("parallel.json missing")
-else:
-    d = json.load(open(p))
-    t = d.get("throughput", {})
-    print("ratio", d.get("decode_step_ratio_vs_tp1"), "tok/s tp1x2", t.get("tp1_x2_output_tok_s"), "tp2x1", t.get("tp2_x1_output_tok_s"))
-    for tp, r in d.get("decode", {}).items():
-        dec = (r.get("decode") or {}) if isinstance(r, dict) else {}
-        prof = dec.get("profile") or {}
-        print(" TP", tp, "step ms", round(dec.get("median_step_ms", 0), 3), "profiled", round(prof.get("median_step_ms", 0), 3))
-        for rank in prof.get("ranks") or []:
-            print("  rank", rank["rank"], "kernel us/step", round(rank["kernel_us_per_step"], 1), "idle", rank.get("idle_us_per_step"))
-            print("   idle before:", [(r["name"][:40], round(r["us_per_step"], 1), r["calls_per_step"]) for r in rank.get("idle_before", [])[:6]])
-            for row in rank["rows"][:14]:
-                print("   ", round(row["us_per_step"], 1), round(row["calls_per_step"], 1), row["name"][:70])
-PY
+python3 bench/device/parallel_summary.py "$OUT/parallel.json" --idle-before
 grep -i "all-reduce\|LL " $L/parallel.log | head -5
 timeout "${PT_S:-150}" python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_parallel_gpu.py \
     -k "two_gpus or 8b_shape_serves_at_tp" > $L/parallel_tests.txt 2>&1

@@ -31,24 +31,7 @@ fi
 if has parallel; then
   timeout "${PAR_S:-170}" python3 bench/parallel.py all --parts tp1,tp2 --budget-s "${PAR_BUDGET_S:-160}" \
       --profile-steps 30 --out "$OUT/parallel.json" > $L/parallel.log 2>&1
-  python3 - <<'PY'
-import json, os
-p = os.path.join(os.environ["OUT"], "parallel.json")
-if not os.path.exists(p):
-    print("parallel.json missing")
-else:
-    d = json.load(open(p))
-    t = d.get("throughput", {})
-    print("ratio", d.get("decode_step_ratio_vs_tp1"), "tok/s tp1x2", t.get("tp1_x2_output_tok_s"), "tp2x1", t.get("tp2_x1_output_tok_s"))
-    for tp, r in d.get("decode", {}).items():
-        dec = (r.get("decode") or {}) if isinstance(r, dict) else {}
-        prof = dec.get("profile") or {}
-        print(" TP", tp, "step ms", round(dec.get("median_step_ms", 0), 3), "profiled", round(prof.get("median_step_ms", 0), 3))
-        for rank in (prof.get("ranks") or [])[:1]:
-            print("  rank", rank["rank"], "kernel us/step", round(rank["kernel_us_per_step"], 1), "idle", rank.get("idle_us_per_step"))
-            for row in rank["rows"][:9]:
-                print("   ", round(row["us_per_step"], 1), round(row["calls_per_step"], 1), row["name"][:70])
-PY
+  python3 bench/device/parallel_summary.py "$OUT/parallel.json" --ranks 1 --rows 9
 fi
 if has serve; then
   timeout "${SERVE_S:-330}" python3 bench/disagg_serve.py --model-shape llama8b --disagg-mode disaggregated \
