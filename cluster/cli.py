@@ -10,6 +10,7 @@ Heavy imports (ray, torch) happen inside the subcommands so ``kvmesh --help`` is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import urllib.error
@@ -26,8 +27,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kvmesh serve: {exc}", file=sys.stderr)
         return 2
+    overrides = {key: value for key, value in (("host", args.host), ("port", args.port),
+                                                ("direct_port", args.direct_port)) if value is not None}
+    if overrides:  # into the config, so the ingress's direct server binds the same host
+        try:
+            cfg = dataclasses.replace(cfg, http=dataclasses.replace(cfg.http, **overrides))
+        except ValueError as exc:
+            print(f"kvmesh serve: http: {exc}", file=sys.stderr)
+            return 2
     from router.app import serve_forever
-    serve_forever(cfg, host=args.host, port=args.port)
+    serve_forever(cfg)
     return 0
 
 
@@ -90,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"deployment YAML (default {DEFAULT_CONFIG})")
     serve.add_argument("--host", default=None, help="HTTP host (default: the config's, 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
+    serve.add_argument("--direct-port", type=int, default=None,
+                       help="also serve from the ingress replicas on this port, no proxy hop "
+                            "(default: the config's http.direct_port, off)")
     serve.set_defaults(func=_cmd_serve)
 
     status = sub.add_parser("status", help="replicas, queue depth, KV usage, prefix-cache hit rate")

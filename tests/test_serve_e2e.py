@@ -226,13 +226,15 @@ def test_kvmesh_serve_subprocess_answers_and_exits_on_sigint(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(config)], cwd=REPO,
+    direct_port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(config),
+                             "--direct-port", str(direct_port)], cwd=REPO,
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    url, direct_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{direct_port}"
     try:
-        def answer():
+        def answer(base=url):
             try:
-                r = httpx.post(f"{url}/v1/completions", timeout=60,
+                r = httpx.post(f"{base}/v1/completions", timeout=60,
                                json={"model": MODEL, "prompt": "Hi", "max_tokens": 3})
                 return r if r.status_code == 200 else None
             except httpx.HTTPError:
@@ -241,6 +243,10 @@ def test_kvmesh_serve_subprocess_answers_and_exits_on_sigint(tmp_path):
         assert response is not None, (tmp_path / "serve.log").read_text()[-3000:]
         assert response.json()["usage"]["completion_tokens"] >= 1
         assert f"serving 'kvmesh-tiny' at {url}/v1" in (tmp_path / "serve.log").read_text()
+        # --direct-port: the ingress answers on it too, and the log says where
+        direct = wait_for(lambda: answer(direct_url), timeout_s=30, interval_s=0.5)
+        assert direct is not None and direct.json()["usage"]["completion_tokens"] >= 1
+        assert f"also serve it at {direct_url}/v1" in (tmp_path / "serve.log").read_text()
         # Twice, back to back: what Ctrl-C pressed twice or `timeout` forwarding its own SIGINT does
         # (the old handler's Event.set could deadlock when the second landed inside the first).
         proc.send_signal(signal.SIGINT)
