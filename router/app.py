@@ -1,6 +1,8 @@
 """Builds the Serve application from a ``DeploymentConfig`` and serves it.
 
-    HTTP ──▶ Serve proxy ──▶ OpenAIIngress (FastAPI; tokenizes, block hashes, admission)
+    HTTP :port ──▶ Serve proxy ──┐
+    HTTP :direct_port ───────────┴─▶ OpenAIIngress (FastAPI; tokenizes, block hashes, admission;
+                                  │  direct_port: its own uvicorn, router/direct_http.py)
                                   │ handle.options(stream=True)     ▲ OutputDeltas: one TCP frame per
                                   │   .generate_deltas(request)     │ engine step and ingress (stream
                                   ▼ request router (prefix-aware,   │ channel, router/stream_channel.py),
