@@ -19,10 +19,10 @@ p50/p90/p99, output tokens/s, the same per kind, and the ratios disaggregated/co
 against the issue's target (ITL p99 at most 0.5x, TTFT p50 at most 1.2x). The JSON (named
 machine, configs, per-request records) is rewritten after each mode, so a run cut short
 keeps what it measured. The load client runs in ``--client-processes`` processes (the
-profile's: 4 for ``llama8b``, 1 for ``--smoke``; ``bench/client_pool.py``), the same for
+profile's: 8 for ``llama8b``, 1 for ``--smoke``; ``bench/client_pool.py``), the same for
 both modes, so its own event loop's lags stay out of the ITL it measures; the JSON says how many
 (``client_processes``). ``--ingress-replicas`` overrides the profile's OpenAIIngress replicas
-(2 for ``llama8b``, 1 for ``--smoke``; the JSON's ``ingress``). ``--direct-http`` sends the load to
+(4 for ``llama8b``, 1 for ``--smoke``; the JSON's ``ingress``). ``--direct-http`` sends the load to
 the ingress replicas' shared port (``http.direct_port``, router/direct_http.py) instead of
 Serve's HTTP proxy, in both modes (the JSON's ``direct_http``).
 
@@ -134,13 +134,13 @@ PROFILES = {
                 "gpu_memory_utilization": 0.85, "max_num_seqs": 256, "max_num_batched_tokens": 2048},
         transport="nccl", disagg_mode="auto", auto_min_uncached_tokens=512,
         replica_resources={"num_cpus": 4, "num_gpus": 1, "max_ongoing_requests": 512},
-        ingress={"num_cpus": 2, "num_replicas": 2}, ray_num_cpus=None,
+        ingress={"num_cpus": 2, "num_replicas": 4}, ray_num_cpus=None,
         workload=Workload(concurrency=32, short_prompt=(128, 256), short_output=(128, 256),
                           long_interval_s=1.0, long_prompt=(4096, 8192), long_output=8,
                           token_id_range=(1000, 120000)),
         duration_s=60.0, drain_s=20.0, deploy_timeout_s=180.0,
         prefill_pool={"max_num_batched_tokens": 4096, "long_prefill_token_threshold": 1024},
-        client_processes=4),
+        client_processes=8),
     "tiny": Profile(
         name="tiny", base_config="configs/tiny-disagg.yaml", model="kvmesh-tiny",
         served_model_name="kvmesh-tiny",

@@ -50,10 +50,22 @@ def test_smoke_profile_is_cpu_gloo():
     assert configs["colocated"].replicas.num_gpus == 0 and configs["colocated"].replicas.num_cpus < 1
 
 
-def test_client_processes_per_profile():
-    """The GPU run's load client is 4 processes (one would lag at its ~4,000 tokens/s), the smoke
-    run's one (``tests/test_mixed_workload.py`` runs the client itself)."""
-    assert PROFILES["llama8b"].client_processes == 4 and PROFILES["tiny"].client_processes == 1
+def test_client_processes_and_ingress_per_profile():
+    """The GPU run's load client is 8 processes and its ingress 4 replicas (stop 14's runs: one
+    client process lags at ~4,000 tokens/s), the smoke run's one of each
+    (``tests/test_mixed_workload.py`` runs the client itself)."""
+    assert PROFILES["llama8b"].client_processes == 8 and PROFILES["tiny"].client_processes == 1
+    configs = app_configs(PROFILES["llama8b"], "/tmp/llama8b-dummy", "nccl", "disaggregated")
+    assert all(cfg.ingress.num_replicas == 4 for cfg in configs.values())
+
+
+def test_direct_port_goes_to_both_modes_alike():
+    profile = PROFILES["tiny"]
+    plain = app_configs(profile, "kvmesh-tiny", "gloo", "disaggregated")
+    direct = app_configs(profile, "kvmesh-tiny", "gloo", "disaggregated", overlap_prefill=True, direct_port=18001)
+    assert all(cfg.http.direct_port is None for cfg in plain.values())
+    assert all(cfg.http.direct_port == 18001 for cfg in direct.values())
+    assert direct["disaggregated"].disaggregation.overlap_prefill
 
 
 def test_summary_splits_kinds_and_counts_errors():
