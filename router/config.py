@@ -188,6 +188,7 @@ class HttpConfig:
     port: int = 8000  # Serve's HTTP proxy
     # Also serve the OpenAI API from every ingress replica on this port (router/direct_http.py):
     # the replicas of a node share it (SO_REUSEPORT) and streamed tokens skip the proxy's hop.
+    # One port per app: another app's ingress on the same node and port would share it too.
     # None: only the proxy's port.
     direct_port: Optional[int] = None
 
