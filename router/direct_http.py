@@ -26,6 +26,8 @@ import logging
 import socket
 from typing import Any, Callable, Optional
 
+import uvicorn
+
 logger = logging.getLogger(__name__)
 
 
@@ -59,11 +61,14 @@ class DirectHTTPServer:
         return self._task
 
     async def _serve(self, ready: Callable[[], bool], poll_s: float) -> None:
-        import uvicorn
-
         while not ready():
             await asyncio.sleep(poll_s)
-        sock = reuse_port_socket(self.host, self.port)
+        try:
+            sock = reuse_port_socket(self.host, self.port)
+        except OSError as exc:  # e.g. another program holds the port without port reuse
+            logger.error("cannot serve the OpenAI API directly on %s:%d (%s); Serve's port still "
+                         "serves", self.host, self.port, exc)
+            return
         config = uvicorn.Config(self.app, lifespan="off", access_log=False, log_level="warning",
                                 timeout_keep_alive=75)
         self._server = _QuietServer(config)
@@ -81,18 +86,9 @@ class DirectHTTPServer:
                 await asyncio.wait_for(self._task, 5.0)
 
 
-def _quiet_server_class() -> type:
-    import uvicorn
+class _QuietServer(uvicorn.Server):
+    """uvicorn's server without its signal handlers: the replica's process owns its signals."""
 
-    class QuietServer(uvicorn.Server):
-        """uvicorn's server without its signal handlers: the replica's process owns its signals."""
-
-        @contextlib.contextmanager
-        def capture_signals(self):  # type: ignore[override]
-            yield
-
-    return QuietServer
-
-
-def _QuietServer(config: Any) -> Any:  # noqa: N802 - a class made on first use (uvicorn is optional)
-    return _quiet_server_class()(config)
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield

@@ -96,6 +96,22 @@ def test_not_listening_until_ready():
         server.stop()
 
 
+def test_a_port_taken_without_reuse_is_logged_not_raised(caplog):
+    import socket
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        server = LoopThread("never", port)
+        try:
+            task = server.server._task  # the serving task ends at once, without an exception
+            asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(task), 5), server.loop).result(10)
+            assert task.exception() is None
+            assert "cannot serve the OpenAI API directly" in caplog.text
+        finally:
+            server.stop()
+
+
 @pytest.mark.parametrize("http, fragment", [
     ({"port": 8000, "direct_port": 8000}, "must differ"),
     ({"direct_port": 0}, "direct_port must be in"),
