@@ -26,7 +26,8 @@ AsyncLLM) with one fixed replica, then
    engine's CPU per token).
 
 The cluster gets ``RAY_SERVE_PROXY_USE_GRPC`` as ``kvmesh serve`` sets it (``--proxy-grpc``).
-``--stream-interval`` / ``--max-stream-updates-per-step`` set the replica's streaming
+``--direct-http`` sends every request to the ingress's own port (``http.direct_port``) instead
+of Serve's proxy. ``--stream-interval`` / ``--max-stream-updates-per-step`` set the replica's streaming
 (``replicas.*`` of the config; unset: the config defaults). ``--py-spy DIR`` records the
 replica's and the ingress's stacks per thread during the load (``py-spy`` on PATH).
 Writes JSON naming the machine under bench/results/; ``--merge`` gathers several runs
@@ -82,8 +83,9 @@ STAMPS = (
 )
 
 
-def bench_config(args: argparse.Namespace) -> DeploymentConfig:
-    """kvmesh-tiny on CPU, one fixed replica, no admission limit (the offline engine uses ``.engine``)."""
+def bench_config(args: argparse.Namespace, direct_port: Optional[int] = None) -> DeploymentConfig:
+    """kvmesh-tiny on CPU, one fixed replica, no admission limit (the offline engine uses ``.engine``);
+    ``direct_port``: the ingress also serves there (``http.direct_port``)."""
     return parse_deployment_config({
         "name": "http-overhead",
         "model": "kvmesh-tiny",
@@ -99,6 +101,7 @@ def bench_config(args: argparse.Namespace) -> DeploymentConfig:
         "routing": {"kind": "prefix_aware", "stats_period_s": 0.5},
         "admission": {"max_waiting_per_replica": None},
         "ingress": {"num_cpus": 0.1, "num_replicas": 1},
+        **({"http": {"direct_port": direct_port}} if direct_port else {}),
     })
 
 
@@ -453,6 +456,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="RAY_SERVE_PROXY_USE_GRPC for the cluster (1: what `kvmesh serve` sets up)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for the whole local Ray cluster (e.g. RAY_SERVE_* experiments)")
+    parser.add_argument("--direct-http", action="store_true",
+                        help="measure through the ingress's own port (http.direct_port), not Serve's proxy")
     parser.add_argument("--label", default="", help="free text saved with the result (e.g. before/after)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="http_overhead_tiny_cpu", help="result file stem")
@@ -471,7 +476,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from engine.tokenizer import load_tokenizer
     from router.app import build_app
 
-    cfg = bench_config(args)
+    direct_port = free_port() if args.direct_http else None
+    cfg = bench_config(args, direct_port)
     model = cfg.served_model_name
     tokenizer = load_tokenizer(cfg.engine.model.tokenizer or resolve_model_path(cfg.engine.model.model))
     prompts_c1 = make_prompts(tokenizer, args.num_requests, args.prompt_tokens, args.seed)
@@ -480,7 +486,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     prompts_c1_offline = make_prompts(tokenizer, args.num_requests, args.prompt_tokens, args.seed + 2)
     prompts_load_offline = make_prompts(tokenizer, args.load_requests, args.prompt_tokens, args.seed + 3)
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    while port == direct_port:
+        port = free_port()
+    serve_url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{direct_port}" if direct_port else serve_url  # what the clients use
     env = {"RAY_SERVE_PROXY_USE_GRPC": str(args.proxy_grpc), **dict(e.partition("=")[::2] for e in args.env)}
     os.environ.update(env)  # inherited by the local raylet and so by every Ray worker
     result: dict = {"machine": load_gen.machine_name(), "python": sys.version.split()[0],
@@ -492,6 +501,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
+        wait_ready(serve_url, model)
         wait_ready(url, model)
         engine = None if args.skip_offline else offline_engine(cfg, args)
         warm = make_prompts(tokenizer, 3, args.prompt_tokens, args.seed + 4)
