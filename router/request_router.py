@@ -47,8 +47,8 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from router import router_metrics
 from router.messages import GenerateRequest, ReplicaStats
-from router.policy import (DecodeReplicaView, FreeBlockLedger, RouterPolicyConfig, choose,
-                           choose_decode, num_blocks_needed)
+from router.policy import (DecodeReplicaView, FreeBlockLedger, RouterPolicyConfig, RoutingDecision,
+                           choose, choose_decode, num_blocks_needed)
 from router.shared_state import LocalRouterState, RedisRouterState, RouterState
 
 logger = logging.getLogger(__name__)
@@ -133,11 +133,8 @@ class PrefixAwareRequestRouter(RequestRouter):
             return []
         start = time.perf_counter()
         request = find_generate_request(pending_request)
-        block_hashes = request.block_hashes if request is not None else []
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        views = await self._state.views(block_hashes, list(by_id))
-        self._account_resolved()  # others may have been routed while we awaited
-        decision = choose(block_hashes, views, self._rng, self._cfg)
+        decision = await self._decide(request, list(by_id))
         if pending_request is not None:
             # Once all ranks are tried, back off instead of spinning (Serve's contract).
             pending_request.routing_context.should_backoff = True
@@ -145,6 +142,13 @@ class PrefixAwareRequestRouter(RequestRouter):
         router_metrics.record_decision(decision.kind.value, time.perf_counter() - start,
                                        decision.matched_blocks)
         return [[by_id[replica_id]] for replica_id in decision.ranked_replica_ids]
+
+    async def _decide(self, request: Optional[GenerateRequest], replica_ids: list[str]) -> RoutingDecision:
+        """The policy's ranking of ``replica_ids`` for ``request``: cached prefix against load."""
+        block_hashes = request.block_hashes if request is not None else []
+        views = await self._state.views(block_hashes, replica_ids)
+        self._account_resolved()  # others may have been routed while we awaited
+        return choose(block_hashes, views, self._rng, self._cfg)
 
     def _fulfill_next_pending_request(self, replica: RunningReplica,
                                       request_metadata: Optional[RequestMetadata] = None) -> None:
@@ -242,26 +246,14 @@ class DecodeRequestRouter(PrefixAwareRequestRouter):
     def ledger(self) -> FreeBlockLedger:
         return self._ledger
 
-    async def choose_replicas(self, candidate_replicas: List[RunningReplica],
-                              pending_request: Optional[PendingRequest] = None
-                              ) -> List[List[RunningReplica]]:
-        self._account_resolved()
-        if not candidate_replicas:
-            return []
-        start = time.perf_counter()
-        request = find_generate_request(pending_request)
+    async def _decide(self, request: Optional[GenerateRequest], replica_ids: list[str]) -> RoutingDecision:
+        """By load, and only onto replicas with free KV blocks for the prompt (no prefix)."""
         num_blocks = num_blocks_needed(request.num_prompt_tokens, self._block_size) if request else 0
-        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        loads = await self._state.views([], list(by_id))
-        self._account_resolved()
+        loads = await self._state.views([], replica_ids)
+        self._account_resolved()  # others may have been routed while we awaited
         views = [DecodeReplicaView(v.replica_id, v.load, self._ledger.num_free_blocks(v.replica_id))
                  for v in loads]
-        decision = choose_decode(num_blocks, views, self._rng, self._cfg)
-        if pending_request is not None:
-            pending_request.routing_context.should_backoff = True
-            self._watch(pending_request, request)
-        router_metrics.record_decision(decision.kind.value, time.perf_counter() - start, 0)
-        return [[by_id[replica_id]] for replica_id in decision.ranked_replica_ids]
+        return choose_decode(num_blocks, views, self._rng, self._cfg)
 
     def _on_future_done(self, future) -> None:
         entry = self._watched.get(future)
