@@ -35,6 +35,7 @@ pytest.importorskip("ray.serve")
 
 from router.config import parse_deployment_config  # noqa: E402
 from tests.fixtures_redis import start_redis  # noqa: E402
+from tests.polling import wait_for  # noqa: E402
 
 MODEL = "kvmesh-tiny"
 NUM_REPLICAS = 3
@@ -166,16 +167,6 @@ def redis_gauges(http: httpx.Client, app_name: str) -> dict[str, float]:
     pattern = (r'kvmesh_router_redis_available\{namespace="' + re.escape(app_name)
                + r'",router_id="([^"]+)"\} ([0-9.]+)')
     return {router_id: float(value) for router_id, value in re.findall(pattern, text)}
-
-
-def wait_for(predicate, timeout_s: float, interval_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    return predicate()
 
 
 # ---- tests -------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tests.fixtures_redis import free_port
+from tests.polling import wait_for
 from tests.test_openai_api import API_KEY, MAX_MODEL_LEN, MODEL, deploy_once
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,16 +166,6 @@ def test_prefix_cache_hits_show_in_status(http):
 
 
 # ---- client disconnect frees KV blocks ---------------------------------------------------------
-def wait_for(predicate, timeout_s: float, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    return predicate()
-
-
 def test_client_disconnect_mid_stream_frees_kv_blocks(http, base_url):
     body = {"model": MODEL, "prompt": "Tell me a very long story about a dragon.", "stream": True,
             "max_tokens": MAX_MODEL_LEN - 64, "ignore_eos": True, "temperature": 0}

@@ -297,7 +297,7 @@ def test_channel_outputs_equal_serve_streaming_and_offline(client, base_url, tin
 
 def test_client_disconnect_mid_stream_frees_kv_blocks_and_subscription(base_url):
     from tests.test_openai_api import API_KEY, MAX_MODEL_LEN, MODEL
-    from tests.test_serve_e2e import wait_for
+    from tests.polling import wait_for
 
     def replicas():
         return _status(base_url)["replicas"]
