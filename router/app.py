@@ -188,14 +188,14 @@ def _cluster_num_gpus(engine: EngineConfig) -> float:
     return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
 
 
-def deploy(cfg: DeploymentConfig, host: Optional[str] = None, port: Optional[int] = None,
-           **factories: Any) -> str:
-    """Starts (or joins) Ray and Serve, deploys the app, returns its base URL."""
+def deploy(cfg: DeploymentConfig, **factories: Any) -> str:
+    """Starts (or joins) Ray and Serve, deploys the app, returns its base URL. Host and ports
+    come from ``cfg.http`` only: the ingress's direct server (``http.direct_port``) binds the
+    same host as the proxy."""
     import ray
     from ray import serve
 
-    host = host or cfg.http.host
-    port = port or cfg.http.port
+    host, port = cfg.http.host, cfg.http.port
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # Serve's HTTP proxy forwards to the ingress over gRPC instead of Ray actor calls:
@@ -211,7 +211,7 @@ def deploy(cfg: DeploymentConfig, host: Optional[str] = None, port: Optional[int
     return f"http://{host}:{port}"
 
 
-def serve_forever(cfg: DeploymentConfig, host: Optional[str] = None, port: Optional[int] = None) -> None:
+def serve_forever(cfg: DeploymentConfig) -> None:
     """Deploys, prints the URL, serves until SIGINT/SIGTERM, then shuts Serve and Ray down."""
     import ray
     from ray import serve
@@ -223,7 +223,7 @@ def serve_forever(cfg: DeploymentConfig, host: Optional[str] = None, port: Optio
     previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        url = deploy(cfg, host, port)
+        url = deploy(cfg)
         print(f"kvmesh: serving '{cfg.served_model_name}' at {url}/v1 "
               f"(OpenAI API; {url}/metrics, {url}/health). Ctrl-C to stop.", flush=True)
         if cfg.http.direct_port is not None:
