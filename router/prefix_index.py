@@ -107,9 +107,9 @@ class PrefixIndex:
         A correction from the replica's own report of its prefix cache: blocks it evicted
         are dropped, blocks it has that we did not know are added (as most recently used,
         in the given order's reverse); blocks both sides knew keep their place in the LRU.
-        A report lists every cached block (tens of thousands on a GPU replica) and arrives
-        every ``stats_period_s`` from each replica, in the ingress's process: the work is set
-        differences (in C) plus a Python step per changed block, not per reported block.
+        A report lists every cached block (tens of thousands on a GPU replica) and is applied
+        in the ingress's process: the work is set differences (in C) plus a Python step per
+        changed block, not per reported block.
         """
         new_blocks = block_hashes if isinstance(block_hashes, list) else list(block_hashes)
         new_set = set(new_blocks)
@@ -123,8 +123,7 @@ class PrefixIndex:
         owned &= new_set
         added = new_set - owned
         if added:
-            self.insert(replica_id, [h for h in new_blocks if h in added] if len(added) < len(new_set)
-                        else new_blocks)
+            self.insert(replica_id, [h for h in new_blocks if h in added])
 
     def _evict(self) -> None:
         holders_of = self._holders

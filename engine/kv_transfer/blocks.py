@@ -73,4 +73,3 @@ def blocks_from(kv: torch.Tensor, first: int) -> torch.Tensor:
         out = part.contiguous()
     stream.synchronize()
     return out
-
