@@ -2,9 +2,7 @@
 # One device call on nvidia-h100-x1 (see bench/device/README.md): GPU engine tests, then the
 # engine half of bench/gpu_bench.py with a profile of decode steps. Results land in $OUT.
 set -u
-mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export PYTHONUNBUFFERED=1
+source bench/device/env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia_smi.txt"
 timeout 230 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_engine_gpu.py \
     tests/gpu/test_triton_attention.py tests/gpu/test_kernels.py > "$OUT/gpu_tests.txt" 2>&1

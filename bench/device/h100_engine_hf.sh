@@ -4,10 +4,7 @@
 # the same requests) in one process. If the engine part fails with prefill CUDA graphs on, it is
 # run again with them off (GRAPH_PREFILL_TOKENS=0), and the log says so.
 set -u
-mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export PYTHONUNBUFFERED=1
-L=/tmp/logs; mkdir -p $L
+source bench/device/env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $L/nvidia_smi.txt
 timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_engine_gpu.py \
     > $L/gpu_tests.txt 2>&1

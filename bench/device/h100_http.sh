@@ -2,10 +2,7 @@
 # One device call on nvidia-h100-x1 (issue #4): TTFT / ITL through the HTTP server
 # (bench/gpu_http_bench.py: kvmesh serve, concurrency 1, 16, 128, traced TTFT breakdown).
 set -u
-mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export PYTHONUNBUFFERED=1
-L=/tmp/logs; mkdir -p $L
+source bench/device/env.sh
 timeout "${HTTP_S:-400}" python3 bench/gpu_http_bench.py --out "$OUT/gpu_http.json" > $L/gpu_http.log 2>&1
 echo "gpu_http_bench rc=$?"
 tail -30 $L/gpu_http.log

@@ -3,10 +3,7 @@
 # bench/disagg_serve.py (mode ${MODE:-disaggregated} vs 2 colocated) with every process's step
 # timeline on, and the client stall clusters attributed to the process that stalled.
 set -u
-mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export PYTHONUNBUFFERED=1
-L=/tmp/logs; mkdir -p $L
+source bench/device/env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader | head -2
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_ll_allreduce.py > $L/ll_tests.txt 2>&1
 tail -2 $L/ll_tests.txt

@@ -3,10 +3,7 @@
 # bench/parallel.py tp1,tp2 with per-rank kernel profiles (the LL path is on by default), then the
 # TP=2 GPU equality tests and the 8B-shape TP=2 serve test.
 set -u
-mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export PYTHONUNBUFFERED=1
-L=/tmp/logs; mkdir -p $L
+source bench/device/env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader | head -2
 timeout "${LLT_S:-120}" python3 -m pytest -q -x -s -p no:cacheprovider tests/gpu/test_ll_allreduce.py > $L/ll_tests.txt 2>&1
 tail -30 $L/ll_tests.txt

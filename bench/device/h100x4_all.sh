@@ -5,10 +5,7 @@
 #             (decode step TP=1 vs TP=2 over the shm step channel, TP=1x2 vs TP=2x1 throughput)
 #   GPUs 2,3  #6: bench/disagg_serve.py, mode disaggregated (1 prefill + 1 decode) vs 2 colocated
 set -u
-mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export PYTHONUNBUFFERED=1
-L=/tmp/logs; mkdir -p $L
+source bench/device/env.sh
 nvidia-smi --query-gpu=index,name,memory.total --format=csv > $L/nvidia_smi.txt 2>&1
 (
   export CUDA_VISIBLE_DEVICES=0

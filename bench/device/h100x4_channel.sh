@@ -6,10 +6,7 @@
 #   GPUs 2,3  #6: bench/disagg_serve.py, mode auto (1 prefill + 1 decode) vs 2 colocated; then the
 #             engine and disaggregation GPU tests
 set -u
-mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export PYTHONUNBUFFERED=1
-L=/tmp/logs; mkdir -p $L
+source bench/device/env.sh
 (
   export CUDA_VISIBLE_DEVICES=0,1
   timeout "${PAR_S:-240}" python3 bench/parallel.py all --parts tp1,tp2 --budget-s "${PAR_BUDGET_S:-230}" \

@@ -2,10 +2,7 @@
 # One device call on nvidia-h100-x4: the custom one-shot all-reduce (issue #5's TP=2 decode
 # target). Its GPU test and micro-benchmark, TP GPU tests with it on, then bench/parallel.py.
 set -u
-mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export PYTHONUNBUFFERED=1
-L=/tmp/logs; mkdir -p $L
+source bench/device/env.sh
 timeout 90 python3 -m pytest -q -p no:cacheprovider -rA -s tests/gpu/test_custom_allreduce.py > $L/car_test.txt 2>&1
 grep -E "^(PASSED|FAILED|ERROR)|passed|failed|us" $L/car_test.txt | tail -15
 timeout 60 python3 bench/custom_allreduce.py --out "$OUT/custom_allreduce.json" > $L/car_bench.log 2>&1

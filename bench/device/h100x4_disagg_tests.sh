@@ -3,10 +3,7 @@
 #   GPUs 0,1  #6: bench/disagg_serve.py, mode auto (1 prefill + 1 decode) vs 2 colocated
 #   GPUs 2,3  the GPU test suite (markers gpu and multigpu; multigpu4 skips on 2 visible GPUs)
 set -u
-mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export PYTHONUNBUFFERED=1
-L=/tmp/logs; mkdir -p $L
+source bench/device/env.sh
 ( export CUDA_VISIBLE_DEVICES=0,1
   timeout "${SERVE_S:-330}" python3 bench/disagg_serve.py --model-shape llama8b --disagg-mode "${MODE:-auto}" \
       --duration-s "${DURATION_S:-30}" --drain-s 10 --out "$OUT/disagg_serve.json" > $L/disagg_serve.log 2>&1 ) &

@@ -5,10 +5,7 @@
 #   GPUs 1,2  issue #6: NCCL disaggregation test, KV transfer vs raw NCCL (bench/disagg.py),
 #             mixed workload disaggregated vs colocated through Serve (bench/disagg_serve.py)
 set -u
-mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export PYTHONUNBUFFERED=1
-L=/tmp/logs; mkdir -p $L
+source bench/device/env.sh
 nvidia-smi --query-gpu=index,name,memory.total --format=csv > $L/nvidia_smi.txt 2>&1
 (
   export CUDA_VISIBLE_DEVICES=0

@@ -5,10 +5,7 @@
 #             batch-1 GEMV probe (bench/gemv_probe.py)
 #   GPUs 2,3  #6: bench/disagg_serve.py, mode disaggregated vs colocated
 set -u
-mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export PYTHONUNBUFFERED=1
-L=/tmp/logs; mkdir -p $L
+source bench/device/env.sh
 (
   export CUDA_VISIBLE_DEVICES=0
   timeout 60 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py -k "argmax or gemv" > $L/kernel_tests.txt 2>&1

@@ -5,10 +5,7 @@
 #   GPUs 1-3   bench/hf_mixed.py: HF static cache, batch 32, on the same 1,000 requests, a third
 #              of the batches each; merged, their seconds add up to one GPU's time for the set
 set -u
-mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export PYTHONUNBUFFERED=1
-L=/tmp/logs; mkdir -p $L
+source bench/device/env.sh
 nvidia-smi --query-gpu=index,name,memory.total --format=csv > $L/nvidia_smi.txt 2>&1
 python3 -c "from bench.gpu_bench import make_dummy_checkpoint as m; m('/tmp/kvmesh-llama8b-dummy')"
 for i in 0 1 2; do

@@ -2,9 +2,7 @@
 # One device call on nvidia-h100-x4: replica GPU groups (issue #5). GPU tests of TP/PP/EP over
 # NCCL on 2 and 4 GPUs, then bench/parallel.py (all-reduce, decode step TP=1/2/4, TP=1x2 vs TP=2x1).
 set -u
-mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export PYTHONUNBUFFERED=1
+source bench/device/env.sh
 { nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv; nvidia-smi topo -m; } > "$OUT/nvidia_smi.txt" 2>&1
 timeout "${TEST_S:-270}" python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_parallel_gpu.py \
     > "$OUT/parallel_tests.txt" 2>&1

@@ -2,10 +2,7 @@
 # One device call on nvidia-h100-x4: GPU 0 the HTTP TTFT/ITL bench (#4), GPUs 2,3 disaggregated
 # vs colocated serving (#6), at the same time.
 set -u
-mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export PYTHONUNBUFFERED=1
-L=/tmp/logs; mkdir -p $L
+source bench/device/env.sh
 ( export CUDA_VISIBLE_DEVICES=0
   timeout 250 python3 bench/gpu_http_bench.py --out "$OUT/gpu_http.json" > $L/gpu_http.log 2>&1 ) &
 ( export CUDA_VISIBLE_DEVICES=2,3

@@ -6,10 +6,7 @@
 #   3. bench/kernels.py --rope-store: RoPE + store as two launches vs one (8B decode shapes)
 #   4. the 8B-shape decode step at TP=1, batch 1, fused RoPE + store on, then off (A/B, same call)
 set -u
-mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export PYTHONUNBUFFERED=1
-L=/tmp/logs; mkdir -p $L
+source bench/device/env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout "${TEST_S:-240}" python3 -m pytest -q -p no:cacheprovider -rA -m "gpu and not multigpu and not multigpu4" \
     tests/gpu/test_kernels.py tests/gpu/test_rope_store.py tests/gpu/test_triton_attention.py \

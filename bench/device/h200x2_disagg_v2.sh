@@ -6,10 +6,7 @@
 #   2. bench/disagg_serve.py, mode ${MODE:-disaggregated} vs 2 colocated, timelines on
 #      (OVERLAP=1: with --overlap-prefill, the reservation alongside the prefill)
 set -u
-mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export PYTHONUNBUFFERED=1
-L=/tmp/logs; mkdir -p $L
+source bench/device/env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader | head -2
 for f in ${TESTS:-test_rope_store test_no_recompile test_engine_gpu test_disagg_gpu}; do
   timeout 150 python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/$f.py > $L/$f.txt 2>&1

@@ -12,10 +12,7 @@
 #   6. GC_AB=1: disaggregated mode again with Python's own GC thresholds (KVMESH_GC_THRESHOLDS=0)
 # PARTS (default "tests,probe,parallel,serve") picks steps.
 set -u
-mkdir -p /tmp/site && tar -xJf .gpubundle/site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export PYTHONUNBUFFERED=1
-L=/tmp/logs; mkdir -p $L
+source bench/device/env.sh
 PARTS=${PARTS:-tests,probe,parallel,serve}
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name --format=csv,noheader | head -2
