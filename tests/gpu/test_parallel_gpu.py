@@ -25,7 +25,8 @@ from tests.engine_helpers import assert_no_leaks, checkpoint_with_tokenizer
 
 pytestmark = pytest.mark.multigpu
 
-PARAMS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
+PARAMS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
+NEAR_TIE = 0.1  # logprob gap under which bf16 rounding of another layout may pick the other token
 OPTIONS = dict(dtype="bfloat16", device="cuda", block_size=16, num_blocks=48, max_num_batched_tokens=32,
                max_model_len=256)
 
@@ -37,7 +38,8 @@ def _prompts(vocab: int) -> list[list[int]]:
 
 def _run(llm: LLM, prompts):
     outs = llm.generate(prompts, PARAMS)
-    return [(o.outputs[0].token_ids, [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
+    return [(o.outputs[0].token_ids, [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)],
+             [{t: v.logprob for t, v in lp.items()} for lp in o.outputs[0].logprobs])
             for o in outs]
 
 
@@ -92,9 +94,15 @@ def _assert_matches_one_gpu(ray_cluster, tmp_path, arch: str, options: dict) -> 
         got = _run(llm, prompts)
         num_same = sum(g[0] == e[0] for g, e in zip(got, expected))
         assert num_same >= len(prompts) - 2, (got, expected)
-        for (g_ids, g_lp), (e_ids, e_lp) in zip(got, expected):
+        for (g_ids, g_lp, _), (e_ids, e_lp, e_top) in zip(got, expected):
             n = next((i for i, (a, b) in enumerate(zip(g_ids, e_ids)) if a != b), len(g_ids))
-            assert n >= 1, (g_ids, e_ids)  # the first token, straight from the prompt, agrees
+            if n < len(g_ids):
+                # Where they part, one GPU's run must have had the other layout's token near-tied
+                # with its own. TP=4 on 4 H200s parted at the first token of the 17-token prompt;
+                # in bf16 on CPU one worker's two best first tokens there are 0.06 apart, and
+                # partial sums rounded to bf16 per rank move logits by about that much.
+                gap = e_lp[n] - e_top[n].get(g_ids[n], float("-inf"))
+                assert gap < NEAR_TIE, (n, g_ids, e_ids, e_top[n])
             # Qwen2-MoE adds a gated shared expert and softmax routing over 8 experts: in bf16 a
             # near-tied router score can send a token to another expert on one layout than on the
             # other (measured once on 4 H100s: 0.32 on one token of TP=2 x EP=2 x PP=2). The same
