@@ -56,7 +56,6 @@ import torch
 
 from engine.distributed.custom_allreduce import (_DTYPE_CODES, _TOLERANCE, DEVICE_PRELUDE,
                                                  SELF_CHECK_KERNEL_TIMEOUT_NS, SIGNAL_BYTES, CustomAllReduce)
-from engine.kernels import prefetch as weight_prefetch
 
 LL_DISABLE_ENV = "KVMESH_DISABLE_LL_ALLREDUCE"
 LL_DEFAULT_MAX_BYTES = 256 * 1024  # 32 decode rows of hidden 4096 in bf16
@@ -93,18 +92,11 @@ __device__ __forceinline__ uint4 ld_line(const uint4* p) {
 extern "C" __global__ void __launch_bounds__(THREADS)
 kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_addr, u64 out_addr,
                      u64 residual_out_addr, int lines_per_row, int hidden, long long max_lines,
-                     float eps, int mode, int rank, int world, u64 timeout_ns, int rows,
-                     u64 prefetch_addr, long long prefetch_lines) {
+                     float eps, int mode, int rank, int world, u64 timeout_ns) {
   u32* sig = (u32*)self_base;
   const u64* areas = (const u64*)(self_base + TABLE_OFFSET);
   const int row = blockIdx.x;
   const int t = threadIdx.x;
-  if (row >= rows) {  // an extra CTA: the next weight's first lines into L2 while the rows wait
-    const long long stride = (long long)(gridDim.x - rows) * THREADS;
-    for (long long i = (long long)(row - rows) * THREADS + t; i < prefetch_lines; i += stride)
-      asm volatile("prefetch.global.L2 [%0];" :: "l"(prefetch_addr + (u64)i * 128ull));
-    return;
-  }
   __shared__ u32 s_round;
   __shared__ float s_sum[THREADS / 32];
   if (t == 0) s_round = ((volatile u32*)sig)[ROUND_OFF] + 1u;
@@ -215,7 +207,7 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   __syncthreads();
   if (t == 0) {  // the last CTA to finish advances the round for the next call
     __threadfence();
-    if (atomicAdd(sig + DONE_OFF, 1u) == (u32)rows - 1u) {
+    if (atomicAdd(sig + DONE_OFF, 1u) == gridDim.x - 1) {
       sig[DONE_OFF] = 0u;
       ((volatile u32*)sig)[ROUND_OFF] = round;
       __threadfence();
@@ -269,18 +261,14 @@ class LLAllReduce(CustomAllReduce):
         return out
 
     def all_reduce_rms_norm(self, x: torch.Tensor, residual: Optional[torch.Tensor],
-                            weight: torch.Tensor, eps: float, prefetch: Optional[torch.Tensor] = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+                            weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(sum(x) + residual) * weight, sum(x) + residual); without a residual,
-        (norm(sum(x)) * weight, sum(x)). Same rounding as all_reduce then ``rms_norm``.
-        ``prefetch``: the weight read next; extra CTAs pull its first bytes into L2 while the
-        rows wait for the peers (engine/kernels/prefetch.py)."""
+        (norm(sum(x)) * weight, sum(x)). Same rounding as all_reduce then ``rms_norm``."""
         x = _aligned(x)
         residual = _aligned(residual) if residual is not None else None
         out, residual_out = torch.empty_like(x), torch.empty_like(x)
         mode = MODE_NORM if residual is not None else MODE_NORM_NO_RESIDUAL
-        self._launch_ll(x, residual, _aligned(weight), out, residual_out, eps, mode, timeout_ns=0,
-                        prefetch=prefetch)
+        self._launch_ll(x, residual, _aligned(weight), out, residual_out, eps, mode, timeout_ns=0)
         return out, residual_out
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -314,15 +302,12 @@ class LLAllReduce(CustomAllReduce):
             summed = x.clone()
             self.comm.nccl_all_reduce(summed)
             inputs.append((x, residual, weight, summed))
-        # every other case also prefetches (extra CTAs that must not count as rows)
-        next_weight = torch.empty(1 << 20, dtype=torch.bfloat16, device=self._device)
         torch.cuda.synchronize(self._device)
-        for i, ((dtype, rows, hidden, mode), (x, residual, weight, summed)) in enumerate(zip(cases, inputs)):
+        for (dtype, rows, hidden, mode), (x, residual, weight, summed) in zip(cases, inputs):
             out, residual_out = torch.empty_like(x), torch.empty_like(x)
             try:
                 self._launch_ll(x, residual if mode == MODE_NORM else None, weight, out,
-                                residual_out, 1e-5, mode, timeout_ns=SELF_CHECK_KERNEL_TIMEOUT_NS,
-                                prefetch=next_weight if i % 2 else None)
+                                residual_out, 1e-5, mode, timeout_ns=SELF_CHECK_KERNEL_TIMEOUT_NS)
             except Exception as e:  # noqa: BLE001
                 return f"kernel launch failed: {e!r}"
             self._wait_for_stream(timeout_s)
@@ -346,17 +331,15 @@ class LLAllReduce(CustomAllReduce):
     def _launch_ll(self, x: torch.Tensor, residual: Optional[torch.Tensor],
                    weight: Optional[torch.Tensor], out: torch.Tensor,
                    residual_out: Optional[torch.Tensor], eps: float, mode: int,
-                   timeout_ns: int, prefetch: Optional[torch.Tensor] = None) -> None:
+                   timeout_ns: int) -> None:
         import numpy as np
         rows, lines = rows_and_lines(tuple(x.shape), x.dtype)
-        prefetch_addr, prefetch_lines = weight_prefetch.plan(prefetch, rows)
-        extra = weight_prefetch.PREFETCH_CTAS if prefetch_lines else 0
         addr = lambda t: np.uint64(t.data_ptr() if t is not None else 0)  # noqa: E731
         args = (np.uint64(self._base), addr(x), addr(residual), addr(weight), addr(out),
                 addr(residual_out), np.int32(lines), np.int32(x.shape[-1]), np.int64(self.max_lines),
                 np.float32(eps), np.int32(mode), np.int32(self.rank), np.int32(self.world_size),
-                np.uint64(timeout_ns), np.int32(rows), np.uint64(prefetch_addr), np.int64(prefetch_lines))
-        self._run(x.dtype, rows + extra, args, threads=THREADS)
+                np.uint64(timeout_ns))
+        self._run(x.dtype, rows, args, threads=THREADS)
 
 
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Fused kernels of the decoder layer, each with a torch fallback of the same signature.
 
-    rms_norm(x, weight, eps, residual=None, prefetch=None) -> (out, residual)
+    rms_norm(x, weight, eps, residual=None) -> (out, residual)
         x, residual (T, H); out = norm(x + residual) * weight, residual = x + residual
         (with no residual: (norm(x) * weight, x)), as ``engine.models.layers.RMSNorm``.
     rotary_embedding(positions, q, k, cos_sin_cache) -> (q, k)
@@ -37,13 +37,10 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: Optional[torch.Tensor] = None,
-             prefetch: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, H) -> (norm(x + residual) * weight, x + residual); see the module docstring.
-    ``prefetch``: the weight read next, pulled into L2 meanwhile on GPUs (kernels/prefetch.py)."""
-    if _use_triton(x):
-        return triton_ops.rms_norm(x, weight, eps, residual, prefetch)
-    return torch_ops.rms_norm(x, weight, eps, residual)
+             residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, H) -> (norm(x + residual) * weight, x + residual); see the module docstring."""
+    impl = triton_ops if _use_triton(x) else torch_ops
+    return impl.rms_norm(x, weight, eps, residual)
 
 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

@@ -14,45 +14,29 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels import prefetch as weight_prefetch
-
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
-                     stride_x, stride_r, stride_o, stride_ro, hidden, eps, num_rows,
-                     prefetch_addr, prefetch_lines,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PREFETCH_BLOCK: tl.constexpr):
+                     stride_x, stride_r, stride_o, stride_ro, hidden, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    if row < num_rows:
-        cols = tl.arange(0, BLOCK)
-        mask = cols < hidden
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_r + cols, mask=mask,
-                                            other=0.0).to(tl.float32)).to(x.dtype)
-            tl.store(residual_out_ptr + row * stride_ro + cols, x, mask=mask)
-        x32 = x.to(tl.float32)
-        inv_rms = tl.rsqrt(tl.sum(x32 * x32, 0) / hidden + eps)
-        normed = (x32 * inv_rms).to(x.dtype).to(tl.float32)  # rounded before the weight, as HF does
-        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_o + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
-    else:  # one of the extra programs: the next weight's lines into L2 (engine/kernels/prefetch.py)
-        num_prefetchers = tl.num_programs(0) - num_rows
-        per_program = tl.cdiv(prefetch_lines, num_prefetchers)
-        first = (row - num_rows) * per_program
-        for start in range(0, per_program, PREFETCH_BLOCK):
-            line = first + start + tl.arange(0, PREFETCH_BLOCK).to(tl.int64)
-            line = tl.where(line < tl.minimum(first + per_program, prefetch_lines), line, 0)  # 0: valid
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n mov.u32 $0, 0;", "=r,l",
-                                      [prefetch_addr + line * 128], dtype=tl.int32, is_pure=False,
-                                      pack=1)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_r + cols, mask=mask,
+                                        other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(residual_out_ptr + row * stride_ro + cols, x, mask=mask)
+    x32 = x.to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(x32 * x32, 0) / hidden + eps)
+    normed = (x32 * inv_rms).to(x.dtype).to(tl.float32)  # rounded before the weight, as HF does
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: Optional[torch.Tensor] = None,
-             prefetch: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, residual (T, H) -> (norm(x + residual) * weight, x + residual); ``prefetch``: the
-    weight the output goes to next, whose first bytes extra programs pull into L2."""
+             residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual (T, H) -> (norm(x + residual) * weight, x + residual)."""
     hidden = x.shape[-1]
     x2 = _rows(x)
     out = torch.empty_like(x2)
@@ -62,14 +46,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     else:
         r2 = residual_out = x2  # unused
     block = triton.next_power_of_2(hidden)
-    rows = x2.shape[0]
-    prefetch_addr, prefetch_lines = weight_prefetch.plan(prefetch, rows)
-    extra = weight_prefetch.PREFETCH_CTAS if prefetch_lines else 0
-    if rows:
-        _rms_norm_kernel[(rows + extra,)](
+    if x2.shape[0]:
+        _rms_norm_kernel[(x2.shape[0],)](
             x2, r2, weight, out, residual_out, x2.stride(0), r2.stride(0), out.stride(0),
-            residual_out.stride(0), hidden, eps, rows, prefetch_addr, prefetch_lines,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, PREFETCH_BLOCK=128,
+            residual_out.stride(0), hidden, eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
             num_warps=_row_warps(block))
     out = out.view(x.shape)
     return out, (residual_out.view(x.shape) if residual is not None else x)

@@ -43,8 +43,7 @@ class Communicator(Protocol):
         """Concatenate the ranks' tensors along ``dim`` in rank order."""
 
     def fused_all_reduce_rms_norm(self, x: torch.Tensor, residual: Optional[torch.Tensor],
-                                  weight: torch.Tensor, eps: float,
-                                  prefetch: Optional[torch.Tensor] = None
+                                  weight: torch.Tensor, eps: float
                                   ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """all_reduce(x) then RMSNorm(x, residual) in one kernel, or None where there is none."""
 
@@ -95,13 +94,6 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(hidden_size))
-        self._next: tuple[nn.Module, ...] = ()  # a tuple, so not a submodule (nor in state_dict)
-
-    def prefetch_for(self, next_layer: nn.Module) -> "RMSNorm":
-        """Names the layer whose weight reads this norm's output next: on GPUs the norm
-        pulls that weight's first bytes into L2 while it runs (engine/kernels/prefetch.py)."""
-        self._next = (next_layer,)
-        return self
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """(..., hidden) -> (..., hidden) in x's dtype."""
@@ -115,14 +107,13 @@ class RMSNorm(nn.Module):
 
         ``reduce``: x is a partial sum over that group's ranks (a row-parallel layer's output),
         completed here first: in one fused kernel where the group has one."""
-        prefetch = getattr(self._next[0], "weight", None) if self._next and x.is_cuda else None
         if reduce is not None:
-            fused_out = reduce.fused_all_reduce_rms_norm(x, residual, self.weight, self.eps, prefetch)
+            fused_out = reduce.fused_all_reduce_rms_norm(x, residual, self.weight, self.eps)
             if fused_out is not None:
                 return fused_out
             x = reduce.all_reduce(x)
         if x.is_cuda:  # one fused Triton pass (add + norm) instead of several elementwise kernels
-            return fused.rms_norm(x, self.weight, self.eps, residual, prefetch)
+            return fused.rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
         return self.normalize(x), x

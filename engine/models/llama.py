@@ -116,12 +116,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, attn: Attention, mlp: nn.Module,
                  comm: Optional[Communicator] = None) -> None:
         super().__init__()
-        # each norm prefetches the weight that reads its output (MoE blocks: none)
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps).prefetch_for(attn.qkv_proj)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.self_attn = attn
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        if isinstance(mlp, DenseMLP):
-            self.post_attention_layernorm.prefetch_for(mlp.gate_up_proj)
         self.mlp = mlp
         self.comm = comm
         self.mlp_partial = getattr(mlp, "partial_output", False)
@@ -193,8 +190,6 @@ class LlamaForCausalLM(nn.Module):
                                   self.is_last_stage, tp_rank, tp_size, comm)
         self.lm_head = (ParallelLMHead(spec.vocab_size, spec.hidden_size, tp_rank, tp_size, comm)
                         if self.is_last_stage else None)
-        if self.lm_head is not None:
-            self.model.norm.prefetch_for(self.lm_head)
         self.tie_weights()
         self.num_layers = len(self.layer_range)  # this stage's layers = its KV cache tensors
         self.head_dim = spec.head_dim

@@ -74,27 +74,6 @@ def test_rms_norm_triton(dtype, hidden, with_residual):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [1, 3, 64, 65])
-@pytest.mark.parametrize("prefetch_mb", ["0.0001", "0.001", "16", "1000"])
-def test_rms_norm_prefetch_changes_nothing_but_the_cache(monkeypatch, rows, prefetch_mb):
-    """With the next weight to prefetch (extra programs: a part line, 16 MB, all of it) the
-    outputs are bit-identical; under a line, or over MAX_ROWS rows, nothing is prefetched."""
-    from engine.kernels import prefetch as weight_prefetch
-    from engine.kernels import triton_ops
-    monkeypatch.setenv(weight_prefetch.PREFETCH_ENV, prefetch_mb)
-    x = torch.randn(rows, 4096, device="cuda").to(torch.bfloat16)
-    res = torch.randn(rows, 4096, device="cuda").to(torch.bfloat16)
-    w = (1 + 0.1 * torch.randn(4096, device="cuda")).to(torch.bfloat16)
-    next_weight = torch.randn(6144, 4096, device="cuda").to(torch.bfloat16)  # 48 MiB
-    lines = weight_prefetch.plan(next_weight, rows)[1]
-    assert (lines > 0) == (rows <= weight_prefetch.MAX_ROWS and float(prefetch_mb) * 2**20 >= 128)
-    out, new_res = triton_ops.rms_norm(x, w, 1e-5, res, prefetch=next_weight)
-    ref_out, ref_res = triton_ops.rms_norm(x, w, 1e-5, res)
-    torch.cuda.synchronize()
-    assert torch.equal(out, ref_out) and torch.equal(new_res, ref_res)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,rot_dim", [(128, 128), (64, 64), (128, 64)])
 @pytest.mark.parametrize("heads", [(32, 8), (12, 4), (8, 8)])
