@@ -1,7 +1,7 @@
 """Replica worker groups on CPU: gloo collectives, Ray actors, fp32 tiny checkpoints.
 
 What matters, and is asserted:
-- TP=2, PP=2, TP=2 x PP=2 (Llama, Qwen3) and EP=2 (Mixtral; Qwen2-MoE with TP=2) give the
+- TP=2, PP=2, TP=4 (KV heads replicated), TP=2 x PP=2 (Llama, Qwen3) and EP=2 (Mixtral; Qwen2-MoE with TP=2) give the
   same greedy tokens as one worker, in a run that has chunked prefill and preemption;
 - each rank holds only its part of the model (layers, vocab rows, experts);
 - sizes that do not fit the model fail at start-up, naming the numbers, before any worker starts;
@@ -37,6 +37,8 @@ CASES = {  # name: (architecture, parallel options)
     # async scheduling over Ray: each call launches a step and returns the one before
     "llama-tp2-async": ("llama", dict(tensor_parallel_size=2, async_scheduling=True)),
     "llama-pp2": ("llama", dict(pipeline_parallel_size=2)),
+    # 4 query / 2 KV heads over 4 ranks: each KV head replicated on two of them
+    "llama-tp4": ("llama", dict(tensor_parallel_size=4)),
     "qwen3-tp2-pp2": ("qwen3", dict(tensor_parallel_size=2, pipeline_parallel_size=2)),
     "mixtral-ep2": ("mixtral", dict(expert_parallel_size=2)),
     "qwen2_moe-tp2-ep2": ("qwen2_moe", dict(tensor_parallel_size=2, expert_parallel_size=2)),
