@@ -8,12 +8,9 @@ Life of a request here:
    engine's block size (``engine.block_hash``) for the prefix-aware router.
 3. Admission from the replicas' reported stats: no healthy replica (503), too many
    waiting requests per replica (429).
-4. Send one ``GenerateRequest`` per prompt to ``LLMServer.generate_deltas`` through the
-   replica handle (streaming, by value over Serve's gRPC transport); the request router
-   picks the replica. With the stream channel on (``ingress.stream_channel``), the request
-   names this ingress's ``StreamReceiver`` and the replica pushes its deltas there, one
-   frame per engine step for all of this ingress's requests (``router.stream_channel``);
-   the Serve call then carries errors, cancellation and the final count only.
+4. Send one ``GenerateRequest`` per prompt to the replicas and merge their outputs
+   (``router.replica_calls``: the request router picks each replica; deltas come over
+   Serve's streaming or the stream channel, or through the disaggregated flow).
 5. Turn the replica's ``OutputDelta`` stream (only new tokens and text; ``router.deltas``)
    into SSE chunks (per choice index, ``data: [DONE]`` last) or one response with exact
    ``usage`` (``router.openai_output``). The ``x-kvmesh-replica`` header names the replica
@@ -32,12 +29,10 @@ the engine (``bench/http_overhead.py`` reads them).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -53,14 +48,14 @@ from engine.step_timeline import summarize as summarize_timeline
 from router.config import DeploymentConfig
 from router.direct_http import DirectHTTPServer
 from router.disagg import DisaggregatedFlow
-from router.deltas import DeltaTracker, OutputDelta
-from router.messages import GenerateRequest, ReplicaOutput
+from router.messages import GenerateRequest
 from router.metrics import CONTENT_TYPE, RequestTimer, get_metrics
-from router.openai_output import (JobOutput, PromptRenderer, RendererFactory, chat_response,
+from router.openai_output import (PromptRenderer, RendererFactory, chat_response,
                                   chat_stream, completion_response, completion_stream)
 from router.protocol import (APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList,
                              dump, validation_error_to_api_error)
-from router.stream_channel import ChannelStream, StreamReceiver, stream_channel_from_env
+from router.replica_calls import Job, ReplicaCalls
+from router.stream_channel import StreamReceiver, stream_channel_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -69,22 +64,6 @@ REPLICA_HEADER = "x-kvmesh-replica"  # replica id(s) that served the request, on
 INGRESS_HEADER = "x-kvmesh-ingress"  # the ingress replica (and so the router) that routed it
 TRACE_HEADER = "x-kvmesh-trace"  # "1": stream the request's latency stamps as an SSE comment
 
-
-@dataclass
-class _Job:
-    """One ``GenerateRequest`` of an API request (one prompt), and its stream."""
-
-    prompt_index: int
-    request: GenerateRequest
-    prompt_text: str
-    stream: Any = None  # DeploymentResponseGenerator (or DisaggregatedStream)
-    final: JobOutput = field(default_factory=JobOutput)  # everything received so far
-    replica_id: Optional[str] = None  # set by the first output
-    is_done: bool = False
-    trace: Optional[dict[str, float]] = None  # x-kvmesh-trace stamps (the first job only)
-
-
-_END = object()
 
 app = FastAPI(title="kvmesh", description="OpenAI-compatible API served by kvmesh")
 
@@ -145,8 +124,13 @@ class OpenAIIngress:
         self.cfg = cfg
         self.llm = llm_handle  # the replicas, or the decode pool when disaggregated
         # Disaggregated mode: each request goes through the prefill pool, then the decode pool.
-        self.disagg = (DisaggregatedFlow(cfg.disaggregation, prefill_handle, llm_handle, get_metrics())
-                       if prefill_handle is not None else None)
+        # Deltas come straight from the replicas when the stream channel is on (it listens on
+        # first use); None: Serve streaming (off in the config or by KVMESH_STREAM_CHANNEL=0).
+        self.calls = ReplicaCalls(
+            llm_handle,
+            DisaggregatedFlow(cfg.disaggregation, prefill_handle, llm_handle, get_metrics())
+            if prefill_handle is not None else None,
+            StreamReceiver() if cfg.ingress.stream_channel and stream_channel_from_env() else None)
         self.board = board_handle
         self.ingress_id = serve.get_replica_context().replica_id.unique_id
         self.api_keys = cfg.auth.resolve_api_keys()
@@ -159,11 +143,6 @@ class OpenAIIngress:
         self._stats_time = 0.0
         self._stats_lock: Optional[asyncio.Lock] = None
         self._stats_refresh: Optional[asyncio.Task] = None
-        self._stream_handle: Any = None  # self.llm.options(stream=True), made once
-        # Deltas straight from the replicas (router/stream_channel.py); listens on first use.
-        # None: Serve streaming (off in the config or by KVMESH_STREAM_CHANNEL=0, or it failed).
-        self._receiver: Optional[StreamReceiver] = (
-            StreamReceiver() if cfg.ingress.stream_channel and stream_channel_from_env() else None)
         # Load the tokenizer in the background now, so the first requests do not wait for it.
         self._warmup = asyncio.get_running_loop().create_task(self._warm_up())
         # KVMESH_STEP_TIMELINE=1 (benchmarks): this loop's lags and GC pauses, for attributing
@@ -197,19 +176,19 @@ class OpenAIIngress:
         trace = _start_trace(request, body.stream, arrival, body_read)
         self._check_prompt(token_ids, params, info, "messages")
         api_id = f"chatcmpl-{uuid.uuid4().hex}"
-        jobs = [_Job(0, self._generate_request(f"{api_id}-0", token_ids, params, text, body.priority), text)]
+        jobs = [Job(0, self._generate_request(f"{api_id}-0", token_ids, params, text, body.priority), text)]
         await self._admit()
         timer = RequestTimer(self.metrics, "chat", arrival)
-        first = await self._start(jobs, trace)
+        outputs = await self.calls.start(jobs, trace)
         self.metrics.prompt_tokens.labels("chat").inc(len(token_ids))
         if trace is not None:
             trace["ingress_response"] = time.monotonic()
         if body.stream:
-            events = self._events(jobs, first, timer)
+            events = outputs.events(timer)
             return self._sse(chat_stream(api_id, self.cfg.served_model_name, body, jobs, events, renderer,
                                          trace),
                              self._routing_headers(jobs))
-        await self._drain(jobs, first, timer)
+        await outputs.drain(timer)
         return JSONResponse(dump(chat_response(api_id, self.cfg.served_model_name, body, jobs, renderer)),
                             headers=self._routing_headers(jobs))
 
@@ -237,21 +216,21 @@ class OpenAIIngress:
             self._check_prompt(token_ids, params, info, "prompt")
             if text is None:
                 text = renderer.decode(token_ids) if body.echo else ""
-            jobs.append(_Job(i, self._generate_request(f"{api_id}-{i}", token_ids, params, text,
+            jobs.append(Job(i, self._generate_request(f"{api_id}-{i}", token_ids, params, text,
                                                        body.priority), text))
         trace = _start_trace(request, body.stream, arrival, body_read)
         await self._admit()
         timer = RequestTimer(self.metrics, "completions", arrival)
-        first = await self._start(jobs, trace)
+        outputs = await self.calls.start(jobs, trace)
         self.metrics.prompt_tokens.labels("completions").inc(sum(j.request.num_prompt_tokens for j in jobs))
         if trace is not None:
             trace["ingress_response"] = time.monotonic()
         if body.stream:
-            events = self._events(jobs, first, timer)
+            events = outputs.events(timer)
             return self._sse(completion_stream(api_id, self.cfg.served_model_name, body, jobs, events,
                                                renderer, trace),
                              self._routing_headers(jobs))
-        await self._drain(jobs, first, timer)
+        await outputs.drain(timer)
         return JSONResponse(dump(completion_response(api_id, self.cfg.served_model_name, body, jobs,
                                                      renderer)),
                             headers=self._routing_headers(jobs))
@@ -283,7 +262,7 @@ class OpenAIIngress:
                              "min_replicas": self.cfg.replicas.min_replicas,
                              "max_replicas": self.cfg.replicas.max_replicas,
                              "router": self.cfg.routing.kind.value,
-                             "stream_channel": self._receiver.stats() if self._receiver else None,
+                             "stream_channel": self.calls.receiver.stats() if self.calls.receiver else None,
                              "replicas": [stats[r] for r in sorted(stats)]})
 
     @app.get("/kvmesh/timeline")
@@ -415,138 +394,8 @@ class OpenAIIngress:
                                     f"(limit {limit}); retry later", type="rate_limit_error",
                                code="overloaded")
 
-    # ---- talking to replicas ------------------------------------------------------------------
-    async def _start(self, jobs: list[_Job], trace: Optional[dict[str, float]] = None) -> "_PrefilledQueue":
-        """Starts every job's replica call; waits for the first output so input errors are 4xx."""
-        queue: asyncio.Queue = asyncio.Queue()
-        if self._stream_handle is None:
-            # By value over Serve's gRPC transport, not as Ray objects: each streamed item
-            # then skips the object store and ownership protocol (bench/http_overhead.py:
-            # about half the ingress's CPU per token, and a shorter TTFT). Items are plain
-            # dataclasses of importable modules, so the C pickler does (Serve's default,
-            # cloudpickle, runs a Python-level pickler per item in the replica).
-            self._stream_handle = self.llm.options(stream=True, _by_reference=False,
-                                                   response_serialization="pickle")
-        handle = self._stream_handle
-        tasks = []
-        if trace is not None:
-            jobs[0].trace = trace
-            trace["ingress_dispatch"] = time.monotonic()
-        receiver = await self._stream_channel()
-        for job in jobs:
-            if self.disagg is not None:
-                job.stream = self.disagg.start(job.request, receiver)
-            else:
-                job.stream = self._call_replica(handle, job, receiver)
-            tasks.append(asyncio.get_running_loop().create_task(self._pump(job, queue)))
-        # Wait for one output (or an error) per job before answering with a status code.
-        pending: list = []
-        seen: set[int] = set()
-        try:
-            while len(seen) < len(jobs):
-                item = await queue.get()
-                index, payload = item
-                if isinstance(payload, BaseException):
-                    raise _api_error_from(payload)
-                seen.add(index)
-                pending.append(item)
-        except BaseException:
-            self._cancel(jobs, tasks)
-            raise
-        return _PrefilledQueue(queue, pending, tasks)
-
-    async def _stream_channel(self) -> Optional[StreamReceiver]:
-        """The started receiver, or None (Serve streaming): off, or it could not listen."""
-        if self._receiver is not None and not self._receiver.is_started:
-            try:
-                await self._receiver.start()
-            except OSError as exc:
-                logger.warning("stream channel: cannot listen (%r); replicas stream over Serve", exc)
-                self._receiver = None
-        return self._receiver
-
-    @staticmethod
-    def _call_replica(handle: Any, job: _Job, receiver: Optional[StreamReceiver]) -> Any:
-        """Starts the job's ``generate_deltas`` call; with a receiver, its deltas come over the channel."""
-        queue = None
-        if receiver is not None:
-            job.request = dataclasses.replace(job.request, stream_to=receiver.address)
-            queue = receiver.subscribe(job.request.request_id)  # before the replica can send
-        kwargs = {"trace": True} if job.trace is not None else {}
-        call = handle.generate_deltas.remote(job.request, **kwargs)
-        if receiver is None:
-            return call
-        return ChannelStream(receiver, job.request.request_id, queue, call)
-
-    @staticmethod
-    async def _pump(job: _Job, queue: asyncio.Queue) -> None:
-        """Relays one job's stream as ``OutputDelta``s onto the request's merged queue."""
-        tracker: Optional[DeltaTracker] = None
-        try:
-            async for item in job.stream:
-                if isinstance(item, ReplicaOutput):  # disaggregated: cumulative outputs
-                    if tracker is None:
-                        tracker = DeltaTracker(item.replica_id)
-                    tracker.replica_id = item.replica_id  # a retry may move to another replica
-                    item = tracker.update(item.output)
-                    if item is None:
-                        continue
-                job.replica_id = item.replica_id
-                if job.trace is not None and "ingress_first_output" not in job.trace:
-                    job.trace.update(item.trace or {})
-                    job.trace["ingress_first_output"] = time.monotonic()
-                queue.put_nowait((job.prompt_index, item))
-            queue.put_nowait((job.prompt_index, _END))
-        except asyncio.CancelledError:
-            job.stream.cancel()
-            raise
-        except Exception as exc:  # delivered to the consumer, which maps it to an API error
-            queue.put_nowait((job.prompt_index, exc))
-
-    @staticmethod
-    def _cancel(jobs: list[_Job], tasks: list[asyncio.Task]) -> None:
-        for task in tasks:
-            task.cancel()
-        for job in jobs:
-            if job.stream is not None and not job.is_done:
-                job.stream.cancel()
-
-    async def _events(self, jobs: list[_Job], queue: "_PrefilledQueue",
-                      timer: RequestTimer) -> AsyncIterator[tuple[_Job, OutputDelta]]:
-        """(job, OutputDelta) until every job finished, each delta also added to ``job.final``;
-        cancels the replica calls on early exit."""
-        by_index = {j.prompt_index: j for j in jobs}
-        num_left = len(jobs)
-        try:
-            while num_left:
-                index, payload = await queue.get()
-                job = by_index[index]
-                if job.is_done:
-                    continue
-                if payload is _END:
-                    job.is_done, num_left = True, num_left - 1
-                    continue
-                if isinstance(payload, BaseException):
-                    raise _api_error_from(payload)
-                timer.on_tokens(job.final.add(payload), time.monotonic())
-                if payload.finished:
-                    job.is_done, num_left = True, num_left - 1
-                yield job, payload
-            timer.on_finish(time.monotonic(), [c.finish_reason for j in jobs if j.final
-                                               for c in j.final.outputs])
-        finally:
-            self._cancel(jobs, queue.tasks)
-
-    async def _drain(self, jobs: list[_Job], queue: "_PrefilledQueue", timer: RequestTimer) -> None:
-        async for _ in self._events(jobs, queue, timer):
-            pass
-        for job in jobs:
-            for c in job.final.outputs:
-                if c.finish_reason == "error":
-                    raise APIError(500, f"generation failed: {job.final.error or 'engine error'}",
-                                   type="internal_server_error")
-
-    def _routing_headers(self, jobs: list[_Job]) -> dict[str, str]:
+    # ---- responses ----------------------------------------------------------------------------
+    def _routing_headers(self, jobs: list[Job]) -> dict[str, str]:
         """Who served each prompt (``_start`` saw one output of every job, so all are known)."""
         replica_ids = [j.replica_id for j in sorted(jobs, key=lambda j: j.prompt_index) if j.replica_id]
         headers = {INGRESS_HEADER: self.ingress_id}
@@ -567,20 +416,6 @@ class OpenAIIngress:
 OpenAIIngressDeployment = serve.ingress(app)(OpenAIIngress)
 
 
-class _PrefilledQueue:
-    """The merged output queue with the outputs ``_start`` already took off it put back first."""
-
-    def __init__(self, queue: asyncio.Queue, pending: list, tasks: list[asyncio.Task]) -> None:
-        self._queue = queue
-        self._pending = list(pending)
-        self.tasks = tasks
-
-    async def get(self) -> tuple[int, Any]:
-        if self._pending:
-            return self._pending.pop(0)
-        return await self._queue.get()
-
-
 # ---- helpers ------------------------------------------------------------------------------------
 def _start_trace(request: Request, stream: bool, arrival: float,
                  body_read: float) -> Optional[dict[str, float]]:
@@ -588,27 +423,3 @@ def _start_trace(request: Request, stream: bool, arrival: float,
     if not stream or request.headers.get(TRACE_HEADER) != "1":
         return None
     return {"ingress_arrival": arrival, "ingress_body_read": body_read, "ingress_tokenized": time.monotonic()}
-
-
-def _api_error_from(exc: BaseException) -> APIError:
-    """Maps an error from a replica call to the HTTP error the client gets."""
-    if isinstance(exc, APIError):
-        return exc
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    if "BackPressureError" in names:
-        return APIError(429, "server overloaded: replica queues are full; retry later",
-                        type="rate_limit_error", code="overloaded")
-    if names & {"EngineDeadError", "RayActorError", "ActorDiedError", "ActorUnavailableError",
-                "DeploymentUnavailableError", "ReplicaUnavailableError"}:
-        return APIError(503, f"no healthy replica: {_cause_message(exc)}", type="service_unavailable",
-                        code="no_healthy_replica")
-    if isinstance(exc, ValueError):
-        return APIError(400, _cause_message(exc), code="invalid_value")
-    return APIError(500, f"generation failed: {_cause_message(exc)}", type="internal_server_error")
-
-
-def _cause_message(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BaseException):
-        return str(cause)
-    return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__

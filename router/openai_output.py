@@ -110,7 +110,7 @@ class JobOutput:
 
 
 class PromptJob(Protocol):
-    """What the builders below read of one prompt's job (``router.ingress``'s ``_Job``)."""
+    """What the builders below read of one prompt's job (``router.replica_calls.Job``)."""
 
     prompt_index: int
     prompt_text: str

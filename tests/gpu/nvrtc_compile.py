@@ -1,0 +1,63 @@
+"""Compile the CUDA C sources of the IPC all-reduces for sm_90 on a machine without a GPU.
+
+Catches compile errors before any device time is spent (CuPy compiles them with NVRTC at
+start-up on the device, and a failure there turns the path off)::
+
+    pip install nvidia-cuda-nvrtc-cu12   # or KVMESH_NVRTC=/path/to/libnvrtc.so.12
+    python -m tests.gpu.nvrtc_compile
+
+Prints, per kernel and dtype, the PTX size and its fences and atomics.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+
+
+def _libnvrtc() -> ctypes.CDLL:
+    path = os.environ.get("KVMESH_NVRTC")
+    if not path:
+        import nvidia.cuda_nvrtc  # the pip wheel's package
+        found = sorted(glob.glob(os.path.join(list(nvidia.cuda_nvrtc.__path__)[0], "lib", "libnvrtc.so*")))
+        if not found:
+            raise FileNotFoundError("libnvrtc.so not found in nvidia.cuda_nvrtc; set KVMESH_NVRTC")
+        path = found[0]
+    return ctypes.CDLL(path)
+
+
+def compile_ptx(lib: ctypes.CDLL, source: str, options: list[str]) -> str:
+    """PTX of ``source``; raises with NVRTC's log if it does not compile."""
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernel.cu", 0, None, None) != 0:
+        raise RuntimeError("nvrtcCreateProgram failed")
+    try:
+        opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+        rc = lib.nvrtcCompileProgram(prog, len(options), opts)
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        if rc != 0:
+            raise RuntimeError(f"NVRTC error {rc}:\n{log.value.decode()}")
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        ptx = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, ptx)
+        return ptx.value.decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def main() -> None:
+    from engine.distributed import custom_allreduce, ll_allreduce
+    lib = _libnvrtc()
+    for module in (ll_allreduce, custom_allreduce):
+        for code, dtype in enumerate(("bf16", "fp16", "fp32")):
+            ptx = compile_ptx(lib, module.kernel_source(), ["--gpu-architecture=compute_90", f"-DKV_DTYPE={code}"])
+            print(f"{module.__name__.rsplit('.', 1)[-1]} {dtype}: {ptx.count(chr(10))} PTX lines, "
+                  f"{ptx.count('membar') + ptx.count('fence.')} fences, {ptx.count('atom.')} atomics")
+
+
+if __name__ == "__main__":
+    main()
