@@ -6,7 +6,8 @@ start-up on the device, and a failure there turns the path off)::
     pip install nvidia-cuda-nvrtc-cu12   # or KVMESH_NVRTC=/path/to/libnvrtc.so.12
     python -m tests.gpu.nvrtc_compile
 
-Prints, per kernel and dtype, the PTX size and its fences and atomics.
+Prints, per kernel and dtype, the PTX size, its fences and atomics, and (through the ptxas
+bundled with Triton) registers and spills per thread.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import re
+import subprocess
+import tempfile
 
 
 def _libnvrtc() -> ctypes.CDLL:
@@ -49,6 +53,29 @@ def compile_ptx(lib: ctypes.CDLL, source: str, options: list[str]) -> str:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
+def ptxas_usage(ptx: str) -> str:
+    """ptxas -v's register and spill line for sm_90 (Triton's bundled ptxas); '' without it."""
+    try:
+        import triton
+    except ImportError:
+        return ""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    for _ in range(2):
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(ptx)
+            f.flush()
+            res = subprocess.run([ptxas, "-arch=sm_90", "-v", f.name, "-o", os.devnull],
+                                 capture_output=True, text=True)
+        # NVRTC may be newer than Triton's ptxas: retry at the PTX version ptxas names
+        newest = re.search(r"current version is '(\d+\.\d+)'", res.stderr)
+        if res.returncode == 0 or newest is None:
+            break
+        ptx = re.sub(r"^\.version \d+\.\d+", f".version {newest.group(1)}", ptx, flags=re.M)
+    lines = [line.split("ptxas info    : ")[-1] for line in res.stderr.splitlines()
+             if "registers" in line or "spill" in line]
+    return "; ".join(lines) if res.returncode == 0 else res.stderr.strip()[-300:]
+
+
 def main() -> None:
     from engine.distributed import custom_allreduce, ll_allreduce
     lib = _libnvrtc()
@@ -56,7 +83,8 @@ def main() -> None:
         for code, dtype in enumerate(("bf16", "fp16", "fp32")):
             ptx = compile_ptx(lib, module.kernel_source(), ["--gpu-architecture=compute_90", f"-DKV_DTYPE={code}"])
             print(f"{module.__name__.rsplit('.', 1)[-1]} {dtype}: {ptx.count(chr(10))} PTX lines, "
-                  f"{ptx.count('membar') + ptx.count('fence.')} fences, {ptx.count('atom.')} atomics")
+                  f"{ptx.count('membar') + ptx.count('fence.')} fences, {ptx.count('atom.')} atomics | "
+                  f"{ptxas_usage(ptx)}")
 
 
 if __name__ == "__main__":
