@@ -1,0 +1,264 @@
+"""The parts of bench/parallel.py that run in its subprocesses (one per measurement).
+
+    allreduce --ranks N   ``bench_allreduce``: N spawned rank processes, one GPU each, time
+                          ``all_reduce`` through our Communicator and a raw CuPy NCCL allReduce
+    engine --tp N ...     ``bench_engine``: one LLMEngine of the 8B shape (dummy bf16 weights;
+                          kvmesh-tiny with --smoke-cpu): decode step at batch 1 (and a per-rank
+                          kernel profile), then output tokens/s of a queued load
+
+Each answers with one ``RESULT {json}`` line on stdout (``emit``), which the orchestrator in
+bench/parallel.py reads. Replicas of a TP=1 x 2 run meet at a ``FileBarrier`` so their timed
+loads start together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+RESULT_PREFIX = "RESULT "
+SIZES = [1 << s for s in range(16, 29, 2)]  # 64 KiB .. 256 MiB
+LLAMA_8B_SHAPE = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
+    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+    max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=1,
+    eos_token_id=2, tie_word_embeddings=False, torch_dtype="bfloat16", hidden_act="silu")
+
+
+def emit(result: dict) -> None:
+    """The subprocess's answer: one line, written at once (no other thread can split it)."""
+    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+# ---- all-reduce (subprocess "allreduce --ranks N": spawns N rank processes) -----------------------
+
+def _allreduce_rank(rank: int, num_ranks: int, ids: tuple, results) -> None:
+    import cupy
+    import torch
+    from cupy.cuda import nccl
+
+    from engine.distributed.nccl import NcclCommunicator
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    ours = NcclCommunicator(ids[0], rank, num_ranks, device)  # collective: every rank, same order
+    with cupy.cuda.Device(rank):
+        raw = nccl.NcclCommunicator(num_ranks, ids[1], rank)
+    bf16 = getattr(nccl, "NCCL_BFLOAT16", 9)
+    out = {}
+    for nbytes in SIZES:
+        x = torch.zeros(nbytes // 2, dtype=torch.bfloat16, device=device)
+        iters = 50 if nbytes <= (16 << 20) else 20
+
+        def run_ours():
+            ours.all_reduce(x)
+
+        def run_raw():
+            raw.allReduce(x.data_ptr(), x.data_ptr(), x.numel(), bf16, nccl.NCCL_SUM,
+                          torch.cuda.current_stream(device).cuda_stream)
+
+        row = {}
+        for name, fn in (("ours", run_ours), ("raw_cupy", run_raw)):
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize(device)
+            seconds = (time.perf_counter() - start) / iters
+            row[name] = {"us": seconds * 1e6,
+                         "busbw_GBps": 2 * (num_ranks - 1) / num_ranks * nbytes / seconds / 1e9}
+        out[str(nbytes)] = row
+    ours.destroy()
+    raw.destroy()
+    if rank == 0:
+        results.put(out)
+
+
+def bench_allreduce(num_ranks: int, timeout_s: float) -> dict:
+    import queue
+
+    import torch.multiprocessing as mp
+    from cupy.cuda import nccl
+    ids = (nccl.get_unique_id(), nccl.get_unique_id())
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_allreduce_rank, args=(r, num_ranks, ids, results), daemon=True)
+             for r in range(num_ranks)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    while True:  # rank 0's result, or fail as soon as any rank dies (its peers would hang)
+        try:
+            out = results.get(timeout=1.0)
+            break
+        except queue.Empty:
+            failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"all-reduce ranks exited with errors: {failed}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"all-reduce over {num_ranks} ranks took over {timeout_s:.0f}s")
+    for p in procs:
+        p.join(timeout=30)
+    return {"dtype": "bfloat16", "ranks": num_ranks, "sizes": out}
+
+
+# ---- engines (subprocess "engine --tp N ...") -------------------------------------------------------
+
+def write_model_dir(path: str) -> str:
+    """A folder with only the 8B-shape config.json (weights: load_format='dummy'); atomic."""
+    os.makedirs(path, exist_ok=True)
+    tmp = os.path.join(path, f".config.{os.getpid()}.json")
+    with open(tmp, "w") as f:
+        json.dump(LLAMA_8B_SHAPE, f)
+    os.replace(tmp, os.path.join(path, "config.json"))
+    return path
+
+
+def make_engine(args: argparse.Namespace, max_num_seqs: int):
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    if args.tp > 1:
+        import ray
+        if not ray.is_initialized():  # a private cluster on this machine's visible GPUs
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    if args.smoke_cpu:
+        config = EngineConfig.create(model="kvmesh-tiny", dtype="float32", device="cpu",
+                                     tensor_parallel_size=args.tp, distributed_backend="gloo",
+                                     max_model_len=512, max_num_seqs=max_num_seqs,
+                                     max_num_batched_tokens=512, num_blocks=512)
+    else:
+        from engine.tiny_model import ensure_tiny_model
+        config = EngineConfig.create(model=args.model_dir, tokenizer=ensure_tiny_model(), load_format="dummy",
+                                     dtype="bfloat16", device="cuda", tensor_parallel_size=args.tp,
+                                     max_model_len=2048, max_num_seqs=max_num_seqs,
+                                     max_num_batched_tokens=8192, gpu_memory_utilization=0.85)
+    return LLMEngine(config)
+
+
+def measure_decode(engine, decode_steps: int, profile_steps: int = 0) -> dict:
+    """One request of a 128-token prompt; the step times once the prompt and 8 warm-up steps are done.
+
+    ``profile_steps`` > 0: after the timed steps, that many more under a kernel profile in every
+    rank (``engine/profiling.py``; the driver's own runner at TP=1), reported per rank."""
+    from engine.sampling_params import SamplingParams
+    engine.add_request("decode", [7] * 128, SamplingParams(
+        temperature=0.0, max_tokens=decode_steps + 8 + (profile_steps + 4 if profile_steps else 0),
+        ignore_eos=True))
+    steps, profiled, profile = [], [], None
+    profiler = _StepProfile(engine) if profile_steps else None
+    profile_from = 8 + decode_steps + 2  # step index where the profiled stretch starts
+    index = 0
+    while engine.has_unfinished_requests():
+        in_profile = profile_steps and profile_from <= index < profile_from + profile_steps
+        if profiler is not None and index == profile_from:
+            profiler.start()
+        start = time.perf_counter()
+        engine.step()
+        (profiled if in_profile else steps).append(time.perf_counter() - start)
+        index += 1
+        if profiler is not None and index == profile_from + profile_steps:
+            profile = profiler.stop(profile_steps)
+    decode = steps[8:min(8 + decode_steps, len(steps) - 1)] or steps  # the last step may only collect
+    # an in-flight result
+    result = {"batch": 1, "median_step_ms": statistics.median(decode) * 1e3,
+              "mean_step_ms": sum(decode) / len(decode) * 1e3,
+              "p90_step_ms": sorted(decode)[int(0.9 * (len(decode) - 1))] * 1e3, "num_steps": len(decode)}
+    if profile is not None:
+        result["profile"] = {"num_steps": profile_steps, "median_step_ms": statistics.median(profiled) * 1e3,
+                             "ranks": profile}
+    return result
+
+
+class _StepProfile:
+    """Kernel profile of every rank (Ray workers) or of the driver's own runner (one worker)."""
+
+    def __init__(self, engine) -> None:
+        from engine.profiling import KernelProfiler
+        self.executor = engine.executor if hasattr(engine.executor, "profile") else None
+        self.local = KernelProfiler() if self.executor is None else None
+
+    def start(self) -> None:
+        self.executor.profile("start") if self.executor is not None else self.local.start()
+
+    def stop(self, num_steps: int) -> list[dict]:
+        if self.executor is not None:
+            return self.executor.profile("stop", num_steps)
+        return [{"rank": 0, **self.local.stop(num_steps).to_dict()}]
+
+
+def measure_throughput(engine, num_requests: int, prompt_len: int, max_tokens: int,
+                       barrier: Optional["FileBarrier"]) -> dict:
+    """Output tokens/s of ``num_requests`` queued at once, timed on the second of two identical
+    runs: the first meets every batch size and prefill shape once (Triton compiles and tunes,
+    NCCL sets up buffers), which a short timed run would otherwise count. Prompts differ
+    between the two (no prefix-cache hits) and equal earlier stops' timed prompts."""
+    from engine.sampling_params import SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+    def run(tag: str, offset: int) -> float:  # the offset keeps the prefix cache from serving run 2
+        start = time.perf_counter()
+        for i in range(num_requests):
+            engine.add_request(f"{tag}{i}", [(i * 7 + j + offset) % 1000 + 5 for j in range(prompt_len)], params)
+        while engine.has_unfinished_requests():
+            engine.step()
+        return time.perf_counter() - start
+
+    warmup_s = run("warm", 500)
+    if barrier is not None:
+        barrier.wait("throughput")  # the replicas of a TP=1 x 2 run start together
+    seconds = run("r", 0)
+    return {"num_requests": num_requests, "prompt_len": prompt_len, "max_tokens": max_tokens,
+            "seconds": seconds, "warmup_seconds": warmup_s, "output_tok_s": num_requests * max_tokens / seconds}
+
+
+class FileBarrier:
+    """Processes of one part meet here: each touches ``<name>.<rank>`` and waits for all ``size``."""
+
+    def __init__(self, directory: str, rank: int, size: int, timeout_s: float) -> None:
+        self.directory, self.rank, self.size, self.timeout_s = Path(directory), rank, size, timeout_s
+
+    def wait(self, name: str) -> None:
+        (self.directory / f"{name}.{self.rank}").touch()
+        deadline = time.monotonic() + self.timeout_s
+        while len(list(self.directory.glob(f"{name}.*"))) < self.size:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"barrier {name!r}: peers did not arrive in {self.timeout_s:.0f}s")
+            time.sleep(0.05)
+
+
+def bench_engine(args: argparse.Namespace) -> dict:
+    barrier = (FileBarrier(args.barrier_dir, args.barrier_rank, args.barrier_size, args.barrier_timeout_s)
+               if args.barrier_dir else None)
+    start = time.monotonic()
+    engine = make_engine(args, max_num_seqs=args.max_num_seqs)
+    result: dict[str, Any] = {"tp": args.tp, "init_s": time.monotonic() - start,
+                              "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                              "scheduler": _plain(engine.config.scheduler),
+                              "async_scheduling": getattr(engine, "async_scheduling", None)}
+    try:
+        if barrier is not None:
+            barrier.wait("init")  # GPU 0's decode runs while its peer only waits
+        if args.decode:
+            result["decode"] = measure_decode(engine, args.decode_steps, args.profile_steps)
+        if args.throughput_requests:
+            result["throughput"] = measure_throughput(engine, args.throughput_requests, args.prompt_len,
+                                                      args.max_tokens, barrier)
+    finally:
+        engine.shutdown()
+    return result
+
+
+def _plain(obj: Any) -> Any:
+    """A config dataclass as JSON-able values (Enums by value)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    return getattr(obj, "value", obj)
