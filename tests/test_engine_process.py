@@ -100,7 +100,10 @@ async def test_abort_frees_blocks(engine_process):
         if got == 3:
             break  # the client goes away: the generator's exit aborts the request
     explicit = asyncio.create_task(_collect(engine_process, "Another long one " * 10, long_params, "abort-2"))
-    await asyncio.sleep(0.3)
+    for _ in range(100):  # running within 10 s (a fixed 0.3 s failed once on a busy 2-core box)
+        await asyncio.sleep(0.1)
+        if engine_process.get_stats().num_running >= 1:
+            break
     assert engine_process.get_stats().num_running >= 1
     await engine_process.abort("abort-2")
     _assert_no_leak(engine_process)  # the blocks are free when abort returns
