@@ -148,7 +148,9 @@ def measure_decode(engine, decode_steps: int, profile_steps: int = 0) -> dict:
     """One request of a 128-token prompt; the step times once the prompt and 8 warm-up steps are done.
 
     ``profile_steps`` > 0: after the timed steps, that many more under a kernel profile in every
-    rank (``engine/profiling.py``; the driver's own runner at TP=1), reported per rank."""
+    rank (``engine/profiling.py``; the driver's own runner at TP=1), reported per rank.
+    With Ray workers, ``rank_skew``: how much later than the first each rank read the timed
+    steps' calls, and how long it ran and answered them (``engine.profiling.rank_skew``)."""
     from engine.sampling_params import SamplingParams
     engine.add_request("decode", [7] * 128, SamplingParams(
         temperature=0.0, max_tokens=decode_steps + 8 + (profile_steps + 4 if profile_steps else 0),
@@ -157,7 +159,10 @@ def measure_decode(engine, decode_steps: int, profile_steps: int = 0) -> dict:
     profiler = _StepProfile(engine) if profile_steps else None
     profile_from = 8 + decode_steps + 2  # step index where the profiled stretch starts
     index = 0
+    stamps = None
     while engine.has_unfinished_requests():
+        if index == 8 + decode_steps and hasattr(engine.executor, "step_stamps"):
+            stamps = engine.executor.step_stamps(decode_steps)  # the timed steps, on every rank
         in_profile = profile_steps and profile_from <= index < profile_from + profile_steps
         if profiler is not None and index == profile_from:
             profiler.start()
@@ -172,6 +177,11 @@ def measure_decode(engine, decode_steps: int, profile_steps: int = 0) -> dict:
     result = {"batch": 1, "median_step_ms": statistics.median(decode) * 1e3,
               "mean_step_ms": sum(decode) / len(decode) * 1e3,
               "p90_step_ms": sorted(decode)[int(0.9 * (len(decode) - 1))] * 1e3, "num_steps": len(decode)}
+    if stamps is None and hasattr(engine.executor, "step_stamps"):  # no profiled stretch after them
+        stamps = engine.executor.step_stamps(decode_steps)
+    if stamps is not None:
+        from engine.profiling import rank_skew
+        result["rank_skew"] = rank_skew(stamps)
     if profile is not None:
         result["profile"] = {"num_steps": profile_steps, "median_step_ms": statistics.median(profiled) * 1e3,
                              "ranks": profile}

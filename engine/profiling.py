@@ -106,6 +106,34 @@ def idle_gaps(spans: list[tuple[float, float, str]], steps: int, top: int = 10
     return idle, rows[:top]
 
 
+def rank_skew(stamps_per_rank: list[list[tuple[int, float, float, float]]]) -> dict:
+    """Workers' step-loop stamps (``Worker.step_stamps``: seq, read, ran, replied; one host's
+    clock) -> per rank, in µs over the calls every rank has: how much later than the first rank
+    it read each call (``late_read``), how long it ran it (``run``), and how long the reply
+    took to write (``reply``), as median and p90. Names the rank that lags each step."""
+    if not stamps_per_rank or any(not stamps for stamps in stamps_per_rank):
+        return {"num_calls": 0, "ranks": []}
+    by_seq = [{seq: (read, ran, replied) for seq, read, ran, replied in stamps} for stamps in stamps_per_rank]
+    common = sorted(set.intersection(*(set(s) for s in by_seq)))
+    if not common:
+        return {"num_calls": 0, "ranks": []}
+    first_read = {seq: min(ranks[seq][0] for ranks in by_seq) for seq in common}
+
+    def spread(values: list[float]) -> dict[str, float]:
+        ordered = sorted(values)
+        return {"median": round(ordered[len(ordered) // 2], 1),
+                "p90": round(ordered[int(0.9 * (len(ordered) - 1))], 1)}
+
+    ranks = []
+    for rank, calls in enumerate(by_seq):
+        ranks.append({"rank": rank,
+                      "late_read_us": spread([(calls[q][0] - first_read[q]) * 1e6 for q in common]),
+                      "run_us": spread([(calls[q][1] - calls[q][0]) * 1e6 for q in common]),
+                      "reply_us": spread([(calls[q][2] - calls[q][1]) * 1e6 for q in common]),
+                      "last_to_read": sum(calls[q][0] == max(r[q][0] for r in by_seq) for q in common)})
+    return {"num_calls": len(common), "ranks": ranks}
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

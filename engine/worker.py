@@ -25,9 +25,11 @@ This class is plain Python (no Ray import): the executor wraps it with
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
+import time
 import traceback
 from typing import Any, Optional
 
@@ -42,6 +44,8 @@ from engine.scheduler_output import ModelOutput, SchedulerOutput
 from engine.step_channel import StepCall, StepLoopHandles, StepMethod, StepReply
 
 logger = logging.getLogger(__name__)
+
+STAMPS_KEPT = 4096  # step-loop calls whose times a worker keeps
 
 
 class Worker:
@@ -67,6 +71,10 @@ class Worker:
         self._pending = None  # StepFuture of the last pipelined step (async scheduling)
         self._step_thread: Optional[threading.Thread] = None
         self._profiler = None  # engine.profiling.KernelProfiler while ``profile`` runs one
+        # (seq, read, ran, replied): time.monotonic() of each step-loop call, the host's clock
+        # (one for every process of a node), so ranks' calls line up (``step_stamps``)
+        self._stamps: collections.deque = collections.deque(maxlen=STAMPS_KEPT)
+        self._stamps_lock = threading.Lock()
 
     def rendezvous(self, backend) -> DistInit:
         """Worker 0: where the others meet it (a gloo address on this node, or NCCL ids)."""
@@ -142,21 +150,32 @@ class Worker:
         try:
             while True:
                 call: StepCall = calls.read()
+                read = time.monotonic()
                 try:
                     reply = StepReply(call.seq, self.run_step_call(call))
                 except Exception as exc:  # noqa: BLE001 - travels to the executor, which fails the step
                     reply = StepReply(call.seq, error=f"{type(exc).__name__}: {exc}",
                                       traceback=traceback.format_exc())
+                ran = time.monotonic()
                 try:
                     replies.write(reply)
                 except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable value: say so instead
                     replies.write(StepReply(call.seq, error=f"reply not sent: {type(exc).__name__}: {exc}",
                                             traceback=traceback.format_exc()))
+                with self._stamps_lock:
+                    self._stamps.append((call.seq, read, ran, time.monotonic()))
                 if call.method is StepMethod.SHUTDOWN:
                     return
         finally:
             calls.ring.close()
             replies.ring.close()
+
+    def step_stamps(self, last: int) -> list[tuple[int, float, float, float]]:
+        """The last ``last`` step-loop calls as (seq, read, ran, replied) ``time.monotonic()``s:
+        when the call came off the ring, when it had run (for a pipelined step: launched, and
+        the step before it finished on the device), when the reply was written."""
+        with self._stamps_lock:
+            return list(self._stamps)[-last:] if last > 0 else []
 
     def profile(self, action: str, num_steps: int = 1) -> Optional[dict]:
         """``"start"``, then ``"stop"`` after ``num_steps`` steps: this rank's kernels per step

@@ -109,6 +109,17 @@ def test_each_rank_holds_only_its_part(parallel_llm):
             assert f["local_experts"] == spec.moe.num_experts // parallel.expert_parallel_size
 
 
+def test_workers_stamp_the_same_step_calls(parallel_llm):
+    """Every rank reads every step call off the ring: their stamps (what bench/parallel.py
+    lines up to find a rank that starts steps late) name the same calls, in order."""
+    _, llm = parallel_llm
+    llm.generate(PROMPTS[:1], GREEDY)
+    stamps = llm.engine.executor.step_stamps(4)
+    assert len(stamps) == len(llm.engine.executor.workers) and all(len(s) == 4 for s in stamps)
+    assert len({tuple(seq for seq, *_ in s) for s in stamps}) == 1
+    assert all(read <= ran <= replied for s in stamps for _, read, ran, replied in s)
+
+
 def ray_get_all(refs):
     import ray
     return ray.get(refs, timeout=60)

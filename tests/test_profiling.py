@@ -1,6 +1,7 @@
-"""engine/profiling.py's idle-gap accounting (pure; the GPU profile itself runs in bench/parallel.py)."""
+"""engine/profiling.py's idle-gap accounting and rank skew (pure; the GPU profile itself runs
+in bench/parallel.py)."""
 
-from engine.profiling import idle_gaps
+from engine.profiling import idle_gaps, rank_skew
 
 
 def test_idle_gaps_classify_by_length_and_name_the_kernel_after():
@@ -17,3 +18,22 @@ def test_idle_gaps_classify_by_length_and_name_the_kernel_after():
 def test_no_gaps():
     idle, before = idle_gaps([(0.0, 5.0, "a"), (5.0, 9.0, "b")], steps=1)
     assert sum(idle.values()) == 0 and before == []
+
+
+def test_rank_skew_names_the_rank_that_reads_late():
+    # rank 1 reads every call 100 us after rank 0; rank 0 runs each call 50 us longer;
+    # call 3 only rank 0 has (cut off by ``last``): left out
+    rank0 = [(1, 0.0, 0.000300, 0.000310), (2, 0.001, 0.001300, 0.001310), (3, 0.002, 0.0023, 0.0024)]
+    rank1 = [(1, 0.0001, 0.000350, 0.000355), (2, 0.0011, 0.001350, 0.001355)]
+    skew = rank_skew([rank0, rank1])
+    assert skew["num_calls"] == 2
+    r0, r1 = skew["ranks"]
+    assert r0["late_read_us"] == {"median": 0.0, "p90": 0.0} and r0["last_to_read"] == 0
+    assert r1["late_read_us"]["median"] == 100.0 and r1["last_to_read"] == 2
+    assert r0["run_us"]["median"] == 300.0 and r1["run_us"]["median"] == 250.0
+    assert r0["reply_us"]["median"] == 10.0 and r1["reply_us"]["median"] == 5.0
+
+
+def test_rank_skew_without_stamps():
+    assert rank_skew([]) == {"num_calls": 0, "ranks": []}
+    assert rank_skew([[(1, 0.0, 0.1, 0.2)], []]) == {"num_calls": 0, "ranks": []}

@@ -28,6 +28,9 @@ def main() -> None:
         prof = dec.get("profile") or {}
         print(" TP", tp, "step ms", round(dec.get("median_step_ms", 0), 3),
               "profiled", round(prof.get("median_step_ms", 0), 3))
+        for rank in (dec.get("rank_skew") or {}).get("ranks", []):
+            print("  rank", rank["rank"], "reads late us", rank["late_read_us"], "runs us", rank["run_us"],
+                  "replies us", rank["reply_us"], "last to read", rank["last_to_read"])
         for rank in (prof.get("ranks") or [])[:args.ranks]:
             print("  rank", rank["rank"], "kernel us/step", round(rank["kernel_us_per_step"], 1),
                   "idle", rank.get("idle_us_per_step"))
