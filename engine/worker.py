@@ -71,10 +71,7 @@ class Worker:
         self._pending = None  # StepFuture of the last pipelined step (async scheduling)
         self._step_thread: Optional[threading.Thread] = None
         self._profiler = None  # engine.profiling.KernelProfiler while ``profile`` runs one
-        # (seq, read, ran, replied): time.monotonic() of each step-loop call, the host's clock
-        # (one for every process of a node), so ranks' calls line up (``step_stamps``)
-        self._stamps: collections.deque = collections.deque(maxlen=STAMPS_KEPT)
-        self._stamps_lock = threading.Lock()
+        self._stamps: Optional[collections.deque] = None  # set up with the step loop
 
     def rendezvous(self, backend) -> DistInit:
         """Worker 0: where the others meet it (a gloo address on this node, or NCCL ids)."""
@@ -130,6 +127,10 @@ class Worker:
         """Attaches the rings and starts the one thread that runs every step call from now on."""
         if self._step_thread is not None:
             raise RuntimeError("the step loop is already running")
+        # (seq, read, ran, replied): time.monotonic() of each step-loop call, the host's clock
+        # (one for every process of a node), so ranks' calls line up (``step_stamps``)
+        self._stamps = collections.deque(maxlen=STAMPS_KEPT)
+        self._stamps_lock = threading.Lock()
         backoff = Backoff(spin_s=handles.spin_s)
         calls = RingReader(ShmRing.attach(handles.calls), handles.reader_index, backoff)
         replies = RingWriter(ShmRing.attach(handles.replies), backoff)
@@ -174,8 +175,10 @@ class Worker:
         """The last ``last`` step-loop calls as (seq, read, ran, replied) ``time.monotonic()``s:
         when the call came off the ring, when it had run (for a pipelined step: launched, and
         the step before it finished on the device), when the reply was written."""
+        if self._stamps is None or last <= 0:  # no step loop: steps come as Ray calls
+            return []
         with self._stamps_lock:
-            return list(self._stamps)[-last:] if last > 0 else []
+            return list(self._stamps)[-last:]
 
     def profile(self, action: str, num_steps: int = 1) -> Optional[dict]:
         """``"start"``, then ``"stop"`` after ``num_steps`` steps: this rank's kernels per step
