@@ -27,7 +27,9 @@ median (and mean) ``step()`` time of one request once its prompt is in. Throughp
 tokens/s with all requests queued at once (decode-dominated), timed on the second of two
 runs (stop 15's 4-GPU run timed the first: TP=2 x 1 got 0.32x of TP=1 x 2). The issue's target: TP=2's
 decode step at most 0.6x TP=1's at batch 1 (``decode_step_ratio_vs_tp1``). Each engine's
-scheduler config is recorded with it (e.g. whether it scheduled asynchronously).
+scheduler config is recorded with it (e.g. whether it scheduled asynchronously). With Ray
+workers, ``rank_skew`` lines up the ranks' step-call stamps over the timed steps: how much later
+than the first each rank read a call, and how long it ran and answered it.
 ``--smoke-cpu`` runs the same parts with kvmesh-tiny on CPU (gloo; the all-reduce parts
 are skipped): it checks the subprocesses, barriers and report, not performance.
 A PNG of the report is written next to ``--out`` when matplotlib is importable.
