@@ -15,6 +15,7 @@ from engine import SamplingParams
 from engine.async_engine import AsyncLLM, EngineDeadError
 from engine.config import EngineConfig
 from engine.engine_process import ProcessAsyncLLM
+from tests.polling import wait_for_async
 
 CONFIG = EngineConfig.create(model="kvmesh-tiny", block_size=16)
 
@@ -100,11 +101,8 @@ async def test_abort_frees_blocks(engine_process):
         if got == 3:
             break  # the client goes away: the generator's exit aborts the request
     explicit = asyncio.create_task(_collect(engine_process, "Another long one " * 10, long_params, "abort-2"))
-    for _ in range(100):  # running within 10 s (a fixed 0.3 s failed once on a busy 2-core box)
-        await asyncio.sleep(0.1)
-        if engine_process.get_stats().num_running >= 1:
-            break
-    assert engine_process.get_stats().num_running >= 1
+    # running within 10 s (a fixed 0.3 s failed once on a busy 2-core box)
+    assert await wait_for_async(lambda: engine_process.get_stats().num_running >= 1, timeout_s=10)
     await engine_process.abort("abort-2")
     _assert_no_leak(engine_process)  # the blocks are free when abort returns
     aborted = await explicit

@@ -27,6 +27,7 @@ from engine.kv_transfer.plan import (KVArrival, KVEndpoint, KVTransferHeader, KV
 from engine.kv_transfer.transport import KVReceiver, KVSender
 from engine.request import RequestStatus
 from tests.engine_helpers import assert_no_leaks, gloo_connector_pair
+from tests.polling import wait_for_async
 
 BLOCK = 8
 ENGINE_KW = dict(model="kvmesh-tiny", dtype="float32", device="cpu", block_size=BLOCK, num_blocks=64,
@@ -234,10 +235,7 @@ def test_gloo_sender_receiver_reuse_one_pair_and_keep_order():
                    [(1, torch.float32), (3, torch.bfloat16), (2, torch.float16)]]
         for i, kv in enumerate(tensors):
             await sender.send(_plan(f"r{i}", endpoint), kv, first_token_id=100 + i)
-        for _ in range(100):
-            if len(arrivals) == 3:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for_async(lambda: len(arrivals) == 3, timeout_s=5)
         receiver.stop()
         task.cancel()
         sender.close()
@@ -264,10 +262,7 @@ def test_gloo_receiver_reports_a_dead_sender():
             sender.send(_plan("r0", KVEndpoint("decode-0", mailbox)), torch.ones(2, 2, 1, 4, 2, 3), 1))
         await asyncio.sleep(1.0)
         send.cancel()  # the sender "dies" mid-transfer: its pair is closed
-        for _ in range(200):
-            if arrivals:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for_async(lambda: arrivals, timeout_s=10)
         receiver.stop()
         task.cancel()
         return arrivals
