@@ -13,6 +13,6 @@ grep -E "^(PASSED|FAILED|ERROR)|passed|failed" $L/parallel_tests.txt | tail -8
 timeout "${BENCH_S:-185}" python3 bench/parallel.py all --budget-s "${BUDGET_S:-165}" --out "$OUT/parallel.json" \
     > $L/parallel_bench.log 2>&1
 grep -E "median_step_ms|ratio|meets|output_tok_s" $L/parallel_bench.log | tail -12
-cp -r "$OUT/parallel.json.logs" $L/ 2>/dev/null; rm -rf "$OUT/parallel.json.logs"
+cp -r "$OUT/parallel.logs" $L/ 2>/dev/null; rm -rf "$OUT/parallel.logs"
 tar -czf "$OUT/logs.tgz" -C /tmp logs
 ls "$OUT"

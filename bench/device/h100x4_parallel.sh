@@ -10,5 +10,5 @@ grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$OUT/parallel_tests.txt" | tail 
 timeout "${BENCH_S:-300}" python3 bench/parallel.py all --budget-s "${BUDGET_S:-280}" --out "$OUT/parallel.json" \
     > "$OUT/parallel_bench.log" 2>&1
 tail -40 "$OUT/parallel_bench.log"
-tar -czf "$OUT/parallel_logs.tgz" -C "$OUT" parallel.json.logs 2>/dev/null && rm -rf "$OUT/parallel.json.logs"
+tar -czf "$OUT/parallel_logs.tgz" -C "$OUT" parallel.logs 2>/dev/null && rm -rf "$OUT/parallel.logs"
 ls "$OUT"

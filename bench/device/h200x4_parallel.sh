@@ -24,16 +24,7 @@ if has parallel; then
   timeout "${PAR_S:-330}" python3 bench/parallel.py all --parts "${BENCH_PARTS:-allreduce2,allreduce4,tp1,tp2,tp4}" \
       --budget-s "${PAR_BUDGET_S:-320}" --profile-steps 30 --out "$OUT/parallel.json" > $L/parallel.log 2>&1
   python3 bench/device/parallel_summary.py "$OUT/parallel.json" --ranks 1 --rows 9
-  python3 - <<'PY'
-import json, os
-p = os.path.join(os.environ["OUT"], "parallel.json")
-if os.path.exists(p):
-    for ranks, r in sorted(json.load(open(p)).get("allreduce", {}).items()):
-        sizes = r.get("sizes") or {}
-        print("allreduce", ranks, r.get("error", ""), [(int(s) >> 10, round(v["ours"]["busbw_GBps"], 1), round(v["raw_cupy"]["busbw_GBps"], 1))
-                                                   for s, v in sorted(sizes.items(), key=lambda kv: int(kv[0]))])
-PY
   tail -5 $L/parallel.log
-  cp -r "$OUT/parallel.json.logs" $L/ 2>/dev/null; rm -rf "$OUT/parallel.json.logs"
+  cp -r "$OUT/parallel.logs" $L/ 2>/dev/null; rm -rf "$OUT/parallel.logs"  # bench/parallel.py's <out>.logs
 fi
 tar -czf "$OUT/logs.tgz" -C /tmp logs

@@ -23,6 +23,11 @@ def main() -> None:
     t = d.get("throughput", {})
     print("ratio", d.get("decode_step_ratio_vs_tp1"), "tok/s tp1x2", t.get("tp1_x2_output_tok_s"),
           "tp2x1", t.get("tp2_x1_output_tok_s"))
+    for ranks, r in sorted(d.get("allreduce", {}).items()):  # (KiB, our bus GB/s, raw NCCL's)
+        sizes = r.get("sizes") or {}
+        print("allreduce", ranks, "ranks", r.get("error", ""),
+              [(int(s) >> 10, round(v["ours"]["busbw_GBps"], 1), round(v["raw_cupy"]["busbw_GBps"], 1))
+               for s, v in sorted(sizes.items(), key=lambda kv: int(kv[0]))])
     for tp, r in d.get("decode", {}).items():
         dec = (r.get("decode") or {}) if isinstance(r, dict) else {}
         prof = dec.get("profile") or {}
