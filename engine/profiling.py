@@ -117,7 +117,9 @@ def rank_skew(stamps_per_rank: list[list[tuple[int, float, float, float]]]) -> d
     common = sorted(set.intersection(*(set(s) for s in by_seq)))
     if not common:
         return {"num_calls": 0, "ranks": []}
-    first_read = {seq: min(ranks[seq][0] for ranks in by_seq) for seq in common}
+    reads = {seq: [calls[seq][0] for calls in by_seq] for seq in common}
+    first_read = {seq: min(r) for seq, r in reads.items()}
+    last_read = {seq: max(r) for seq, r in reads.items()}
 
     def spread(values: list[float]) -> dict[str, float]:
         ordered = sorted(values)
@@ -130,7 +132,7 @@ def rank_skew(stamps_per_rank: list[list[tuple[int, float, float, float]]]) -> d
                       "late_read_us": spread([(calls[q][0] - first_read[q]) * 1e6 for q in common]),
                       "run_us": spread([(calls[q][1] - calls[q][0]) * 1e6 for q in common]),
                       "reply_us": spread([(calls[q][2] - calls[q][1]) * 1e6 for q in common]),
-                      "last_to_read": sum(calls[q][0] == max(r[q][0] for r in by_seq) for q in common)})
+                      "last_to_read": sum(calls[q][0] == last_read[q] for q in common)})
     return {"num_calls": len(common), "ranks": ranks}
 
 

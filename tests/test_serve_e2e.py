@@ -309,10 +309,10 @@ def test_replica_errors_map_to_http_status():
     from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError
 
-    from router.replica_calls import api_error_from as _api_error_from
-    assert _api_error_from(ValueError("prompt is empty")).status_code == 400
-    assert _api_error_from(BackPressureError(num_queued_requests=5, max_queued_requests=5)).status_code == 429
-    assert _api_error_from(RayActorError()).status_code == 503
+    from router.replica_calls import api_error_from
+    assert api_error_from(ValueError("prompt is empty")).status_code == 400
+    assert api_error_from(BackPressureError(num_queued_requests=5, max_queued_requests=5)).status_code == 429
+    assert api_error_from(RayActorError()).status_code == 503
     dead = type("EngineDeadError", (RuntimeError,), {})("engine loop died")
-    assert _api_error_from(dead).status_code == 503
-    assert _api_error_from(RuntimeError("boom")).status_code == 500
+    assert api_error_from(dead).status_code == 503
+    assert api_error_from(RuntimeError("boom")).status_code == 500
