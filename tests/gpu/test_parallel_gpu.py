@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import time
 
@@ -21,6 +19,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from bench.parallel_parts import write_model_dir
 from tests.engine_helpers import assert_no_leaks, checkpoint_with_tokenizer
 
 pytestmark = pytest.mark.multigpu
@@ -123,21 +122,6 @@ def _assert_matches_one_gpu(ray_cluster, tmp_path, arch: str, options: dict) -> 
         llm.engine.shutdown()
 
 
-LLAMA_8B_SHAPE = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
-    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-    max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=1,
-    eos_token_id=2, tie_word_embeddings=False, torch_dtype="bfloat16", hidden_act="silu")
-
-
-def llama_8b_shape_dir(path) -> str:
-    """A folder with only an 8B-shape config.json (weights: load_format='dummy')."""
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(LLAMA_8B_SHAPE, f)
-    return str(path)
-
-
 LLAMA_8B_NUM_PARAMS = 8.03e9
 
 
@@ -146,7 +130,7 @@ def test_8b_shape_serves_at_tp(ray_cluster, tmp_path, tp):
     from engine.tiny_model import ensure_tiny_model
 
     _require_free_cpus(ray_cluster, tp)
-    path = llama_8b_shape_dir(tmp_path / "llama8b")
+    path = write_model_dir(str(tmp_path / "llama8b"))  # the 8B shape's config.json only
     llm = LLM(model=path, tokenizer=ensure_tiny_model(), load_format="dummy", dtype="bfloat16",
               device="cuda", tensor_parallel_size=tp, max_model_len=2048, max_num_seqs=32,
               gpu_memory_utilization=0.8)
