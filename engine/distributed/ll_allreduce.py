@@ -7,8 +7,9 @@ both, and it never waits for a barrier: it uses NCCL's "LL" idea of putting a fl
 8 bytes of data, so a reader knows the data is there by looking at the data itself::
 
     rank r, row b (one CTA per row), the call's round R (a counter on the device, so CUDA graph
-    replays advance it: each CTA reads it at the start, the last CTA to finish advances it; the
-    next call starts after this one ended, in stream order), parity p = R & 1
+    replays advance it: each CTA reads it at the start, the last CTA to finish advances it, a
+    call of one CTA as soon as it has read it; no fences, as only the next call reads it, and
+    the next call starts after this one ended, in stream order), parity p = R & 1
     1. load my row's partial sums (lines of 8 bytes) into registers
     2. push: for every peer q, store each line as a 16-byte {data0, R, data1, R} into q's receive
        area slot (p, r, b, line) with one volatile 16-byte store over NVLink (no reads of peers'
@@ -102,6 +103,9 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   if (t == 0) s_round = ((volatile u32*)sig)[ROUND_OFF] + 1u;
   __syncthreads();
   const u32 round = s_round;
+  // One CTA (a decode row): it has read the round, so it advances it now, with no end-of-call
+  // counter. The next call reads it after this kernel ended (stream order), so no fence either.
+  if (gridDim.x == 1 && t == 0) sig[ROUND_OFF] = round;
   const long long parity = round & 1u;
   const long long row_line0 = (long long)row * lines_per_row;
 
@@ -204,13 +208,11 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
       ((uint2*)out_addr)[row_line0 + line] = o.u;
     }
   }
-  __syncthreads();
-  if (t == 0) {  // the last CTA to finish advances the round for the next call
-    __threadfence();
-    if (atomicAdd(sig + DONE_OFF, 1u) == gridDim.x - 1) {
+  if (gridDim.x > 1) {  // the last CTA to finish advances the round for the next call
+    __syncthreads();
+    if (t == 0 && atomicAdd(sig + DONE_OFF, 1u) == gridDim.x - 1) {
       sig[DONE_OFF] = 0u;
-      ((volatile u32*)sig)[ROUND_OFF] = round;
-      __threadfence();
+      sig[ROUND_OFF] = round;
     }
   }
 }
