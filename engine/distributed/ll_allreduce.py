@@ -100,6 +100,19 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   const int t = threadIdx.x;
   __shared__ u32 s_round;
   __shared__ float s_sum[THREADS / 32];
+  const long long row_line0 = (long long)row * lines_per_row;
+  // 1. what does not come from the peers, loaded at once so the latencies overlap each other
+  //    and the round's read: my partial sums and, for the norm, the residual and the weight
+  line_t mine[MAX_LPT], res[MAX_LPT], wgt[MAX_LPT];
+#pragma unroll
+  for (int k = 0; k < MAX_LPT; ++k) {
+    const int line = t + k * THREADS;
+    if (line < lines_per_row) {
+      mine[k].u = ((const uint2*)x_addr)[row_line0 + line];
+      if (mode == 1) res[k].u = ((const uint2*)residual_addr)[row_line0 + line];
+      if (mode != 0) wgt[k].u = ((const uint2*)weight_addr)[line];
+    }
+  }
   if (t == 0) s_round = ((volatile u32*)sig)[ROUND_OFF] + 1u;
   __syncthreads();
   const u32 round = s_round;
@@ -107,15 +120,7 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   // counter. The next call reads it after this kernel ended (stream order), so no fence either.
   if (gridDim.x == 1 && t == 0) sig[ROUND_OFF] = round;
   const long long parity = round & 1u;
-  const long long row_line0 = (long long)row * lines_per_row;
 
-  // 1. my partial sums
-  line_t mine[MAX_LPT];
-#pragma unroll
-  for (int k = 0; k < MAX_LPT; ++k) {
-    const int line = t + k * THREADS;
-    if (line < lines_per_row) mine[k].u = ((const uint2*)x_addr)[row_line0 + line];
-  }
   // 2. push them into every peer's slot (parity, me, row, line)
   for (int q = 0; q < world; ++q) {
     if (q == rank) continue;
@@ -171,13 +176,11 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
     for (int k = 0; k < MAX_LPT; ++k) {
       const int line = t + k * THREADS;
       if (line >= lines_per_row) continue;
-      line_t r;
-      if (mode == 1) r.u = ((const uint2*)residual_addr)[row_line0 + line];
       line_t o;
 #pragma unroll
       for (int j = 0; j < (int)EPL; ++j) {
         float v = round_f32(acc[k][j]);  // what a separate all-reduce would have stored
-        if (mode == 1) v = round_f32(v + to_f32(r.e[j]));  // what rms_norm's residual add stores
+        if (mode == 1) v = round_f32(v + to_f32(res[k].e[j]));  // what rms_norm's residual add stores
         acc[k][j] = v;
         o.e[j] = from_f32(v);
         ss += v * v;
@@ -200,11 +203,10 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
     for (int k = 0; k < MAX_LPT; ++k) {
       const int line = t + k * THREADS;
       if (line >= lines_per_row) continue;
-      line_t w, o;
-      w.u = ((const uint2*)weight_addr)[line];
+      line_t o;
 #pragma unroll
       for (int j = 0; j < (int)EPL; ++j)
-        o.e[j] = from_f32(to_f32(w.e[j]) * round_f32(acc[k][j] * inv_rms));
+        o.e[j] = from_f32(to_f32(wgt[k].e[j]) * round_f32(acc[k][j] * inv_rms));
       ((uint2*)out_addr)[row_line0 + line] = o.u;
     }
   }
