@@ -22,7 +22,9 @@ both, and it never waits for a barrier: it uses NCCL's "LL" idea of putting a fl
        separate all-reduce and ``rms_norm`` kernel would compute it
 
 Measured on 2 H200s inside a CUDA graph (bench/ll_allreduce.py), one 8 KiB row: NCCL all-reduce +
-Triton norm 8.28 µs, this kernel fused 5.62 µs (4.07 µs for the sum alone).
+Triton norm 8.26 µs, this kernel fused 4.66 µs (3.43 µs for the sum alone; before the lean end,
+5.62 and 4.07 µs). In the 8B TP=2 decode step its 65 calls took 386 µs a step on rank 0 (589 µs
+before; bench/results/parallel_h200x2_lean_ll.json).
 
 Why one round per call, two parities and no end barrier: rank r can only start call R+1 after its
 call R read data of call R from every peer, which each peer wrote after its call R-1 kernel had
