@@ -5,7 +5,8 @@
 Ranks are spawned processes seeing one GPU each (``bench/custom_allreduce.py``'s ``run_ranks``).
 Timed inside CUDA graphs of 50 calls (what the decode graphs see), bf16, hidden 4096, per row
 count: NCCL's all-reduce; NCCL + the Triton ``rms_norm`` (the unfused decode path); the LL sum;
-the LL fused all-reduce + add + norm. ``checks=True`` (tests/gpu/test_ll_allreduce.py) first
+the LL fused all-reduce + add + norm; at one row, also a 4096x7168 GEMV then the fused call, with
+the GEMV pushing its outputs to the peers (``linear_for_reduce``) and without. ``checks=True`` (tests/gpu/test_ll_allreduce.py) first
 compares both modes with NCCL + the reference norm over dtypes, hidden sizes and row counts
 (and checks every rank got bit-identical results), runs 1000 back-to-back calls of changing row
 counts with NCCL-sized ones between, and replays a CUDA graph of them 100 times with new inputs.
@@ -28,6 +29,7 @@ from bench.custom_allreduce import GRAPH_CALLS, graph_us, run_ranks  # noqa: E40
 
 BENCH_ROWS = (1, 4, 16, 32)
 HIDDEN = 4096
+PUSH_K = 7168  # the 8B shape's down_proj at TP=2: the pushing GEMV's bench row
 EPS = 1e-5
 
 
@@ -49,6 +51,7 @@ def rank_main(rank: int, world: int, nccl_id: tuple, isolated: bool, checks: boo
             _check_modes(comm, report["failures"])
             _check_back_to_back(comm, report["failures"])
             _check_graph(comm, report["failures"])
+            _check_pushed(comm, report["failures"])
         report["latency_us"] = _bench(comm)
         torch.cuda.synchronize(device)
         results.put(("ok", rank, report))
@@ -196,11 +199,118 @@ def _check_graph(comm, failures: list, num_replays: int = 100) -> None:
     del graph
 
 
+def _tuned_row_gemv(torch, a, w) -> None:
+    """Autotunes gemv_row for w's shape and makes it the one-row choice (what ``gemv.tune``
+    does for a model), so ``linear_for_reduce`` takes that shape."""
+    from engine.kernels import gemv
+    gemv.gemv_row(a, w)
+    gemv._USE_GEMV[(w.shape[0], w.shape[1], w.dtype)] = ("row", None)
+
+
+def _check_pushed(comm, failures: list) -> None:
+    """``linear_for_reduce`` (the GEMV that pushes its outputs to the peers) then the LL call
+    must give bit for bit what ``gemv_row`` then the LL call give: single calls in both modes,
+    300 back-to-back calls with plain LL and NCCL calls between, and a CUDA graph replayed."""
+    import torch
+
+    from engine.kernels import gemv
+    if comm._ll is None:
+        return
+    device = comm.device
+
+    def row_and_weight(k, hidden, dtype, seed):
+        gen = torch.Generator(device=device).manual_seed(seed + 1009 * comm.rank)
+        a = torch.randn(1, k, generator=gen, device=device).to(dtype)
+        return a, (torch.randn(hidden, k, generator=gen, device=device) / k ** 0.5).to(dtype)
+
+    for dtype in (torch.bfloat16, torch.float16):
+        for hidden, k in ((4096, 2048), (5120, 7168), (64, 96)):
+            a, w = row_and_weight(k, hidden, dtype, hidden + k)
+            _, residual, weight = _inputs(torch, 1, hidden, dtype, 900 + hidden, device, comm.rank)
+            _tuned_row_gemv(torch, a, w)
+            plain = gemv.gemv_row(a, w)
+            want = comm.fused_all_reduce_rms_norm(plain, residual, weight, EPS)
+            want_sum = comm.all_reduce(plain.clone())
+            pushed = comm.linear_for_reduce(a, w)
+            if pushed is None:
+                failures.append(f"linear_for_reduce refused {dtype} {hidden}x{k}")
+                continue
+            got = comm.fused_all_reduce_rms_norm(pushed, residual, weight, EPS)
+            got_sum = comm.all_reduce(comm.linear_for_reduce(a, w))
+            for name, g, e in (("partial", pushed, plain), ("out", got[0], want[0]),
+                               ("residual", got[1], want[1]), ("sum", got_sum, want_sum)):
+                if not torch.equal(g, e):
+                    err = (g.float() - e.float()).abs().max().item()
+                    failures.append(f"pushed {name} {dtype} {hidden}x{k}: not bit-identical (max err {err})")
+    torch.cuda.synchronize(device)
+
+    # back to back, no host sync: rows of 64 * value, so every sum is exact
+    ones_w = torch.ones(HIDDEN, 64, dtype=torch.bfloat16, device=device)
+    ones = torch.ones(HIDDEN, dtype=torch.bfloat16, device=device)
+    _tuned_row_gemv(torch, ones_w[:1], ones_w)
+    max_err = torch.zeros((), dtype=torch.float32, device=device)
+    world = comm.world_size
+    for k in range(300):
+        value = float(comm.rank + 1 + k % 5)
+        a = torch.full((1, 64), value, dtype=torch.bfloat16, device=device)
+        total = 64.0 * (world * (world + 1) / 2 + world * (k % 5))
+        if k % 4 == 0:
+            out = comm.all_reduce(comm.linear_for_reduce(a, ones_w))
+            max_err = torch.maximum(max_err, (out.float() - total).abs().max())
+        elif k % 4 == 1:
+            normed, res = comm.fused_all_reduce_rms_norm(comm.linear_for_reduce(a, ones_w),
+                                                          torch.ones(1, HIDDEN, dtype=torch.bfloat16,
+                                                                     device=device), ones, EPS)
+            want_res = (torch.tensor(total, dtype=torch.bfloat16).float() + 1).to(torch.bfloat16).item()
+            max_err = torch.maximum(max_err, (res.float() - want_res).abs().max())
+            max_err = torch.maximum(max_err, (normed.float() - 1).abs().max())
+        elif k % 4 == 2:  # a plain LL call of 3 rows
+            out = comm.all_reduce(torch.full((3, HIDDEN), value, dtype=torch.bfloat16, device=device))
+            max_err = torch.maximum(max_err, (out.float() - total / 64).abs().max())
+        else:  # too big for LL: NCCL
+            out = comm.all_reduce(torch.full((100, HIDDEN), value, dtype=torch.bfloat16, device=device))
+            max_err = torch.maximum(max_err, (out.float() - total / 64).abs().max())
+    torch.cuda.synchronize(device)
+    if max_err.item() != 0:
+        failures.append(f"pushed back-to-back calls: max err {max_err.item()}")
+
+    # a CUDA graph: pushed norm, a plain 4-row sum, a pushed sum; replayed with new rows
+    a, w = row_and_weight(2048, HIDDEN, torch.bfloat16, 5)
+    _tuned_row_gemv(torch, a, w)
+    _, residual, weight = _inputs(torch, 1, HIDDEN, torch.bfloat16, 6, device, comm.rank)
+    four = torch.randn(4, HIDDEN, device=device).to(torch.bfloat16)
+
+    def calls():
+        normed = comm.fused_all_reduce_rms_norm(comm.linear_for_reduce(a, w), residual, weight, EPS)
+        return (*normed, comm.all_reduce(four), comm.all_reduce(comm.linear_for_reduce(a, w)))
+
+    for _ in range(3):
+        calls()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = calls()
+    for replay in range(50):
+        fresh, _ = row_and_weight(2048, 8, torch.bfloat16, 100 + replay)
+        a.copy_(fresh)
+        four.copy_(torch.randn(4, HIDDEN, device=device).to(torch.bfloat16))
+        plain = gemv.gemv_row(a, w)
+        refs = (*comm.fused_all_reduce_rms_norm(plain, residual, weight, EPS),
+                comm.all_reduce(four.clone()), comm.all_reduce(plain.clone()))
+        graph.replay()
+        for i, (g, e) in enumerate(zip(outs, refs)):
+            if not torch.equal(g, e):
+                failures.append(f"pushed graph replay {replay}, output {i}: not bit-identical")
+    torch.cuda.synchronize(device)
+    del graph
+
+
 def _bench(comm) -> dict:
     """Microseconds per call inside a CUDA graph of GRAPH_CALLS calls, bf16, hidden 4096."""
     import torch
 
     from engine import kernels as fused
+    from engine.kernels.gemv import gemv_row
     device = comm.device
     out = {}
     for rows in BENCH_ROWS:
@@ -211,6 +321,14 @@ def _bench(comm) -> dict:
         if comm._ll is not None and comm._ll.can_reduce(x):
             paths["ll"] = lambda: comm._ll.all_reduce(x)
             paths["ll+rms_norm fused"] = lambda: comm._ll.all_reduce_rms_norm(x, residual, weight, EPS)
+        if rows == 1 and comm._ll is not None:  # the down_proj GEMV of the 8B shape at TP=2 first
+            a = torch.randn(1, PUSH_K, device=device).to(torch.bfloat16)
+            w = (torch.randn(HIDDEN, PUSH_K, device=device) / PUSH_K ** 0.5).to(torch.bfloat16)
+            _tuned_row_gemv(torch, a, w)
+            paths[f"gemv {HIDDEN}x{PUSH_K} + ll fused"] = lambda: comm._ll.all_reduce_rms_norm(
+                gemv_row(a, w), residual, weight, EPS)
+            paths[f"gemv {HIDDEN}x{PUSH_K} pushing + ll fused"] = lambda: comm._ll.all_reduce_rms_norm(
+                comm.linear_for_reduce(a, w), residual, weight, EPS)
         row = {}
         for name, fn in paths.items():
             for _ in range(5):

@@ -49,6 +49,48 @@ def test_every_row_config_matches_fp32(dtype, n, k):
         torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2, msg=f"config {config}")
 
 
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,block_n", [(64, 2048, 4), (48, 300, 8), (20, 4096, 16)])
+@pytest.mark.parametrize("rank,world,round_word", [(0, 2, 6), (1, 2, 9), (2, 4, 0xFFFFFFFF)])
+def test_row_push_sends_ll_lines_with_the_next_round(dtype, n, k, block_n, rank, world, round_word):
+    """The pushing GEMV's outputs equal the plain one's, and every peer's receive area holds
+    them as the LL kernel reads them: 16-byte lines {values 0-1, R, values 2-3, R} in slot
+    (parity, rank), with R = round word + 1 (wrapping at 2**32); no other word is touched."""
+    from tests.gpu.test_triton_attention import patch_interpreter_scalars
+    patch_interpreter_scalars()
+    gen = torch.Generator().manual_seed(n + k + rank)
+    x = torch.randn(1, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
+    slot_words = 2 * 64  # max_lines = 64: room for 256 values a row
+    areas = [torch.full((2 * world * slot_words,), -1, dtype=torch.int64) for _ in range(world)]
+    round_cell = torch.tensor([round_word | (5 << 32)], dtype=torch.int64)  # high half: other data
+    table = torch.zeros(world + 1, dtype=torch.int64)
+    for q, area in enumerate(areas):
+        table[q] = (area.data_ptr() - table.data_ptr()) // 8
+    table[world] = (round_cell.data_ptr() - table.data_ptr()) // 8
+    config = {"BLOCK_N": block_n, "BLOCK_K": 256}
+    plain = torch.empty(1, n, dtype=dtype)
+    g._gemv_row_kernel.fn[(-(-n // block_n),)](x, w, plain, n, k, w.stride(0), **config)
+    out = torch.empty(1, n, dtype=dtype)
+    g._gemv_row_push_kernel[(-(-n // block_n),)](x, w, out, n, k, w.stride(0), table, rank, world,
+                                                  slot_words, **config)
+    assert torch.equal(out, plain)
+    round_ = (round_word + 1) & 0xFFFFFFFF
+    halves = out.view(torch.int16).view(-1, 2).to(torch.int64) & 0xFFFF  # (N/2, 2) bit patterns
+    data = halves[:, 0] | (halves[:, 1] << 16)  # what a line's data word holds, in order
+    expected_words = (data | (round_ << 32)).view(torch.int64)
+    for q, area in enumerate(areas):
+        slots = area.view(2, world, slot_words)
+        if q == rank:
+            assert bool((area == -1).all()), "a rank's own area is never written"
+            continue
+        got = slots[round_ & 1, rank]
+        assert torch.equal(got[:n // 2], expected_words)
+        assert bool((got[n // 2:] == -1).all()) and bool((slots[1 - (round_ & 1)] == -1).all())
+        assert bool((slots[round_ & 1, torch.arange(world) != rank] == -1).all())
+
+
 # ---- dispatch ------------------------------------------------------------------------------------
 @pytest.fixture
 def recorded(monkeypatch):
@@ -108,7 +150,7 @@ def test_in_triton_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          "-k", "row_config", os.path.abspath(__file__)], cwd=ROOT, env=env,
+                          "-k", "row_config or row_push", os.path.abspath(__file__)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert "8 passed" in res.stdout, res.stdout[-2000:]
+    assert "26 passed" in res.stdout, res.stdout[-2000:]

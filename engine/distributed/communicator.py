@@ -43,6 +43,14 @@ class Communicator(ABC):
         choice must depend on shapes and dtypes only (every rank takes the same path)."""
         return None
 
+    def linear_for_reduce(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+        """A row-parallel layer's partial sums x @ weight.T, computed by a kernel that also starts
+        sending them to the peers, for the very next ``all_reduce`` or
+        ``fused_all_reduce_rms_norm`` of this group, which must take exactly this output. None
+        where the backend has no such kernel for these shapes: the caller runs its own linear.
+        Unlike the collectives, ranks may differ in which they take."""
+        return None
+
     @abstractmethod
     def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate the ranks' equally-shaped tensors along ``dim`` in rank order."""

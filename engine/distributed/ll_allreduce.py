@@ -26,6 +26,14 @@ Triton norm 8.26 µs, this kernel fused 4.66 µs (3.43 µs for the sum alone; be
 5.62 and 4.07 µs). In the 8B TP=2 decode step its 65 calls took 386 µs a step on rank 0 (589 µs
 before; bench/results/parallel_h200x2_lean_ll.json).
 
+Pushed by the GEMV (``gemv_push``, batch-1 decode): a dense decoder's o_proj and down_proj
+outputs go unchanged into this kernel, so their GEMV (``gemv.gemv_row_push``) stores each
+program's outputs straight into the peers' slots as it finishes, under the coming call's round
+(the round word + 1), and the call then skips step 2 (``pushed``): the NVLink hop overlaps the
+GEMV instead of following it. Each rank decides alone (a peer only waits for the flags), so
+ranks whose GEMV tuners chose differently still agree. The call after ``gemv_push`` must take
+its output (checked: ``_take_pushed``). ``KVMESH_LL_PUSH=0`` turns it off.
+
 Why one round per call, two parities and no end barrier: rank r can only start call R+1 after its
 call R read data of call R from every peer, which each peer wrote after its call R-1 kernel had
 finished (stream order), i.e. after that peer read everything of parity (R-1) & 1 = (R+1) & 1. So
@@ -61,6 +69,7 @@ from engine.distributed.custom_allreduce import (_DTYPE_CODES, _TOLERANCE, DEVIC
                                                  SELF_CHECK_KERNEL_TIMEOUT_NS, SIGNAL_BYTES, CustomAllReduce)
 
 LL_DISABLE_ENV = "KVMESH_DISABLE_LL_ALLREDUCE"
+LL_PUSH_ENV = "KVMESH_LL_PUSH"  # 0: row-parallel GEMVs never push (the LL kernel always does)
 LL_DEFAULT_MAX_BYTES = 256 * 1024  # 32 decode rows of hidden 4096 in bf16
 MAX_ROWS = 64
 THREADS = 512
@@ -95,7 +104,7 @@ __device__ __forceinline__ uint4 ld_line(const uint4* p) {
 extern "C" __global__ void __launch_bounds__(THREADS)
 kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_addr, u64 out_addr,
                      u64 residual_out_addr, int lines_per_row, int hidden, long long max_lines,
-                     float eps, int mode, int rank, int world, u64 timeout_ns) {
+                     float eps, int mode, int rank, int world, u64 timeout_ns, int pushed) {
   u32* sig = (u32*)self_base;
   const u64* areas = (const u64*)(self_base + TABLE_OFFSET);
   const int row = blockIdx.x;
@@ -123,8 +132,9 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   if (gridDim.x == 1 && t == 0) sig[ROUND_OFF] = round;
   const long long parity = round & 1u;
 
-  // 2. push them into every peer's slot (parity, me, row, line)
-  for (int q = 0; q < world; ++q) {
+  // 2. push them into every peer's slot (parity, me, row, line), unless the GEMV that made
+  //    them already did (gemv.gemv_row_push: "pushed")
+  for (int q = 0; q < world && !pushed; ++q) {
     if (q == rank) continue;
     uint4* dst = (uint4*)areas[q] + (parity * world + rank) * max_lines + row_line0;
 #pragma unroll
@@ -247,7 +257,11 @@ class LLAllReduce(CustomAllReduce):
     def __init__(self, comm, max_bytes: int = LL_DEFAULT_MAX_BYTES,
                  self_check_timeout_s: float = 5.0) -> None:
         self.max_lines = int(max_bytes) // LINE_DATA_BYTES
+        self._push_table: Optional[torch.Tensor] = None  # gemv_row_push's addresses (set-up)
+        self._pushed: Optional[torch.Tensor] = None  # a pushed partial its LL call has not taken
         super().__init__(comm, max_bytes=max_bytes, self_check_timeout_s=self_check_timeout_s)
+        if self.is_enabled and os.environ.get(LL_PUSH_ENV, "1") not in ("", "0"):
+            self._push_table = self._make_push_table()
 
     # ---- use ------------------------------------------------------------------------------------
 
@@ -277,7 +291,51 @@ class LLAllReduce(CustomAllReduce):
         self._launch_ll(x, residual, _aligned(weight), out, residual_out, eps, mode, timeout_ns=0)
         return out, residual_out
 
+    def gemv_push(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+        """A row-parallel layer's partial sums x (1, K) @ weight.T -> (1, N), computed by the GEMV
+        that also pushes them to the peers (``gemv.gemv_row_push``); the next LL call must then
+        be on this output. None where that GEMV does not run (see ``gemv_row_push``), or the
+        output is not the LL path's: the caller computes and reduces as usual. Whether a rank
+        pushes is its own affair (a peer only waits for lines flagged with the round), so this
+        may differ between ranks, e.g. where their GEMV tuners chose differently."""
+        if self._push_table is None or self._pushed is not None or not x.is_cuda:
+            return None
+        if x.dim() != 2 or x.shape[0] != 1 or not self.can_reduce(x.new_empty(1, weight.shape[0])):
+            return None
+        from engine.kernels import gemv
+        out = gemv.gemv_row_push(x, weight, self._push_table, self.rank, self.world_size,
+                                 2 * self.max_lines)
+        self._pushed = out
+        return out
+
+    def _take_pushed(self, x: torch.Tensor) -> bool:
+        """Whether x is the partial ``gemv_push`` sent (this call must not push it again)."""
+        pushed, self._pushed = self._pushed, None
+        if pushed is None:
+            return False
+        if pushed.data_ptr() != x.data_ptr() or pushed.shape != x.shape:
+            raise RuntimeError("the LL call after gemv_push must reduce gemv_push's output: the "
+                               "peers already hold it under this call's round")
+        return True
+
+    def destroy(self) -> None:
+        self._push_table, self._pushed = None, None  # no GEMV may push into freed buffers
+        super().destroy()
+
     # ---- set-up ---------------------------------------------------------------------------------
+
+    def _make_push_table(self) -> torch.Tensor:
+        """int64 (world + 1,) on my GPU, for ``gemv_row_push``: entry q = (rank q's receive area -
+        the table's address) / 8, entry world = (my round word - the table's address) / 8."""
+        table = torch.zeros(self.world_size + 1, dtype=torch.int64, device=self._device)
+        base = table.data_ptr()
+        areas = [(self._base if q == self.rank else self._peer_bases[q]) + SIGNAL_BYTES
+                 for q in range(self.world_size)]
+        deltas = [(a - base) // 8 for a in areas] + [(self._base - base) // 8]
+        if any((a - base) % 8 for a in areas + [self._base]):
+            raise RuntimeError("LL buffers are not 8-byte aligned against the push table")
+        table.copy_(torch.tensor(deltas, dtype=torch.int64))
+        return table
 
     def _unwanted_reason(self) -> Optional[str]:
         if os.environ.get(LL_DISABLE_ENV, "0") not in ("", "0"):
@@ -344,7 +402,7 @@ class LLAllReduce(CustomAllReduce):
         args = (np.uint64(self._base), addr(x), addr(residual), addr(weight), addr(out),
                 addr(residual_out), np.int32(lines), np.int32(x.shape[-1]), np.int64(self.max_lines),
                 np.float32(eps), np.int32(mode), np.int32(self.rank), np.int32(self.world_size),
-                np.uint64(timeout_ns))
+                np.uint64(timeout_ns), np.int32(self._take_pushed(x)))
         self._run(x.dtype, rows, args, threads=THREADS)
 
 

@@ -98,6 +98,9 @@ class NcclCommunicator(Communicator):
             return self._ll.all_reduce_rms_norm(x, residual, weight, eps)
         return None
 
+    def linear_for_reduce(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+        return self._ll.gemv_push(x, weight) if self._ll is not None else None
+
     def nccl_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """``all_reduce`` through NCCL always (the custom path's set-up and reference)."""
         tensor = tensor.contiguous()

@@ -82,8 +82,18 @@ if triton is not None:
         (BLOCK_N, BLOCK_K) fp32 partial product and summing it over K once at the end. With no
         ``tl.dot`` there is no 16-row padding and BLOCK_N may be 2-8, so even a 3072-output
         shape makes enough programs to keep every SM's loads in flight."""
-        pid = tl.program_id(0)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        out = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N)
+        if EVEN_N:
+            tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty))
+        else:
+            tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=rn < N)
+
+    @triton.jit
+    def _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+        """(BLOCK_N,) fp32: w[rn] @ x for one row x (K,), keeping a (BLOCK_N, BLOCK_K) fp32
+        partial product and summing it over K once at the end."""
         w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn  # (BLOCK_N, 1)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -95,11 +105,46 @@ if triton is not None:
                 x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
                 w = tl.load(w_rows + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        out = tl.sum(acc, axis=1)  # (BLOCK_N,)
+        return tl.sum(acc, axis=1)
+
+    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+                        "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
+    @triton.jit
+    def _gemv_row_push_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, table_ptr, rank, world,
+                              slot_words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+        """``_gemv_row_kernel``, and its outputs also stored straight into every peer's LL
+        all-reduce receive slot for this rank (engine/distributed/ll_allreduce.py), so the LL
+        call that sums them need not push them itself: the NVLink hop overlaps this GEMV.
+
+        A slot holds the row as 16-byte lines {data0, R, data1, R}, 4 bf16/fp16 values a line;
+        here each 8-byte half {two values, R} is one int64 store, which lands whole, so a reader
+        that sees R in it sees its data (what the LL kernel's own 16-byte stores rely on too).
+        R is the coming LL call's round: the round word + 1 (no LL call runs before that one
+        reads it, stream order). ``table_ptr`` (int64): entry q < world = (rank q's receive
+        area - table_ptr) / 8, entry world = (my round word - table_ptr) / 8, so every address
+        is table_ptr plus an offset (no integer-to-pointer casts). BLOCK_N is a multiple of 4
+        (whole lines per program); ``slot_words`` = int64 words per (parity, rank) slot."""
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        out = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N)
+        out = out.to(out_ptr.dtype.element_ty)  # (BLOCK_N,), what the LL call will sum
         if EVEN_N:
-            tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty))
+            tl.store(out_ptr + rn, out)
         else:
-            tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=rn < N)
+            tl.store(out_ptr + rn, out, mask=rn < N)
+        bits = out.to(tl.uint16, bitcast=True).to(tl.uint32)  # (BLOCK_N,)
+        lo, hi = tl.split(tl.reshape(bits, (BLOCK_N // 2, 2)))  # values 2w and 2w+1
+        words = (lo | (hi << 16)).to(tl.int64)  # (BLOCK_N // 2,) one {value, value} each
+        round_word = tl.load(table_ptr + tl.load(table_ptr + world), volatile=True)
+        round_ = ((round_word & 0xFFFFFFFF) + 1) & 0xFFFFFFFF
+        packets = words | (round_ << 32)  # little-endian: {data, R}
+        rw = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # word of the row
+        slot = ((round_ & 1) * world + rank) * slot_words  # (parity, me), row 0
+        for q in range(0, world):
+            if q != rank:
+                dst = table_ptr + tl.load(table_ptr + q) + slot
+                tl.store(dst + rw, packets, mask=rw * 2 < N)
 
     @triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
@@ -164,6 +209,40 @@ def gemv_row(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def gemv_row_push(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, rank: int,
+                  world: int, slot_words: int) -> Optional[torch.Tensor]:
+    """``gemv_row``, also sending the (1, N) result into the peers' LL receive slots (see
+    ``_gemv_row_push_kernel``; ``table`` and ``slot_words`` come from the LL all-reduce).
+    Runs with the config the tuner picked for ``gemv_row`` at this shape, so the values are
+    bit-identical to ``gemv_row``'s (and it is never autotuned: autotuning would push
+    several times). None where ``tune`` did not pick ``gemv_row`` for this shape or the
+    dtype is not 2 bytes: the caller then takes the plain path."""
+    if x.shape[0] != 1 or weight.dtype not in (torch.bfloat16, torch.float16) or x.dtype != weight.dtype:
+        return None
+    n, k = weight.shape
+    choice = _USE_GEMV.get((n, k, weight.dtype))
+    config = _tuned_config(_gemv_row_kernel, n, k, weight.dtype) if choice and choice[0] == "row" else None
+    if config is None or n % 4:
+        return None
+    kwargs = dict(config.kwargs)
+    if kwargs["BLOCK_N"] % 4:  # a program must own whole 4-value lines
+        kwargs, config = {"BLOCK_N": 4, "BLOCK_K": 1024}, triton.Config({}, num_warps=4, num_stages=3)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _gemv_row_push_kernel[(triton.cdiv(n, kwargs["BLOCK_N"]),)](
+        x, weight, out, n, k, weight.stride(0), table, rank, world, slot_words, **kwargs,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
+
+
+def _tuned_config(kernel, n: int, k: int, dtype: torch.dtype):
+    """The config ``kernel``'s autotuner chose for (N, K, dtype), or None if it never ran there."""
+    for tuned, config in kernel.cache.items():
+        if tuned[0] == n and tuned[1] == k and str(dtype) in tuned:
+            return config
+    return None
+
+
 def gemv_split_k(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``gemv`` with K split over programs: fp32 partials, then one reduce launch."""
     m, k = x.shape
@@ -186,11 +265,10 @@ def _split_k_of(n: int, k: int, dtype: torch.dtype) -> int:
     looked up once per shape, not on every call."""
     key = (n, k, dtype)
     if key not in _SPLIT_K:
-        chosen = [config for tuned, config in _gemv_split_k_kernel.cache.items()
-                  if tuned[0] == n and tuned[1] == k and str(dtype) in tuned]
-        if not chosen:
+        config = _tuned_config(_gemv_split_k_kernel, n, k, dtype)
+        if config is None:
             raise RuntimeError(f"no tuned split-K GEMV config for {n}x{k} {dtype}")
-        _SPLIT_K[key] = chosen[0].kwargs["SPLIT_K"]
+        _SPLIT_K[key] = config.kwargs["SPLIT_K"]
     return _SPLIT_K[key]
 
 

@@ -42,6 +42,10 @@ class Communicator(Protocol):
     def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate the ranks' tensors along ``dim`` in rank order."""
 
+    def linear_for_reduce(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+        """x @ weight.T by a kernel that also sends it on for the group's very next reduction
+        (which must take this output), or None where there is none."""
+
     def fused_all_reduce_rms_norm(self, x: torch.Tensor, residual: Optional[torch.Tensor],
                                   weight: torch.Tensor, eps: float
                                   ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -245,20 +249,28 @@ class RowParallelLinear(TPLayer):
     Each rank computes a partial sum; ``all_reduce`` completes it. The bias is
     added once, after the reduction. ``reduce_results=False`` leaves the partial
     sum for the caller to reduce (an MoE block reduces experts + shared expert once).
+    ``send_partial=True`` (with ``reduce_results=False``) says the caller's very next
+    collective reduces this output unchanged, so the communicator may start sending it
+    from inside the GEMV (``Communicator.linear_for_reduce``: the LL all-reduce's push).
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  tp_rank: int = 0, tp_size: int = 1, comm: Optional[Communicator] = None,
-                 reduce_results: bool = True) -> None:
+                 reduce_results: bool = True, send_partial: bool = False) -> None:
         super().__init__(tp_rank, tp_size, comm)
         self.input_size_per_rank = divide(input_size, tp_size, "input size")
         self.reduce_results = reduce_results
+        self.send_partial = send_partial and tp_size > 1 and not reduce_results and not bias
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_rank))
         self.bias = nn.Parameter(torch.empty(output_size)) if bias else None
 
     small_batch_gemv = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.send_partial and x.shape[0] == 1:  # a decode row: the GEMV may push it too
+            y = self.comm.linear_for_reduce(x, self.weight)
+            if y is not None:
+                return y  # (1, output_size), partial; already on its way to the peers
         y = gemv.linear(x, self.weight)  # (T, output_size), partial over ranks
         if self.tp_size > 1 and self.reduce_results:
             y = self.comm.all_reduce(y)

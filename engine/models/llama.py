@@ -75,7 +75,8 @@ class Attention(nn.Module):
         self.partial_output = tp_size > 1 and not spec.o_proj_bias
         self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size,
                                         spec.o_proj_bias, tp_rank, tp_size, comm,
-                                        reduce_results=not self.partial_output)
+                                        reduce_results=not self.partial_output,
+                                        send_partial=self.partial_output)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.rotary = rotary  # shared by all layers
@@ -96,12 +97,16 @@ class DenseMLP(nn.Module):
     """down(silu(gate(x)) * up(x)); gate/up column-parallel, down row-parallel."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, tp_rank: int, tp_size: int,
-                 comm: Optional[Communicator], reduce_results: bool = True) -> None:
+                 comm: Optional[Communicator], reduce_results: bool = True,
+                 send_partial: bool = False) -> None:
+        """``send_partial``: the partial output goes unchanged to the group's next reduction
+        (the dense decoder's next norm; not an MoE block's shared expert, which is added to
+        the experts' output first)."""
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2,
                                                        False, tp_rank, tp_size, comm)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, tp_rank, tp_size,
-                                           comm, reduce_results=reduce_results)
+                                           comm, reduce_results=reduce_results, send_partial=send_partial)
         self.partial_output = tp_size > 1 and not reduce_results  # the caller completes the sum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +210,8 @@ class LlamaForCausalLM(nn.Module):
 
     def _make_mlp(self, layer_idx: int) -> nn.Module:
         return DenseMLP(self.spec.hidden_size, self.spec.intermediate_size,
-                        self.tp_rank, self.tp_size, self.comm, reduce_results=self.tp_size == 1)
+                        self.tp_rank, self.tp_size, self.comm, reduce_results=self.tp_size == 1,
+                        send_partial=True)  # the next norm (or stage hand-off) reduces it unchanged
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
                 intermediate: Optional[IntermediateTensors] = None

@@ -9,6 +9,7 @@ cuobjdump bundled with Triton) before any device time is spent::
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 
@@ -97,6 +98,15 @@ def main() -> None:
     print(f"store: {resource_usage(k)}")
     for name, (fn, args) in ko.aot_examples(dt).items():
         print(f"{name}: {resource_usage(compile_kernel(fn, args))}")
+    from engine.kernels import gemv as gk
+    for bn, bk, warps in ((4, 1024, 4), (8, 1024, 8), (16, 256, 4)):
+        k = compile_kernel(gk._gemv_row_push_kernel.fn, dict(
+            x_ptr=dt, w_ptr=dt, out_ptr=dt, N=4096, K=7168, stride_wn=7168, table_ptr=torch.int64,
+            rank=1, world=2, slot_words=65536, BLOCK_N=C(bn), BLOCK_K=C(bk), EVEN_K=C(True),
+            EVEN_N=C(True)), num_warps=warps, num_stages=3)
+        # the packets must leave as whole 8-byte (or wider) stores: the LL reader's atomicity
+        stores = sorted(set(re.findall(r"st\.global[.\w]*", k.asm["ptx"])))
+        print(f"gemv_row_push N{bn} K{bk} w{warps}: {resource_usage(k)}; stores {stores}")
 
 
 if __name__ == "__main__":
