@@ -105,6 +105,12 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_addr, u64 out_addr,
                      u64 residual_out_addr, int lines_per_row, int hidden, long long max_lines,
                      float eps, int mode, int rank, int world, u64 timeout_ns, int pushed) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The kernel after this one may start now if it was launched as a programmatic dependent
+  // (the one-row GEMVs: gemv.py, KVMESH_PDL): it loads its first weight tile while this call
+  // waits for the peers, and waits for this grid to end before it reads anything of ours.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
   u32* sig = (u32*)self_base;
   const u64* areas = (const u64*)(self_base + TABLE_OFFSET);
   const int row = blockIdx.x;

@@ -99,14 +99,16 @@ def main() -> None:
     for name, (fn, args) in ko.aot_examples(dt).items():
         print(f"{name}: {resource_usage(compile_kernel(fn, args))}")
     from engine.kernels import gemv as gk
-    for bn, bk, warps in ((4, 1024, 4), (8, 1024, 8), (16, 256, 4)):
+    for bn, bk, warps, pdl in ((2, 2048, 4, True), (4, 1024, 4, False), (8, 1024, 8, True), (16, 256, 4, True)):
         k = compile_kernel(gk._gemv_row_push_kernel.fn, dict(
             x_ptr=dt, w_ptr=dt, out_ptr=dt, N=4096, K=7168, stride_wn=7168, table_ptr=torch.int64,
             rank=1, world=2, slot_words=65536, BLOCK_N=C(bn), BLOCK_K=C(bk), EVEN_K=C(True),
-            EVEN_N=C(True)), num_warps=warps, num_stages=3)
+            EVEN_N=C(True), PDL=C(pdl)), num_warps=warps, num_stages=3)
         # the packets must leave as whole 8-byte (or wider) stores: the LL reader's atomicity
         stores = sorted(set(re.findall(r"st\.global[.\w]*", k.asm["ptx"])))
-        print(f"gemv_row_push N{bn} K{bk} w{warps}: {resource_usage(k)}; stores {stores}")
+        gdc = k.asm["ptx"].count("griddepcontrol")
+        print(f"gemv_row_push N{bn} K{bk} w{warps} pdl={pdl}: {resource_usage(k)}; stores {stores}; "
+              f"griddepcontrol x{gdc}")
 
 
 if __name__ == "__main__":

@@ -139,6 +139,46 @@ def test_small_batch_gemv_matches_cublas(dtype, kernel, m, n, k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 2000), (28672, 4096)])
+def test_gemv_row_as_dependent_launch_is_bit_identical(monkeypatch, n, k):
+    """KVMESH_PDL (on by default): the one-row GEMV launched as a programmatic dependent launch, chained after
+    a norm and another GEMV, eager and replayed in a CUDA graph with new inputs, gives exactly
+    the plain launch's output (it reads x only after the kernel before it ended)."""
+    from engine.kernels import gemv as g
+    from engine.kernels import triton_ops
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    torch.manual_seed(0)
+    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+    norm_w = torch.ones(k, dtype=torch.bfloat16, device="cuda")
+    w1 = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
+    w2 = torch.randn(k, n, dtype=torch.bfloat16, device="cuda") / n ** 0.5
+
+    def chain(inp):
+        h, _ = triton_ops.rms_norm(inp, norm_w, 1e-5)
+        return g.gemv_row(g.gemv_row(h, w1), w2)  # norm -> GEMV -> GEMV, each reading the last
+
+    monkeypatch.setattr(g, "_PDL", False)
+    plain = chain(x)
+    monkeypatch.setattr(g, "_PDL", True)
+    assert torch.equal(chain(x), plain)
+    static_in = x.clone()
+    chain(static_in)  # compiled and tuned outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = chain(static_in)
+    for seed in range(3):
+        fresh = torch.randn(1, k, dtype=torch.bfloat16, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        static_in.copy_(fresh)
+        graph.replay()
+        monkeypatch.setattr(g, "_PDL", False)
+        expected = chain(fresh)
+        monkeypatch.setattr(g, "_PDL", True)
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, expected), seed
+
+
+@pytest.mark.gpu
 def test_gemv_tune_picks_per_shape_and_linear_follows_it():
     from engine.kernels import gemv as g
     from engine.models.layers import RowParallelLinear
