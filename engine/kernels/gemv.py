@@ -13,7 +13,11 @@ Three Triton kernels: ``gemv`` (one program per BLOCK_N outputs, ``tl.dot`` over
 to 16), ``gemv_split_k`` (K split over programs too, fp32 partials and a reduce launch: more
 programs for shapes with few outputs) and, for one row only, ``gemv_row`` (no ``tl.dot``: a
 multiply and a sum over K, so a program may take as few as 2 outputs, and small shapes still
-spread over every SM without a second launch). ``tune(model)`` times cuBLAS and the kernels at
+spread over every SM without a second launch; on Hopper it runs as a programmatic dependent
+launch, ``KVMESH_PDL``). ``gemv_row_push`` is ``gemv_row`` that also stores its outputs into the
+peers' LL all-reduce slots (a row-parallel layer's partial sums, at batch 1: see
+engine/distributed/ll_allreduce.py), with the config tuned for ``gemv_row``, so bit-identical to
+it. ``tune(model)`` times cuBLAS and the kernels at
 M = 1 for every distinct (N, K, dtype) of the model's linear layers once, after loading, and
 keeps the fastest for one row, and the fastest of cuBLAS, ``gemv`` and ``gemv_split_k`` for
 2..MAX_ROWS rows; nothing is decided inside a CUDA-graph capture. Each is timed as a decode step runs it: many calls back to back
