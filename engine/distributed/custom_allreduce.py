@@ -405,7 +405,7 @@ class CustomAllReduce:
         here can only make a peer's (timed) kernel give up, never a collective hang."""
         cases = []
         for dtype in _DTYPE_CODES:
-            max_numel = self.max_bytes // torch.tensor([], dtype=dtype).element_size()
+            max_numel = self.max_bytes // dtype.itemsize
             cases += [(dtype, n) for n in (1, 7, 4096, 4099, 12345, max_numel - 3, max_numel)]
         cases = cases * 2  # twice with new data: a stale read of the last round shows
         gen = torch.Generator(device=self._device).manual_seed(1234 + self.rank)

@@ -14,6 +14,7 @@ path) and NCCL for the rest.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -31,6 +32,7 @@ def new_unique_id() -> tuple:
     return _nccl().get_unique_id()
 
 
+@functools.lru_cache(maxsize=None)  # once per dtype: eager prefill steps call it 65 times a step
 def _nccl_dtype(dtype: torch.dtype) -> int:
     nccl = _nccl()
     table = {torch.float32: nccl.NCCL_FLOAT32, torch.float16: nccl.NCCL_FLOAT16,
