@@ -173,13 +173,7 @@ def _check_graph(comm, failures: list, num_replays: int = 100) -> None:
                 outs.append(comm.fused_all_reduce_rms_norm(x, residual, weight, EPS))
         return outs
 
-    for _ in range(3):
-        calls()
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = calls()
-    torch.cuda.synchronize(device)
+    graph, outs = _captured(torch, calls, device)
     if any(o is None for o in outs):
         failures.append("graph: the LL path refused a call")
         return
@@ -199,7 +193,19 @@ def _check_graph(comm, failures: list, num_replays: int = 100) -> None:
     del graph
 
 
-def _tuned_row_gemv(torch, a, w) -> None:
+def _captured(torch, calls, device):
+    """(graph, its outputs): ``calls()`` run 3 times eagerly (compiles, tunes), then captured."""
+    for _ in range(3):
+        calls()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = calls()
+    torch.cuda.synchronize(device)
+    return graph, outs
+
+
+def _tuned_row_gemv(a, w) -> None:
     """Autotunes gemv_row for w's shape and makes it the one-row choice (what ``gemv.tune``
     does for a model), so ``linear_for_reduce`` takes that shape."""
     from engine.kernels import gemv
@@ -227,7 +233,7 @@ def _check_pushed(comm, failures: list) -> None:
         for hidden, k in ((4096, 2048), (5120, 7168), (64, 96)):
             a, w = row_and_weight(k, hidden, dtype, hidden + k)
             _, residual, weight = _inputs(torch, 1, hidden, dtype, 900 + hidden, device, comm.rank)
-            _tuned_row_gemv(torch, a, w)
+            _tuned_row_gemv(a, w)
             plain = gemv.gemv_row(a, w)
             want = comm.fused_all_reduce_rms_norm(plain, residual, weight, EPS)
             want_sum = comm.all_reduce(plain.clone())
@@ -247,7 +253,7 @@ def _check_pushed(comm, failures: list) -> None:
     # back to back, no host sync: rows of 64 * value, so every sum is exact
     ones_w = torch.ones(HIDDEN, 64, dtype=torch.bfloat16, device=device)
     ones = torch.ones(HIDDEN, dtype=torch.bfloat16, device=device)
-    _tuned_row_gemv(torch, ones_w[:1], ones_w)
+    _tuned_row_gemv(ones_w[:1], ones_w)
     max_err = torch.zeros((), dtype=torch.float32, device=device)
     world = comm.world_size
     for k in range(300):
@@ -276,7 +282,7 @@ def _check_pushed(comm, failures: list) -> None:
 
     # a CUDA graph: pushed norm, a plain 4-row sum, a pushed sum; replayed with new rows
     a, w = row_and_weight(2048, HIDDEN, torch.bfloat16, 5)
-    _tuned_row_gemv(torch, a, w)
+    _tuned_row_gemv(a, w)
     _, residual, weight = _inputs(torch, 1, HIDDEN, torch.bfloat16, 6, device, comm.rank)
     four = torch.randn(4, HIDDEN, device=device).to(torch.bfloat16)
 
@@ -284,12 +290,7 @@ def _check_pushed(comm, failures: list) -> None:
         normed = comm.fused_all_reduce_rms_norm(comm.linear_for_reduce(a, w), residual, weight, EPS)
         return (*normed, comm.all_reduce(four), comm.all_reduce(comm.linear_for_reduce(a, w)))
 
-    for _ in range(3):
-        calls()
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = calls()
+    graph, outs = _captured(torch, calls, device)
     for replay in range(50):
         fresh, _ = row_and_weight(2048, 8, torch.bfloat16, 100 + replay)
         a.copy_(fresh)
@@ -324,7 +325,7 @@ def _bench(comm) -> dict:
         if rows == 1 and comm._ll is not None:  # the down_proj GEMV of the 8B shape at TP=2 first
             a = torch.randn(1, PUSH_K, device=device).to(torch.bfloat16)
             w = (torch.randn(HIDDEN, PUSH_K, device=device) / PUSH_K ** 0.5).to(torch.bfloat16)
-            _tuned_row_gemv(torch, a, w)
+            _tuned_row_gemv(a, w)
             paths[f"gemv {HIDDEN}x{PUSH_K} + ll fused"] = lambda: comm._ll.all_reduce_rms_norm(
                 gemv_row(a, w), residual, weight, EPS)
             paths[f"gemv {HIDDEN}x{PUSH_K} pushing + ll fused"] = lambda: comm._ll.all_reduce_rms_norm(

@@ -144,6 +144,23 @@ def test_gemv_row_refuses_more_than_one_row():
         g.gemv_row(torch.randn(2, 16), torch.randn(8, 16))
 
 
+def test_pushing_gemv_declines_shapes_not_tuned_to_the_row_kernel(monkeypatch):
+    """The pushing GEMV is never autotuned (each trial would push): without ``tune`` having
+    chosen ``gemv_row`` for the shape, and its config in the autotuner's cache, it declines."""
+    if g.triton is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(g, "_USE_GEMV", {})
+    monkeypatch.setattr(g, "_PUSH_CONFIG", {})
+    x, w = torch.randn(1, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
+    table = torch.zeros(3, dtype=torch.int64)
+    assert g.gemv_row_push(x, w, table, 0, 2, 64) is None  # not tuned
+    g._USE_GEMV[(8, 16, torch.bfloat16)] = ("row", None)
+    assert g.gemv_row_push(x, w, table, 0, 2, 64) is None  # chosen, but no tuned config yet
+    assert g._PUSH_CONFIG == {}  # and nothing cached: asked again once tuned
+    g._USE_GEMV[(8, 16, torch.bfloat16)] = (None, None)
+    assert g.gemv_row_push(x.float(), w.float(), table, 0, 2, 64) is None  # 4-byte dtype
+
+
 def test_in_triton_interpreter():
     if INTERPRETED:
         pytest.skip("already the interpreter's run")

@@ -273,10 +273,13 @@ class LLAllReduce(CustomAllReduce):
 
     def can_reduce(self, tensor: torch.Tensor) -> bool:
         """Whether this path takes a (..., hidden) tensor (a function of shape, dtype, device)."""
-        if not (self.is_enabled and tensor.dtype in _DTYPE_CODES and tensor.is_cuda
-                and tensor.device.index == self._device_index and tensor.dim() >= 1):
+        return (tensor.is_cuda and tensor.device.index == self._device_index
+                and self._takes_shape(tuple(tensor.shape), tensor.dtype))
+
+    def _takes_shape(self, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+        if not (self.is_enabled and dtype in _DTYPE_CODES and len(shape) >= 1):
             return False
-        rows, lines = rows_and_lines(tuple(tensor.shape), tensor.dtype)
+        rows, lines = rows_and_lines(shape, dtype)
         return 0 < rows <= MAX_ROWS and 0 < lines <= THREADS * MAX_LPT and rows * lines <= self.max_lines
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -304,9 +307,10 @@ class LLAllReduce(CustomAllReduce):
         output is not the LL path's: the caller computes and reduces as usual. Whether a rank
         pushes is its own affair (a peer only waits for lines flagged with the round), so this
         may differ between ranks, e.g. where their GEMV tuners chose differently."""
-        if self._push_table is None or self._pushed is not None or not x.is_cuda:
+        if self._push_table is None or self._pushed is not None or x.dim() != 2 or x.shape[0] != 1:
             return None
-        if x.dim() != 2 or x.shape[0] != 1 or not self.can_reduce(x.new_empty(1, weight.shape[0])):
+        if not (x.is_cuda and x.device.index == self._device_index
+                and self._takes_shape((1, weight.shape[0]), x.dtype)):  # the output's shape
             return None
         from engine.kernels import gemv
         out = gemv.gemv_row_push(x, weight, self._push_table, self.rank, self.world_size,

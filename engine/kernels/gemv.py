@@ -257,8 +257,7 @@ def gemv_row_push(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, ra
     if x.shape[0] != 1 or weight.dtype not in (torch.bfloat16, torch.float16) or x.dtype != weight.dtype:
         return None
     n, k = weight.shape
-    choice = _USE_GEMV.get((n, k, weight.dtype))
-    config = _tuned_config(_gemv_row_kernel, n, k, weight.dtype) if choice and choice[0] == "row" else None
+    config = _push_config(n, k, weight.dtype)
     if config is None or n % 4 or config.kwargs["BLOCK_N"] % 2:  # LL lines; whole 8-byte halves
         return None
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -268,6 +267,22 @@ def gemv_row_push(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, ra
         x, weight, out, n, k, weight.stride(0), table, rank, world, slot_words, **config.kwargs,
         num_warps=config.num_warps, num_stages=config.num_stages, PDL=pdl, launch_pdl=pdl)
     return out
+
+
+_PUSH_CONFIG: dict[tuple[int, int, torch.dtype], "triton.Config"] = {}
+
+
+def _push_config(n: int, k: int, dtype: torch.dtype):
+    """``gemv_row``'s tuned config for (N, K, dtype) where ``tune`` chose it for one row, else
+    None; looked up in the autotuner's cache once per shape, not on every call."""
+    key = (n, k, dtype)
+    if key not in _PUSH_CONFIG:
+        choice = _USE_GEMV.get(key)
+        config = _tuned_config(_gemv_row_kernel, n, k, dtype) if choice and choice[0] == "row" else None
+        if config is None:
+            return None  # not (yet) tuned: asked again next time
+        _PUSH_CONFIG[key] = config
+    return _PUSH_CONFIG[key]
 
 
 def _tuned_config(kernel, n: int, k: int, dtype: torch.dtype):
