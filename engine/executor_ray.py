@@ -204,7 +204,7 @@ class RayExecutor(Executor):
         each rank's kernels per step (``Worker.profile``), in rank order."""
         return self._call_all([w.profile.remote(action, num_steps) for w in self.workers], INIT_TIMEOUT_S)
 
-    def step_stamps(self, last: int) -> list[list[tuple[int, float, float, float]]]:
+    def step_stamps(self, last: int) -> list[list[tuple[int, float, float, float, float]]]:
         """Each worker's last ``last`` step-loop calls (``Worker.step_stamps``), in rank order;
         empty lists where steps go as Ray calls (no step loop)."""
         return self._call_all([w.step_stamps.remote(last) for w in self.workers], INIT_TIMEOUT_S)

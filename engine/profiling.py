@@ -33,6 +33,9 @@ class KernelProfile:
     idle_us_per_step: dict[str, float] = field(default_factory=dict)
     # Which kernels the idle time comes before (their launch waited): largest first.
     idle_before: list[KernelRow] = field(default_factory=list)
+    # Host time in CUDA runtime / driver calls a step, every thread of the process (CUPTI):
+    # launches, and the calls that block on the device (event / stream synchronize), largest first.
+    host_api: list[KernelRow] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +68,12 @@ class KernelProfiler:
         totals: dict[str, list[float]] = {}
         spans: list[tuple[float, float, str]] = []  # (start_us, end_us, name) on the device
         device = DeviceType.CUDA if self.cuda else DeviceType.CPU
+        host_api: dict[str, list[float]] = {}
         for event in prof.events():
+            if self.cuda and event.device_type != device and event.name.startswith("cu"):
+                row = host_api.setdefault(event.name, [0.0, 0])
+                row[0] += event.cpu_time_total
+                row[1] += 1
             if event.device_type != device:
                 continue
             row = totals.setdefault(event.name, [0.0, 0])
@@ -79,6 +87,8 @@ class KernelProfiler:
         profile = KernelProfile(num_steps, sum(r.us_per_step for r in rows), rows[:top])
         if self.cuda:
             profile.idle_us_per_step, profile.idle_before = idle_gaps(spans, steps)
+            profile.host_api = sorted((KernelRow(name[:90], us / steps, calls / steps)
+                                       for name, (us, calls) in host_api.items()), key=lambda r: -r.us_per_step)[:10]
         return profile
 
 
@@ -106,14 +116,18 @@ def idle_gaps(spans: list[tuple[float, float, str]], steps: int, top: int = 10
     return idle, rows[:top]
 
 
-def rank_skew(stamps_per_rank: list[list[tuple[int, float, float, float]]]) -> dict:
-    """Workers' step-loop stamps (``Worker.step_stamps``: seq, read, ran, replied; one host's
-    clock) -> per rank, in µs over the calls every rank has: how much later than the first rank
-    it read each call (``late_read``), how long it ran it (``run``), and how long the reply
-    took to write (``reply``), as median and p90. Names the rank that lags each step."""
+def rank_skew(stamps_per_rank: list[list[tuple[int, float, float, float, float]]]) -> dict:
+    """Workers' step-loop stamps (``Worker.step_stamps``: seq, read, launched, ran, replied;
+    one host's clock) -> per rank, in µs over the calls every rank has: how much later than the
+    first rank it read each call (``late_read``), how long it took to queue the step's device
+    work (``launch``), how long it then waited for the step before it (``wait``: device-bound
+    when large), the whole run (``run`` = launch + wait) and how long the reply took to write
+    (``reply``), as median and p90; and, over consecutive calls, ``turnaround_us``: from the
+    last rank's reply to a call to the first rank's read of the next (the driver's host work
+    between steps). Names the rank that lags each step."""
     if not stamps_per_rank or any(not stamps for stamps in stamps_per_rank):
         return {"num_calls": 0, "ranks": []}
-    by_seq = [{seq: (read, ran, replied) for seq, read, ran, replied in stamps} for stamps in stamps_per_rank]
+    by_seq = [{seq: rest for seq, *rest in stamps} for stamps in stamps_per_rank]  # seq -> (read, launched, ran, replied)
     common = sorted(set.intersection(*(set(s) for s in by_seq)))
     if not common:
         return {"num_calls": 0, "ranks": []}
@@ -130,10 +144,15 @@ def rank_skew(stamps_per_rank: list[list[tuple[int, float, float, float]]]) -> d
     for rank, calls in enumerate(by_seq):
         ranks.append({"rank": rank,
                       "late_read_us": spread([(calls[q][0] - first_read[q]) * 1e6 for q in common]),
-                      "run_us": spread([(calls[q][1] - calls[q][0]) * 1e6 for q in common]),
-                      "reply_us": spread([(calls[q][2] - calls[q][1]) * 1e6 for q in common]),
+                      "launch_us": spread([(calls[q][1] - calls[q][0]) * 1e6 for q in common]),
+                      "wait_us": spread([(calls[q][2] - calls[q][1]) * 1e6 for q in common]),
+                      "run_us": spread([(calls[q][2] - calls[q][0]) * 1e6 for q in common]),
+                      "reply_us": spread([(calls[q][3] - calls[q][2]) * 1e6 for q in common]),
                       "last_to_read": sum(calls[q][0] == last_read[q] for q in common)})
-    return {"num_calls": len(common), "ranks": ranks}
+    turnaround = [(first_read[q + 1] - max(calls[q][3] for calls in by_seq)) * 1e6
+                  for q in common if q + 1 in first_read]
+    return {"num_calls": len(common), "ranks": ranks,
+            "turnaround_us": spread(turnaround) if turnaround else None}
 
 
 def _sync() -> None:

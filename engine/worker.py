@@ -72,6 +72,7 @@ class Worker:
         self._step_thread: Optional[threading.Thread] = None
         self._profiler = None  # engine.profiling.KernelProfiler while ``profile`` runs one
         self._stamps: Optional[collections.deque] = None  # set up with the step loop
+        self._launched_at: Optional[float] = None  # when the current pipelined call had launched
 
     def rendezvous(self, backend) -> DistInit:
         """Worker 0: where the others meet it (a gloo address on this node, or NCCL ids)."""
@@ -101,6 +102,7 @@ class Worker:
         """Launches this step, then returns the previous step's output (waiting for its device work
         only), so the GPU has the next step queued before this worker's host work for it ends."""
         future = self.runner.execute_model_async(scheduler_output)
+        self._launched_at = time.monotonic()
         return self._take_pending(future)
 
     def flush(self) -> Optional[ModelOutput]:
@@ -152,6 +154,7 @@ class Worker:
             while True:
                 call: StepCall = calls.read()
                 read = time.monotonic()
+                self._launched_at = None
                 try:
                     reply = StepReply(call.seq, self.run_step_call(call))
                 except Exception as exc:  # noqa: BLE001 - travels to the executor, which fails the step
@@ -164,17 +167,19 @@ class Worker:
                     replies.write(StepReply(call.seq, error=f"reply not sent: {type(exc).__name__}: {exc}",
                                             traceback=traceback.format_exc()))
                 with self._stamps_lock:
-                    self._stamps.append((call.seq, read, ran, time.monotonic()))
+                    launched = ran if self._launched_at is None else self._launched_at
+                    self._stamps.append((call.seq, read, launched, ran, time.monotonic()))
                 if call.method is StepMethod.SHUTDOWN:
                     return
         finally:
             calls.ring.close()
             replies.ring.close()
 
-    def step_stamps(self, last: int) -> list[tuple[int, float, float, float]]:
-        """The last ``last`` step-loop calls as (seq, read, ran, replied) ``time.monotonic()``s:
-        when the call came off the ring, when it had run (for a pipelined step: launched, and
-        the step before it finished on the device), when the reply was written."""
+    def step_stamps(self, last: int) -> list[tuple[int, float, float, float, float]]:
+        """The last ``last`` step-loop calls as (seq, read, launched, ran, replied)
+        ``time.monotonic()``s: when the call came off the ring; for a pipelined step, when its
+        device work was all queued (else = ran); when it had run (for a pipelined step: the step
+        before it had also finished on the device); when the reply was written."""
         if self._stamps is None or last <= 0:  # no step loop: steps come as Ray calls
             return []
         with self._stamps_lock:

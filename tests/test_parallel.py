@@ -117,7 +117,7 @@ def test_workers_stamp_the_same_step_calls(parallel_llm):
     stamps = llm.engine.executor.step_stamps(4)
     assert len(stamps) == len(llm.engine.executor.workers) and all(len(s) == 4 for s in stamps)
     assert len({tuple(seq for seq, *_ in s) for s in stamps}) == 1
-    assert all(read <= ran <= replied for s in stamps for _, read, ran, replied in s)
+    assert all(read <= launched <= ran <= replied for s in stamps for _, read, launched, ran, replied in s)
 
 
 def ray_get_all(refs):

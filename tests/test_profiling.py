@@ -21,19 +21,25 @@ def test_no_gaps():
 
 
 def test_rank_skew_names_the_rank_that_reads_late():
-    # rank 1 reads every call 100 us after rank 0; rank 0 runs each call 50 us longer;
-    # call 3 only rank 0 has (cut off by ``last``): left out
-    rank0 = [(1, 0.0, 0.000300, 0.000310), (2, 0.001, 0.001300, 0.001310), (3, 0.002, 0.0023, 0.0024)]
-    rank1 = [(1, 0.0001, 0.000350, 0.000355), (2, 0.0011, 0.001350, 0.001355)]
+    # rank 1 reads every call 100 us after rank 0; both queue a step in 200 us, then rank 0 (the
+    # output rank) waits 100 us for the step before, rank 1 50 us; call 3 only rank 0 has (cut
+    # off by ``last``): left out
+    rank0 = [(1, 0.0, 0.0002, 0.000300, 0.000310), (2, 0.001, 0.0012, 0.001300, 0.001310),
+             (3, 0.002, 0.0022, 0.0023, 0.0024)]
+    rank1 = [(1, 0.0001, 0.0003, 0.000350, 0.000355), (2, 0.0011, 0.0013, 0.001350, 0.001355)]
     skew = rank_skew([rank0, rank1])
     assert skew["num_calls"] == 2
     r0, r1 = skew["ranks"]
     assert r0["late_read_us"] == {"median": 0.0, "p90": 0.0} and r0["last_to_read"] == 0
     assert r1["late_read_us"]["median"] == 100.0 and r1["last_to_read"] == 2
+    assert r0["launch_us"]["median"] == r1["launch_us"]["median"] == 200.0
+    assert r0["wait_us"]["median"] == 100.0 and r1["wait_us"]["median"] == 50.0
     assert r0["run_us"]["median"] == 300.0 and r1["run_us"]["median"] == 250.0
     assert r0["reply_us"]["median"] == 10.0 and r1["reply_us"]["median"] == 5.0
+    # call 1's last reply at 355 us, call 2's first read at 1000 us
+    assert skew["turnaround_us"] == {"median": 645.0, "p90": 645.0}
 
 
 def test_rank_skew_without_stamps():
     assert rank_skew([]) == {"num_calls": 0, "ranks": []}
-    assert rank_skew([[(1, 0.0, 0.1, 0.2)], []]) == {"num_calls": 0, "ranks": []}
+    assert rank_skew([[(1, 0.0, 0.1, 0.1, 0.2)], []]) == {"num_calls": 0, "ranks": []}

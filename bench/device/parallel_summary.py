@@ -33,12 +33,19 @@ def main() -> None:
         prof = dec.get("profile") or {}
         print(" TP", tp, "step ms", round(dec.get("median_step_ms", 0), 3),
               "profiled", round(prof.get("median_step_ms", 0), 3))
-        for rank in (dec.get("rank_skew") or {}).get("ranks", []):
-            print("  rank", rank["rank"], "reads late us", rank["late_read_us"], "runs us", rank["run_us"],
-                  "replies us", rank["reply_us"], "last to read", rank["last_to_read"])
+        skew = dec.get("rank_skew") or {}
+        if skew.get("turnaround_us"):
+            print("  driver turnaround us (last reply -> next read)", skew["turnaround_us"])
+        for rank in skew.get("ranks", []):
+            print("  rank", rank["rank"], "reads late us", rank["late_read_us"],
+                  *(("launch us", rank["launch_us"], "wait us", rank["wait_us"]) if "launch_us" in rank else ()),
+                  "runs us", rank["run_us"], "replies us", rank["reply_us"], "last to read", rank["last_to_read"])
         for rank in (prof.get("ranks") or [])[:args.ranks]:
             print("  rank", rank["rank"], "kernel us/step", round(rank["kernel_us_per_step"], 1),
                   "idle", rank.get("idle_us_per_step"))
+            if rank.get("host_api"):
+                print("   host CUDA calls us/step:", [(row["name"][:32], round(row["us_per_step"], 1),
+                                                      round(row["calls_per_step"], 1)) for row in rank["host_api"][:6]])
             if args.idle_before:
                 print("   idle before:", [(row["name"][:40], round(row["us_per_step"], 1), row["calls_per_step"])
                                          for row in rank.get("idle_before", [])[:6]])

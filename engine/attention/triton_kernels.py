@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.triton_ops import cos_sin_at, rotate_heads
+from engine.kernels import pdl
+from engine.kernels.triton_ops import cos_sin_at, pdl_enter, rotate_heads
 
 LOG2E = 1.4426950408889634
 
@@ -49,7 +50,8 @@ def _store_kv_kernel(key_ptr, value_ptr, cache_ptr, slot_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cache_kv, stride_cache_slot, stride_cache_head,
                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr):
+                     HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     h = tl.arange(0, HEADS_PAD)[:, None]
@@ -70,13 +72,14 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         return
     _check_cache(kv_cache)
     key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
+    on = pdl.small_pdl(key.device)
     _store_kv_kernel[(num_tokens,)](
         key, value, kv_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads), DIM_PAD=_dim_pad(head_dim),
-        num_warps=4)
+        num_warps=4, PDL=on, launch_pdl=on)
 
 
 @triton.jit
@@ -85,8 +88,10 @@ def _rotary_store_kv_kernel(pos_ptr, query_ptr, key_ptr, value_ptr, cos_sin_ptr,
                             stride_cs, stride_cache_kv, stride_cache_slot, stride_cache_head,
                             num_q_heads, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                             HALF_PAD: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
-                            KV_HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr):
+                            KV_HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
+                            PDL: tl.constexpr = False):
     """Token t: rotate its query heads in place, its key heads into the cache, copy its value."""
+    pdl_enter(PDL)
     HALF: tl.constexpr = HEAD_DIM // 2
     t = tl.program_id(0).to(tl.int64)
     cos, sin = cos_sin_at(cos_sin_ptr, pos_ptr, t, stride_cs, HALF, HALF_PAD)
@@ -129,6 +134,7 @@ def rotary_store_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Ten
         return
     _check_cache(kv_cache)
     key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
+    on = pdl.small_pdl(query.device)
     _rotary_store_kv_kernel[(num_tokens,)](
         positions, query, key, value, cos_sin_cache, kv_cache, slot_mapping,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),
@@ -138,7 +144,7 @@ def rotary_store_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Ten
         HALF_PAD=triton.next_power_of_2(head_dim // 2),
         Q_HEADS_PAD=triton.next_power_of_2(num_q_heads),
         KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), DIM_PAD=_dim_pad(head_dim),
-        num_warps=4)
+        num_warps=4, PDL=on, launch_pdl=on)
 
 
 # ---- shared inner step -----------------------------------------------------------------------
@@ -208,7 +214,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, OFFSET_64: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, OFFSET_64: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     r = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -256,7 +263,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
 def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, query_start_ptr, out_ptr, num_splits,
                           stride_ot, stride_oh,
                           NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-                          SPLITS_PAD: tl.constexpr):
+                          SPLITS_PAD: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     r = tl.program_id(0)
     head = tl.program_id(1)
     q_row = tl.load(query_start_ptr + r)
@@ -299,6 +307,7 @@ def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
                                device=query.device)
     else:
         part_out = part_lse = out  # unused
+    on = pdl.small_pdl(query.device)
     _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
         query, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
         out, part_out, part_lse,
@@ -308,12 +317,12 @@ def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         IS_SPLIT=num_splits > 1, MIN_SPLIT_LEN=min_split_len,
         DOT_PRECISION=_dot_precision(query.dtype), OFFSET_64=_needs_int64(kv_cache),
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, PDL=on, launch_pdl=on)
     if num_splits > 1:
         _decode_reduce_kernel[(num_reqs, num_q_heads)](
             part_out, part_lse, query_start_loc, out, num_splits, out.stride(0), out.stride(1),
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4)
+            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4, PDL=on, launch_pdl=on)
 
 
 # ---- prefill / mixed -------------------------------------------------------------------------

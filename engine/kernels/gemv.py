@@ -14,7 +14,7 @@ to 16), ``gemv_split_k`` (K split over programs too, fp32 partials and a reduce 
 programs for shapes with few outputs) and, for one row only, ``gemv_row`` (no ``tl.dot``: a
 multiply and a sum over K, so a program may take as few as 2 outputs, and small shapes still
 spread over every SM without a second launch; on Hopper it runs as a programmatic dependent
-launch, ``KVMESH_PDL``). ``gemv_row_push`` is ``gemv_row`` that also stores its outputs into the
+launch that loads its first weight tile before it waits: engine/kernels/pdl.py). ``gemv_row_push`` is ``gemv_row`` that also stores its outputs into the
 peers' LL all-reduce slots (a row-parallel layer's partial sums, at batch 1: see
 engine/distributed/ll_allreduce.py), with the config tuned for ``gemv_row``, so bit-identical to
 it. ``tune(model)`` times cuBLAS and the kernels at
@@ -28,23 +28,18 @@ comparing fp32 GPU runs with the reference path are unaffected.
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from engine.kernels import pdl
+
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 4  # batch rows the GEMV takes (padded to 16 inside tl.dot)
 MAX_SPLIT_K = 8  # the largest SPLIT_K among the split-K configs
-# The one-row GEMVs as programmatic dependent launches (Hopper+; KVMESH_PDL=0: off): a launch
-# starts while the kernel before it ends (at once where that kernel lets its dependents go
-# early, as the LL all-reduce does), loads its first weight tile, then waits
-# (griddepcontrol.wait) before it reads x or writes anything
-_PDL = os.environ.get("KVMESH_PDL", "1") not in ("", "0")
 # (N, K, dtype) -> (kernel for one row, kernel for 2..MAX_ROWS rows); None: cuBLAS (F.linear)
 _USE_GEMV: dict[tuple[int, int, torch.dtype], tuple[Optional[str], Optional[str]]] = {}
 
@@ -230,20 +225,11 @@ def gemv_row(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    if _pdl_on(x.device):
+    if pdl.gemv_pdl(x.device):
         _gemv_row_kernel[grid](x, weight, out, n, k, weight.stride(0), PDL=True, launch_pdl=True)
     else:
         _gemv_row_kernel[grid](x, weight, out, n, k, weight.stride(0))
     return out
-
-
-def _pdl_on(device: torch.device) -> bool:
-    return _PDL and _has_pdl(device.index or 0)
-
-
-@functools.lru_cache(maxsize=None)
-def _has_pdl(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def gemv_row_push(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, rank: int,
@@ -262,10 +248,10 @@ def gemv_row_push(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, ra
         return None
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    pdl = _pdl_on(x.device)
+    on = pdl.gemv_pdl(x.device)
     _gemv_row_push_kernel[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
         x, weight, out, n, k, weight.stride(0), table, rank, world, slot_words, **config.kwargs,
-        num_warps=config.num_warps, num_stages=config.num_stages, PDL=pdl, launch_pdl=pdl)
+        num_warps=config.num_warps, num_stages=config.num_stages, PDL=on, launch_pdl=on)
     return out
 
 

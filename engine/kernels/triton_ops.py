@@ -3,7 +3,9 @@
 Each is one pass over its tensors: one program per row (token), fp32 inside,
 one rounding on the way out. Memory-bound, so the point is reading each input
 once: RMSNorm reads x and the residual once and writes both outputs; rotary
-rewrites q and k in place; silu_and_mul reads gate and up once.
+rewrites q and k in place; silu_and_mul reads gate and up once. On Hopper each runs as a
+programmatic dependent launch (``pdl_enter``; engine/kernels/pdl.py), so its launch overlaps
+the kernel before it.
 """
 
 from __future__ import annotations
@@ -14,11 +16,24 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """First thing a kernel launched as a programmatic dependent does: wait until the kernel
+    before it has finished (its writes visible), then let the kernel after it launch. Reads
+    nothing early, so the results are the same bits either way; only the launch gap goes."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
                      stride_x, stride_r, stride_o, stride_ro, hidden, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -47,10 +62,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         r2 = residual_out = x2  # unused
     block = triton.next_power_of_2(hidden)
     if x2.shape[0]:
+        on = pdl.small_pdl(x.device)
         _rms_norm_kernel[(x2.shape[0],)](
             x2, r2, weight, out, residual_out, x2.stride(0), r2.stride(0), out.stride(0),
             residual_out.stride(0), hidden, eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
-            num_warps=_row_warps(block))
+            num_warps=_row_warps(block), PDL=on, launch_pdl=on)
     out = out.view(x.shape)
     return out, (residual_out.view(x.shape) if residual is not None else x)
 
@@ -93,7 +109,8 @@ def rotate_heads(src_ptr, dst_ptr, stride_src_h, stride_dst_h, cos, sin, num_hea
 def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cos_sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                    stride_cs, num_q_heads, num_kv_heads,
                    HALF: tl.constexpr, HALF_PAD: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
-                   KV_HEADS_PAD: tl.constexpr):
+                   KV_HEADS_PAD: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     cos, sin = cos_sin_at(cos_sin_ptr, pos_ptr, t, stride_cs, HALF, HALF_PAD)
     q_row, k_row = q_ptr + t * stride_qt, k_ptr + t * stride_kt
@@ -111,16 +128,19 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     num_tokens, num_q_heads, _ = q.shape
     half = cos_sin_cache.shape[-1] // 2
     if num_tokens:
+        on = pdl.small_pdl(q.device)
         _rotary_kernel[(num_tokens,)](
             positions, q, k, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             cos_sin_cache.stride(0), num_q_heads, k.shape[1], HALF=half,
             HALF_PAD=triton.next_power_of_2(half), Q_HEADS_PAD=triton.next_power_of_2(num_q_heads),
-            KV_HEADS_PAD=triton.next_power_of_2(k.shape[1]), num_warps=4)
+            KV_HEADS_PAD=triton.next_power_of_2(k.shape[1]), num_warps=4, PDL=on, launch_pdl=on)
     return q, k
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -137,8 +157,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(inter))
     if x2.shape[0]:
+        on = pdl.small_pdl(x.device)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4)
+            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4, PDL=on, launch_pdl=on)
     return out.view(*x.shape[:-1], inter)
 
 
@@ -159,12 +180,13 @@ def aot_examples(dtype: torch.dtype) -> dict:
         "rms_norm(4096, residual)": (_rms_norm_kernel, dict(
             x_ptr=dtype, residual_ptr=dtype, weight_ptr=dtype, out_ptr=dtype, residual_out_ptr=dtype,
             stride_x=4096, stride_r=4096, stride_o=4096, stride_ro=4096, hidden=4096, eps=1e-5,
-            HAS_RESIDUAL=c(True), BLOCK=c(4096))),
+            HAS_RESIDUAL=c(True), BLOCK=c(4096), PDL=c(True))),
         "rotary(32/8 heads, d128)": (_rotary_kernel, dict(
             pos_ptr=torch.int64, q_ptr=dtype, k_ptr=dtype, cos_sin_ptr=torch.float32,
             stride_qt=6144, stride_qh=128, stride_kt=6144, stride_kh=128, stride_cs=128,
             num_q_heads=32, num_kv_heads=8, HALF=c(64), HALF_PAD=c(64), Q_HEADS_PAD=c(32),
             KV_HEADS_PAD=c(8))),
         "silu_and_mul(14336)": (_silu_and_mul_kernel, dict(
-            x_ptr=dtype, out_ptr=dtype, stride_x=28672, stride_o=14336, inter=14336, BLOCK=c(1024))),
+            x_ptr=dtype, out_ptr=dtype, stride_x=28672, stride_o=14336, inter=14336, BLOCK=c(1024),
+            PDL=c(True))),
     }

@@ -8,6 +8,7 @@ cuobjdump bundled with Triton) before any device time is spent::
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -28,8 +29,10 @@ def compile_kernel(fn, args: dict, num_warps: int = 4, num_stages: int = 2):
     wrapped as ("constexpr", value). Returns the compiled kernel."""
     signature, constexprs, attrs = {}, {}, {}
     no_spec = set(getattr(fn, "do_not_specialize", ()))
+    defaults = {name: p.default for name, p in inspect.signature(fn.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
     for index, name in enumerate(fn.arg_names):
-        value = args[name]
+        value = args[name] if name in args else ("constexpr", defaults[name])  # e.g. PDL=False
         if isinstance(value, tuple) and value[0] == "constexpr":
             signature[name] = "constexpr"
             constexprs[name] = value[1]
@@ -79,8 +82,9 @@ def main() -> None:
             k = compile_kernel(tk._decode_kernel, dict(
                 common, part_out_ptr=torch.float32, part_lse_ptr=torch.float32, num_splits=3,
                 NUM_Q_HEADS=C(8 * group), GROUP_PAD=C(max(16, group)), BLOCK_N=C(64),
-                IS_SPLIT=C(split), MIN_SPLIT_LEN=C(256)))
-            print(f"decode d{hd} g{group} bs{bs} split={split}: {resource_usage(k)}")
+                IS_SPLIT=C(split), MIN_SPLIT_LEN=C(256), PDL=C(split)))
+            print(f"decode d{hd} g{group} bs{bs} split={split} pdl={split}: {resource_usage(k)}; "
+                  f"griddepcontrol x{k.asm['ptx'].count('griddepcontrol')}")
         for block_m, warps in ((64, 4), (128, 8)):
             k = compile_kernel(tk._prefill_kernel, dict(
                 common, num_reqs=3, GROUP_PAD=C(group), BLOCK_Q=C(block_m // group), BLOCK_N=C(64)),
@@ -89,15 +93,16 @@ def main() -> None:
     k = compile_kernel(tk._decode_reduce_kernel, dict(
         part_out_ptr=torch.float32, part_lse_ptr=torch.float32, query_start_ptr=torch.int32,
         out_ptr=dt, num_splits=3, stride_ot=4096, stride_oh=128, NUM_Q_HEADS=C(32), HEAD_DIM=C(128),
-        DIM_PAD=C(128), SPLITS_PAD=C(32)))
-    print(f"reduce: {resource_usage(k)}")
+        DIM_PAD=C(128), SPLITS_PAD=C(32), PDL=C(True)))
+    print(f"reduce pdl: {resource_usage(k)}; griddepcontrol x{k.asm['ptx'].count('griddepcontrol')}")
     k = compile_kernel(tk._store_kv_kernel, dict(
         key_ptr=dt, value_ptr=dt, cache_ptr=dt, slot_ptr=torch.int64, stride_kt=1024, stride_kh=128,
         stride_vt=1024, stride_vh=128, stride_cache_kv=1 << 33, stride_cache_slot=1024,
         stride_cache_head=128, NUM_KV_HEADS=C(8), HEAD_DIM=C(128), HEADS_PAD=C(8), DIM_PAD=C(128)))
     print(f"store: {resource_usage(k)}")
     for name, (fn, args) in ko.aot_examples(dt).items():
-        print(f"{name}: {resource_usage(compile_kernel(fn, args))}")
+        k = compile_kernel(fn, args)
+        print(f"{name}: {resource_usage(k)}; griddepcontrol x{k.asm['ptx'].count('griddepcontrol')}")
     from engine.kernels import gemv as gk
     for bn, bk, warps, pdl in ((2, 2048, 4, True), (4, 1024, 4, False), (8, 1024, 8, True), (16, 256, 4, True)):
         k = compile_kernel(gk._gemv_row_push_kernel.fn, dict(

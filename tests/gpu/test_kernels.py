@@ -140,28 +140,37 @@ def test_small_batch_gemv_matches_cublas(dtype, kernel, m, n, k):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 2000), (28672, 4096)])
-def test_gemv_row_as_dependent_launch_is_bit_identical(monkeypatch, n, k):
-    """KVMESH_PDL (on by default): the one-row GEMV launched as a programmatic dependent launch, chained after
-    a norm and another GEMV, eager and replayed in a CUDA graph with new inputs, gives exactly
-    the plain launch's output (it reads x only after the kernel before it ended)."""
+def test_dependent_launches_are_bit_identical(monkeypatch, n, k):
+    """KVMESH_PDL (all kernels by default): norm -> GEMV -> SiLU-and-mul -> GEMV -> norm, each a
+    programmatic dependent launch reading the one before, eager and replayed in a CUDA graph
+    with new inputs, gives exactly what plain launches give (each reads its input only after
+    the kernel before it ended)."""
     from engine.kernels import gemv as g
-    from engine.kernels import triton_ops
+    from engine.kernels import pdl, triton_ops
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs Hopper or later")
     torch.manual_seed(0)
     x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
     norm_w = torch.ones(k, dtype=torch.bfloat16, device="cuda")
-    w1 = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
+    w1 = torch.randn(2 * n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
     w2 = torch.randn(k, n, dtype=torch.bfloat16, device="cuda") / n ** 0.5
 
     def chain(inp):
         h, _ = triton_ops.rms_norm(inp, norm_w, 1e-5)
-        return g.gemv_row(g.gemv_row(h, w1), w2)  # norm -> GEMV -> GEMV, each reading the last
+        y = g.gemv_row(triton_ops.silu_and_mul(g.gemv_row(h, w1)), w2)
+        return triton_ops.rms_norm(y, norm_w, 1e-5, residual=inp)
 
-    monkeypatch.setattr(g, "_PDL", False)
-    plain = chain(x)
-    monkeypatch.setattr(g, "_PDL", True)
-    assert torch.equal(chain(x), plain)
+    def plain(inp):
+        monkeypatch.setattr(pdl, "MODE", pdl.PDLMode.OFF)
+        try:
+            return chain(inp)
+        finally:
+            monkeypatch.setattr(pdl, "MODE", pdl.PDLMode.ALL)
+
+    monkeypatch.setattr(pdl, "MODE", pdl.PDLMode.ALL)
+    expected = plain(x)
+    got = chain(x)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
     static_in = x.clone()
     chain(static_in)  # compiled and tuned outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -171,11 +180,61 @@ def test_gemv_row_as_dependent_launch_is_bit_identical(monkeypatch, n, k):
         fresh = torch.randn(1, k, dtype=torch.bfloat16, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
         static_in.copy_(fresh)
         graph.replay()
-        monkeypatch.setattr(g, "_PDL", False)
-        expected = chain(fresh)
-        monkeypatch.setattr(g, "_PDL", True)
+        expected = plain(fresh)
         torch.cuda.synchronize()
-        assert torch.equal(static_out, expected), seed
+        assert all(torch.equal(a, b) for a, b in zip(static_out, expected)), seed
+
+
+@pytest.mark.gpu
+def test_decode_attention_as_dependent_launches_is_bit_identical(monkeypatch):
+    """Rotary + KV store, split decode attention and its reduce as dependent launches (each
+    reading what the one before wrote) match plain launches bit for bit, in a CUDA graph too."""
+    from engine.attention import triton_kernels as tk
+    from engine.kernels import pdl
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    torch.manual_seed(0)
+    hq, hkv, d, bs, num_blocks, ctx = 16, 4, 128, 16, 64, 700
+    kv = torch.randn(2, num_blocks, bs, hkv, d, dtype=torch.bfloat16, device="cuda")
+    table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32)[:-(-(ctx + 1) // bs)][None]
+    seq_lens = torch.tensor([ctx + 1], dtype=torch.int32, device="cuda")
+    qsl = torch.tensor([0, 1], dtype=torch.int32, device="cuda")
+    pos = torch.tensor([ctx], dtype=torch.long, device="cuda")
+    slot = (table[0, ctx // bs].long() * bs + ctx % bs).view(1)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    freqs = torch.arange(4096, device="cuda").float()[:, None] * inv[None]
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # (max_pos, d)
+    qkv = torch.randn(1, (hq + 2 * hkv) * d, dtype=torch.bfloat16, device="cuda")
+
+    def step(src, cache):
+        q, k, v = src.clone().split([hq * d, hkv * d, hkv * d], dim=-1)
+        q = q.view(1, hq, d)
+        tk.rotary_store_kv(pos, q, k.view(1, hkv, d), v.view(1, hkv, d), cos_sin, cache, slot)
+        out = torch.empty_like(q)
+        tk.paged_decode(q, cache, table, seq_lens, qsl, 1, d ** -0.5, out, num_splits=8, min_split_len=64)
+        return out
+
+    monkeypatch.setattr(pdl, "MODE", pdl.PDLMode.OFF)
+    cache_plain = kv.clone()
+    expected = step(qkv, cache_plain)
+    monkeypatch.setattr(pdl, "MODE", pdl.PDLMode.ALL)
+    cache = kv.clone()
+    assert torch.equal(step(qkv, cache), expected) and torch.equal(cache, cache_plain)
+    static_in, static_cache = qkv.clone(), kv.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(static_in, static_cache)
+    for seed in range(3):
+        fresh = torch.randn(qkv.shape, dtype=torch.bfloat16, device="cuda",
+                            generator=torch.Generator("cuda").manual_seed(seed))
+        static_in.copy_(fresh)
+        graph.replay()
+        monkeypatch.setattr(pdl, "MODE", pdl.PDLMode.OFF)
+        ref_cache = kv.clone()
+        expected = step(fresh, ref_cache)
+        monkeypatch.setattr(pdl, "MODE", pdl.PDLMode.ALL)
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, expected) and torch.equal(static_cache[:, table[0]], ref_cache[:, table[0]]), seed
 
 
 @pytest.mark.gpu
