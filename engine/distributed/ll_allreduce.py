@@ -60,13 +60,17 @@ Set-up, agreement and self-check are ``CustomAllReduce``'s (custom_allreduce.py)
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
 import torch
 
+from engine.kernels import pdl
 from engine.distributed.custom_allreduce import (_DTYPE_CODES, _TOLERANCE, DEVICE_PRELUDE,
                                                  SELF_CHECK_KERNEL_TIMEOUT_NS, SIGNAL_BYTES, CustomAllReduce)
+
+logger = logging.getLogger(__name__)
 
 LL_DISABLE_ENV = "KVMESH_DISABLE_LL_ALLREDUCE"
 LL_PUSH_ENV = "KVMESH_LL_PUSH"  # 0: row-parallel GEMVs never push (the LL kernel always does)
@@ -111,23 +115,35 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   // waits for the peers, and waits for this grid to end before it reads anything of ours.
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+  const int t = threadIdx.x;
+  // The norm weight never changes: loaded before the wait below
+  line_t wgt[MAX_LPT];
+#pragma unroll
+  for (int k = 0; k < MAX_LPT; ++k) {
+    const int line = t + k * THREADS;
+    if (mode != 0 && line < lines_per_row) wgt[k].u = ((const uint2*)weight_addr)[line];
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent itself (engine/kernels/pdl.py: launch_dependent), this
+  // call may start while the kernel that wrote x (the row-parallel GEMV) still runs: wait for
+  // that kernel to end before reading x, the residual or the round. A no-op otherwise.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   u32* sig = (u32*)self_base;
   const u64* areas = (const u64*)(self_base + TABLE_OFFSET);
   const int row = blockIdx.x;
-  const int t = threadIdx.x;
   __shared__ u32 s_round;
   __shared__ float s_sum[THREADS / 32];
   const long long row_line0 = (long long)row * lines_per_row;
   // 1. what does not come from the peers, loaded at once so the latencies overlap each other
-  //    and the round's read: my partial sums and, for the norm, the residual and the weight
-  line_t mine[MAX_LPT], res[MAX_LPT], wgt[MAX_LPT];
+  //    and the round's read: my partial sums and, for the norm, the residual
+  line_t mine[MAX_LPT], res[MAX_LPT];
 #pragma unroll
   for (int k = 0; k < MAX_LPT; ++k) {
     const int line = t + k * THREADS;
     if (line < lines_per_row) {
       mine[k].u = ((const uint2*)x_addr)[row_line0 + line];
       if (mode == 1) res[k].u = ((const uint2*)residual_addr)[row_line0 + line];
-      if (mode != 0) wgt[k].u = ((const uint2*)weight_addr)[line];
     }
   }
   if (t == 0) s_round = ((volatile u32*)sig)[ROUND_OFF] + 1u;
@@ -265,6 +281,7 @@ class LLAllReduce(CustomAllReduce):
         self.max_lines = int(max_bytes) // LINE_DATA_BYTES
         self._push_table: Optional[torch.Tensor] = None  # gemv_row_push's addresses (set-up)
         self._pushed: Optional[torch.Tensor] = None  # a pushed partial its LL call has not taken
+        self._dependent_launch_ok = True  # off for good after a failed cuLaunchKernelEx
         super().__init__(comm, max_bytes=max_bytes, self_check_timeout_s=self_check_timeout_s)
         if self.is_enabled and os.environ.get(LL_PUSH_ENV, "1") not in ("", "0"):
             self._push_table = self._make_push_table()
@@ -413,7 +430,29 @@ class LLAllReduce(CustomAllReduce):
                 addr(residual_out), np.int32(lines), np.int32(x.shape[-1]), np.int64(self.max_lines),
                 np.float32(eps), np.int32(mode), np.int32(self.rank), np.int32(self.world_size),
                 np.uint64(timeout_ns), np.int32(self._take_pushed(x)))
+        if self._dependent_launch_ok and pdl.ll_pdl(x.device):
+            try:
+                pdl.launch_dependent(self._function(x.dtype), rows, THREADS,
+                                     torch.cuda.current_stream(x.device).cuda_stream, _as_ctypes(args))
+                return
+            except Exception as exc:  # noqa: BLE001 - the plain launch below is always right
+                self._dependent_launch_ok = False
+                logger.warning("LL all-reduce: no dependent launch (%r); plain launches from now on", exc)
         self._run(x.dtype, rows, args, threads=THREADS)
+
+    def _function(self, dtype: torch.dtype) -> int:
+        """The CUfunction of the compiled kernel for ``dtype`` on this device (CuPy's)."""
+        with self._cupy.cuda.Device(self._device_index):
+            return int(self._kernels[dtype].kernel.ptr)
+
+
+def _as_ctypes(args: tuple) -> list:
+    """The kernel's numpy-typed arguments as ctypes values of the same C types."""
+    import ctypes
+    import numpy as np
+    types = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
+             np.float32: ctypes.c_float}
+    return [types[type(a)](a.item()) for a in args]
 
 
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:
