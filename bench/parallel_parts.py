@@ -193,6 +193,7 @@ class _StepProfile:
 
     def __init__(self, engine) -> None:
         from engine.profiling import KernelProfiler
+        self.engine = engine
         self.executor = engine.executor if hasattr(engine.executor, "profile") else None
         self.local = KernelProfiler() if self.executor is None else None
 
@@ -202,7 +203,9 @@ class _StepProfile:
     def stop(self, num_steps: int) -> list[dict]:
         if self.executor is not None:
             return self.executor.profile("stop", num_steps)
-        return [{"rank": 0, **self.local.stop(num_steps).to_dict()}]
+        runner = getattr(self.engine.executor, "runner", None)
+        return [{"rank": 0, **self.local.stop(num_steps).to_dict(),
+                 "gemv_tuning": getattr(runner, "gemv_report", None)}]
 
 
 def measure_throughput(engine, num_requests: int, prompt_len: int, max_tokens: int,

@@ -194,7 +194,9 @@ class Worker:
             self._profiler.start()
             return None
         profile, self._profiler = self._profiler.stop(num_steps), None
-        return {"rank": self.rank.rank, **profile.to_dict()}
+        # which kernel each batch-1 linear shape got at load, and the timings behind it
+        return {"rank": self.rank.rank, **profile.to_dict(),
+                "gemv_tuning": getattr(self.runner, "gemv_report", None)}
 
     def ping(self) -> int:
         return os.getpid()

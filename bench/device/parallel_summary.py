@@ -43,6 +43,9 @@ def main() -> None:
         for rank in (prof.get("ranks") or [])[:args.ranks]:
             print("  rank", rank["rank"], "kernel us/step", round(rank["kernel_us_per_step"], 1),
                   "idle", rank.get("idle_us_per_step"))
+            if rank.get("gemv_tuning"):
+                print("   batch-1 linears (us a call; use):", {shape: (r.get("row"), r.get("cublas"), r["use"])
+                                                             for shape, r in rank["gemv_tuning"].items()})
             if rank.get("host_api"):
                 print("   host CUDA calls us/step:", [(row["name"][:32], round(row["us_per_step"], 1),
                                                       round(row["calls_per_step"], 1)) for row in rank["host_api"][:6]])
