@@ -82,14 +82,18 @@ class KernelProfiler:
             if self.cuda and getattr(event, "time_range", None) is not None:
                 spans.append((event.time_range.start, event.time_range.end, event.name))
         steps = max(num_steps, 1)
-        rows = sorted((KernelRow(name[:90], us / steps, calls / steps) for name, (us, calls) in totals.items()),
-                      key=lambda r: -r.us_per_step)
+        rows = _per_step(totals, steps)
         profile = KernelProfile(num_steps, sum(r.us_per_step for r in rows), rows[:top])
         if self.cuda:
             profile.idle_us_per_step, profile.idle_before = idle_gaps(spans, steps)
-            profile.host_api = sorted((KernelRow(name[:90], us / steps, calls / steps)
-                                       for name, (us, calls) in host_api.items()), key=lambda r: -r.us_per_step)[:10]
+            profile.host_api = _per_step(host_api, steps)[:10]
         return profile
+
+
+def _per_step(totals: dict[str, list[float]], steps: int) -> list[KernelRow]:
+    """{name: [microseconds, calls]} over ``steps`` steps -> rows per step, largest first."""
+    return sorted((KernelRow(name[:90], us / steps, calls / steps) for name, (us, calls) in totals.items()),
+                  key=lambda r: -r.us_per_step)
 
 
 GAP_CLASSES = ((2.0, "under_2us"), (10.0, "2_to_10us"), (100.0, "10_to_100us"), (float("inf"), "over_100us"))
@@ -127,7 +131,8 @@ def rank_skew(stamps_per_rank: list[list[tuple[int, float, float, float, float]]
     between steps). Names the rank that lags each step."""
     if not stamps_per_rank or any(not stamps for stamps in stamps_per_rank):
         return {"num_calls": 0, "ranks": []}
-    by_seq = [{seq: rest for seq, *rest in stamps} for stamps in stamps_per_rank]  # seq -> (read, launched, ran, replied)
+    # per rank, seq -> (read, launched, ran, replied)
+    by_seq = [{seq: rest for seq, *rest in stamps} for stamps in stamps_per_rank]
     common = sorted(set.intersection(*(set(s) for s in by_seq)))
     if not common:
         return {"num_calls": 0, "ranks": []}

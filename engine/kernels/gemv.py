@@ -14,16 +14,19 @@ to 16), ``gemv_split_k`` (K split over programs too, fp32 partials and a reduce 
 programs for shapes with few outputs) and, for one row only, ``gemv_row`` (no ``tl.dot``: a
 multiply and a sum over K, so a program may take as few as 2 outputs, and small shapes still
 spread over every SM without a second launch; on Hopper it runs as a programmatic dependent
-launch that loads its first weight tile before it waits: engine/kernels/pdl.py). ``gemv_row_push`` is ``gemv_row`` that also stores its outputs into the
-peers' LL all-reduce slots (a row-parallel layer's partial sums, at batch 1: see
-engine/distributed/ll_allreduce.py), with the config tuned for ``gemv_row``, so bit-identical to
-it. ``tune(model)`` times cuBLAS and the kernels at
-M = 1 for every distinct (N, K, dtype) of the model's linear layers once, after loading, and
-keeps the fastest for one row, and the fastest of cuBLAS, ``gemv`` and ``gemv_split_k`` for
-2..MAX_ROWS rows; nothing is decided inside a CUDA-graph capture. Each is timed as a decode step runs it: many calls back to back
-inside one CUDA graph, each on another copy of the weight so that every call reads
-from HBM (per-call event timing adds ~15-20 us of overhead, more than the gap measured). Off CUDA, in fp32 and untuned shapes use F.linear, so tests
-comparing fp32 GPU runs with the reference path are unaffected.
+launch that loads its first weight tile before it waits: engine/kernels/pdl.py).
+``gemv_row_push`` is ``gemv_row`` that also stores its outputs into the peers' LL all-reduce
+slots (a row-parallel layer's partial sums, at batch 1: see engine/distributed/ll_allreduce.py),
+with the config tuned for ``gemv_row``, so bit-identical to it.
+
+``tune(model)`` times cuBLAS and the kernels at M = 1 for every distinct (N, K, dtype) of the
+model's linear layers once, after loading, and keeps the fastest for one row, and the fastest of
+cuBLAS, ``gemv`` and ``gemv_split_k`` for 2..MAX_ROWS rows; nothing is decided inside a
+CUDA-graph capture. Each is timed as a decode step runs it: many calls back to back inside one
+CUDA graph, each on another copy of the weight so that every call reads from HBM (per-call event
+timing adds ~15-20 us of overhead, more than the gap measured), the candidates' graphs in turn
+over 5 rounds. Off CUDA, in fp32 and untuned shapes use F.linear, so tests comparing fp32 GPU
+runs with the reference path are unaffected.
 """
 
 from __future__ import annotations
