@@ -379,7 +379,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="report JSON (a PNG and a .logs folder beside it)")
     parser.add_argument("--budget-s", type=float, default=360.0,
                         help="wall-clock budget: parts that would not fit are skipped, none runs past it")
-    parser.add_argument("--num-requests", type=int, default=256, help="throughput load (TP=1: half per replica)")
+    parser.add_argument("--num-requests", type=int, default=None,
+                        help="throughput load (TP=1: half per replica); default 256, or 16 with --smoke-cpu "
+                             "(256 on the 2-core CPU box ran the TP=1 part past its 240 s)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=96, help="decode steps timed at batch 1")
@@ -401,6 +403,8 @@ def main() -> None:
     parser.add_argument("--barrier-size", type=int, default=1)
     parser.add_argument("--barrier-timeout-s", type=float, default=240.0)
     args = parser.parse_args()
+    if args.num_requests is None:
+        args.num_requests = 16 if args.smoke_cpu else 256
     if args.part == "allreduce":
         emit(bench_allreduce(args.ranks, args.timeout_s))
     elif args.part == "engine":
