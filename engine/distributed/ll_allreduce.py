@@ -282,6 +282,7 @@ class LLAllReduce(CustomAllReduce):
         self._push_table: Optional[torch.Tensor] = None  # gemv_row_push's addresses (set-up)
         self._pushed: Optional[torch.Tensor] = None  # a pushed partial its LL call has not taken
         self._dependent_launch_ok = True  # off for good after a failed cuLaunchKernelEx
+        self._functions: dict[torch.dtype, int] = {}  # dtype -> CUfunction, for launch_dependent
         super().__init__(comm, max_bytes=max_bytes, self_check_timeout_s=self_check_timeout_s)
         if self.is_enabled and os.environ.get(LL_PUSH_ENV, "1") not in ("", "0"):
             self._push_table = self._make_push_table()
@@ -441,9 +442,12 @@ class LLAllReduce(CustomAllReduce):
         self._run(x.dtype, rows, args, threads=THREADS)
 
     def _function(self, dtype: torch.dtype) -> int:
-        """The CUfunction of the compiled kernel for ``dtype`` on this device (CuPy's)."""
-        with self._cupy.cuda.Device(self._device_index):
-            return int(self._kernels[dtype].kernel.ptr)
+        """The CUfunction of the compiled kernel for ``dtype`` on this device (CuPy's), looked up
+        once per dtype, not on every call."""
+        if dtype not in self._functions:
+            with self._cupy.cuda.Device(self._device_index):
+                self._functions[dtype] = int(self._kernels[dtype].kernel.ptr)
+        return self._functions[dtype]
 
 
 def _as_ctypes(args: tuple) -> list:
