@@ -11,12 +11,8 @@ set -u
 source bench/device/env.sh
 L=$OUT/logs; mkdir -p $L  # logs come back even if the call runs out of time
 nvidia-smi --query-gpu=index,name --format=csv,noheader | head -2
-timeout 120 python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_ll_allreduce.py > $L/test_ll.txt 2>&1
-echo "test_ll_allreduce: $(grep -E 'passed|failed|error' $L/test_ll.txt | tail -1)"
-grep -E "^(FAILED|ERROR)|^E " $L/test_ll.txt | head -6
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_kernels.py -k "gemv" > $L/test_kernels.txt 2>&1
-echo "test_kernels (gemv): $(grep -E 'passed|failed|error' $L/test_kernels.txt | tail -1)"
-grep -E "^(FAILED|ERROR)|^E " $L/test_kernels.txt | head -8
+gpu_tests test_ll 120 tests/gpu/test_ll_allreduce.py
+gpu_tests test_kernels 150 tests/gpu/test_kernels.py -k "gemv"
 timeout 90 python3 bench/ll_allreduce.py --out "$OUT/ll_allreduce.json" > $L/ll_allreduce.log 2>&1
 tail -12 $L/ll_allreduce.log
 for pdl in 0 1; do

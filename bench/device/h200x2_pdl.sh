@@ -12,12 +12,8 @@ set -u
 source bench/device/env.sh
 L=$OUT/logs; mkdir -p $L  # logs come back even if the call runs out of time
 nvidia-smi --query-gpu=index,name --format=csv,noheader | head -2
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_kernels.py -k "dependent or gemv" > $L/test_kernels.txt 2>&1
-echo "test_kernels (dependent, gemv): $(grep -E 'passed|failed|error' $L/test_kernels.txt | tail -1)"
-grep -E "^(FAILED|ERROR)|^E " $L/test_kernels.txt | head -8
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_ll_allreduce.py -k "not four" > $L/test_ll.txt 2>&1
-echo "test_ll_allreduce: $(grep -E 'passed|failed|error' $L/test_ll.txt | tail -1)"
-grep -E "^(FAILED|ERROR)|^E " $L/test_ll.txt | head -8
+gpu_tests test_kernels 150 tests/gpu/test_kernels.py -k "dependent or gemv"
+gpu_tests test_ll 150 tests/gpu/test_ll_allreduce.py -k "not four"
 for pdl in gemv 1; do
   KVMESH_PDL=$pdl timeout 150 python3 bench/parallel.py all --parts tp1,tp2 --budget-s 140 --profile-steps 30 \
       --num-requests 64 --out "$OUT/parallel_pdl_$pdl.json" > $L/parallel_pdl_$pdl.log 2>&1
@@ -25,7 +21,4 @@ for pdl in gemv 1; do
   python3 bench/device/parallel_summary.py "$OUT/parallel_pdl_$pdl.json" --ranks 2 --rows 8 --idle-before
 done
 rm -rf "$OUT"/parallel_*.logs
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_parallel_gpu.py \
-    -k "llama-tp2 or 8b_shape_serves_at_tp and 2" > $L/test_parallel.txt 2>&1
-echo "test_parallel_gpu: $(grep -E 'passed|failed|error' $L/test_parallel.txt | tail -1)"
-grep -E "^(FAILED|ERROR)|^E " $L/test_parallel.txt | head -8
+gpu_tests test_parallel 150 tests/gpu/test_parallel_gpu.py -k "llama-tp2 or 8b_shape_serves_at_tp and 2"

@@ -12,12 +12,8 @@ set -u
 source bench/device/env.sh
 L=$OUT/logs; mkdir -p $L  # logs come back even if the call runs out of time
 nvidia-smi --query-gpu=index,name --format=csv,noheader | head -2
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_ll_allreduce.py -k "not four" > $L/test_ll.txt 2>&1
-echo "test_ll_allreduce: $(grep -E 'passed|failed|error' $L/test_ll.txt | tail -1)"
-grep -E "^(FAILED|ERROR)|^E " $L/test_ll.txt | head -8
-timeout 100 python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_kernels.py -k "gemv" > $L/test_kernels.txt 2>&1
-echo "test_kernels (gemv): $(grep -E 'passed|failed|error' $L/test_kernels.txt | tail -1)"
-grep -E "^(FAILED|ERROR)|^E " $L/test_kernels.txt | head -8
+gpu_tests test_ll 150 tests/gpu/test_ll_allreduce.py -k "not four"
+gpu_tests test_kernels 100 tests/gpu/test_kernels.py -k "gemv"
 timeout 90 python3 bench/ll_allreduce.py --out "$OUT/ll_allreduce.json" > $L/ll_allreduce.log 2>&1
 grep "ranks:" $L/ll_allreduce.log | head -2
 for pdl in 1 0; do
@@ -27,7 +23,4 @@ for pdl in 1 0; do
   python3 bench/device/parallel_summary.py "$OUT/parallel_pdl$pdl.json" --ranks 2 --rows 7
 done
 rm -rf "$OUT"/parallel_*.logs
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_parallel_gpu.py \
-    -k "llama-tp2 or 8b_shape_serves_at_tp and 2" > $L/test_parallel.txt 2>&1
-echo "test_parallel_gpu: $(grep -E 'passed|failed|error' $L/test_parallel.txt | tail -1)"
-grep -E "^(FAILED|ERROR)|^E " $L/test_parallel.txt | head -8
+gpu_tests test_parallel 150 tests/gpu/test_parallel_gpu.py -k "llama-tp2 or 8b_shape_serves_at_tp and 2"

@@ -8,9 +8,7 @@ set -u
 source bench/device/env.sh
 L=$OUT/logs; mkdir -p $L  # logs come back even if the call runs out of time
 nvidia-smi --query-gpu=index,name --format=csv,noheader | head -2
-timeout 100 python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_kernels.py -k "tune or dependent" > $L/test_kernels.txt 2>&1
-echo "test_kernels (tune, dependent): $(grep -E 'passed|failed|error' $L/test_kernels.txt | tail -1)"
-grep -E "^(FAILED|ERROR)|^E " $L/test_kernels.txt | head -8
+gpu_tests test_kernels 100 tests/gpu/test_kernels.py -k "tune or dependent"
 timeout 270 python3 bench/parallel.py all --parts allreduce2,tp1,tp2 --budget-s 260 \
     --profile-steps 30 --num-requests 128 --out "$OUT/parallel.json" > $L/parallel.log 2>&1
 python3 bench/device/parallel_summary.py "$OUT/parallel.json" --ranks 2 --rows 6

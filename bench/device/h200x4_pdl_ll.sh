@@ -10,12 +10,8 @@ set -u
 source bench/device/env.sh
 L=$OUT/logs; mkdir -p $L  # logs come back even if the call runs out of time
 nvidia-smi --query-gpu=index,name --format=csv,noheader | head -4
-timeout 120 python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_ll_allreduce.py > $L/test_ll.txt 2>&1
-echo "test_ll_allreduce: $(grep -E 'passed|failed|error' $L/test_ll.txt | tail -1)"
-grep -E "^(FAILED|ERROR)|^E " $L/test_ll.txt | head -8
-timeout 100 python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_kernels.py -k dependent > $L/test_kernels.txt 2>&1
-echo "test_kernels (dependent): $(grep -E 'passed|failed|error' $L/test_kernels.txt | tail -1)"
-grep -E "^(FAILED|ERROR)|^E " $L/test_kernels.txt | head -8
+gpu_tests test_ll 120 tests/gpu/test_ll_allreduce.py
+gpu_tests test_kernels 100 tests/gpu/test_kernels.py -k dependent
 for pdl in triton 1; do
   KVMESH_PDL=$pdl timeout 140 python3 bench/parallel.py all --parts tp1,tp2 --budget-s 130 --profile-steps 30 \
       --num-requests 64 --out "$OUT/parallel_pdl_$pdl.json" > $L/parallel_pdl_$pdl.log 2>&1
@@ -23,6 +19,4 @@ for pdl in triton 1; do
   python3 bench/device/parallel_summary.py "$OUT/parallel_pdl_$pdl.json" --ranks 2 --rows 8 --idle-before
 done
 rm -rf "$OUT"/parallel_*.logs
-timeout 130 python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_engine_gpu.py > $L/test_engine.txt 2>&1
-echo "test_engine_gpu: $(grep -E 'passed|failed|error' $L/test_engine.txt | tail -1)"
-grep -E "^(FAILED|ERROR)|^E " $L/test_engine.txt | head -8
+gpu_tests test_engine 130 tests/gpu/test_engine_gpu.py

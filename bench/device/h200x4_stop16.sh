@@ -12,6 +12,4 @@ timeout 250 python3 bench/parallel.py all --parts allreduce2,allreduce4,tp1,tp2,
     --profile-steps 30 --num-requests 128 --out "$OUT/parallel.json" > $L/parallel.log 2>&1
 python3 bench/device/parallel_summary.py "$OUT/parallel.json" --ranks 1 --rows 6
 rm -rf "$OUT/parallel.logs"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -rA tests/gpu/test_ll_allreduce.py > $L/test_ll.txt 2>&1
-echo "test_ll_allreduce: $(grep -E 'passed|failed|error' $L/test_ll.txt | tail -1)"
-grep -E "^(FAILED|ERROR)|^E " $L/test_ll.txt | head -8
+gpu_tests test_ll 120 tests/gpu/test_ll_allreduce.py
