@@ -104,9 +104,6 @@ def _same_on_all_ranks(comm, torch, t) -> bool:
 def _check_modes(comm, failures: list) -> None:
     import torch
     device, case = comm.device, 0
-    # a next-GEMV weight to pull into L2 in every other fused call (engine/kernels/l2_prefetch.py):
-    # a prefetch must not change any result
-    next_weight = torch.empty(16384, 4096, dtype=torch.bfloat16, device=device)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for hidden in (64, 4096, 5120, 8192):
             for rows in (1, 2, 7, 32, 64):
@@ -119,8 +116,7 @@ def _check_modes(comm, failures: list) -> None:
                     if mode == "sum":
                         got = (comm.all_reduce(x.clone()), None)
                     else:
-                        got = comm.fused_all_reduce_rms_norm(x, res, w, EPS,
-                                                             next_weight if case % 2 else None)
+                        got = comm.fused_all_reduce_rms_norm(x, res, w, EPS)
                         if got is None:
                             if taken:
                                 failures.append(f"fused path refused {dtype} {rows}x{hidden}")
@@ -173,15 +169,13 @@ def _check_graph(comm, failures: list, num_replays: int = 100) -> None:
     static = [_inputs(torch, rows, HIDDEN, dtype, 17 + i, device, comm.rank)
               for i, (_, rows) in enumerate(shapes)]
 
-    next_weight = torch.empty(8192, 4096, dtype=dtype, device=device)  # prefetched into L2 by the norms
-
     def calls():
         outs = []
         for (mode, _), (x, residual, weight) in zip(shapes, static):
             if mode == "sum":
                 outs.append((comm.all_reduce(x), None))
             else:
-                outs.append(comm.fused_all_reduce_rms_norm(x, residual, weight, EPS, next_weight))
+                outs.append(comm.fused_all_reduce_rms_norm(x, residual, weight, EPS))
         return outs
 
     graph, outs = _captured(torch, calls, device)

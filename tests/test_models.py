@@ -250,7 +250,7 @@ class RankComm:
     def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         return torch.cat(self._exchange(tensor), dim=dim)
 
-    def fused_all_reduce_rms_norm(self, x, residual, weight, eps, prefetch=None):
+    def fused_all_reduce_rms_norm(self, x, residual, weight, eps):
         return None  # no fused kernel: the norm does all_reduce, then itself
 
 

@@ -73,17 +73,14 @@ class AttentionBackend(ABC):
 
     def forward_with_rotary(self, rotary: Callable, positions: torch.Tensor, query: torch.Tensor,
                             key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                            meta: AttentionMetadata, scale: float, *,
-                            prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """``forward`` on query and key rotated by ``rotary(positions, query, key) -> (q, k)``.
 
         The default is exactly those two calls. A backend may override it to rotate while it
         stores K/V (one launch instead of two) when ``rotary`` offers ``cos_sin_cache(device)``
         (``engine.models.rotary.RotaryEmbedding`` does); the query it attends with and the
         cache it leaves must then be bit for bit the default's. Either way, query and key may
-        be rotated in place, so the caller must not reuse them. ``prefetch``: the weight the
-        caller reads after the attention, a hint a GPU backend may use to pull it into L2
-        while attention runs (engine/kernels/l2_prefetch.py); the default ignores it.
+        be rotated in place, so the caller must not reuse them.
         """
         query, key = rotary(positions, query, key)
         return self.forward(query, key, value, kv_cache, meta, scale)

@@ -78,22 +78,19 @@ class TritonBackend(AttentionBackend):
     def forward_with_rotary(self, rotary: Callable, positions: torch.Tensor, query: torch.Tensor,
                             key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                             meta: AttentionMetadata, scale: float, *,
-                            out: Optional[torch.Tensor] = None,
-                            prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``rotary`` then ``forward`` (base contract), fused when the rotary offers its table.
 
         Fused: one ``rotary_store_kv`` launch rotates query in place and writes the rotated
         key and value into the cache, instead of the rotary kernel then ``store_kv``; query
         and the cache are bit for bit the same (key is left unrotated). Its grid is (T,),
-        so it is captured in CUDA graphs like ``store_kv``. ``prefetch`` (the fused launch
-        only): the weight read after the attention, partly pulled into L2 meanwhile.
+        so it is captured in CUDA graphs like ``store_kv``.
         """
         cos_sin = self._rope_table(rotary, query)
         if cos_sin is None:
             query, key = rotary(positions, query, key)
             return self.forward(query, key, value, kv_cache, meta, scale, out=out)
-        tk.rotary_store_kv(positions, query, key, value, cos_sin, kv_cache, meta.slot_mapping,
-                           prefetch=prefetch)
+        tk.rotary_store_kv(positions, query, key, value, cos_sin, kv_cache, meta.slot_mapping)
         return self._attend(query, kv_cache, meta, scale, out)
 
     def _rope_table(self, rotary: Callable, query: torch.Tensor) -> Optional[torch.Tensor]:

@@ -32,16 +32,13 @@ exponentiated with exp2; the split log-sum-exps are log2 too.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from engine.kernels import pdl
-from engine.kernels.l2_prefetch import Site
-from engine.kernels.triton_ops import (PREFETCH_CHUNKS, cos_sin_at, l2_prefetch_bytes, pdl_enter,
-                                       prefetch_args, rotate_heads)
+from engine.kernels.triton_ops import cos_sin_at, pdl_enter, rotate_heads
 
 LOG2E = 1.4426950408889634
 
@@ -92,17 +89,11 @@ def _rotary_store_kv_kernel(pos_ptr, query_ptr, key_ptr, value_ptr, cos_sin_ptr,
                             num_q_heads, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                             HALF_PAD: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
                             KV_HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
-                            PDL: tl.constexpr = False, prefetch_ptr=None, prefetch_bytes=0,
-                            PREFETCH: tl.constexpr = False):
-    """Token t: rotate its query heads in place, its key heads into the cache, copy its value.
-    PREFETCH: token 0 also starts pulling the first bytes of o_proj's weight into L2, for the
-    attention kernels that follow read little from HBM (engine/kernels/l2_prefetch.py)."""
+                            PDL: tl.constexpr = False):
+    """Token t: rotate its query heads in place, its key heads into the cache, copy its value."""
     pdl_enter(PDL)
     HALF: tl.constexpr = HEAD_DIM // 2
     t = tl.program_id(0).to(tl.int64)
-    if PREFETCH:
-        if t == 0:
-            l2_prefetch_bytes(prefetch_ptr, prefetch_bytes, PREFETCH_CHUNKS)
     cos, sin = cos_sin_at(cos_sin_ptr, pos_ptr, t, stride_cs, HALF, HALF_PAD)
     q_row = query_ptr + t * stride_qt
     rotate_heads(q_row, q_row, stride_qh, stride_qh, cos, sin, num_q_heads, HALF, HALF_PAD,
@@ -121,7 +112,7 @@ def _rotary_store_kv_kernel(pos_ptr, query_ptr, key_ptr, value_ptr, cos_sin_ptr,
 
 def rotary_store_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                     value: torch.Tensor, cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor, prefetch: Optional[torch.Tensor] = None) -> None:
+                    slot_mapping: torch.Tensor) -> None:
     """RoPE and ``store_kv`` in one launch, grid (T,).
 
     query (T, Hq, D) is rotated in place; key, value (T, Hkv, D) go to kv_cache[0 / 1] at
@@ -131,7 +122,6 @@ def rotary_store_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Ten
     query and the cache end bit for bit as after ``engine.kernels.triton_ops.rotary_embedding``
     then ``store_kv`` (same helper, same roundings); key itself is left unrotated, since
     nothing reads it after the store. Any token / head strides (views of the qkv output).
-    ``prefetch``: the weight read after the attention (o_proj's), partly pulled into L2.
     """
     num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
@@ -154,7 +144,7 @@ def rotary_store_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Ten
         HALF_PAD=triton.next_power_of_2(head_dim // 2),
         Q_HEADS_PAD=triton.next_power_of_2(num_q_heads),
         KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), DIM_PAD=_dim_pad(head_dim),
-        num_warps=4, PDL=on, launch_pdl=on, **prefetch_args(Site.ATTN, prefetch, num_tokens))
+        num_warps=4, PDL=on, launch_pdl=on)
 
 
 # ---- shared inner step -----------------------------------------------------------------------

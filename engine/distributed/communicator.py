@@ -36,13 +36,11 @@ class Communicator(ABC):
         """Sum over the group; returns the reduced tensor (may be ``tensor`` itself, reduced in place)."""
 
     def fused_all_reduce_rms_norm(self, x: torch.Tensor, residual: Optional[torch.Tensor],
-                                  weight: torch.Tensor, eps: float,
-                                  prefetch: Optional[torch.Tensor] = None
+                                  weight: torch.Tensor, eps: float
                                   ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """``all_reduce(x)`` then ``RMSNorm(x, residual)`` as one kernel, where the backend has
         one for this shape: (normed, x + residual). None: the caller does the two apart. The
-        choice must depend on shapes and dtypes only (every rank takes the same path).
-        ``prefetch``: the weight the caller reads next (a hint: engine/kernels/l2_prefetch.py)."""
+        choice must depend on shapes and dtypes only (every rank takes the same path)."""
         return None
 
     def linear_for_reduce(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:

@@ -66,8 +66,7 @@ from typing import Optional
 
 import torch
 
-from engine.kernels import l2_prefetch, pdl
-from engine.kernels.l2_prefetch import Site
+from engine.kernels import pdl
 from engine.distributed.custom_allreduce import (_DTYPE_CODES, _TOLERANCE, DEVICE_PRELUDE,
                                                  SELF_CHECK_KERNEL_TIMEOUT_NS, SIGNAL_BYTES, CustomAllReduce)
 
@@ -109,8 +108,7 @@ __device__ __forceinline__ uint4 ld_line(const uint4* p) {
 extern "C" __global__ void __launch_bounds__(THREADS)
 kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_addr, u64 out_addr,
                      u64 residual_out_addr, int lines_per_row, int hidden, long long max_lines,
-                     float eps, int mode, int rank, int world, u64 timeout_ns, int pushed,
-                     u64 prefetch_addr, long long prefetch_bytes) {
+                     float eps, int mode, int rank, int world, u64 timeout_ns, int pushed) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // The kernel after this one may start now if it was launched as a programmatic dependent
   // (the one-row GEMVs: gemv.py, KVMESH_PDL): it loads its first weight tile while this call
@@ -130,19 +128,6 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   // call may start while the kernel that wrote x (the row-parallel GEMV) still runs: wait for
   // that kernel to end before reading x, the residual or the round. A no-op otherwise.
   asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // From here to its end this call waits on the peers and HBM idles: start pulling the first
-  // bytes of the weight the next GEMV reads into L2 (engine/kernels/l2_prefetch.py), one bulk
-  // prefetch per thread, none waited for.
-  if (prefetch_bytes > 0 && blockIdx.x == 0) {
-    const long long chunk = (prefetch_bytes + THREADS * 16 - 1) / (THREADS * 16) * 16;
-    const long long off = (long long)t * chunk;
-    if (off < prefetch_bytes) {
-      const u32 n = (u32)(prefetch_bytes - off < chunk ? prefetch_bytes - off : chunk);
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(prefetch_addr + off), "r"(n) : "memory");
-    }
-  }
 #endif
   u32* sig = (u32*)self_base;
   const u64* areas = (const u64*)(self_base + TABLE_OFFSET);
@@ -323,18 +308,14 @@ class LLAllReduce(CustomAllReduce):
         return out
 
     def all_reduce_rms_norm(self, x: torch.Tensor, residual: Optional[torch.Tensor],
-                            weight: torch.Tensor, eps: float, prefetch: Optional[torch.Tensor] = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+                            weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(sum(x) + residual) * weight, sum(x) + residual); without a residual,
-        (norm(sum(x)) * weight, sum(x)). Same rounding as all_reduce then ``rms_norm``.
-        ``prefetch``: the weight read next, its first bytes pulled into L2 while this call
-        waits on the peers (engine/kernels/l2_prefetch.py)."""
+        (norm(sum(x)) * weight, sum(x)). Same rounding as all_reduce then ``rms_norm``."""
         x = _aligned(x)
         residual = _aligned(residual) if residual is not None else None
         out, residual_out = torch.empty_like(x), torch.empty_like(x)
         mode = MODE_NORM if residual is not None else MODE_NORM_NO_RESIDUAL
-        self._launch_ll(x, residual, _aligned(weight), out, residual_out, eps, mode, timeout_ns=0,
-                        prefetch=prefetch)
+        self._launch_ll(x, residual, _aligned(weight), out, residual_out, eps, mode, timeout_ns=0)
         return out, residual_out
 
     def gemv_push(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
@@ -442,16 +423,14 @@ class LLAllReduce(CustomAllReduce):
     def _launch_ll(self, x: torch.Tensor, residual: Optional[torch.Tensor],
                    weight: Optional[torch.Tensor], out: torch.Tensor,
                    residual_out: Optional[torch.Tensor], eps: float, mode: int,
-                   timeout_ns: int, prefetch: Optional[torch.Tensor] = None) -> None:
+                   timeout_ns: int) -> None:
         import numpy as np
         rows, lines = rows_and_lines(tuple(x.shape), x.dtype)
-        prefetch_bytes = l2_prefetch.nbytes(Site.NORM, prefetch, rows)
         addr = lambda t: np.uint64(t.data_ptr() if t is not None else 0)  # noqa: E731
         args = (np.uint64(self._base), addr(x), addr(residual), addr(weight), addr(out),
                 addr(residual_out), np.int32(lines), np.int32(x.shape[-1]), np.int64(self.max_lines),
                 np.float32(eps), np.int32(mode), np.int32(self.rank), np.int32(self.world_size),
-                np.uint64(timeout_ns), np.int32(self._take_pushed(x)),
-                addr(prefetch if prefetch_bytes else None), np.int64(prefetch_bytes))
+                np.uint64(timeout_ns), np.int32(self._take_pushed(x)))
         if self._dependent_launch_ok and pdl.ll_pdl(x.device):
             try:
                 pdl.launch_dependent(self._function(x.dtype), rows, THREADS,

@@ -93,12 +93,11 @@ class NcclCommunicator(Communicator):
         return self.nccl_all_reduce(tensor)
 
     def fused_all_reduce_rms_norm(self, x: torch.Tensor, residual: Optional[torch.Tensor],
-                                  weight: torch.Tensor, eps: float,
-                                  prefetch: Optional[torch.Tensor] = None
+                                  weight: torch.Tensor, eps: float
                                   ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         if (self._ll is not None and self._ll.can_reduce(x) and weight.dtype == x.dtype
                 and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))):
-            return self._ll.all_reduce_rms_norm(x, residual, weight, eps, prefetch)
+            return self._ll.all_reduce_rms_norm(x, residual, weight, eps)
         return None
 
     def linear_for_reduce(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:

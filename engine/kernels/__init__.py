@@ -37,13 +37,10 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: Optional[torch.Tensor] = None,
-             prefetch: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, H) -> (norm(x + residual) * weight, x + residual); see the module docstring.
-    ``prefetch``: the weight read next (Triton path: engine/kernels/l2_prefetch.py)."""
-    if _use_triton(x):
-        return triton_ops.rms_norm(x, weight, eps, residual, prefetch)
-    return torch_ops.rms_norm(x, weight, eps, residual)
+             residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, H) -> (norm(x + residual) * weight, x + residual); see the module docstring."""
+    impl = triton_ops if _use_triton(x) else torch_ops
+    return impl.rms_norm(x, weight, eps, residual)
 
 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -53,11 +50,10 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     return impl.rotary_embedding(positions, q, k, cos_sin_cache)
 
 
-def silu_and_mul(x: torch.Tensor, prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(..., 2I) [gate | up] -> (..., I); ``prefetch`` as for ``rms_norm``."""
-    if _use_triton(x):
-        return triton_ops.silu_and_mul(x, prefetch)
-    return torch_ops.silu_and_mul(x)
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """(..., 2I) [gate | up] -> (..., I)."""
+    impl = triton_ops if _use_triton(x) else torch_ops
+    return impl.silu_and_mul(x)
 
 
 __all__ = ["rms_norm", "rotary_embedding", "silu_and_mul"]

@@ -16,26 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels import l2_prefetch, pdl
-from engine.kernels.l2_prefetch import Site
-
-PREFETCH_CHUNKS = tl.constexpr(256)  # bulk prefetches a kernel issues (16 MB: 64 KB each)
-
-
-@triton.jit
-def l2_prefetch_bytes(ptr, nbytes, CHUNKS: tl.constexpr):
-    """Starts pulling the first ``nbytes`` (a multiple of 16) bytes at ``ptr`` (16-byte aligned)
-    into L2 and returns at once: CHUNKS bulk prefetches (``cp.async.bulk.prefetch.L2``, sm_90+)
-    spread over the program's threads. Nothing lands in registers and nothing waits for it
-    (engine/kernels/l2_prefetch.py says why and where)."""
-    i = tl.arange(0, CHUNKS).to(tl.int64)
-    chunk = (nbytes + (CHUNKS * 16 - 1)) // (CHUNKS * 16) * 16  # bytes a prefetch, a multiple of 16
-    start = i * chunk
-    size = tl.maximum(tl.minimum(chunk, nbytes - start), 0).to(tl.int32)  # (CHUNKS,) 0: none
-    addr = ptr.to(tl.pointer_type(tl.int8)) + start
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [addr, size], dtype=tl.int32, is_pure=False, pack=1)
+from engine.kernels import pdl
 
 
 @triton.jit
@@ -51,13 +32,9 @@ def pdl_enter(PDL: tl.constexpr):
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
                      stride_x, stride_r, stride_o, stride_ro, hidden, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
-                     prefetch_ptr=None, prefetch_bytes=0, PREFETCH: tl.constexpr = False):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
-    if PREFETCH:  # the next GEMV's weight, while this row's latency-bound pass runs
-        if row == 0:
-            l2_prefetch_bytes(prefetch_ptr, prefetch_bytes, PREFETCH_CHUNKS)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
@@ -73,10 +50,8 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: Optional[torch.Tensor] = None,
-             prefetch: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, residual (T, H) -> (norm(x + residual) * weight, x + residual). ``prefetch``: the
-    weight read next, partly pulled into L2 meanwhile (engine/kernels/l2_prefetch.py)."""
+             residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual (T, H) -> (norm(x + residual) * weight, x + residual)."""
     hidden = x.shape[-1]
     x2 = _rows(x)
     out = torch.empty_like(x2)
@@ -91,8 +66,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         _rms_norm_kernel[(x2.shape[0],)](
             x2, r2, weight, out, residual_out, x2.stride(0), r2.stride(0), out.stride(0),
             residual_out.stride(0), hidden, eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
-            num_warps=_row_warps(block), PDL=on, launch_pdl=on,
-            **prefetch_args(Site.NORM, prefetch, x2.shape[0]))
+            num_warps=_row_warps(block), PDL=on, launch_pdl=on)
     out = out.view(x.shape)
     return out, (residual_out.view(x.shape) if residual is not None else x)
 
@@ -165,13 +139,9 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr = False, prefetch_ptr=None, prefetch_bytes=0,
-                         PREFETCH: tl.constexpr = False):
+                         PDL: tl.constexpr = False):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
-    if PREFETCH:  # the down projection's weight
-        if row == 0 and tl.program_id(1) == 0:
-            l2_prefetch_bytes(prefetch_ptr, prefetch_bytes, PREFETCH_CHUNKS)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -180,8 +150,8 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.co
     tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor, prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(..., 2I) [gate | up] -> (..., I); ``prefetch`` as for ``rms_norm``."""
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """(..., 2I) [gate | up] -> (..., I)."""
     inter = x.shape[-1] // 2
     x2 = _rows(x)
     out = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
@@ -189,17 +159,8 @@ def silu_and_mul(x: torch.Tensor, prefetch: Optional[torch.Tensor] = None) -> to
     if x2.shape[0]:
         on = pdl.small_pdl(x.device)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4, PDL=on, launch_pdl=on,
-            **prefetch_args(Site.MLP, prefetch, x2.shape[0]))
+            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4, PDL=on, launch_pdl=on)
     return out.view(*x.shape[:-1], inter)
-
-
-def prefetch_args(site: Site, weight: Optional[torch.Tensor], tokens: int) -> dict:
-    """A kernel's prefetch arguments: the first bytes of ``weight`` at ``site``, or none."""
-    nbytes = l2_prefetch.nbytes(site, weight, tokens)
-    if not nbytes:
-        return {}
-    return {"prefetch_ptr": weight, "prefetch_bytes": nbytes, "PREFETCH": True}
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -220,11 +181,6 @@ def aot_examples(dtype: torch.dtype) -> dict:
             x_ptr=dtype, residual_ptr=dtype, weight_ptr=dtype, out_ptr=dtype, residual_out_ptr=dtype,
             stride_x=4096, stride_r=4096, stride_o=4096, stride_ro=4096, hidden=4096, eps=1e-5,
             HAS_RESIDUAL=c(True), BLOCK=c(4096), PDL=c(True))),
-        "rms_norm(4096, residual, prefetch)": (_rms_norm_kernel, dict(
-            x_ptr=dtype, residual_ptr=dtype, weight_ptr=dtype, out_ptr=dtype, residual_out_ptr=dtype,
-            stride_x=4096, stride_r=4096, stride_o=4096, stride_ro=4096, hidden=4096, eps=1e-5,
-            HAS_RESIDUAL=c(True), BLOCK=c(4096), PDL=c(True), prefetch_ptr=dtype,
-            prefetch_bytes=16 << 20, PREFETCH=c(True))),
         "rotary(32/8 heads, d128)": (_rotary_kernel, dict(
             pos_ptr=torch.int64, q_ptr=dtype, k_ptr=dtype, cos_sin_ptr=torch.float32,
             stride_qt=6144, stride_qh=128, stride_kt=6144, stride_kh=128, stride_cs=128,
@@ -233,7 +189,4 @@ def aot_examples(dtype: torch.dtype) -> dict:
         "silu_and_mul(14336)": (_silu_and_mul_kernel, dict(
             x_ptr=dtype, out_ptr=dtype, stride_x=28672, stride_o=14336, inter=14336, BLOCK=c(1024),
             PDL=c(True))),
-        "silu_and_mul(14336, prefetch)": (_silu_and_mul_kernel, dict(
-            x_ptr=dtype, out_ptr=dtype, stride_x=28672, stride_o=14336, inter=14336, BLOCK=c(1024),
-            PDL=c(True), prefetch_ptr=dtype, prefetch_bytes=(8 << 20) + 48, PREFETCH=c(True))),
     }

@@ -47,8 +47,7 @@ class Communicator(Protocol):
         (which must take this output), or None where there is none."""
 
     def fused_all_reduce_rms_norm(self, x: torch.Tensor, residual: Optional[torch.Tensor],
-                                  weight: torch.Tensor, eps: float,
-                                  prefetch: Optional[torch.Tensor] = None
+                                  weight: torch.Tensor, eps: float
                                   ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """all_reduce(x) then RMSNorm(x, residual) in one kernel, or None where there is none."""
 
@@ -107,31 +106,27 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
-                reduce: Optional[Communicator] = None, prefetch: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                reduce: Optional[Communicator] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual); with no residual, (norm(x), x).
 
         ``reduce``: x is a partial sum over that group's ranks (a row-parallel layer's output),
-        completed here first: in one fused kernel where the group has one. ``prefetch``: the
-        weight read next; the GPU kernel pulls its first bytes into L2 meanwhile
-        (engine/kernels/l2_prefetch.py; results do not change)."""
+        completed here first: in one fused kernel where the group has one."""
         if reduce is not None:
-            fused_out = reduce.fused_all_reduce_rms_norm(x, residual, self.weight, self.eps, prefetch)
+            fused_out = reduce.fused_all_reduce_rms_norm(x, residual, self.weight, self.eps)
             if fused_out is not None:
                 return fused_out
             x = reduce.all_reduce(x)
         if x.is_cuda:  # one fused Triton pass (add + norm) instead of several elementwise kernels
-            return fused.rms_norm(x, self.weight, self.eps, residual, prefetch)
+            return fused.rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
         return self.normalize(x), x
 
 
-def silu_and_mul(gate_up: torch.Tensor, prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(..., 2 * I) laid out [gate | up] -> (..., I) = silu(gate) * up; ``prefetch`` as for
-    ``RMSNorm.forward``."""
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """(..., 2 * I) laid out [gate | up] -> (..., I) = silu(gate) * up."""
     if gate_up.is_cuda:
-        return fused.silu_and_mul(gate_up, prefetch)
+        return fused.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 

@@ -86,11 +86,10 @@ class Attention(nn.Module):
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))  # (T, Hq, D), (T, Hkv, D), (T, Hkv, D)
         if self.q_norm is not None:  # Qwen3: RMSNorm over each head's D before RoPE
             q, k = self.q_norm.normalize(q), self.k_norm.normalize(k)
-        # RoPE, K/V store and attention; a backend may fuse the first two (one launch), and
-        # pull o_proj's first bytes into L2 while attention runs (engine/kernels/l2_prefetch.py)
+        # RoPE, K/V store and attention; a backend may fuse the first two (one launch).
         out = ctx.backend.forward_with_rotary(self.rotary, positions, q, k, v,
                                               ctx.kv_caches[self.layer_idx], ctx.attn_metadata,
-                                              self.scale, prefetch=self.o_proj.weight)  # (T, Hq, D)
+                                              self.scale)  # (T, Hq, D)
         return self.o_proj(out.reshape(out.shape[0], -1))  # (T, H)
 
 
@@ -110,14 +109,8 @@ class DenseMLP(nn.Module):
                                            comm, reduce_results=reduce_results, send_partial=send_partial)
         self.partial_output = tp_size > 1 and not reduce_results  # the caller completes the sum
 
-    @property
-    def first_weight(self) -> torch.Tensor:
-        """The weight this block reads first (the norm before it may prefetch it)."""
-        return self.gate_up_proj.weight
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (T, 2I/tp) -> (T, I/tp) -> (T, H); SiLU-and-mul may prefetch down's weight into L2
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), prefetch=self.down_proj.weight))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # (T, 2I/tp) -> (T, I/tp) -> (T, H)
 
 
 class DecoderLayer(nn.Module):
@@ -137,13 +130,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor],
                 ctx: ForwardContext, x_partial: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        # Each norm may pull the first bytes of the next weight into L2 (l2_prefetch.py)
-        x, residual = self.input_layernorm(x, residual, reduce=self.comm if x_partial else None,
-                                           prefetch=self.self_attn.qkv_proj.weight)
+        x, residual = self.input_layernorm(x, residual, reduce=self.comm if x_partial else None)
         x = self.self_attn(positions, x, ctx)
         x, residual = self.post_attention_layernorm(
-            x, residual, reduce=self.comm if self.self_attn.partial_output else None,
-            prefetch=getattr(self.mlp, "first_weight", None))  # None: an MoE block
+            x, residual, reduce=self.comm if self.self_attn.partial_output else None)
         return self.mlp(x), residual
 
 

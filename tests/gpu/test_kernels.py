@@ -238,62 +238,6 @@ def test_decode_attention_as_dependent_launches_is_bit_identical(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_l2_prefetch_changes_no_result(monkeypatch):
-    """Norm, SiLU-and-mul and rotary + KV store, each pulling the next weight into L2
-    (engine/kernels/l2_prefetch.py), eager and in a CUDA graph, give the same bits as without,
-    and a weight smaller than the budget is prefetched whole (the last chunk is partial)."""
-    from engine.attention import triton_kernels as tk
-    from engine.kernels import l2_prefetch, triton_ops
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("bulk L2 prefetch needs Hopper or later")
-    torch.manual_seed(0)
-    weight = torch.randn(3001, 4096, dtype=torch.bfloat16, device="cuda")  # 24.6 MB: capped at 16
-    small = torch.randn(37, 40, dtype=torch.bfloat16, device="cuda")  # 2960 bytes: whole, 16-aligned
-    monkeypatch.setattr(l2_prefetch, "MEGABYTES", {site: 16 for site in l2_prefetch.Site})
-    assert l2_prefetch.nbytes(l2_prefetch.Site.NORM, weight, 1) == 16 << 20
-    assert l2_prefetch.nbytes(l2_prefetch.Site.MLP, small, 1) == 2960
-    assert l2_prefetch.nbytes(l2_prefetch.Site.MLP, small, l2_prefetch.MAX_TOKENS + 1) == 0
-    assert l2_prefetch.nbytes(l2_prefetch.Site.ATTN, weight.cpu(), 1) == 0
-    hq, hkv, d, bs = 8, 2, 128, 16
-    cache0 = torch.randn(2, 8, bs, hkv, d, dtype=torch.bfloat16, device="cuda")
-    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
-    freqs = torch.arange(64, device="cuda").float()[:, None] * inv[None]
-    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
-    norm_w = torch.rand(4096, dtype=torch.bfloat16, device="cuda") + 0.5
-
-    def step(x, qkv, cache, pf_big, pf_small):
-        h, r = triton_ops.rms_norm(x, norm_w, 1e-5, residual=x, prefetch=pf_big)
-        s = triton_ops.silu_and_mul(h, prefetch=pf_small)
-        q, k, v = qkv.clone().split([hq * d, hkv * d, hkv * d], dim=-1)
-        q = q.view(2, hq, d)
-        tk.rotary_store_kv(torch.tensor([5, 9], device="cuda"), q, k.view(2, hkv, d), v.view(2, hkv, d),
-                           cos_sin, cache, torch.tensor([3, 40], device="cuda"), prefetch=pf_big)
-        return h, r, s, q
-
-    x = torch.randn(2, 4096, dtype=torch.bfloat16, device="cuda")
-    qkv = torch.randn(2, (hq + 2 * hkv) * d, dtype=torch.bfloat16, device="cuda")
-    ref_cache, cache = cache0.clone(), cache0.clone()
-    expected = step(x, qkv, ref_cache, None, None)
-    got = step(x, qkv, cache, weight, small)
-    assert all(torch.equal(a, b) for a, b in zip(got, expected)) and torch.equal(cache, ref_cache)
-    static_x, static_qkv, static_cache = x.clone(), qkv.clone(), cache0.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step(static_x, static_qkv, static_cache, weight, small)
-    for seed in range(3):
-        gen = torch.Generator("cuda").manual_seed(seed)
-        static_x.copy_(torch.randn(x.shape, dtype=x.dtype, device="cuda", generator=gen))
-        static_qkv.copy_(torch.randn(qkv.shape, dtype=qkv.dtype, device="cuda", generator=gen))
-        static_cache.copy_(cache0)
-        graph.replay()
-        ref_cache = cache0.clone()
-        expected = step(static_x, static_qkv, ref_cache, None, None)
-        torch.cuda.synchronize()
-        assert all(torch.equal(a, b) for a, b in zip(static_out, expected)), seed
-        assert torch.equal(static_cache, ref_cache), seed
-
-
-@pytest.mark.gpu
 def test_gemv_tune_picks_per_shape_and_linear_follows_it():
     from engine.kernels import gemv as g
     from engine.models.layers import RowParallelLinear
