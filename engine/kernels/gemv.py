@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Optional
 
 import torch
@@ -45,10 +44,6 @@ logger = logging.getLogger(__name__)
 
 MAX_ROWS = 4  # batch rows the GEMV takes (padded to 16 inside tl.dot)
 MAX_SPLIT_K = 8  # the largest SPLIT_K among the split-K configs
-# One-row GEMVs launched as dependents: the programs whose rows start within this many bytes of
-# the weight ask L2 for the rest of their rows before they wait (``_row_dot``); 0: none
-PREFETCH_ENV = "KVMESH_GEMV_PREFETCH_MB"
-PREFETCH_BYTES = int(os.environ.get(PREFETCH_ENV, "0") or 0) << 20
 # (N, K, dtype) -> (kernel for one row, kernel for 2..MAX_ROWS rows); None: cuBLAS (F.linear)
 _USE_GEMV: dict[tuple[int, int, torch.dtype], tuple[Optional[str], Optional[str]]] = {}
 
@@ -83,7 +78,7 @@ if triton is not None:
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
     @triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "LANES": 32 * w}, num_warps=w, num_stages=s)
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                  for bn, bk, w, s in ((2, 2048, 4, 3), (4, 1024, 4, 3), (4, 1024, 4, 4), (4, 2048, 8, 3),
                                       (8, 512, 4, 4), (8, 1024, 8, 3), (16, 512, 8, 3), (16, 256, 4, 4))],
         key=["N", "K"])
@@ -92,52 +87,26 @@ if triton is not None:
     @triton.jit
     def _gemv_row_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                         EVEN_N: tl.constexpr, PDL: tl.constexpr = False, prefetch_bytes=0,
-                         LANES: tl.constexpr = 0):
+                         EVEN_N: tl.constexpr, PDL: tl.constexpr = False):
         """One row: program p computes out[p*BLOCK_N : (p+1)*BLOCK_N] = w[rows] @ x, keeping a
         (BLOCK_N, BLOCK_K) fp32 partial product and summing it over K once at the end. With no
         ``tl.dot`` there is no 16-row padding and BLOCK_N may be 2-8, so even a 3072-output
         shape makes enough programs to keep every SM's loads in flight."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        out = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL,
-                       prefetch_bytes, LANES)
+        out = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL)
         if EVEN_N:
             tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty))
         else:
             tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=rn < N)
 
     @triton.jit
-    def _prefetch_rest_to_l2(w_ptr, row0, N, K, stride_wn, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr, LANES: tl.constexpr):
-        """Asks L2 for this program's rows past their first BLOCK_K columns: one
-        ``prefetch.global.L2`` per 128-byte line, LANES (= the program's threads) at a time, so
-        no thread repeats another's line. Nothing waits for them."""
-        PER_LINE: tl.constexpr = 128 // (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
-        lines_per_row = (K - BLOCK_K + PER_LINE - 1) // PER_LINE  # <= 0: nothing past the tile
-        total = BLOCK_N * lines_per_row
-        lane = tl.arange(0, LANES)
-        for j in range(0, total, LANES):
-            idx = j + lane
-            row = row0 + idx // tl.maximum(lines_per_row, 1)
-            col = BLOCK_K + (idx % tl.maximum(lines_per_row, 1)) * PER_LINE
-            ok = ((idx < total) & (row < N)).to(tl.int32)
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-                "=r,l,r", [w_ptr + row.to(tl.int64) * stride_wn + col, ok], dtype=tl.int32,
-                is_pure=False, pack=1)
-
-    @triton.jit
     def _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr,
-                 prefetch_bytes=0, LANES: tl.constexpr = 0):
+                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr):
         """(BLOCK_N,) fp32: w[rn] @ x for one row x (K,), keeping a (BLOCK_N, BLOCK_K) fp32
         partial product and summing it over K once at the end. PDL: launched as a dependent
         launch, it loads the first weight tile, then waits for the kernel before it (which
         writes x, and may still read what this program will write), then lets its own
-        dependents start; the sum runs in the same order either way (bit-identical).
-        LANES > 0 (PDL only): a program whose rows start below ``prefetch_bytes`` into w also
-        asks L2 for the rest of its rows before it waits, so HBM streams them while the kernel
-        before (a norm, the LL all-reduce waiting on its peers, attention) runs on latency."""
+        dependents start; the sum runs in the same order either way (bit-identical)."""
         w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn  # (BLOCK_N, 1)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         k_first: tl.constexpr = BLOCK_K if PDL else 0
@@ -147,10 +116,6 @@ if triton is not None:
                 w = tl.load(w_rows + rk[None, :])
             else:
                 w = tl.load(w_rows + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
-            if LANES > 0:
-                row0 = tl.program_id(0) * BLOCK_N
-                if row0.to(tl.int64) * stride_wn * (w_ptr.dtype.element_ty.primitive_bitwidth // 8) < prefetch_bytes:
-                    _prefetch_rest_to_l2(w_ptr, row0, N, K, stride_wn, BLOCK_N, BLOCK_K, LANES)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
             x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
@@ -171,8 +136,7 @@ if triton is not None:
     @triton.jit
     def _gemv_row_push_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, table_ptr, rank, world,
                               slot_words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr = False,
-                              prefetch_bytes=0, LANES: tl.constexpr = 0):
+                              EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr = False):
         """``_gemv_row_kernel``, and its outputs also stored straight into every peer's LL
         all-reduce receive slot for this rank (engine/distributed/ll_allreduce.py), so the LL
         call that sums them need not push them itself: the NVLink hop overlaps this GEMV.
@@ -187,8 +151,7 @@ if triton is not None:
         8-byte halves per program); ``slot_words`` = int64 words per (parity, rank) slot."""
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        out = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL,
-                       prefetch_bytes, LANES)
+        out = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL)
         out = out.to(out_ptr.dtype.element_ty)  # (BLOCK_N,), what the LL call will sum
         if EVEN_N:
             tl.store(out_ptr + rn, out)
@@ -267,8 +230,7 @@ def gemv_row(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     if pdl.gemv_pdl(x.device):
-        _gemv_row_kernel[grid](x, weight, out, n, k, weight.stride(0), PDL=True, launch_pdl=True,
-                               prefetch_bytes=PREFETCH_BYTES)
+        _gemv_row_kernel[grid](x, weight, out, n, k, weight.stride(0), PDL=True, launch_pdl=True)
     else:
         _gemv_row_kernel[grid](x, weight, out, n, k, weight.stride(0))
     return out
@@ -293,8 +255,7 @@ def gemv_row_push(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, ra
     on = pdl.gemv_pdl(x.device)
     _gemv_row_push_kernel[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
         x, weight, out, n, k, weight.stride(0), table, rank, world, slot_words, **config.kwargs,
-        num_warps=config.num_warps, num_stages=config.num_stages, PDL=on, launch_pdl=on,
-        prefetch_bytes=PREFETCH_BYTES if on else 0)
+        num_warps=config.num_warps, num_stages=config.num_stages, PDL=on, launch_pdl=on)
     return out
 
 
