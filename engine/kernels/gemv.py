@@ -79,8 +79,9 @@ if triton is not None:
 
     @triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                 for bn, bk, w, s in ((2, 2048, 4, 3), (4, 1024, 4, 3), (4, 1024, 4, 4), (4, 2048, 8, 3),
-                                      (8, 512, 4, 4), (8, 1024, 8, 3), (16, 512, 8, 3), (16, 256, 4, 4))],
+                 for bn, bk, w, s in ((2, 2048, 4, 3), (2, 1024, 4, 2), (4, 1024, 4, 3), (4, 1024, 4, 4),
+                                      (4, 2048, 8, 3), (8, 512, 4, 4), (8, 1024, 8, 3), (16, 512, 8, 3),
+                                      (16, 256, 4, 4))],
         key=["N", "K"])
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
                         "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
