@@ -17,9 +17,7 @@ spread over every SM without a second launch; on Hopper it runs as a programmati
 launch that loads its first weight tile before it waits: engine/kernels/pdl.py).
 ``gemv_row_push`` is ``gemv_row`` that also stores its outputs into the peers' LL all-reduce
 slots (a row-parallel layer's partial sums, at batch 1: see engine/distributed/ll_allreduce.py),
-with the config tuned for ``gemv_row``, so bit-identical to it. ``gemv_row_silu`` is an MLP's
-gate_up ``gemv_row`` with SiLU-and-mul in its epilogue (one launch instead of two at batch 1),
-bit-identical to the two kernels.
+with the config tuned for ``gemv_row``, so bit-identical to it.
 
 ``tune(model)`` times cuBLAS and the kernels at M = 1 for every distinct (N, K, dtype) of the
 model's linear layers once, after loading, and keeps the fastest for one row, and the fastest of
@@ -35,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Optional
 
 import torch
@@ -47,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 MAX_ROWS = 4  # batch rows the GEMV takes (padded to 16 inside tl.dot)
 MAX_SPLIT_K = 8  # the largest SPLIT_K among the split-K configs
-FUSED_SILU = os.environ.get("KVMESH_FUSED_SILU", "1") not in ("", "0")  # gemv_row_silu; 0 for A/B
 # (N, K, dtype) -> (kernel for one row, kernel for 2..MAX_ROWS rows); None: cuBLAS (F.linear)
 _USE_GEMV: dict[tuple[int, int, torch.dtype], tuple[Optional[str], Optional[str]]] = {}
 
@@ -175,32 +171,6 @@ if triton is not None:
                 dst = table_ptr + tl.load(table_ptr + q) + slot
                 tl.store(dst + rw, packets, mask=rw * 2 < N)
 
-    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
-                        "EVEN_N": lambda args: args["I"] % args["BLOCK_I"] == 0})
-    @triton.jit
-    def _gemv_row_silu_kernel(x_ptr, w_ptr, out_ptr, I, K, stride_wn, BLOCK_I: tl.constexpr,
-                              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                              PDL: tl.constexpr = False):
-        """An MLP's gate_up GEMV and SiLU-and-mul in one launch, for one row x (K,): w (2I, K) is
-        [gate ; up] and out (I,) = silu(w[:I] @ x) * (w[I:] @ x). Program p takes gate rows
-        p*BLOCK_I .. p*BLOCK_I + BLOCK_I - 1 and the same up rows, interleaved in one
-        (2*BLOCK_I, BLOCK_K) tile, so the tile (and every row's sum) is ``_gemv_row_kernel``'s
-        with BLOCK_N = 2*BLOCK_I; both dots are rounded to the output dtype before the SiLU, as
-        the two-kernel path stores and reloads them: bit-identical to it."""
-        r = tl.arange(0, 2 * BLOCK_I)
-        i = tl.program_id(0) * BLOCK_I + r // 2  # (2*BLOCK_I,) the output each tile row feeds
-        rows = tl.where(i < I, i + (r % 2) * I, 2 * I)  # gate row i, up row I + i; 2I: masked off
-        dots = _row_dot(x_ptr, w_ptr, rows, 2 * I, K, stride_wn, 2 * BLOCK_I, BLOCK_K, EVEN_K,
-                        EVEN_N, PDL)  # (2*BLOCK_I,) fp32: gate, up, gate, up, ...
-        dots = dots.to(out_ptr.dtype.element_ty).to(tl.float32)
-        gate, up = tl.split(tl.reshape(dots, (BLOCK_I, 2)))
-        y = (gate / (1.0 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty)  # as _silu_and_mul_kernel
-        ro = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
-        if EVEN_N:
-            tl.store(out_ptr + ro, y)
-        else:
-            tl.store(out_ptr + ro, y, mask=ro < I)
-
     @triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
                  for bn, bk, sk, w, st in ((32, 256, 4, 4, 4), (32, 256, 8, 4, 4), (64, 256, 4, 4, 4),
@@ -278,7 +248,7 @@ def gemv_row_push(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, ra
     if x.shape[0] != 1 or weight.dtype not in (torch.bfloat16, torch.float16) or x.dtype != weight.dtype:
         return None
     n, k = weight.shape
-    config = _row_config(n, k, weight.dtype)
+    config = _push_config(n, k, weight.dtype)
     if config is None or n % 4 or config.kwargs["BLOCK_N"] % 2:  # LL lines; whole 8-byte halves
         return None
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -290,44 +260,20 @@ def gemv_row_push(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, ra
     return out
 
 
-def gemv_row_silu(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """``silu_and_mul(gemv_row(x, weight))`` in one launch: x (1, K), weight (2I, K) = [gate ;
-    up] -> (1, I), bit-identical to the two kernels (``_gemv_row_silu_kernel``), so a decode
-    step at batch 1 has one kernel fewer per MLP. Runs with ``gemv_row``'s tuned config for the
-    shape (the same tile); None where ``tune`` did not pick ``gemv_row`` for it, the tile does
-    not hold whole gate/up pairs, or ``KVMESH_FUSED_SILU=0``: the caller runs the two."""
-    if not FUSED_SILU or x.dim() != 2 or x.shape[0] != 1 or x.dtype != weight.dtype:
-        return None
-    if weight.dtype not in (torch.bfloat16, torch.float16) or not x.is_cuda:
-        return None
-    n, k = weight.shape
-    config = _row_config(n, k, weight.dtype)  # gemv_row's config, where tune chose it
-    if config is None or n % 2 or config.kwargs["BLOCK_N"] % 2:
-        return None
-    inter, block_i = n // 2, config.kwargs["BLOCK_N"] // 2
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    out = torch.empty(1, inter, dtype=x.dtype, device=x.device)
-    on = pdl.gemv_pdl(x.device)
-    _gemv_row_silu_kernel[(triton.cdiv(inter, block_i),)](
-        x, weight, out, inter, k, weight.stride(0), BLOCK_I=block_i, BLOCK_K=config.kwargs["BLOCK_K"],
-        num_warps=config.num_warps, num_stages=config.num_stages, PDL=on, launch_pdl=on)
-    return out
+_PUSH_CONFIG: dict[tuple[int, int, torch.dtype], "triton.Config"] = {}
 
 
-_ROW_CONFIG: dict[tuple[int, int, torch.dtype], "triton.Config"] = {}
-
-
-def _row_config(n: int, k: int, dtype: torch.dtype):
+def _push_config(n: int, k: int, dtype: torch.dtype):
     """``gemv_row``'s tuned config for (N, K, dtype) where ``tune`` chose it for one row, else
     None; looked up in the autotuner's cache once per shape, not on every call."""
     key = (n, k, dtype)
-    if key not in _ROW_CONFIG:
+    if key not in _PUSH_CONFIG:
         choice = _USE_GEMV.get(key)
         config = _tuned_config(_gemv_row_kernel, n, k, dtype) if choice and choice[0] == "row" else None
         if config is None:
             return None  # not (yet) tuned: asked again next time
-        _ROW_CONFIG[key] = config
-    return _ROW_CONFIG[key]
+        _PUSH_CONFIG[key] = config
+    return _PUSH_CONFIG[key]
 
 
 def _tuned_config(kernel, n: int, k: int, dtype: torch.dtype):

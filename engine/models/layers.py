@@ -123,16 +123,6 @@ class RMSNorm(nn.Module):
         return self.normalize(x), x
 
 
-def gate_up_silu(gate_up_proj: "MergedColumnParallelLinear", x: torch.Tensor) -> torch.Tensor:
-    """``silu_and_mul(gate_up_proj(x))``: (T, H) -> (T, I / tp). For one row on CUDA, one
-    launch where the one-row GEMV serves the shape (``gemv.gemv_row_silu``, the same bits)."""
-    if x.is_cuda and gate_up_proj.bias is None:
-        out = gemv.gemv_row_silu(x, gate_up_proj.weight)
-        if out is not None:
-            return out
-    return silu_and_mul(gate_up_proj(x))
-
-
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """(..., 2 * I) laid out [gate | up] -> (..., I) = silu(gate) * up."""
     if gate_up.is_cuda:

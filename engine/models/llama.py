@@ -37,7 +37,7 @@ from engine.attention.base import ForwardContext
 from engine.distributed.topology import stage_layers
 from engine.models.layers import (Communicator, MergedColumnParallelLinear, ParallelLMHead,
                                   QKVParallelLinear, RMSNorm, RowParallelLinear,
-                                  VocabParallelEmbedding, gate_up_silu)
+                                  VocabParallelEmbedding, silu_and_mul)
 from engine.models.rotary import RotaryEmbedding
 from engine.models.spec import ModelSpec
 
@@ -110,7 +110,7 @@ class DenseMLP(nn.Module):
         self.partial_output = tp_size > 1 and not reduce_results  # the caller completes the sum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gate_up_silu(self.gate_up_proj, x))  # (T, H) -> (T, I/tp) -> (T, H)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # (T, 2I/tp) -> (T, I/tp) -> (T, H)
 
 
 class DecoderLayer(nn.Module):

@@ -114,12 +114,6 @@ def main() -> None:
         gdc = k.asm["ptx"].count("griddepcontrol")
         print(f"gemv_row_push N{bn} K{bk} w{warps} pdl={pdl}: {resource_usage(k)}; stores {stores}; "
               f"griddepcontrol x{gdc}")
-    for bi, bk, warps in ((2, 2048, 8), (1, 2048, 4), (2, 1024, 4)):  # gate_up tiles of 2*bi rows
-        k = compile_kernel(gk._gemv_row_silu_kernel.fn, dict(
-            x_ptr=dt, w_ptr=dt, out_ptr=dt, I=14336, K=4096, stride_wn=4096, BLOCK_I=C(bi),
-            BLOCK_K=C(bk), EVEN_K=C(True), EVEN_N=C(True), PDL=C(True)), num_warps=warps, num_stages=3)
-        print(f"gemv_row_silu I-block {bi} K{bk} w{warps}: {resource_usage(k)}; "
-              f"griddepcontrol x{k.asm['ptx'].count('griddepcontrol')}")
 
 
 if __name__ == "__main__":

@@ -238,41 +238,6 @@ def test_decode_attention_as_dependent_launches_is_bit_identical(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pdl_on", [False, True])
-@pytest.mark.parametrize("inter,k", [(14336, 4096), (7168, 4096), (1000, 2000)])
-def test_fused_gate_up_silu_is_the_two_kernels_bit_for_bit(monkeypatch, inter, k, pdl_on):
-    """``gemv_row_silu`` (gate_up GEMV with SiLU-and-mul in its epilogue) gives exactly
-    ``silu_and_mul(gemv_row(x, w))``, eager and replayed in a CUDA graph with new inputs."""
-    from engine.kernels import gemv as g
-    from engine.kernels import pdl, triton_ops
-    monkeypatch.setattr(pdl, "MODE", pdl.PDLMode.ALL if pdl_on else pdl.PDLMode.OFF)
-    monkeypatch.setattr(g, "_ROW_CONFIG", {})
-    monkeypatch.setitem(g._USE_GEMV, (2 * inter, k, torch.bfloat16), ("row", None))
-    torch.manual_seed(0)
-    w = torch.randn(2 * inter, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5  # [gate ; up]
-    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
-    g.gemv_row(x, w)  # autotunes the one-row kernel for the shape: the fused kernel takes its tile
-
-    def two_kernels(inp):
-        return triton_ops.silu_and_mul(g.gemv_row(inp, w))
-
-    got = g.gemv_row_silu(x, w)
-    assert got is not None and got.shape == (1, inter)
-    assert torch.equal(got, two_kernels(x))
-    static_x = x.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = g.gemv_row_silu(static_x, w)
-    for seed in range(3):
-        gen = torch.Generator("cuda").manual_seed(seed)
-        static_x.copy_(torch.randn(1, k, dtype=torch.bfloat16, device="cuda", generator=gen))
-        graph.replay()
-        expected = two_kernels(static_x)
-        torch.cuda.synchronize()
-        assert torch.equal(static_out, expected), seed
-
-
-@pytest.mark.gpu
 def test_gemv_tune_picks_per_shape_and_linear_follows_it():
     from engine.kernels import gemv as g
     from engine.models.layers import RowParallelLinear
