@@ -53,7 +53,6 @@ class _Side:
     def start_receiver(self):
         from engine.kv_transfer.mailbox import RayMailbox
         from engine.kv_transfer.plan import KVEndpoint
-        from engine.kv_transfer.transport import KVReceiver
         self.mailbox = RayMailbox.create()
         self.block_ids: dict[str, list[int]] = {}
         return KVEndpoint("bench-decode", self.mailbox)

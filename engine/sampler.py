@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from engine.device_copy import to_device
-from engine.sampling_params import GREEDY_EPSILON, SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.scheduler_output import TokenLogprobs
 
 # One request's sampling inputs: (params, seed, output_index, prompt_token_ids, output_token_ids).

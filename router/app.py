@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import os
 import signal
-import threading
 import time
 from typing import Any, Optional
 
