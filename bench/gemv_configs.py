@@ -7,6 +7,11 @@ call reads HBM, as programmatic dependent launches like a decode step's, best of
 configs' graphs taken in turn). Prints per shape the autotune list's best, the sweep's best and the
 top few; writes a JSON naming the GPU.
 
+``--chain``: each GEMV is followed by a small dependent kernel that turns its output into the next
+call's input, as a decode step follows every GEMV with a norm, attention or SiLU-and-mul. Back to
+back, a GEMV's last wave overlaps the next GEMV's first loads; in a decode step it does not, so a
+tile whose programs take long to finish costs more there than the tuner's timing shows.
+
     python bench/gemv_configs.py --out bench/results/gemv_configs_h200.json   # one GPU, a few min
 """
 from __future__ import annotations
@@ -23,7 +28,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
 from bench.gemv_probe import shapes  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from engine.kernels import gemv as g  # noqa: E402
+from engine.kernels.triton_ops import pdl_enter  # noqa: E402
 
 
 def sweep_configs() -> list[tuple[int, int, int, int]]:
@@ -40,8 +49,24 @@ def listed_configs() -> list[tuple[int, int, int, int]]:
             for c in g._gemv_row_kernel.configs]
 
 
-def time_configs(n: int, k: int, configs: list, calls: int = 24, rounds: int = 5) -> dict:
-    """{config: microseconds a call} for one (N, K) bf16 weight."""
+@triton.jit
+def _feed_kernel(y_ptr, x_ptr, N, K, BLOCK: tl.constexpr):
+    """x[i] = y[i % N] / 2 (the next call's input from this call's output), as a dependent."""
+    pdl_enter(True)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    y = tl.load(y_ptr + i % N, mask=i < K, other=0.0)
+    tl.store(x_ptr + i, (y.to(tl.float32) * 0.5).to(x_ptr.dtype.element_ty), mask=i < K)
+
+
+def feed(y: torch.Tensor, x: torch.Tensor) -> None:
+    _feed_kernel[(triton.cdiv(x.shape[-1], 1024),)](y, x, y.shape[-1], x.shape[-1], BLOCK=1024,
+                                                    num_warps=4, launch_pdl=True)
+
+
+def time_configs(n: int, k: int, configs: list, calls: int = 24, rounds: int = 5,
+                 chain: bool = False) -> dict:
+    """{config: microseconds a call} for one (N, K) bf16 weight (``chain``: a call is the GEMV
+    and the dependent kernel that feeds the next call)."""
     x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
     w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
     ref = torch.nn.functional.linear(x, w).float()
@@ -55,12 +80,16 @@ def time_configs(n: int, k: int, configs: list, calls: int = 24, rounds: int = 5
             g._gemv_row_kernel.fn[(-(-n // bn),)](x, wi, out, n, k, wi.stride(0), BLOCK_N=bn, BLOCK_K=bk,
                                                   num_warps=warps, num_stages=stages, PDL=True,
                                                   launch_pdl=True)
+            if chain:
+                feed(out, x)
             return out
+        x0 = x.clone()
         try:
             got = fn(w).float()
         except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory or registers
             print(f"  skip {bn}x{bk} w{warps} s{stages}: {type(exc).__name__}", flush=True)
             continue
+        x.copy_(x0)  # the chain's feed rewrote it
         if not torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
             print(f"  {bn}x{bk} w{warps} s{stages} is wrong", flush=True)
             continue
@@ -72,12 +101,13 @@ def time_configs(n: int, k: int, configs: list, calls: int = 24, rounds: int = 5
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tp", default="1,2,4")
+    ap.add_argument("--chain", action="store_true", help="each GEMV followed by a small dependent kernel")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     listed, swept = listed_configs(), sweep_configs()
     candidates = listed + [c for c in swept if c not in listed]
     result = {"benchmark": "gemv_configs", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "time": time.time(), "listed": listed, "shapes": {}}
+              "time": time.time(), "listed": listed, "chain": args.chain, "shapes": {}}
     print(f"{len(listed)} listed configs, {len(candidates)} in all", flush=True)
     seen = {}
     for tp in (int(t) for t in args.tp.split(",")):
@@ -85,7 +115,7 @@ def main() -> None:
             if name == "lm_head":
                 continue
             start = time.monotonic()
-            times = seen.get((n, k)) or time_configs(n, k, candidates)
+            times = seen.get((n, k)) or time_configs(n, k, candidates, chain=args.chain)
             seen[(n, k)] = times
             mb = n * k * 2 / 1e6  # MB / us = TB/s
             best_listed = min((c for c in times if c in listed), key=times.get)
