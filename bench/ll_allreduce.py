@@ -54,8 +54,9 @@ def rank_main(rank: int, world: int, nccl_id: tuple, isolated: bool, checks: boo
             _check_pushed(comm, report["failures"])
             if enabled:  # KVMESH_PDL=1 on Hopper: every call above was a dependent launch
                 from engine.kernels import pdl
-                report["dependent_launch"] = pdl.ll_pdl(device) and comm._ll._dependent_launch_ok
-                if pdl.ll_pdl(device) and not comm._ll._dependent_launch_ok:
+                wanted = pdl.ll_pdl(device)
+                report["dependent_launch"] = wanted and comm._ll._dependent_launch_ok
+                if wanted and not comm._ll._dependent_launch_ok:
                     report["failures"].append("the LL call fell back from cuLaunchKernelEx to a plain launch")
         report["latency_us"] = _bench(comm)
         torch.cuda.synchronize(device)

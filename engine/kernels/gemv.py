@@ -31,7 +31,6 @@ runs with the reference path are unaffected.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Optional
 
@@ -357,7 +356,7 @@ def tune(model: torch.nn.Module, calls: int = 24) -> dict[str, dict]:
                 if not torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
                     logger.warning("%s disagrees with cuBLAS for %s; not used", name, key)
                     continue
-                candidates[name] = functools.partial(lambda kern, wi: kern(x, wi), kernel)
+                candidates[name] = lambda wi, kernel=kernel: kernel(x, wi)
             times = _time_in_graphs(candidates, w, calls)
         except Exception as exc:  # noqa: BLE001 - timing is an optimisation: cuBLAS is always right
             logger.warning("could not time the GEMVs for %s (%r); using cuBLAS", key, exc)
