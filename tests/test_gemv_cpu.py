@@ -49,11 +49,47 @@ def test_every_row_config_matches_fp32(dtype, n, k):
         torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2, msg=f"config {config}")
 
 
+@pytest.fixture
+def as_dependent(monkeypatch):
+    """PDL=True in the interpreter, which has no griddepcontrol: the waits become no-ops (one
+    program at a time, nothing runs before it), so the preloaded path's arithmetic is what
+    is checked. Yields a setter for KVMESH_GEMV_PRELOAD's bytes."""
+    import triton.language as tl
+    monkeypatch.setattr(tl.extra.cuda, "gdc_wait", lambda *a, **k: None)
+    monkeypatch.setattr(tl.extra.cuda, "gdc_launch_dependents", lambda *a, **k: None)
+    return lambda nbytes: monkeypatch.setattr(g, "PRELOAD_BYTES", nbytes)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(64, 4096), (30, 300), (48, 7168)])
+@pytest.mark.parametrize("preload", [0, 65536])
+def test_dependent_row_configs_match_fp32_whatever_they_preload(as_dependent, dtype, n, k, preload):
+    """PDL=True: each program loads PRE_K columns before it waits (one tile, or as many as
+    ``preload`` bytes allow: up to all of K = 4096, 4 of 7 tiles of K = 7168, a padded tile
+    of K = 300), then goes on over the rest; the sums still match fp32."""
+    import triton
+
+    from tests.gpu.test_triton_attention import patch_interpreter_scalars
+    patch_interpreter_scalars()
+    as_dependent(preload)
+    gen = torch.Generator().manual_seed(n * k)
+    x = torch.randn(1, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
+    ref = x.float() @ w.float().T  # (1, N)
+    for config in g._gemv_row_kernel.configs:
+        out = torch.full((1, n), float("nan"), dtype=dtype)
+        g._gemv_row_kernel.fn[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
+            x, w, out, n, k, w.stride(0), **config.kwargs, PDL=True)
+        torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2, msg=f"config {config}")
+
+
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k,block_n", [(64, 2048, 4), (48, 300, 8), (20, 4096, 16), (36, 100, 2)])
 @pytest.mark.parametrize("rank,world,round_word", [(0, 2, 6), (1, 2, 9), (2, 4, 0xFFFFFFFF)])
-def test_row_push_sends_ll_lines_with_the_next_round(dtype, n, k, block_n, rank, world, round_word):
+def test_row_push_sends_ll_lines_with_the_next_round(as_dependent, dtype, n, k, block_n, rank, world,
+                                                     round_word):
     """The pushing GEMV's outputs equal the plain one's, and every peer's receive area holds
     them as the LL kernel reads them: 16-byte lines {values 0-1, R, values 2-3, R} in slot
     (parity, rank), with R = round word + 1 (wrapping at 2**32); no other word is touched."""
@@ -75,6 +111,12 @@ def test_row_push_sends_ll_lines_with_the_next_round(dtype, n, k, block_n, rank,
     out = torch.empty(1, n, dtype=dtype)
     g._gemv_row_push_kernel[(-(-n // block_n),)](x, w, out, n, k, w.stride(0), table, rank, world,
                                                   slot_words, **config)
+    assert torch.equal(out, plain)
+    # launched as dependents that preload all they may: still equal (one PRE_K for both)
+    as_dependent(65536)
+    g._gemv_row_kernel.fn[(-(-n // block_n),)](x, w, plain, n, k, w.stride(0), **config, PDL=True)
+    g._gemv_row_push_kernel[(-(-n // block_n),)](x, w, out, n, k, w.stride(0), table, rank, world,
+                                                  slot_words, **config, PDL=True)
     assert torch.equal(out, plain)
     round_ = (round_word + 1) & 0xFFFFFFFF
     halves = out.view(torch.int16).view(-1, 2).to(torch.int64) & 0xFFFF  # (N/2, 2) bit patterns
@@ -161,13 +203,28 @@ def test_pushing_gemv_declines_shapes_not_tuned_to_the_row_kernel(monkeypatch):
     assert g.gemv_row_push(x.float(), w.float(), table, 0, 2, 64) is None  # 4-byte dtype
 
 
+@pytest.mark.parametrize("block_n,block_k,k,nbytes,pre_k", [
+    (4, 1024, 4096, 0, 1024),  # default: one tile
+    (4, 1024, 4096, 16384, 2048),  # two 8 KiB tiles
+    (4, 1024, 4096, 24576, 2048),  # a power of two of tiles: not three
+    (4, 1024, 4096, 1 << 20, 4096),  # never past K
+    (4, 2048, 7168, 1 << 20, 4096),  # 2 of 3.5 tiles (a power of two)
+    (2, 1024, 300, 1 << 20, 1024),  # K under one tile: the masked tile
+])
+def test_preload_is_a_power_of_two_of_tiles_within_the_budget_and_k(monkeypatch, block_n, block_k, k,
+                                                                      nbytes, pre_k):
+    monkeypatch.setattr(g, "PRELOAD_BYTES", nbytes)
+    w = torch.empty(0, dtype=torch.bfloat16)
+    assert g._pre_k({"BLOCK_N": block_n, "BLOCK_K": block_k, "K": k, "w_ptr": w}) == pre_k
+
+
 def test_in_triton_interpreter():
     if INTERPRETED:
         pytest.skip("already the interpreter's run")
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          "-k", "row_config or row_push", os.path.abspath(__file__)], cwd=ROOT, env=env,
+                          "-k", "row_config or row_push or dependent_row", os.path.abspath(__file__)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert "32 passed" in res.stdout, res.stdout[-2000:]
+    assert "44 passed" in res.stdout, res.stdout[-2000:]

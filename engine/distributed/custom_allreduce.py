@@ -249,6 +249,7 @@ class CustomAllReduce:
 
     KERNEL_SOURCE = _KERNEL_SOURCE
     KERNEL_NAME = "kvmesh_custom_all_reduce"
+    KERNEL_OPTIONS: tuple[str, ...] = ()  # more nvcc/NVRTC options (subclasses)
 
     def __init__(self, comm, max_bytes: int = DEFAULT_MAX_BYTES,
                  self_check_timeout_s: float = 5.0) -> None:
@@ -393,7 +394,8 @@ class CustomAllReduce:
         cupy = self._cupy
         with cupy.cuda.Device(self._device_index):
             for dtype, code in _DTYPE_CODES.items():
-                kernel = cupy.RawKernel(self.KERNEL_SOURCE, self.KERNEL_NAME, options=(f"-DKV_DTYPE={code}",))
+                kernel = cupy.RawKernel(self.KERNEL_SOURCE, self.KERNEL_NAME,
+                                        options=(f"-DKV_DTYPE={code}", *self.KERNEL_OPTIONS))
                 if hasattr(kernel, "compile"):  # compile and load now, never during a graph capture
                     kernel.compile()
                 _ = kernel.attributes  # loads the module on this device (older CuPy: compiles too)

@@ -74,6 +74,9 @@ logger = logging.getLogger(__name__)
 
 LL_DISABLE_ENV = "KVMESH_DISABLE_LL_ALLREDUCE"
 LL_PUSH_ENV = "KVMESH_LL_PUSH"  # 0: row-parallel GEMVs never push (the LL kernel always does)
+# When the kernel after an LL call may launch (PDL): "start" of the call (default) or "wait",
+# once the kernel before it has ended (see the kernel); kept for A/B runs
+LL_TRIGGER_ENV = "KVMESH_LL_TRIGGER"
 LL_DEFAULT_MAX_BYTES = 256 * 1024  # 32 decode rows of hidden 4096 in bf16
 MAX_ROWS = 64
 THREADS = 512
@@ -83,6 +86,9 @@ LINE_BYTES = 16
 MODE_SUM, MODE_NORM, MODE_NORM_NO_RESIDUAL = 0, 1, 2
 
 _KERNEL_SOURCE = DEVICE_PRELUDE + r"""
+#ifndef LL_TRIGGER_AFTER_WAIT
+#define LL_TRIGGER_AFTER_WAIT 0
+#endif
 #define MAX_ROWS 64
 #define THREADS 512
 #define MAX_LPT 8
@@ -109,7 +115,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_addr, u64 out_addr,
                      u64 residual_out_addr, int lines_per_row, int hidden, long long max_lines,
                      float eps, int mode, int rank, int world, u64 timeout_ns, int pushed) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !LL_TRIGGER_AFTER_WAIT
   // The kernel after this one may start now if it was launched as a programmatic dependent
   // (the one-row GEMVs: gemv.py, KVMESH_PDL): it loads its first weight tile while this call
   // waits for the peers, and waits for this grid to end before it reads anything of ours.
@@ -128,6 +134,12 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   // call may start while the kernel that wrote x (the row-parallel GEMV) still runs: wait for
   // that kernel to end before reading x, the residual or the round. A no-op otherwise.
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#if LL_TRIGGER_AFTER_WAIT
+  // KVMESH_LL_TRIGGER=wait: the next GEMV's programs get on the SMs only now, once the GEMV
+  // before has ended, so what they load before they wait streams while this call waits for
+  // the peers instead of beside that GEMV's last programs
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 #endif
   u32* sig = (u32*)self_base;
   const u64* areas = (const u64*)(self_base + TABLE_OFFSET);
@@ -275,6 +287,8 @@ class LLAllReduce(CustomAllReduce):
 
     KERNEL_SOURCE = _KERNEL_SOURCE
     KERNEL_NAME = "kvmesh_ll_all_reduce"
+    KERNEL_OPTIONS = (("-DLL_TRIGGER_AFTER_WAIT=1",)
+                      if os.environ.get(LL_TRIGGER_ENV, "start").strip().lower() == "wait" else ())
 
     def __init__(self, comm, max_bytes: int = LL_DEFAULT_MAX_BYTES,
                  self_check_timeout_s: float = 5.0) -> None:

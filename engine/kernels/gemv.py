@@ -32,6 +32,7 @@ runs with the reference path are unaffected.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -45,6 +46,23 @@ MAX_ROWS = 4  # batch rows the GEMV takes (padded to 16 inside tl.dot)
 MAX_SPLIT_K = 8  # the largest SPLIT_K among the split-K configs
 # (N, K, dtype) -> (kernel for one row, kernel for 2..MAX_ROWS rows); None: cuBLAS (F.linear)
 _USE_GEMV: dict[tuple[int, int, torch.dtype], tuple[Optional[str], Optional[str]]] = {}
+# Bytes of its weight rows a one-row GEMV program loads before it waits for the kernel before
+# it (PDL). 0: one (BLOCK_N, BLOCK_K) tile. More keeps HBM busy while that kernel still runs
+# (an all-reduce waiting for a peer, attention), at the price of registers held meanwhile.
+PRELOAD_ENV = "KVMESH_GEMV_PRELOAD"
+PRELOAD_BYTES = int(os.environ.get(PRELOAD_ENV, "0") or 0)
+
+
+def _pre_k(args: dict) -> int:
+    """PRE_K of a one-row GEMV launch: BLOCK_K times the largest power of two of tiles that fits
+    PRELOAD_BYTES per program and K; at least one tile. A function of the config, K and dtype
+    only, so ``gemv_row`` and ``gemv_row_push`` agree (same sums, same bits)."""
+    block_n, block_k, k = args["BLOCK_N"], args["BLOCK_K"], args["K"]
+    tile_bytes = block_n * block_k * args["w_ptr"].element_size()
+    tiles = 1
+    while tiles * 2 * tile_bytes <= PRELOAD_BYTES and tiles * 2 * block_k <= k:
+        tiles *= 2
+    return tiles * block_k
 
 try:
     import triton
@@ -83,17 +101,18 @@ if triton is not None:
                                       (16, 256, 4, 4))],
         key=["N", "K"])
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
-                        "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
+                        "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0,
+                        "PRE_K": lambda args: _pre_k(args)})
     @triton.jit
     def _gemv_row_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                         EVEN_N: tl.constexpr, PDL: tl.constexpr = False):
+                         EVEN_N: tl.constexpr, PRE_K: tl.constexpr, PDL: tl.constexpr = False):
         """One row: program p computes out[p*BLOCK_N : (p+1)*BLOCK_N] = w[rows] @ x, keeping a
         (BLOCK_N, BLOCK_K) fp32 partial product and summing it over K once at the end. With no
         ``tl.dot`` there is no 16-row padding and BLOCK_N may be 2-8, so even a 3072-output
         shape makes enough programs to keep every SM's loads in flight."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        out = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL)
+        out = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL, PRE_K)
         if EVEN_N:
             tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty))
         else:
@@ -101,25 +120,30 @@ if triton is not None:
 
     @triton.jit
     def _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr):
+                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr, PRE_K: tl.constexpr):
         """(BLOCK_N,) fp32: w[rn] @ x for one row x (K,), keeping a (BLOCK_N, BLOCK_K) fp32
         partial product and summing it over K once at the end. PDL: launched as a dependent
-        launch, it loads the first weight tile, then waits for the kernel before it (which
-        writes x, and may still read what this program will write), then lets its own
-        dependents start; the sum runs in the same order either way (bit-identical)."""
+        launch, it loads its first PRE_K columns of weight (``_pre_k``), then waits for the
+        kernel before it (which writes x, and may still read what this program will write),
+        then lets its own dependents start. With PRE_K = BLOCK_K the sum runs in the same order
+        either way (bit-identical); a longer preload adds its tiles in a tree first."""
         w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn  # (BLOCK_N, 1)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        k_first: tl.constexpr = BLOCK_K if PDL else 0
+        k_first: tl.constexpr = PRE_K if PDL else 0
         if PDL:
-            rk = tl.arange(0, BLOCK_K)
+            rp = tl.arange(0, PRE_K)
             if EVEN_K and EVEN_N:
-                w = tl.load(w_rows + rk[None, :])
+                w0 = tl.load(w_rows + rp[None, :])  # (BLOCK_N, PRE_K)
             else:
-                w = tl.load(w_rows + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+                w0 = tl.load(w_rows + rp[None, :], mask=(rn[:, None] < N) & (rp[None, :] < K), other=0.0)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-            x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            x0 = tl.load(x_ptr + rp, mask=rp < K, other=0.0)
+            p = w0.to(tl.float32) * x0.to(tl.float32)[None, :]  # (BLOCK_N, PRE_K)
+            if PRE_K == BLOCK_K:
+                acc += p
+            else:  # the preloaded tiles folded onto one: (BLOCK_N, PRE_K // BLOCK_K, BLOCK_K)
+                acc += tl.sum(tl.reshape(p, (BLOCK_N, PRE_K // BLOCK_K, BLOCK_K)), axis=1)
         for k0 in range(k_first, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             if EVEN_K and EVEN_N:
@@ -132,11 +156,13 @@ if triton is not None:
         return tl.sum(acc, axis=1)
 
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
-                        "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
+                        "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0,
+                        "PRE_K": lambda args: _pre_k(args)})
     @triton.jit
     def _gemv_row_push_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, table_ptr, rank, world,
                               slot_words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr = False):
+                              EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRE_K: tl.constexpr,
+                              PDL: tl.constexpr = False):
         """``_gemv_row_kernel``, and its outputs also stored straight into every peer's LL
         all-reduce receive slot for this rank (engine/distributed/ll_allreduce.py), so the LL
         call that sums them need not push them itself: the NVLink hop overlaps this GEMV.
@@ -151,7 +177,7 @@ if triton is not None:
         8-byte halves per program); ``slot_words`` = int64 words per (parity, rank) slot."""
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        out = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL)
+        out = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL, PRE_K)
         out = out.to(out_ptr.dtype.element_ty)  # (BLOCK_N,), what the LL call will sum
         if EVEN_N:
             tl.store(out_ptr + rn, out)

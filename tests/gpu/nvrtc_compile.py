@@ -79,12 +79,17 @@ def ptxas_usage(ptx: str) -> str:
 def main() -> None:
     from engine.distributed import custom_allreduce, ll_allreduce
     lib = _libnvrtc()
-    for module in (ll_allreduce, custom_allreduce):
+    runs = [(module, ()) for module in (ll_allreduce, custom_allreduce)]
+    runs.insert(1, (ll_allreduce, ("-DLL_TRIGGER_AFTER_WAIT=1",)))  # KVMESH_LL_TRIGGER=wait
+    for module, extra in runs:
         for code, dtype in enumerate(("bf16", "fp16", "fp32")):
-            ptx = compile_ptx(lib, module.kernel_source(), ["--gpu-architecture=compute_90", f"-DKV_DTYPE={code}"])
-            print(f"{module.__name__.rsplit('.', 1)[-1]} {dtype}: {ptx.count(chr(10))} PTX lines, "
-                  f"{ptx.count('membar') + ptx.count('fence.')} fences, {ptx.count('atom.')} atomics | "
-                  f"{ptxas_usage(ptx)}")
+            ptx = compile_ptx(lib, module.kernel_source(),
+                              ["--gpu-architecture=compute_90", f"-DKV_DTYPE={code}", *extra])
+            # the order of the two griddepcontrol instructions (w: wait, l: launch_dependents)
+            order = "".join(m[0] for m in re.findall(r"griddepcontrol\.(wait|launch_dependents)", ptx))
+            print(f"{module.__name__.rsplit('.', 1)[-1]}{''.join(' ' + e for e in extra)} {dtype}: "
+                  f"{ptx.count(chr(10))} PTX lines, {ptx.count('membar') + ptx.count('fence.')} fences, "
+                  f"{ptx.count('atom.')} atomics, griddepcontrol {order or '-'} | {ptxas_usage(ptx)}")
 
 
 if __name__ == "__main__":
