@@ -14,7 +14,8 @@ to 16), ``gemv_split_k`` (K split over programs too, fp32 partials and a reduce 
 programs for shapes with few outputs) and, for one row only, ``gemv_row`` (no ``tl.dot``: a
 multiply and a sum over K, so a program may take as few as 2 outputs, and small shapes still
 spread over every SM without a second launch; on Hopper it runs as a programmatic dependent
-launch that loads its first weight tile before it waits: engine/kernels/pdl.py).
+launch that loads its first weight tile, or ``KVMESH_GEMV_PRELOAD`` bytes of its rows, before
+it waits: engine/kernels/pdl.py, bench/gemv_preload.py).
 ``gemv_row_push`` is ``gemv_row`` that also stores its outputs into the peers' LL all-reduce
 slots (a row-parallel layer's partial sums, at batch 1: see engine/distributed/ll_allreduce.py),
 with the config tuned for ``gemv_row``, so bit-identical to it.

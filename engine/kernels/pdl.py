@@ -17,7 +17,8 @@ one that never runs ``launch_dependents`` starts when that kernel ends, as befor
 The LL all-reduce (engine/distributed/ll_allreduce.py, compiled by CuPy, whose launch call
 has no launch attributes) goes through ``launch_dependent``: the driver's ``cuLaunchKernelEx``
 with the programmatic-serialization attribute, through ctypes. It loads the norm weight, waits,
-then reads its inputs.
+then reads its inputs. It lets its own dependents launch at its start, or after its wait with
+``KVMESH_LL_TRIGGER=wait`` (engine/distributed/ll_allreduce.py).
 
 ``KVMESH_PDL``: ``1`` (default) all of the above; ``triton``: the Triton kernels but not the
 LL all-reduce; ``gemv``: the one-row GEMVs only (stop 16's setting); ``0``: none. The middle
