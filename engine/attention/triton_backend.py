@@ -7,9 +7,7 @@ size its grid (the host copies in ``AttentionMetadata`` suffice)::
       (forward_with_rotary: rotary_store_kv, RoPE on q in place and on k on its way to
        the cache, replaces the model's rotary launch and this one)
     all requests decoding (max_query_len == 1):
-        paged_decode                 grid (R, Hkv, splits), splits = f(R) only -> graph-capturable;
-                                     the last split of a (request, KV head) merges them
-                                     (``fuse_decode_reduce``; else a reduce launch follows)
+        paged_decode (+ reduce)      grid (R, Hkv, splits), splits = f(R) only -> graph-capturable
     otherwise (prefill, chunked prefill, prefix hits, decodes mixed in):
         paged_prefill                grid (T // BLOCK_Q + R, Hkv)
 
@@ -31,8 +29,6 @@ from engine.attention import triton_kernels as tk
 
 # Set to 1 to turn the fused RoPE + K/V store off whatever the config says (A/B runs).
 DISABLE_FUSED_ROPE_STORE_ENV = "KVMESH_DISABLE_FUSED_ROPE_STORE"
-# Set to 1 to run the decode splits' reduce as its own launch again (A/B runs).
-DISABLE_FUSED_DECODE_REDUCE_ENV = "KVMESH_DISABLE_FUSED_DECODE_REDUCE"
 
 
 @dataclass(frozen=True)
@@ -58,8 +54,6 @@ class TritonAttentionConfig:
     decode_num_splits: Optional[int] = None  # fixed split count (tests); None: from batch size
     # RoPE rides along the K/V store (forward_with_rotary): one launch a layer fewer, same bits.
     fuse_rope_store: bool = True
-    # The last split of each (request, KV head) merges the decode splits: no reduce launch.
-    fuse_decode_reduce: bool = True
 
 
 class TritonBackend(AttentionBackend):
@@ -69,13 +63,7 @@ class TritonBackend(AttentionBackend):
         self.config = config
         self.fuse_rope_store = config.fuse_rope_store and os.environ.get(
             DISABLE_FUSED_ROPE_STORE_ENV, "0") in ("", "0")
-        self.fuse_decode_reduce = config.fuse_decode_reduce and os.environ.get(
-            DISABLE_FUSED_DECODE_REDUCE_ENV, "0") in ("", "0")
         self._num_sms: dict[torch.device, int] = {}
-        # int32 zeros per device for the fused decode reduce (paged_decode's split_counts); the
-        # layers of a step take turns (one stream), and every call leaves them zero
-        self._split_counts: dict[torch.device, torch.Tensor] = {}
-        self._retired_counts: list[torch.Tensor] = []
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
@@ -124,13 +112,10 @@ class TritonBackend(AttentionBackend):
             return out
         c = self.config
         if meta.is_all_decode:
-            counts = (self._counts(kv_cache.device, num_reqs * kv_cache.shape[3])
-                      if self.fuse_decode_reduce else None)
             tk.paged_decode(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                             num_reqs, scale, out, self.num_decode_splits(num_reqs, kv_cache),
                             block_n=c.decode_block_n, min_split_len=c.decode_min_split_len,
-                            num_warps=c.decode_num_warps, num_stages=c.decode_num_stages,
-                            split_counts=counts)
+                            num_warps=c.decode_num_warps, num_stages=c.decode_num_stages)
         else:
             large = (c.prefill_large_min_query_len is not None
                      and meta.max_query_len >= c.prefill_large_min_query_len)
@@ -150,17 +135,6 @@ class TritonBackend(AttentionBackend):
         num_kv_heads = kv_cache.shape[3]
         return tk.default_num_splits(num_reqs, num_kv_heads, self._sm_count(kv_cache.device),
                                      c.decode_max_splits, c.decode_programs_per_sm)
-
-    def _counts(self, device: torch.device, needed: int) -> torch.Tensor:
-        """At least ``needed`` int32 zeros on ``device``, the same tensor call after call (so a
-        CUDA graph captured with it keeps it); made once, first at 4096 entries."""
-        counts = self._split_counts.get(device)
-        if counts is None or counts.numel() < needed:
-            if counts is not None:
-                self._retired_counts.append(counts)  # graphs captured with it still use it
-            counts = torch.zeros(max(needed, 4096), dtype=torch.int32, device=device)
-            self._split_counts[device] = counts
-        return counts
 
     def _sm_count(self, device: torch.device) -> int:
         if device not in self._num_sms:

@@ -22,8 +22,6 @@ fixed maxima, never on data, so the all-decode path can be captured in a CUDA gr
                                                  one KV head (K/V read once per group) over
                                                  1/num_splits of the sequence
                     + reduce grid (R, Hq)        merges the splits by their log-sum-exp
-                                                 (or, given split counts, the last split
-                                                 of each request and KV head does)
     paged_prefill   grid (T//BLOCK_Q + R, Hkv)   any query lengths: chunked prefill,
                                                  prefix hits, decodes mixed in
 
@@ -34,7 +32,6 @@ exponentiated with exp2; the split log-sum-exps are log2 too.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import triton
@@ -211,14 +208,13 @@ def _attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0, kv_
 # engine/device_copy.packed_to_device aligns the step's index arrays).
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-                   query_start_ptr, out_ptr, part_out_ptr, part_lse_ptr, counts_ptr,
+                   query_start_ptr, out_ptr, part_out_ptr, part_lse_ptr,
                    scale_log2, num_splits, stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_cache_slot, stride_cache_head, stride_bt,
                    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, OFFSET_64: tl.constexpr, PDL: tl.constexpr = False,
-                   FUSED_REDUCE: tl.constexpr = False, SPLITS_PAD: tl.constexpr = 1):
+                   DOT_PRECISION: tl.constexpr, OFFSET_64: tl.constexpr, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     r = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -261,39 +257,6 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
         part_row = (r * NUM_Q_HEADS + heads).to(tl.int64) * num_splits + split  # (GROUP_PAD,)
         tl.store(part_out_ptr + part_row[:, None] * DIM_PAD + d[None, :], o, mask=row_mask)
         tl.store(part_lse_ptr + part_row, lse, mask=g < GROUP)
-        if FUSED_REDUCE:
-            # The last split of (r, kv_head) to get here merges them all: no reduce launch.
-            # Every thread's stores come before the count (barrier, then a release at GPU
-            # scope); the merge's loads come after it (acquire) and skip L1 (.cg), which may
-            # hold another replay's lines. The winner zeroes the count for the next call.
-            tl.debug_barrier()
-            count = counts_ptr + r * (NUM_Q_HEADS // GROUP) + kv_head
-            if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-                for h in tl.static_range(GROUP):
-                    head = kv_head * GROUP + h
-                    _merge_splits(part_out_ptr, part_lse_ptr,
-                                  (r * NUM_Q_HEADS + head).to(tl.int64) * num_splits, num_splits,
-                                  out_ptr + q_row.to(tl.int64) * stride_ot + head * stride_oh,
-                                  HEAD_DIM, DIM_PAD, SPLITS_PAD, ".cg")
-                tl.store(count, 0)
-
-
-@triton.jit
-def _merge_splits(part_out_ptr, part_lse_ptr, part_row0, num_splits, out_row_ptr,
-                  HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                  CACHE: tl.constexpr):
-    """One head's output (HEAD_DIM,) from its num_splits partials, rows part_row0 + s of
-    part_out (.., DIM_PAD) and part_lse, weighted by their log2-sum-exps."""
-    s = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, DIM_PAD)
-    s_mask = s < num_splits
-    part_row = part_row0 + s  # (SPLITS_PAD,)
-    lse = tl.load(part_lse_ptr + part_row, mask=s_mask, other=float("-inf"), cache_modifier=CACHE)
-    weight = tl.exp2(lse - tl.max(lse, 0))  # split 0 always has keys, so the max is finite
-    o = tl.load(part_out_ptr + part_row[:, None] * DIM_PAD + d[None, :],
-                mask=s_mask[:, None], other=0.0, cache_modifier=CACHE)  # (SPLITS_PAD, DIM_PAD)
-    o = tl.sum(o * weight[:, None], 0) / tl.sum(weight, 0)
-    tl.store(out_row_ptr + d, o.to(out_row_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -307,24 +270,29 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, query_start_ptr, out_ptr, 
     q_row = tl.load(query_start_ptr + r)
     if tl.load(query_start_ptr + r + 1) == q_row:
         return
-    _merge_splits(part_out_ptr, part_lse_ptr, (r * NUM_Q_HEADS + head).to(tl.int64) * num_splits,
-                  num_splits, out_ptr + q_row.to(tl.int64) * stride_ot + head * stride_oh,
-                  HEAD_DIM, DIM_PAD, SPLITS_PAD, "")
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, DIM_PAD)
+    s_mask = s < num_splits
+    part_row = (r * NUM_Q_HEADS + head).to(tl.int64) * num_splits + s  # (SPLITS_PAD,)
+    lse = tl.load(part_lse_ptr + part_row, mask=s_mask, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, 0))  # split 0 always has keys, so the max is finite
+    o = tl.load(part_out_ptr + part_row[:, None] * DIM_PAD + d[None, :],
+                mask=s_mask[:, None], other=0.0)  # (SPLITS_PAD, DIM_PAD)
+    o = tl.sum(o * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(out_ptr + q_row.to(tl.int64) * stride_ot + head * stride_oh + d,
+             o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, num_reqs: int,
                  scale: float, out: torch.Tensor, num_splits: int,
                  block_n: int = 64, min_split_len: int = 256, num_warps: int = 4,
-                 num_stages: int = 2, split_counts: Optional[torch.Tensor] = None) -> None:
+                 num_stages: int = 2) -> None:
     """Attention of one query token per request over its whole context.
 
     query, out (T, Hq, D); request r's query is row ``query_start_loc[r]`` (T >= R).
     ``num_splits`` must depend only on num_reqs (graph capture); each request's keys
     are split evenly, in tiles of ``block_n``, with at least ``min_split_len`` a split.
-    ``split_counts``: int32 zeros, at least R * Hkv of them, that no other launch uses at
-    the same time; given, the last split of each (request, KV head) merges the splits and
-    no reduce kernel runs (the counts are zero again afterwards).
     """
     _check_cache(kv_cache)
     _, num_q_heads, head_dim = query.shape
@@ -339,27 +307,22 @@ def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
                                device=query.device)
     else:
         part_out = part_lse = out  # unused
-    fused = num_splits > 1 and split_counts is not None
-    if fused and (split_counts.dtype != torch.int32 or split_counts.numel() < num_reqs * num_kv_heads):
-        raise ValueError(f"split_counts must be int32 with >= {num_reqs * num_kv_heads} entries, "
-                         f"got {split_counts.dtype} x {split_counts.numel()}")
     on = pdl.small_pdl(query.device)
     _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
         query, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
-        out, part_out, part_lse, split_counts if fused else seq_lens,
+        out, part_out, part_lse,
         scale * LOG2E, num_splits, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         NUM_Q_HEADS=num_q_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         IS_SPLIT=num_splits > 1, MIN_SPLIT_LEN=min_split_len,
         DOT_PRECISION=_dot_precision(query.dtype), OFFSET_64=_needs_int64(kv_cache),
-        num_warps=num_warps, num_stages=num_stages, PDL=on, launch_pdl=on,
-        FUSED_REDUCE=fused, SPLITS_PAD=_splits_pad(num_splits) if fused else 1)
-    if num_splits > 1 and not fused:
+        num_warps=num_warps, num_stages=num_stages, PDL=on, launch_pdl=on)
+    if num_splits > 1:
         _decode_reduce_kernel[(num_reqs, num_q_heads)](
             part_out, part_lse, query_start_loc, out, num_splits, out.stride(0), out.stride(1),
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
-            SPLITS_PAD=_splits_pad(num_splits), num_warps=4, PDL=on, launch_pdl=on)
+            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4, PDL=on, launch_pdl=on)
 
 
 # ---- prefill / mixed -------------------------------------------------------------------------
@@ -468,13 +431,6 @@ def paged_prefill(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-def _splits_pad(num_splits: int) -> int:
-    """The merge's split axis: 32 up to 32 splits (one compiled decode kernel for every batch
-    size's split count), else the next power of two. The fused merge and the reduce kernel
-    use the same, so they reduce in the same order (same bits)."""
-    return max(32, triton.next_power_of_2(num_splits))
-
 
 def _dim_pad(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
