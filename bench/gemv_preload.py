@@ -76,11 +76,7 @@ def _gap_kernel(y_ptr, x_ptr, N, K, spin_ns, EARLY: tl.constexpr, BLOCK: tl.cons
 
 def _pre_k_for(bn: int, bk: int, k: int, budget: int) -> int:
     """gemv._pre_k with ``budget`` bytes in place of KVMESH_GEMV_PRELOAD (bf16)."""
-    old, g.PRELOAD_BYTES = g.PRELOAD_BYTES, budget
-    try:
-        return g._pre_k({"BLOCK_N": bn, "BLOCK_K": bk, "K": k, "w_ptr": _BF16})
-    finally:
-        g.PRELOAD_BYTES = old
+    return g._pre_k({"BLOCK_N": bn, "BLOCK_K": bk, "K": k, "w_ptr": _BF16}, budget)
 
 
 _BF16 = torch.empty(0, dtype=torch.bfloat16)

@@ -54,14 +54,16 @@ PRELOAD_ENV = "KVMESH_GEMV_PRELOAD"
 PRELOAD_BYTES = int(os.environ.get(PRELOAD_ENV, "0") or 0)
 
 
-def _pre_k(args: dict) -> int:
+def _pre_k(args: dict, preload_bytes: Optional[int] = None) -> int:
     """PRE_K of a one-row GEMV launch: BLOCK_K times the largest power of two of tiles that fits
-    PRELOAD_BYTES per program and K; at least one tile. A function of the config, K and dtype
-    only, so ``gemv_row`` and ``gemv_row_push`` agree (same sums, same bits)."""
+    ``preload_bytes`` (default PRELOAD_BYTES) per program and K; at least one tile. A function
+    of the config, K and dtype only, so ``gemv_row`` and ``gemv_row_push`` agree (same sums,
+    same bits)."""
+    budget = PRELOAD_BYTES if preload_bytes is None else preload_bytes
     block_n, block_k, k = args["BLOCK_N"], args["BLOCK_K"], args["K"]
     tile_bytes = block_n * block_k * args["w_ptr"].element_size()
     tiles = 1
-    while tiles * 2 * tile_bytes <= PRELOAD_BYTES and tiles * 2 * block_k <= k:
+    while tiles * 2 * tile_bytes <= budget and tiles * 2 * block_k <= k:
         tiles *= 2
     return tiles * block_k
 

@@ -108,7 +108,7 @@ def main() -> None:
         k = compile_kernel(gk._gemv_row_push_kernel.fn, dict(
             x_ptr=dt, w_ptr=dt, out_ptr=dt, N=4096, K=7168, stride_wn=7168, table_ptr=torch.int64,
             rank=1, world=2, slot_words=65536, BLOCK_N=C(bn), BLOCK_K=C(bk), EVEN_K=C(True),
-            EVEN_N=C(True), PDL=C(pdl)), num_warps=warps, num_stages=3)
+            EVEN_N=C(True), PRE_K=C(bk), PDL=C(pdl)), num_warps=warps, num_stages=3)
         # the packets must leave as whole 8-byte (or wider) stores: the LL reader's atomicity
         stores = sorted(set(re.findall(r"st\.global[.\w]*", k.asm["ptx"])))
         gdc = k.asm["ptx"].count("griddepcontrol")
