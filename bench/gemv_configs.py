@@ -31,7 +31,7 @@ from bench.gemv_probe import shapes  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from engine.kernels import gemv as g  # noqa: E402
+from engine.kernels import gemv as g, gemv_tune  # noqa: E402
 from engine.kernels.triton_ops import pdl_enter  # noqa: E402
 
 
@@ -91,7 +91,7 @@ def time_configs(n: int, k: int, configs: list, calls: int = 24, rounds: int = 5
             print(f"  {bn}x{bk} w{warps} s{stages} is wrong", flush=True)
             continue
         fns[(bn, bk, warps, stages)] = fn
-    times = g._time_in_graphs(fns, w, calls, rounds)
+    times = gemv_tune._time_in_graphs(fns, w, calls, rounds)
     return {key: t * 1e6 for key, t in times.items()}
 
 

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
-from engine.kernels import gemv as g  # noqa: E402
+from engine.kernels import gemv as g, gemv_tune  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB = 4096, 32, 8, 128, 14336, 128256
 
@@ -49,7 +49,7 @@ def main() -> None:
     for tp in (int(t) for t in args.tp.split(",")):
         for name, (n, k) in shapes(tp).items():
             key = f"tp{tp}/{name}"
-            report = g.tune(_Linear(n, k))
+            report = gemv_tune.tune(_Linear(n, k))
             entry = report.get(f"{n}x{k}")
             if entry is None:  # the same (N, K) was tuned for an earlier entry
                 entry = dict(result["shapes"][next(s for s, e in result["shapes"].items() if e["nk"] == [n, k])])

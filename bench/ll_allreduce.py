@@ -212,7 +212,7 @@ def _captured(torch, calls, device):
 
 
 def _tuned_row_gemv(a, w) -> None:
-    """Autotunes gemv_row for w's shape and makes it the one-row choice (what ``gemv.tune``
+    """Autotunes gemv_row for w's shape and makes it the one-row choice (what ``gemv_tune.tune``
     does for a model), so ``linear_for_reduce`` takes that shape."""
     from engine.kernels import gemv
     gemv.gemv_row(a, w)

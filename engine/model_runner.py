@@ -209,9 +209,9 @@ class ModelRunner:
                     num_blocks, self.block_size, num_blocks * self.kv_bytes_per_block() / (1 << 30),
                     self.max_model_len, num_blocks * self.block_size / self.max_model_len)
         if self._use_cuda_graphs():
-            from engine.kernels import gemv
+            from engine.kernels import gemv_tune
             # per weight shape: cuBLAS or the GEMV at batch <= 4, before capture
-            self.gemv_report = gemv.tune(self.model)
+            self.gemv_report = gemv_tune.tune(self.model)
             self.graph_runner = self._graph_runner(scratch_block=num_blocks, capture=True)
             self.graph_runner.capture()
 

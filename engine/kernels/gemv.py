@@ -7,7 +7,7 @@ run at the memory bandwidth. cuBLAS does for most shapes, not all: on an H100 th
 only 64 programs on 132 SMs (profile of bench/gpu_bench.py --decode-profile).
 
     linear(x, w, bias)     x (M, K), w (N, K) -> (M, N); the GEMV when M <= MAX_ROWS and the
-                           shape was measured faster with it (``tune``), else F.linear
+                           shape was measured faster with it (gemv_tune.tune), else F.linear
 
 Three Triton kernels: ``gemv`` (one program per BLOCK_N outputs, ``tl.dot`` over rows padded
 to 16), ``gemv_split_k`` (K split over programs too, fp32 partials and a reduce launch: more
@@ -20,14 +20,10 @@ it waits: engine/kernels/pdl.py, bench/gemv_preload.py).
 slots (a row-parallel layer's partial sums, at batch 1: see engine/distributed/ll_allreduce.py),
 with the config tuned for ``gemv_row``, so bit-identical to it.
 
-``tune(model)`` times cuBLAS and the kernels at M = 1 for every distinct (N, K, dtype) of the
-model's linear layers once, after loading, and keeps the fastest for one row, and the fastest of
-cuBLAS, ``gemv`` and ``gemv_split_k`` for 2..MAX_ROWS rows; nothing is decided inside a
-CUDA-graph capture. Each is timed as a decode step runs it: many calls back to back inside one
-CUDA graph, each on another copy of the weight so that every call reads from HBM (per-call event
-timing adds ~15-20 us of overhead, more than the gap measured), the candidates' graphs in turn
-over 5 rounds. Off CUDA, in fp32 and untuned shapes use F.linear, so tests comparing fp32 GPU
-runs with the reference path are unaffected.
+Which kernel a shape takes is ``_USE_GEMV``, filled once after loading by
+``engine/kernels/gemv_tune.py`` (``tune(model)``), which times them; nothing is decided inside a
+CUDA-graph capture. Off CUDA, in fp32 and untuned shapes use F.linear, so tests comparing fp32
+GPU runs with the reference path are unaffected.
 """
 
 from __future__ import annotations
@@ -45,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 MAX_ROWS = 4  # batch rows the GEMV takes (padded to 16 inside tl.dot)
 MAX_SPLIT_K = 8  # the largest SPLIT_K among the split-K configs
-# (N, K, dtype) -> (kernel for one row, kernel for 2..MAX_ROWS rows); None: cuBLAS (F.linear)
+# (N, K, dtype) -> (kernel for one row, kernel for 2..MAX_ROWS rows); None: cuBLAS (F.linear).
+# Written by gemv_tune.tune.
 _USE_GEMV: dict[tuple[int, int, torch.dtype], tuple[Optional[str], Optional[str]]] = {}
 # Bytes of its weight rows a one-row GEMV program loads before it waits for the kernel before
 # it (PDL). 0: one (BLOCK_N, BLOCK_K) tile. More keeps HBM busy while that kernel still runs
@@ -271,7 +268,7 @@ def gemv_row_push(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, ra
     ``_gemv_row_push_kernel``; ``table`` and ``slot_words`` come from the LL all-reduce).
     Runs with the config the tuner picked for ``gemv_row`` at this shape, so the values are
     bit-identical to ``gemv_row``'s (and it is never autotuned: autotuning would push
-    several times). None where ``tune`` did not pick ``gemv_row`` for this shape or the
+    several times). None where ``gemv_tune.tune`` did not pick ``gemv_row`` for this shape or the
     dtype is not 2 bytes: the caller then takes the plain path."""
     if x.shape[0] != 1 or weight.dtype not in (torch.bfloat16, torch.float16) or x.dtype != weight.dtype:
         return None
@@ -292,7 +289,7 @@ _PUSH_CONFIG: dict[tuple[int, int, torch.dtype], "triton.Config"] = {}
 
 
 def _push_config(n: int, k: int, dtype: torch.dtype):
-    """``gemv_row``'s tuned config for (N, K, dtype) where ``tune`` chose it for one row, else
+    """``gemv_row``'s tuned config for (N, K, dtype) where ``gemv_tune.tune`` chose it for one row, else
     None; looked up in the autotuner's cache once per shape, not on every call."""
     key = (n, k, dtype)
     if key not in _PUSH_CONFIG:
@@ -346,7 +343,7 @@ _ONE_ROW_ONLY = frozenset({"row"})
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear, or the GEMV that ``tune`` measured fastest for this shape, for a few rows."""
+    """F.linear, or the GEMV that ``gemv_tune.tune`` measured fastest for this shape, for a few rows."""
     if x.dim() == 2 and x.shape[0] <= MAX_ROWS:
         choice = _USE_GEMV.get((weight.shape[0], weight.shape[1], weight.dtype))
         kernel = choice and choice[0 if x.shape[0] == 1 else 1]
@@ -354,94 +351,3 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             y = _KERNELS[kernel](x, weight)
             return y + bias if bias is not None else y
     return F.linear(x, weight, bias)
-
-
-@torch.inference_mode()
-def tune(model: torch.nn.Module, calls: int = 24) -> dict[str, dict]:
-    """Times cuBLAS, the GEMV and the split-K GEMV at batch 1 for each distinct linear weight
-    shape of ``model`` (modules whose forward calls ``linear``: they carry ``small_batch_gemv =
-    True``); a Triton kernel is used for a shape only where it beats cuBLAS by more than 3%.
-    Returns {shape: {kernel: microseconds a call, ..., "use": kernel for one row,
-    "use_few_rows": kernel for 2..MAX_ROWS rows}}."""
-    if triton is None:
-        return {}
-    report = {}
-    for module in model.modules():
-        w = getattr(module, "weight", None)
-        if not getattr(module, "small_batch_gemv", False) or w is None or not w.is_cuda:
-            continue
-        if w.dtype not in (torch.bfloat16, torch.float16) or w.dim() != 2:
-            continue
-        key = (w.shape[0], w.shape[1], w.dtype)
-        if key in _USE_GEMV:
-            continue
-        _USE_GEMV[key] = (None, None)  # cuBLAS unless a kernel below is right and faster
-        x = torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device)
-        ref = F.linear(x, w).float()
-        candidates = {"cublas": lambda wi: F.linear(x, wi)}
-        try:
-            for name, kernel in _KERNELS.items():
-                got = kernel(x, w).float()  # also autotunes this shape, outside any capture
-                if not torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
-                    logger.warning("%s disagrees with cuBLAS for %s; not used", name, key)
-                    continue
-                candidates[name] = lambda wi, kernel=kernel: kernel(x, wi)
-            times = _time_in_graphs(candidates, w, calls)
-        except Exception as exc:  # noqa: BLE001 - timing is an optimisation: cuBLAS is always right
-            logger.warning("could not time the GEMVs for %s (%r); using cuBLAS", key, exc)
-            torch.cuda.synchronize()
-            times = {}
-        one_row = _fastest(times)
-        few_rows = _fastest({k: v for k, v in times.items() if k not in _ONE_ROW_ONLY})
-        _USE_GEMV[key] = (one_row, few_rows)
-        report[f"{key[0]}x{key[1]}"] = {**{k: round(v * 1e6, 2) for k, v in times.items()},
-                                        "use": one_row or "cublas", "use_few_rows": few_rows or "cublas"}
-    if report:
-        logger.info("batch-1 linear layers, microseconds a call in a CUDA graph: %s", report)
-    return report
-
-
-def _fastest(times: dict[str, float]) -> Optional[str]:
-    """The fastest Triton kernel of ``times`` (seconds a call) if it beats cuBLAS by > 3%, else None."""
-    if "cublas" not in times:
-        return None
-    best = min(times, key=times.get)
-    return best if best != "cublas" and times[best] < 0.97 * times["cublas"] else None
-
-
-def _time_in_graphs(fns: dict, weight: torch.Tensor, calls: int, rounds: int = 5) -> dict[str, float]:
-    """Seconds per call of each ``fns[name](w)``, as a decode step's CUDA graph runs it: ``calls``
-    calls back to back in one captured graph per name (no launch or event overhead per call),
-    each on another copy of the weight so that the copies together overflow L2 (every call
-    reads its weight from HBM). The graphs are timed in turn, ``rounds`` times, and each keeps
-    its best: a slow stretch of the GPU (clocks, a peer rank's set-up) then costs every
-    candidate a round, not one candidate all its timings. (Timed one candidate after the other,
-    stop 17's final 4-GPU run took the tl.dot GEMV and cuBLAS over the one-row kernel for two
-    TP=2 shapes where the call before, with the same code, took the one-row kernel.)"""
-    copies = max(2, -(-(256 << 20) // (weight.numel() * weight.element_size())))
-    copies = min(copies, calls)
-    weights = [weight.clone() for _ in range(copies)]
-    graphs = {}
-    for name, fn in fns.items():
-        for wi in weights[:2]:
-            fn(wi)  # warm up outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(calls):
-                fn(weights[i % copies])
-        graph.replay()  # the first replay uploads the graph
-        graphs[name] = graph
-    torch.cuda.synchronize()
-    best = {name: float("inf") for name in graphs}
-    for _ in range(rounds):
-        for name, graph in graphs.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(2):
-                graph.replay()
-            end.record()
-            end.synchronize()
-            best[name] = min(best[name], start.elapsed_time(end) / 1e3 / (2 * calls))
-    del graphs, weights
-    return best

@@ -239,11 +239,11 @@ def test_decode_attention_as_dependent_launches_is_bit_identical(monkeypatch):
 
 @pytest.mark.gpu
 def test_gemv_tune_picks_per_shape_and_linear_follows_it():
-    from engine.kernels import gemv as g
+    from engine.kernels import gemv_tune
     from engine.models.layers import RowParallelLinear
     layer = RowParallelLinear(4096, 4096).to(device="cuda", dtype=torch.bfloat16)
     torch.nn.init.normal_(layer.weight, std=0.02)
-    report = g.tune(layer)
+    report = gemv_tune.tune(layer)
     entry = report["4096x4096"]  # measured once: microseconds per kernel, and the one used
     assert entry["cublas"] > 0 and entry["use"] in ("cublas", "gemv", "split_k", "row"), entry
     assert entry["use_few_rows"] in ("cublas", "gemv", "split_k"), entry  # "row" takes one row only

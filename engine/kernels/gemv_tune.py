@@ -1,0 +1,114 @@
+"""Chooses, per weight shape, which batch-1 linear kernel of engine/kernels/gemv.py runs.
+
+``tune(model)`` times cuBLAS and the Triton kernels at M = 1 for every distinct (N, K, dtype) of
+the model's linear layers once, after loading, and keeps the fastest for one row, and the
+fastest of cuBLAS, ``gemv`` and ``gemv_split_k`` for 2..MAX_ROWS rows (in ``gemv._USE_GEMV``,
+which ``gemv.linear`` reads); nothing is decided inside a CUDA-graph capture. Each is timed as a
+decode step runs it: many calls back to back inside one CUDA graph, each on another copy of the
+weight so that every call reads from HBM (per-call event timing adds ~15-20 us of overhead, more
+than the gap measured), the candidates' graphs in turn over 5 rounds. A Triton kernel must beat
+cuBLAS by more than 3% to be used.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import gemv
+
+logger = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def tune(model: torch.nn.Module, calls: int = 24) -> dict[str, dict]:
+    """Times cuBLAS, the GEMV and the split-K GEMV at batch 1 for each distinct linear weight
+    shape of ``model`` (modules whose forward calls ``linear``: they carry ``small_batch_gemv =
+    True``); a Triton kernel is used for a shape only where it beats cuBLAS by more than 3%.
+    Returns {shape: {kernel: microseconds a call, ..., "use": kernel for one row,
+    "use_few_rows": kernel for 2..MAX_ROWS rows}}."""
+    if gemv.triton is None:
+        return {}
+    report = {}
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if not getattr(module, "small_batch_gemv", False) or w is None or not w.is_cuda:
+            continue
+        if w.dtype not in (torch.bfloat16, torch.float16) or w.dim() != 2:
+            continue
+        key = (w.shape[0], w.shape[1], w.dtype)
+        if key in gemv._USE_GEMV:
+            continue
+        gemv._USE_GEMV[key] = (None, None)  # cuBLAS unless a kernel below is right and faster
+        x = torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device)
+        ref = F.linear(x, w).float()
+        candidates = {"cublas": lambda wi: F.linear(x, wi)}
+        try:
+            for name, kernel in gemv._KERNELS.items():
+                got = kernel(x, w).float()  # also autotunes this shape, outside any capture
+                if not torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
+                    logger.warning("%s disagrees with cuBLAS for %s; not used", name, key)
+                    continue
+                candidates[name] = lambda wi, kernel=kernel: kernel(x, wi)
+            times = _time_in_graphs(candidates, w, calls)
+        except Exception as exc:  # noqa: BLE001 - timing is an optimisation: cuBLAS is always right
+            logger.warning("could not time the GEMVs for %s (%r); using cuBLAS", key, exc)
+            torch.cuda.synchronize()
+            times = {}
+        one_row = _fastest(times)
+        few_rows = _fastest({k: v for k, v in times.items() if k not in gemv._ONE_ROW_ONLY})
+        gemv._USE_GEMV[key] = (one_row, few_rows)
+        report[f"{key[0]}x{key[1]}"] = {**{k: round(v * 1e6, 2) for k, v in times.items()},
+                                        "use": one_row or "cublas", "use_few_rows": few_rows or "cublas"}
+    if report:
+        logger.info("batch-1 linear layers, microseconds a call in a CUDA graph: %s", report)
+    return report
+
+
+def _fastest(times: dict[str, float]) -> Optional[str]:
+    """The fastest Triton kernel of ``times`` (seconds a call) if it beats cuBLAS by > 3%, else None."""
+    if "cublas" not in times:
+        return None
+    best = min(times, key=times.get)
+    return best if best != "cublas" and times[best] < 0.97 * times["cublas"] else None
+
+
+def _time_in_graphs(fns: dict, weight: torch.Tensor, calls: int, rounds: int = 5) -> dict[str, float]:
+    """Seconds per call of each ``fns[name](w)``, as a decode step's CUDA graph runs it: ``calls``
+    calls back to back in one captured graph per name (no launch or event overhead per call),
+    each on another copy of the weight so that the copies together overflow L2 (every call
+    reads its weight from HBM). The graphs are timed in turn, ``rounds`` times, and each keeps
+    its best: a slow stretch of the GPU (clocks, a peer rank's set-up) then costs every
+    candidate a round, not one candidate all its timings. (Timed one candidate after the other,
+    stop 17's final 4-GPU run took the tl.dot GEMV and cuBLAS over the one-row kernel for two
+    TP=2 shapes where the call before, with the same code, took the one-row kernel.)"""
+    copies = max(2, -(-(256 << 20) // (weight.numel() * weight.element_size())))
+    copies = min(copies, calls)
+    weights = [weight.clone() for _ in range(copies)]
+    graphs = {}
+    for name, fn in fns.items():
+        for wi in weights[:2]:
+            fn(wi)  # warm up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                fn(weights[i % copies])
+        graph.replay()  # the first replay uploads the graph
+        graphs[name] = graph
+    torch.cuda.synchronize()
+    best = {name: float("inf") for name in graphs}
+    for _ in range(rounds):
+        for name, graph in graphs.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(2):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            best[name] = min(best[name], start.elapsed_time(end) / 1e3 / (2 * calls))
+    del graphs, weights
+    return best
