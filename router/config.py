@@ -2,7 +2,8 @@
 
 Frozen dataclasses nested by concern, Enums for choices, validated at load time
 with a ``ValueError`` that names the file and the bad field. Unknown keys are
-errors (a typo must not silently fall back to a default). No I/O happens in
+errors (a typo must not silently fall back to a default; the checks are router/typed_yaml.py's).
+No I/O happens in
 ``__post_init__``: API keys named by an environment variable are read when the
 ingress starts (``AuthConfig.resolve_api_keys``), not when the file is parsed.
 
@@ -36,17 +37,16 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import yaml
 
 from engine.config import EngineConfig
 from engine.kv_transfer.base import KVTransportKind
 from engine.kv_transfer.plan import TransferFailurePolicy
+from router.typed_yaml import build_section, coerce_field, reject_unknown
 
 
 class RouterKind(str, enum.Enum):
@@ -358,7 +358,7 @@ def parse_deployment_config(data: Any, source: str = "<config>") -> DeploymentCo
     """Builds a ``DeploymentConfig`` from already-parsed YAML/JSON data."""
     if not isinstance(data, dict):
         raise ValueError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
-    _reject_unknown(data, _TOP_LEVEL, source, "")
+    reject_unknown(data, _TOP_LEVEL, source, "")
     model = data.get("model", "kvmesh-tiny")
     if not isinstance(model, str) or not model:
         raise ValueError(f"{source}: model must be a non-empty string, got {model!r}")
@@ -375,11 +375,11 @@ def parse_deployment_config(data: Any, source: str = "<config>") -> DeploymentCo
     kwargs: dict[str, Any] = {"engine": engine}
     for key in ("name", "served_model_name", "redis_url"):
         if key in data:
-            kwargs[key] = _coerce(data[key], DeploymentConfig, key, source, "")
+            kwargs[key] = coerce_field(data[key], DeploymentConfig, key, source, "")
     kwargs.setdefault("served_model_name", engine.model.served_model_name or _default_served_name(model))
     for key, cls in _SECTIONS.items():
         if key in data:
-            kwargs[key] = _build_section(cls, data[key], source, key)
+            kwargs[key] = build_section(cls, data[key], source, key)
     if "routing" in data:
         kwargs["routing"] = _build_routing(data["routing"], source)
     try:
@@ -397,17 +397,17 @@ def _build_routing(data: Any, source: str) -> RoutingConfig:
         return RoutingConfig()
     if not isinstance(data, dict):
         raise ValueError(f"{source}: routing must be a mapping")
-    _reject_unknown(data, {"kind", "stats_period_s", "block_report_period_s", "policy"}, source, "routing")
+    reject_unknown(data, {"kind", "stats_period_s", "block_report_period_s", "policy"}, source, "routing")
     kwargs: dict[str, Any] = {}
     for key in ("kind", "stats_period_s", "block_report_period_s"):
         if key in data:
-            kwargs[key] = _coerce(data[key], RoutingConfig, key, source, "routing")
+            kwargs[key] = coerce_field(data[key], RoutingConfig, key, source, "routing")
     if data.get("policy") is not None:
         policy_cls = router_policy_config_class()
         if policy_cls is None:
             raise ValueError(f"{source}: routing.policy needs router.policy.RouterPolicyConfig, "
                              "which is not available in this build")
-        kwargs["policy"] = _build_section(policy_cls, data["policy"], source, "routing.policy")
+        kwargs["policy"] = build_section(policy_cls, data["policy"], source, "routing.policy")
     try:
         return RoutingConfig(**kwargs)
     except ValueError as exc:
@@ -421,86 +421,3 @@ def router_policy_config_class() -> Optional[type]:
     except ImportError:
         return None
     return RouterPolicyConfig
-
-
-def _reject_unknown(data: dict, known: set[str], source: str, section: str) -> None:
-    unknown = sorted(str(k) for k in data if k not in known)
-    if unknown:
-        where = f"{section}." if section else ""
-        raise ValueError(f"{source}: unknown key(s) {', '.join(where + k for k in unknown)}; "
-                         f"known keys{' in ' + section if section else ''}: {sorted(known)}")
-
-
-def _build_section(cls: type, data: Any, source: str, section: str) -> Any:
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: {section} must be a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    _reject_unknown(data, names, source, section)
-    kwargs = {k: _coerce(v, cls, k, source, section) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{source}: {section}: {exc}") from None
-
-
-def _coerce(value: Any, cls: type, name: str, source: str, section: str) -> Any:
-    """Checks ``value`` against the declared type of ``cls.name`` (ints for floats are fine)."""
-    hint = typing.get_type_hints(cls)[name]
-    where = f"{section}.{name}" if section else name
-    try:
-        return _coerce_to(value, hint)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{source}: {where}: {exc}") from None
-
-
-def _coerce_to(value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce_to(value, arg)
-            except (TypeError, ValueError) as exc:
-                errors.append(str(exc))
-        raise ValueError("; ".join(errors))
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"expected a list, got {value!r}")
-        item = typing.get_args(hint)[0] if typing.get_args(hint) else Any
-        items = [_coerce_to(v, item) for v in value]
-        return tuple(items) if origin is tuple else items
-    if hint is Any:
-        return value
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a mapping, got {value!r}")
-        return _build_section(hint, value, "<nested>", hint.__name__)
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        try:
-            return hint(value)
-        except ValueError:
-            raise ValueError(f"expected one of {[m.value for m in hint]}, got {value!r}") from None
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint!r}")
