@@ -2,10 +2,10 @@
 
 Frozen dataclasses nested by concern, Enums for choices, validated at load time
 with a ``ValueError`` that names the file and the bad field. Unknown keys are
-errors (a typo must not silently fall back to a default; the checks are router/typed_yaml.py's).
-No I/O happens in
-``__post_init__``: API keys named by an environment variable are read when the
-ingress starts (``AuthConfig.resolve_api_keys``), not when the file is parsed.
+errors (a typo must not silently fall back to a default); the type checks are
+router/typed_yaml.py's. No I/O happens in ``__post_init__``: API keys named by an
+environment variable are read when the ingress starts (``AuthConfig.resolve_api_keys``),
+not when the file is parsed.
 
     name: kvmesh                      # Serve application name
     model: kvmesh-tiny                # local HF folder or the built-in model
