@@ -11,23 +11,8 @@ L=$OUT/logs; mkdir -p $L
 nvidia-smi --query-gpu=index,name --format=csv,noheader | head -2
 KVMESH_LL_TRIGGER=wait KVMESH_GEMV_PRELOAD=32768 gpu_tests ll_and_gemv 200 \
     tests/gpu/test_ll_allreduce.py tests/gpu/test_kernels.py -k "ll or push or gemv or dependent"
-MD=$(python3 -c "from bench.parallel_parts import write_model_dir; print(write_model_dir('/tmp/kvmesh-llama8b-shape'))")
-decode() {  # TAG TP GPUS
-  CUDA_VISIBLE_DEVICES=$3 timeout 150 python3 bench/parallel.py engine --tp $2 --decode --model-dir "$MD" \
-      --decode-steps 96 --profile-steps 0 --prompt-len 128 --max-tokens 128 --max-num-seqs 64 \
-      > "$L/$1.out" 2> "$L/$1.err"
-  python3 - "$1" "$L/$1.out" <<'PY'
-import json, sys
-lines = [l for l in open(sys.argv[2]) if l.startswith("RESULT ")]
-if not lines:
-    print(sys.argv[1], "no result"); sys.exit()
-r = json.loads(lines[-1][7:]); d = r.get("decode", {})
-print(sys.argv[1], "median %.3f mean %.3f p90 %.3f ms" % (d["median_step_ms"], d["mean_step_ms"], d["p90_step_ms"]),
-      "init %.0f s" % r["init_s"])
-PY
-}
-decode tp1 1 0
+decode_step tp1 1 0
 for setting in ${SETTINGS:-start:0 wait:0 wait:32768 start:0 wait:0}; do
-  KVMESH_LL_TRIGGER=${setting%%:*} KVMESH_GEMV_PRELOAD=${setting##*:} decode "tp2_${setting/:/_}" 2 0,1
+  KVMESH_LL_TRIGGER=${setting%%:*} KVMESH_GEMV_PRELOAD=${setting##*:} decode_step "tp2_${setting/:/_}" 2 0,1
 done
 tail -3 $L/tp2_start_0.err
