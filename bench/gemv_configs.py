@@ -1,5 +1,5 @@
 """Every candidate config of the one-row GEMV (engine/kernels/gemv.py's ``_gemv_row_kernel``) on the
-Llama-3.1-8B shapes one rank holds at TP = 1, 2 and 4, against the configs ``gemv.tune`` chooses
+Llama-3.1-8B shapes one rank holds at TP = 1, 2 and 4, against the configs ``gemv_tune.tune`` chooses
 from today: is a better tile missing from the autotune list?
 
 Timed as the tuner times (many calls in one CUDA graph, each on another copy of the weight so every

@@ -74,20 +74,13 @@ def _gap_kernel(y_ptr, x_ptr, N, K, spin_ns, EARLY: tl.constexpr, BLOCK: tl.cons
         tl.store(x_ptr + i, (y.to(tl.float32) * 0.5).to(x_ptr.dtype.element_ty), mask=i < K)
 
 
-def _pre_k_for(bn: int, bk: int, k: int, budget: int) -> int:
-    """gemv._pre_k with ``budget`` bytes in place of KVMESH_GEMV_PRELOAD (bf16)."""
-    return g._pre_k({"BLOCK_N": bn, "BLOCK_K": bk, "K": k, "w_ptr": _BF16}, budget)
-
-
-_BF16 = torch.empty(0, dtype=torch.bfloat16)
-
-
 def gemv(x, w, out, config, budget: int) -> None:
     n, k = w.shape
     bn, bk, warps, stages = config
+    pre_k = g._pre_k({"BLOCK_N": bn, "BLOCK_K": bk, "K": k, "w_ptr": w}, budget)  # as KVMESH_GEMV_PRELOAD=budget
     g._gemv_row_kernel.fn.fn[(triton.cdiv(n, bn),)](
         x, w, out, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, EVEN_N=n % bn == 0,
-        PRE_K=_pre_k_for(bn, bk, k, budget), PDL=True, num_warps=warps, num_stages=stages, launch_pdl=True)
+        PRE_K=pre_k, PDL=True, num_warps=warps, num_stages=stages, launch_pdl=True)
 
 
 def gap(y, x, spin_ns: int, early: bool) -> None:
@@ -95,13 +88,20 @@ def gap(y, x, spin_ns: int, early: bool) -> None:
                       launch_pdl=True)
 
 
-def time_chain(tp: int, budget: int, gaps: dict, with_gemvs: bool = True, rounds: int = 5) -> float:
-    """Microseconds per layer of the chain at TP=tp's per-rank shapes."""
+def make_layers(tp: int) -> tuple[list[dict], dict]:
+    """LAYERS layers of distinct weights at TP=tp's per-rank shapes, and each GEMV's (x, y)."""
     sh = {name: nk for name, nk in shapes(tp).items() if name != "lm_head"}
     weights = [{name: torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
                 for name, (n, k) in sh.items()} for _ in range(LAYERS)]
     bufs = {name: (torch.randn(1, k, dtype=torch.bfloat16, device="cuda"),
                    torch.empty(1, n, dtype=torch.bfloat16, device="cuda")) for name, (n, k) in sh.items()}
+    return weights, bufs
+
+
+def time_chain(tp: int, layers: tuple[list[dict], dict], budget: int, gaps: dict, with_gemvs: bool = True,
+               rounds: int = 5) -> float:
+    """Microseconds per layer of the chain over ``layers`` (``make_layers(tp)``)."""
+    weights, bufs = layers
     order = ["qkv", "o_proj", "gate_up", "down"]
     nxt = {"qkv": "o_proj", "o_proj": "gate_up", "gate_up": "down", "down": "qkv"}
 
@@ -131,7 +131,7 @@ def time_chain(tp: int, budget: int, gaps: dict, with_gemvs: bool = True, rounds
         end.record()
         end.synchronize()
         best = min(best, start.elapsed_time(end) * 1e3 / (3 * LAYERS))
-    del graph, weights
+    del graph
     return best
 
 
@@ -147,14 +147,18 @@ def main() -> None:
               "time": time.time(), "layers_per_graph": LAYERS, "configs": CONFIGS, "runs": []}
     settings = [(1, 0, False)]  # TP=1: norms (late), no all-reduce
     settings += [(2, int(s), early) for s in args.ll_ns.split(",") for early in (True, False)]
+    layers = {}
     for tp, ll_ns, early in settings:
+        if tp not in layers:
+            layers.clear()  # one TP's weights at a time (TP=1: 3.5 GB)
+            layers[tp] = make_layers(tp)
         gaps = {"qkv": (args.attn_ns, False), "o_proj": (ll_ns, early), "gate_up": (0, False),
                 "down": (ll_ns, early)}
-        gaps_only = time_chain(tp, 0, gaps, with_gemvs=False)
+        gaps_only = time_chain(tp, layers[tp], 0, gaps, with_gemvs=False)
         row = {"tp": tp, "ll_ns": ll_ns, "ll_trigger": "early" if early else "late",
                "attn_ns": args.attn_ns, "gaps_only_us": round(gaps_only, 2), "layer_us": {}}
         for budget in budgets:
-            row["layer_us"][budget] = round(time_chain(tp, budget, gaps), 2)
+            row["layer_us"][budget] = round(time_chain(tp, layers[tp], budget, gaps), 2)
         base = row["layer_us"][budgets[0]]
         print(f"tp{tp} all-reduce stand-in {ll_ns} ns ({row['ll_trigger']} trigger), attention {args.attn_ns} ns: "
               f"gaps alone {gaps_only:.2f} us/layer; layer " +

@@ -28,7 +28,6 @@ GPU runs with the reference path are unaffected.
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Optional
 
@@ -36,8 +35,6 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import pdl
-
-logger = logging.getLogger(__name__)
 
 MAX_ROWS = 4  # batch rows the GEMV takes (padded to 16 inside tl.dot)
 MAX_SPLIT_K = 8  # the largest SPLIT_K among the split-K configs
@@ -102,7 +99,7 @@ if triton is not None:
         key=["N", "K"])
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
                         "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0,
-                        "PRE_K": lambda args: _pre_k(args)})
+                        "PRE_K": _pre_k})
     @triton.jit
     def _gemv_row_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -157,7 +154,7 @@ if triton is not None:
 
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
                         "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0,
-                        "PRE_K": lambda args: _pre_k(args)})
+                        "PRE_K": _pre_k})
     @triton.jit
     def _gemv_row_push_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, table_ptr, rank, world,
                               slot_words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
