@@ -395,6 +395,8 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--decode", action="store_true")
     parser.add_argument("--throughput-requests", type=int, default=0)
+    parser.add_argument("--throughput-profile-steps", type=int, default=0,
+                        help="full-batch decode steps of the warm-up run to profile (kernels, every rank)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--timeout-s", type=float, default=120.0)
     parser.add_argument("--model-dir", default=None)

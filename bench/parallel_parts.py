@@ -209,28 +209,56 @@ class _StepProfile:
 
 
 def measure_throughput(engine, num_requests: int, prompt_len: int, max_tokens: int,
-                       barrier: Optional["FileBarrier"]) -> dict:
+                       barrier: Optional["FileBarrier"], profile_steps: int = 0) -> dict:
     """Output tokens/s of ``num_requests`` queued at once, timed on the second of two identical
     runs: the first meets every batch size and prefill shape once (Triton compiles and tunes,
     NCCL sets up buffers), which a short timed run would otherwise count. Prompts differ
-    between the two (no prefix-cache hits) and equal earlier stops' timed prompts."""
+    between the two (no prefix-cache hits) and equal earlier stops' timed prompts.
+
+    ``full_batch_decode``: the timed run's steps that scheduled one token for each of the
+    ``num_requests`` requests (all prompts done), their median and p90 wall time: where a
+    step's time goes at max load. ``profile_steps`` > 0: that many such steps of the warm-up
+    run under a kernel profile (every rank), so device time can be set against the wall time."""
     from engine.sampling_params import SamplingParams
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    profiler = _StepProfile(engine) if profile_steps else None
+    profile = None
 
-    def run(tag: str, offset: int) -> float:  # the offset keeps the prefix cache from serving run 2
+    def run(tag: str, offset: int, profile_from: int = -1) -> tuple[float, list[float]]:
+        # the offset keeps the prefix cache from serving run 2
+        nonlocal profile
         start = time.perf_counter()
         for i in range(num_requests):
             engine.add_request(f"{tag}{i}", [(i * 7 + j + offset) % 1000 + 5 for j in range(prompt_len)], params)
+        full = []  # wall seconds of the full-batch decode steps
         while engine.has_unfinished_requests():
+            profiling = profiler is not None and profile_from >= 0
+            if profiling and len(full) == profile_from:
+                profiler.start()
+            t0 = time.perf_counter()
             engine.step()
-        return time.perf_counter() - start
+            scheduled = engine.last_scheduled
+            if (scheduled is not None and len(scheduled.num_scheduled_tokens) == num_requests
+                    and all(n == 1 for n in scheduled.num_scheduled_tokens.values())):
+                full.append(time.perf_counter() - t0)
+                if profiling and len(full) == profile_from + profile_steps:
+                    profile = profiler.stop(profile_steps)
+        return time.perf_counter() - start, full
 
-    warmup_s = run("warm", 500)
+    warmup_s, _ = run("warm", 500, profile_from=max(0, max_tokens // 3) if profile_steps else -1)
     if barrier is not None:
         barrier.wait("throughput")  # the replicas of a TP=1 x 2 run start together
-    seconds = run("r", 0)
-    return {"num_requests": num_requests, "prompt_len": prompt_len, "max_tokens": max_tokens,
-            "seconds": seconds, "warmup_seconds": warmup_s, "output_tok_s": num_requests * max_tokens / seconds}
+    seconds, full = run("r", 0)
+    result = {"num_requests": num_requests, "prompt_len": prompt_len, "max_tokens": max_tokens,
+              "seconds": seconds, "warmup_seconds": warmup_s, "output_tok_s": num_requests * max_tokens / seconds}
+    if full:
+        ordered = sorted(full)
+        result["full_batch_decode"] = {"steps": len(full), "median_step_ms": statistics.median(full) * 1e3,
+                                       "p90_step_ms": ordered[int(0.9 * (len(ordered) - 1))] * 1e3,
+                                       "sum_s": sum(full)}
+    if profile is not None:
+        result["full_batch_decode_profile"] = {"num_steps": profile_steps, "ranks": profile}
+    return result
 
 
 class FileBarrier:
@@ -264,7 +292,7 @@ def bench_engine(args: argparse.Namespace) -> dict:
             result["decode"] = measure_decode(engine, args.decode_steps, args.profile_steps)
         if args.throughput_requests:
             result["throughput"] = measure_throughput(engine, args.throughput_requests, args.prompt_len,
-                                                      args.max_tokens, barrier)
+                                                      args.max_tokens, barrier, args.throughput_profile_steps)
     finally:
         engine.shutdown()
     return result
