@@ -31,3 +31,30 @@ print(sys.argv[1], "median %.3f mean %.3f p90 %.3f ms" % (d["median_step_ms"], d
       "init %.0f s" % r["init_s"])
 PY
 }
+# maxload TAG TP GPUS N: one engine's output tok/s for N requests of 128 -> 128 tokens queued at
+# once (bench/parallel.py engine --throughput-requests, 8B shape, $MD), the wall time of its
+# full-batch decode steps and a kernel profile of 10 of them (every rank); JSON in $OUT/TAG.json
+maxload() {
+  [ -n "${MD:-}" ] || MD=$(python3 -c "from bench.parallel_parts import write_model_dir; print(write_model_dir('/tmp/kvmesh-llama8b-shape'))")
+  CUDA_VISIBLE_DEVICES=$3 timeout 240 python3 bench/parallel.py engine --tp $2 --model-dir "$MD" \
+    --throughput-requests $4 --prompt-len 128 --max-tokens 128 --max-num-seqs 256 \
+    --throughput-profile-steps 10 > "$L/$1.out" 2> "$L/$1.err"
+  grep "^RESULT " "$L/$1.out" | tail -1 | cut -c8- > "$OUT/$1.json"
+  python3 - "$1" "$OUT/$1.json" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[2]))["throughput"]
+except (ValueError, KeyError):
+    print(sys.argv[1], "no result"); sys.exit()
+f = r.get("full_batch_decode", {})
+print(f"{sys.argv[1]}: {r['num_requests']} requests, {r['output_tok_s']:.0f} tok/s in {r['seconds']:.3f} s; "
+      f"full-batch decode {f.get('steps')} steps, median {f.get('median_step_ms', 0):.3f} ms, "
+      f"p90 {f.get('p90_step_ms', 0):.3f}, sum {f.get('sum_s', 0):.3f} s")
+for rank in r.get("full_batch_decode_profile", {}).get("ranks", []):
+    print(f"  rank {rank['rank']}: device kernels {rank['kernel_us_per_step']:.0f} us/step; idle {rank.get('idle_us_per_step')}")
+    for row in rank["rows"][:8]:
+        print(f"    {row['name'][:60]}: {row['us_per_step']:.0f} us x{row['calls_per_step']:.0f}")
+    for row in rank.get("host_api", [])[:5]:
+        print(f"    host {row['name']}: {row['us_per_step']:.0f} us x{row['calls_per_step']:.1f}")
+PY
+}

@@ -5,6 +5,9 @@
 #      an LL call launches after the call's own wait; KVMESH_GEMV_PRELOAD=32768: a one-row GEMV
 #      program loads 32 KiB of its rows before its wait)
 #   2. the 8B-shape decode step at batch 1: TP=1 on GPU 0, then TP=2 per setting, in turn
+#   3. (stop 20) max load, 128 requests: one TP=2 replica's full-batch decode steps and kernel
+#      profile (stop 17: 9,586 tok/s, slower than one TP=1 replica on ONE H200 at 128 requests in
+#      stop 20, 13,976), next to TP=1 at 64 requests on GPU 0
 set -u
 source bench/device/env.sh
 L=$OUT/logs; mkdir -p $L
@@ -15,4 +18,9 @@ decode_step tp1 1 0
 for setting in ${SETTINGS:-start:0 wait:0 wait:32768 start:0 wait:0}; do
   KVMESH_LL_TRIGGER=${setting%%:*} KVMESH_GEMV_PRELOAD=${setting##*:} decode_step "tp2_${setting/:/_}" 2 0,1
 done
+echo "decode steps done at ${SECONDS}s"
+if [ $SECONDS -lt 420 ]; then
+  maxload maxload_tp2_n128 2 0,1 128
+  [ $SECONDS -lt 510 ] && maxload maxload_tp1_n64 1 0 64
+fi
 tail -3 $L/tp2_start_0.err
