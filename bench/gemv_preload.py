@@ -74,27 +74,13 @@ def _gap_kernel(y_ptr, x_ptr, N, K, spin_ns, EARLY: tl.constexpr, BLOCK: tl.cons
         tl.store(x_ptr + i, (y.to(tl.float32) * 0.5).to(x_ptr.dtype.element_ty), mask=i < K)
 
 
-def parse_variant(text: str) -> tuple[int, int, int]:
-    """'pre=BYTES' (KVMESH_GEMV_PRELOAD) or 'pf=SLABSxPER_SM' (KVMESH_GEMV_PREFETCH and
-    KVMESH_GEMV_PREFETCH_PER_SM) -> (preload bytes, prefetch slabs, programs per SM)."""
-    kind, _, value = text.partition("=")
-    if kind == "pre":
-        return int(value), 0, 1
-    if kind == "pf":
-        slabs, _, per_sm = value.partition("x")
-        return 0, int(slabs), int(per_sm or g.PREFETCH_PER_SM)
-    raise ValueError(f"variant {text!r}: expected pre=BYTES or pf=SLABSxPER_SM")
-
-
-def gemv(x, w, out, config, variant: tuple[int, int, int]) -> None:
+def gemv(x, w, out, config, budget: int) -> None:
     n, k = w.shape
     bn, bk, warps, stages = config
-    budget, slabs, per_sm = variant
-    args = {"BLOCK_N": bn, "BLOCK_K": bk, "K": k, "w_ptr": w, "stride_wn": w.stride(0)}
+    pre_k = g._pre_k({"BLOCK_N": bn, "BLOCK_K": bk, "K": k, "w_ptr": w}, budget)  # as KVMESH_GEMV_PRELOAD=budget
     g._gemv_row_kernel.fn.fn[(triton.cdiv(n, bn),)](
         x, w, out, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, EVEN_N=n % bn == 0,
-        PRE_K=g._pre_k(args, budget), PF_SLABS=g._pf_slabs(args, slabs), PF_PROGRAMS=g._pf_programs(args, per_sm),
-        PDL=True, num_warps=warps, num_stages=stages, launch_pdl=True)
+        PRE_K=pre_k, PDL=True, num_warps=warps, num_stages=stages, launch_pdl=True)
 
 
 def gap(y, x, spin_ns: int, early: bool) -> None:
@@ -112,7 +98,7 @@ def make_layers(tp: int) -> tuple[list[dict], dict]:
     return weights, bufs
 
 
-def time_chain(tp: int, layers: tuple[list[dict], dict], variant: tuple, gaps: dict, with_gemvs: bool = True,
+def time_chain(tp: int, layers: tuple[list[dict], dict], budget: int, gaps: dict, with_gemvs: bool = True,
                rounds: int = 5) -> float:
     """Microseconds per layer of the chain over ``layers`` (``make_layers(tp)``)."""
     weights, bufs = layers
@@ -123,7 +109,7 @@ def time_chain(tp: int, layers: tuple[list[dict], dict], variant: tuple, gaps: d
         for name in order:
             x, y = bufs[name]
             if with_gemvs:
-                gemv(x, ws[name], y, CONFIGS[tp][name], variant)
+                gemv(x, ws[name], y, CONFIGS[tp][name], budget)
             spin, early = gaps[name]
             gap(y, bufs[nxt[name]][0], spin, early)
 
@@ -151,13 +137,12 @@ def time_chain(tp: int, layers: tuple[list[dict], dict], variant: tuple, gaps: d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variants", default="pre=0,pre=32768,pf=1x4,pf=2x4,pf=4x4,pf=2x8",
-                    help="comma list of pre=BYTES (registers before the wait) or pf=SLABSxPER_SM (L2 prefetch)")
+    ap.add_argument("--budgets", default="0,16384,32768,65536", help="preload bytes per program")
     ap.add_argument("--attn-ns", type=int, default=3000, help="spin of the attention stand-in")
     ap.add_argument("--ll-ns", default="0,3000,5000", help="spins of the all-reduce stand-in (TP=2)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    variants = args.variants.split(",")
+    budgets = [int(b) for b in args.budgets.split(",")]
     result = {"benchmark": "gemv_preload", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "time": time.time(), "layers_per_graph": LAYERS, "configs": CONFIGS, "runs": []}
     settings = [(1, 0, False)]  # TP=1: norms (late), no all-reduce
@@ -169,15 +154,15 @@ def main() -> None:
             layers[tp] = make_layers(tp)
         gaps = {"qkv": (args.attn_ns, False), "o_proj": (ll_ns, early), "gate_up": (0, False),
                 "down": (ll_ns, early)}
-        gaps_only = time_chain(tp, layers[tp], (0, 0, 1), gaps, with_gemvs=False)
+        gaps_only = time_chain(tp, layers[tp], 0, gaps, with_gemvs=False)
         row = {"tp": tp, "ll_ns": ll_ns, "ll_trigger": "early" if early else "late",
                "attn_ns": args.attn_ns, "gaps_only_us": round(gaps_only, 2), "layer_us": {}}
-        for variant in variants:
-            row["layer_us"][variant] = round(time_chain(tp, layers[tp], parse_variant(variant), gaps), 2)
-        base = row["layer_us"][variants[0]]
+        for budget in budgets:
+            row["layer_us"][budget] = round(time_chain(tp, layers[tp], budget, gaps), 2)
+        base = row["layer_us"][budgets[0]]
         print(f"tp{tp} all-reduce stand-in {ll_ns} ns ({row['ll_trigger']} trigger), attention {args.attn_ns} ns: "
               f"gaps alone {gaps_only:.2f} us/layer; layer " +
-              ", ".join(f"{v}: {t:.2f} us ({t / base:.3f}x)" for v, t in row["layer_us"].items()),
+              ", ".join(f"preload {b}: {t:.2f} us ({t / base:.3f}x)" for b, t in row["layer_us"].items()),
               flush=True)
         result["runs"].append(row)
     if args.out:

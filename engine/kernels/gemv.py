@@ -28,7 +28,6 @@ GPU runs with the reference path are unaffected.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -47,37 +46,6 @@ _USE_GEMV: dict[tuple[int, int, torch.dtype], tuple[Optional[str], Optional[str]
 # (an all-reduce waiting for a peer, attention), at the price of registers held meanwhile.
 PRELOAD_ENV = "KVMESH_GEMV_PRELOAD"
 PRELOAD_BYTES = int(os.environ.get(PRELOAD_ENV, "0") or 0)
-
-
-# Weight slabs (one program's BLOCK_N x K rows) that each of a one-row GEMV's first
-# PF_PROGRAMS programs, launched as a dependent, asks the L2 to fetch before it waits: its own
-# and those of programs PF_PROGRAMS, 2 * PF_PROGRAMS, ... after it, which run a wave or more
-# later. One bulk prefetch instruction a slab (no registers held, unlike PRE_K), so HBM streams
-# the weight while the kernel before (an all-reduce waiting for its peer, a norm) still runs,
-# and the first waves then read it from L2. 0: none.
-PREFETCH_ENV = "KVMESH_GEMV_PREFETCH"
-PREFETCH_SLABS = int(os.environ.get(PREFETCH_ENV, "0") or 0)
-# Programs per SM that prefetch: about the one-row configs' resident programs per SM
-PREFETCH_PER_SM = int(os.environ.get("KVMESH_GEMV_PREFETCH_PER_SM", "4") or 4)
-
-
-def _pf_slabs(args: dict, slabs: Optional[int] = None) -> int:
-    """PF_SLABS of a one-row GEMV launch: PREFETCH_SLABS (or ``slabs``) where the weight is on
-    a GPU with rows stored contiguously (a slab is then one contiguous range), else 0."""
-    slabs = PREFETCH_SLABS if slabs is None else slabs
-    w = args["w_ptr"]
-    return slabs if w.is_cuda and args["stride_wn"] == args["K"] else 0
-
-
-def _pf_programs(args: dict, per_sm: Optional[int] = None) -> int:
-    """PF_PROGRAMS: the programs that prefetch, about one wave (SMs x PREFETCH_PER_SM)."""
-    w = args["w_ptr"]
-    return _sm_count(w.device.index or 0) * (per_sm or PREFETCH_PER_SM) if w.is_cuda else 1
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: int) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _pre_k(args: dict, preload_bytes: Optional[int] = None) -> int:
@@ -131,64 +99,35 @@ if triton is not None:
         key=["N", "K"])
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
                         "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0,
-                        "PRE_K": _pre_k, "PF_SLABS": _pf_slabs, "PF_PROGRAMS": _pf_programs})
+                        "PRE_K": _pre_k})
     @triton.jit
     def _gemv_row_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                         EVEN_N: tl.constexpr, PRE_K: tl.constexpr, PF_SLABS: tl.constexpr = 0,
-                         PF_PROGRAMS: tl.constexpr = 1, PDL: tl.constexpr = False):
+                         EVEN_N: tl.constexpr, PRE_K: tl.constexpr, PDL: tl.constexpr = False):
         """One row: program p computes out[p*BLOCK_N : (p+1)*BLOCK_N] = w[rows] @ x, keeping a
         (BLOCK_N, BLOCK_K) fp32 partial product and summing it over K once at the end. With no
         ``tl.dot`` there is no 16-row padding and BLOCK_N may be 2-8, so even a 3072-output
         shape makes enough programs to keep every SM's loads in flight."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        out = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL, PRE_K,
-                       PF_SLABS, PF_PROGRAMS)
+        out = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL, PRE_K)
         if EVEN_N:
             tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty))
         else:
             tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=rn < N)
 
     @triton.jit
-    def _prefetch_l2(ptr, nbytes):
-        """Thread 0 of the program asks the L2 to fetch ``nbytes`` (a multiple of 16) from
-        ``ptr`` (16-byte aligned): one bulk (TMA) prefetch, sm_90+, nothing waits for it."""
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _prefetch_slabs(w_ptr, N, K, BLOCK_N: tl.constexpr, PF_SLABS: tl.constexpr,
-                        PF_PROGRAMS: tl.constexpr):
-        """Program p < PF_PROGRAMS: slabs p, p + PF_PROGRAMS, ... (PF_SLABS of them) of the
-        (N, K) row-contiguous weight into L2; a slab is the BLOCK_N rows one program reads."""
-        pid = tl.program_id(0)
-        if pid < PF_PROGRAMS:
-            elem: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
-            for j in tl.static_range(PF_SLABS):
-                row0 = (pid + j * PF_PROGRAMS) * BLOCK_N
-                if row0 < N:
-                    rows = tl.minimum(N - row0, BLOCK_N)
-                    _prefetch_l2(w_ptr + row0.to(tl.int64) * K, rows * K * elem)
-
-    @triton.jit
     def _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr, PRE_K: tl.constexpr,
-                 PF_SLABS: tl.constexpr = 0, PF_PROGRAMS: tl.constexpr = 1):
+                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr, PRE_K: tl.constexpr):
         """(BLOCK_N,) fp32: w[rn] @ x for one row x (K,), keeping a (BLOCK_N, BLOCK_K) fp32
         partial product and summing it over K once at the end. PDL: launched as a dependent
         launch, it loads its first PRE_K columns of weight (``_pre_k``), then waits for the
         kernel before it (which writes x, and may still read what this program will write),
         then lets its own dependents start. With PRE_K = BLOCK_K the sum runs in the same order
-        either way (bit-identical); a longer preload adds its tiles in a tree first. PF_SLABS > 0:
-        first, the L2 prefetch of ``_prefetch_slabs`` (the weight only: no effect on the sums)."""
+        either way (bit-identical); a longer preload adds its tiles in a tree first."""
         w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn  # (BLOCK_N, 1)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         k_first: tl.constexpr = PRE_K if PDL else 0
         if PDL:
-            if PF_SLABS > 0:
-                _prefetch_slabs(w_ptr, N, K, BLOCK_N, PF_SLABS, PF_PROGRAMS)
             rp = tl.arange(0, PRE_K)
             if EVEN_K and EVEN_N:
                 w0 = tl.load(w_rows + rp[None, :])  # (BLOCK_N, PRE_K)
@@ -215,12 +154,11 @@ if triton is not None:
 
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
                         "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0,
-                        "PRE_K": _pre_k, "PF_SLABS": _pf_slabs, "PF_PROGRAMS": _pf_programs})
+                        "PRE_K": _pre_k})
     @triton.jit
     def _gemv_row_push_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, table_ptr, rank, world,
                               slot_words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRE_K: tl.constexpr,
-                              PF_SLABS: tl.constexpr = 0, PF_PROGRAMS: tl.constexpr = 1,
                               PDL: tl.constexpr = False):
         """``_gemv_row_kernel``, and its outputs also stored straight into every peer's LL
         all-reduce receive slot for this rank (engine/distributed/ll_allreduce.py), so the LL
@@ -236,8 +174,7 @@ if triton is not None:
         8-byte halves per program); ``slot_words`` = int64 words per (parity, rank) slot."""
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        out = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL, PRE_K,
-                       PF_SLABS, PF_PROGRAMS)
+        out = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL, PRE_K)
         out = out.to(out_ptr.dtype.element_ty)  # (BLOCK_N,), what the LL call will sum
         if EVEN_N:
             tl.store(out_ptr + rn, out)
