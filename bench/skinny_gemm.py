@@ -153,7 +153,7 @@ def main() -> None:
                           f"Triton best {timed[best]:.2f} us ({row['best_tbs']} TB/s) {best}: "
                           f"{timed[best] / cublas:.3f}x", flush=True)
                 result["runs"].append(row)
-            del ws
+            ws = None  # free this shape's copies before the next
             torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
