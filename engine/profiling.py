@@ -160,6 +160,34 @@ def rank_skew(stamps_per_rank: list[list[tuple[int, float, float, float, float]]
             "turnaround_us": spread(turnaround) if turnaround else None}
 
 
+def ll_stamp_summary(stamps: list[tuple[int, int, int, int]]) -> dict:
+    """The LL all-reduce's per-call stamps (``LLAllReduce.read_stamps``: start, waited, peers
+    in, end; one GPU's globaltimer, ns) -> µs, median and p90 over the calls: ``before``, from
+    the kernel's start to the end of its wait for the kernel before it (a dependent launch starts
+    early); ``peers``, from there until every peer's line was in (my loads included);
+    ``finish``, the sum, norm and stores after that; ``after_wait`` = peers + finish, the part of
+    the call on the step's critical path; and the gap from one call's end to the next one's
+    start (``between``: the GEMVs and other kernels between two calls)."""
+    if not stamps:
+        return {"num_calls": 0}
+
+    def spread(values: list[float]) -> dict[str, float]:
+        ordered = sorted(values)
+        return {"median": round(ordered[len(ordered) // 2], 2),
+                "p90": round(ordered[int(0.9 * (len(ordered) - 1))], 2)}
+
+    calls = sorted(stamps)
+    out = {"num_calls": len(calls),
+           "before_us": spread([(w - s) / 1e3 for s, w, _, _ in calls]),
+           "peers_us": spread([(i - w) / 1e3 for _, w, i, _ in calls]),
+           "finish_us": spread([(e - i) / 1e3 for _, _, i, e in calls]),
+           "after_wait_us": spread([(e - w) / 1e3 for _, w, _, e in calls])}
+    between = [(nxt[0] - cur[3]) / 1e3 for cur, nxt in zip(calls, calls[1:])]
+    if between:
+        out["between_us"] = spread(between)
+    return out
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

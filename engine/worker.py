@@ -195,8 +195,14 @@ class Worker:
             return None
         profile, self._profiler = self._profiler.stop(num_steps), None
         # which kernel each batch-1 linear shape got at load, and the timings behind it
-        return {"rank": self.rank.rank, **profile.to_dict(),
-                "gemv_tuning": getattr(self.runner, "gemv_report", None)}
+        result = {"rank": self.rank.rank, **profile.to_dict(),
+                  "gemv_tuning": getattr(self.runner, "gemv_report", None)}
+        read_stamps = getattr(self.groups.stage if self.groups is not None else None, "ll_stamps", None)
+        stamps = read_stamps() if read_stamps is not None else None
+        if stamps:  # KVMESH_LL_STAMPS=1: where the recent LL calls' time went
+            from engine.profiling import ll_stamp_summary
+            result["ll_stamps"] = ll_stamp_summary(stamps)
+        return result
 
     def ping(self) -> int:
         return os.getpid()

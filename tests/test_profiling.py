@@ -1,7 +1,7 @@
 """engine/profiling.py's idle-gap accounting and rank skew (pure; the GPU profile itself runs
 in bench/parallel.py)."""
 
-from engine.profiling import idle_gaps, rank_skew
+from engine.profiling import idle_gaps, ll_stamp_summary, rank_skew
 
 
 def test_idle_gaps_classify_by_length_and_name_the_kernel_after():
@@ -43,3 +43,17 @@ def test_rank_skew_names_the_rank_that_reads_late():
 def test_rank_skew_without_stamps():
     assert rank_skew([]) == {"num_calls": 0, "ranks": []}
     assert rank_skew([[(1, 0.0, 0.1, 0.1, 0.2)], []]) == {"num_calls": 0, "ranks": []}
+
+
+def test_ll_stamp_summary_splits_each_call_and_the_gaps_between():
+    # (start, waited, peers in, end) ns, given out of order: sorted by start
+    calls = [(10_000, 11_000, 14_000, 15_000),  # before 1 µs, peers 3, finish 1
+             (0, 2_000, 4_000, 5_000)]  # before 2 µs, peers 2, finish 1
+    summary = ll_stamp_summary(calls)
+    assert summary["num_calls"] == 2
+    assert summary["before_us"] == {"median": 2.0, "p90": 1.0}  # ordered [1, 2]: median is index 1
+    assert summary["peers_us"]["median"] == 3.0 and summary["peers_us"]["p90"] == 2.0
+    assert summary["finish_us"] == {"median": 1.0, "p90": 1.0}
+    assert summary["after_wait_us"] == {"median": 4.0, "p90": 3.0}
+    assert summary["between_us"] == {"median": 5.0, "p90": 5.0}  # 10,000 - 5,000 ns
+    assert ll_stamp_summary([]) == {"num_calls": 0}

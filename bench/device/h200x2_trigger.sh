@@ -5,7 +5,10 @@
 #      an LL call launches after the call's own wait; KVMESH_GEMV_PRELOAD=32768: a one-row GEMV
 #      program loads 32 KiB of its rows before its wait)
 #   2. the 8B-shape decode step at batch 1: TP=1 on GPU 0, then TP=2 per setting, in turn
-#   3. (stop 20) max load, 128 requests: one TP=2 replica's full-batch decode steps and kernel
+#   3. (stop 20) where an LL call's time goes: TP=2 decode with KVMESH_LL_STAMPS=1 (each call stamps
+#      its start, the end of its wait for the GEMV before, all peers' lines in, its end), read
+#      after 20 profiled steps: engine/profiling.py's ll_stamp_summary per rank
+#   4. (stop 20) max load, 128 requests: one TP=2 replica's full-batch decode steps and kernel
 #      profile (stop 17: 9,586 tok/s, slower than one TP=1 replica on ONE H200 at 128 requests in
 #      stop 20, 13,976), next to TP=1 at 64 requests on GPU 0
 set -u
@@ -19,6 +22,20 @@ for setting in ${SETTINGS:-start:0 wait:0 wait:32768 start:0 wait:0}; do
   KVMESH_LL_TRIGGER=${setting%%:*} KVMESH_GEMV_PRELOAD=${setting##*:} decode_step "tp2_${setting/:/_}" 2 0,1
 done
 echo "decode steps done at ${SECONDS}s"
+KVMESH_LL_STAMPS=1 CUDA_VISIBLE_DEVICES=0,1 timeout 150 python3 bench/parallel.py engine --tp 2 --decode \
+    --model-dir "$MD" --decode-steps 96 --profile-steps 20 --prompt-len 128 --max-tokens 128 \
+    --max-num-seqs 64 > $L/tp2_stamps.out 2> $L/tp2_stamps.err
+grep "^RESULT " $L/tp2_stamps.out | tail -1 | cut -c8- > $OUT/tp2_ll_stamps.json
+python3 - $OUT/tp2_ll_stamps.json <<'PY'
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))["decode"]
+except (ValueError, KeyError):
+    print("tp2 stamps: no result"); sys.exit()
+print("tp2 with LL stamps: median %.3f ms" % d["median_step_ms"])
+for rank in d.get("profile", {}).get("ranks", []):
+    print("  rank", rank["rank"], json.dumps(rank.get("ll_stamps")))
+PY
 if [ $SECONDS -lt 420 ]; then
   maxload maxload_tp2_n128 2 0,1 128
   [ $SECONDS -lt 510 ] && maxload maxload_tp1_n64 1 0 64

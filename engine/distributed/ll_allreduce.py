@@ -77,6 +77,12 @@ LL_PUSH_ENV = "KVMESH_LL_PUSH"  # 0: row-parallel GEMVs never push (the LL kerne
 # When the kernel after an LL call may launch (PDL): "start" of the call (default) or "wait",
 # once the kernel before it has ended (see the kernel); kept for A/B runs
 LL_TRIGGER_ENV = "KVMESH_LL_TRIGGER"
+# 1: every call stamps (globaltimer, ns) its start, the end of its wait for the kernel before,
+# the moment every peer's line was in, and its end, into STAMP_SLOTS slots past the receive area
+# (``read_stamps``; engine/profiling.py's ``ll_stamp_summary``): where a call's time goes. For
+# measurements only: it adds one barrier to each call.
+LL_STAMPS_ENV = "KVMESH_LL_STAMPS"
+STAMP_SLOTS = 4096
 LL_DEFAULT_MAX_BYTES = 256 * 1024  # 32 decode rows of hidden 4096 in bf16
 MAX_ROWS = 64
 THREADS = 512
@@ -89,6 +95,10 @@ _KERNEL_SOURCE = DEVICE_PRELUDE + r"""
 #ifndef LL_TRIGGER_AFTER_WAIT
 #define LL_TRIGGER_AFTER_WAIT 0
 #endif
+#ifndef LL_STAMPS
+#define LL_STAMPS 0
+#endif
+#define STAMP_SLOTS 4096
 #define MAX_ROWS 64
 #define THREADS 512
 #define MAX_LPT 8
@@ -115,6 +125,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_addr, u64 out_addr,
                      u64 residual_out_addr, int lines_per_row, int hidden, long long max_lines,
                      float eps, int mode, int rank, int world, u64 timeout_ns, int pushed) {
+#if LL_STAMPS
+  const u64 t_start = now_ns();
+#endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !LL_TRIGGER_AFTER_WAIT
   // The kernel after this one may start now if it was launched as a programmatic dependent
   // (the one-row GEMVs: gemv.py, KVMESH_PDL): it loads its first weight tile while this call
@@ -140,6 +153,9 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   // the peers instead of beside that GEMV's last programs
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+#endif
+#if LL_STAMPS
+  const u64 t_waited = now_ns();
 #endif
   u32* sig = (u32*)self_base;
   const u64* areas = (const u64*)(self_base + TABLE_OFFSET);
@@ -205,6 +221,10 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
       for (int j = 0; j < (int)EPL; ++j) acc[k][j] = (q == 0) ? to_f32(p.e[j]) : acc[k][j] + to_f32(p.e[j]);
     }
   }
+#if LL_STAMPS
+  __syncthreads();  // every thread has its peers' lines
+  const u64 t_in = now_ns();
+#endif
   // 4. write the sums, or add the residual and normalize the row
   if (mode == 0) {
 #pragma unroll
@@ -256,6 +276,15 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
       ((uint2*)out_addr)[row_line0 + line] = o.u;
     }
   }
+#if LL_STAMPS
+  if (row == 0 && t == 0) {  // slot (round % STAMP_SLOTS), past the two parities' receive areas
+    u64* stamp = (u64*)(areas[rank] + 2ull * world * max_lines * 16) + (u64)(round % STAMP_SLOTS) * 4;
+    stamp[0] = t_start;
+    stamp[1] = t_waited;
+    stamp[2] = t_in;
+    stamp[3] = now_ns();
+  }
+#endif
   if (gridDim.x > 1) {  // the last CTA to finish advances the round for the next call
     __syncthreads();
     if (t == 0 && atomicAdd(sig + DONE_OFF, 1u) == gridDim.x - 1) {
@@ -287,8 +316,9 @@ class LLAllReduce(CustomAllReduce):
 
     KERNEL_SOURCE = _KERNEL_SOURCE
     KERNEL_NAME = "kvmesh_ll_all_reduce"
-    KERNEL_OPTIONS = (("-DLL_TRIGGER_AFTER_WAIT=1",)
-                      if os.environ.get(LL_TRIGGER_ENV, "start").strip().lower() == "wait" else ())
+    KERNEL_OPTIONS = ((("-DLL_TRIGGER_AFTER_WAIT=1",)
+                       if os.environ.get(LL_TRIGGER_ENV, "start").strip().lower() == "wait" else ())
+                      + (("-DLL_STAMPS=1",) if os.environ.get(LL_STAMPS_ENV, "0") not in ("", "0") else ()))
 
     def __init__(self, comm, max_bytes: int = LL_DEFAULT_MAX_BYTES,
                  self_check_timeout_s: float = 5.0) -> None:
@@ -385,7 +415,29 @@ class LLAllReduce(CustomAllReduce):
         return super()._unwanted_reason()
 
     def _buffer_bytes(self) -> int:
+        return self._stamps_offset() + (STAMP_SLOTS * 4 * 8 if self.stamps_enabled else 0)
+
+    @property
+    def stamps_enabled(self) -> bool:
+        return "-DLL_STAMPS=1" in self.KERNEL_OPTIONS
+
+    def _stamps_offset(self) -> int:
         return SIGNAL_BYTES + 2 * self.world_size * self.max_lines * LINE_BYTES
+
+    def read_stamps(self) -> Optional[list[tuple[int, int, int, int]]]:
+        """With ``KVMESH_LL_STAMPS=1``: (start, waited, peers in, end) in globaltimer ns of the
+        last calls, oldest first (slot = round % STAMP_SLOTS; a call of several rows stamps its
+        first row). Synchronizes the device. None when stamps are off."""
+        if not self.stamps_enabled or not self.is_enabled:
+            return None
+        torch.cuda.synchronize(self._device)
+        host = torch.zeros(STAMP_SLOTS, 4, dtype=torch.int64)
+        runtime = self._cupy.cuda.runtime
+        with self._cupy.cuda.Device(self._device_index):
+            runtime.memcpy(host.data_ptr(), self._base + self._stamps_offset(), host.numel() * 8,
+                           runtime.memcpyDeviceToHost)
+        rows = [tuple(int(v) for v in r) for r in host.tolist() if r[0] > 0 and r[3] >= r[0]]
+        return sorted(rows)
 
     def _self_check(self, timeout_s: float) -> Optional[str]:
         """Both modes against NCCL (+ the torch reference norm) on random rows; each case twice

@@ -100,6 +100,10 @@ class NcclCommunicator(Communicator):
             return self._ll.all_reduce_rms_norm(x, residual, weight, eps)
         return None
 
+    def ll_stamps(self) -> Optional[list[tuple[int, int, int, int]]]:
+        """The LL calls' stamps (``LLAllReduce.read_stamps``), or None (stamps off, no LL path)."""
+        return self._ll.read_stamps() if self._ll is not None else None
+
     def linear_for_reduce(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
         return self._ll.gemv_push(x, weight) if self._ll is not None else None
 

@@ -81,6 +81,7 @@ def main() -> None:
     lib = _libnvrtc()
     runs = [(module, ()) for module in (ll_allreduce, custom_allreduce)]
     runs.insert(1, (ll_allreduce, ("-DLL_TRIGGER_AFTER_WAIT=1",)))  # KVMESH_LL_TRIGGER=wait
+    runs.insert(2, (ll_allreduce, ("-DLL_STAMPS=1",)))  # KVMESH_LL_STAMPS=1
     for module, extra in runs:
         for code, dtype in enumerate(("bf16", "fp16", "fp32")):
             ptx = compile_ptx(lib, module.kernel_source(),
