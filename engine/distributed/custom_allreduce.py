@@ -379,8 +379,7 @@ class CustomAllReduce:
         with self._cupy.cuda.Device(self._device_index):
             for q, payload in enumerate(peers):
                 if q != self.rank:  # a process cannot open its own handle
-                    self._peer_bases[q] = runtime.ipcOpenMemHandle(payload[:HANDLE_BYTES], 1)
-                    # 1 = cudaIpcMemLazyEnablePeerAccess
+                    self._peer_bases[q] = self._map_peer(q, payload)
                 bases[q] = self._base if q == self.rank else self._peer_bases[q]
             table = [bases[q] + SIGNAL_BYTES for q in range(self.world_size)]
             table += [0] * (MAX_RANKS - self.world_size)
@@ -389,6 +388,14 @@ class CustomAllReduce:
             runtime.memcpy(self._base + TABLE_OFFSET, host.data_ptr(), 8 * len(table),
                            runtime.memcpyHostToDevice)
             runtime.deviceSynchronize()
+
+    def _map_peer(self, q: int, payload: bytes) -> int:
+        """Rank q's buffer in my address space, from its payload: CUDA IPC (a loopback harness
+        with every rank in one process, bench/ll_loopback.py, maps it another way)."""
+        return self._cupy.cuda.runtime.ipcOpenMemHandle(payload[:HANDLE_BYTES], 1)  # 1: lazy peer access
+
+    def _unmap_peer(self, ptr: int) -> None:
+        self._cupy.cuda.runtime.ipcCloseMemHandle(ptr)
 
     def _compile(self) -> None:
         cupy = self._cupy
@@ -487,7 +494,7 @@ class CustomAllReduce:
             runtime.deviceSynchronize()
             for q, ptr in list(self._peer_bases.items()):
                 try:
-                    runtime.ipcCloseMemHandle(ptr)
+                    self._unmap_peer(ptr)
                 except Exception as e:  # noqa: BLE001 - closing is best effort
                     logger.warning("closing rank %d's IPC mapping failed: %r", q, e)
             self._peer_bases.clear()
