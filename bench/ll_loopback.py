@@ -10,7 +10,9 @@ launched as in the engine (dependent launches on Hopper), and each rank's kernel
 peers' lines as it would across NVLink; the peers' stores only land in the same HBM.
 
 So this checks the LL kernels and the GEMV that pushes into them on one GPU, and times a call's
-parts (``KVMESH_LL_STAMPS``) without NVLink: what a call costs besides the link.
+parts (``KVMESH_LL_STAMPS``) without NVLink: what a call costs besides the link. Needs
+``CUDA_MODULE_LOADING=EAGER`` (set here at import, before CUDA starts): a kernel loaded lazily
+may wait for every running kernel, and a rank's LL kernel waits for its peers'.
 
     python bench/ll_loopback.py [--ranks 2] [--calls 2000] [--out bench/results/ll_loopback_h200.json]
 """
@@ -23,6 +25,12 @@ import sys
 import threading
 import time
 from typing import Any, Callable, Optional
+
+# Every kernel loaded when CUDA starts, not at its first launch: loading a kernel lazily may wait
+# for the context's running kernels, and a rank's LL kernel runs until its peers' kernels run
+# (CUDA's lazy-loading notes: kernels that rely on running concurrently can deadlock). Read when
+# CUDA initializes, so it must be set before anything touches CUDA (run_ranks checks).
+os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -96,6 +104,9 @@ def run_ranks(world_size: int, body: Callable[[int, LLAllReduce, LoopbackComm], 
     """Sets up a loopback LL group of ``world_size`` rank threads on one GPU and returns each
     rank's ``body(rank, ll, comm)``, in rank order. Each thread has its own stream. Raises the
     first rank's exception; a rank still running at the deadline fails it (a hang fails)."""
+    if os.environ.get("CUDA_MODULE_LOADING") != "EAGER":
+        raise RuntimeError("loopback ranks need CUDA_MODULE_LOADING=EAGER, set before CUDA starts "
+                           "(lazily loaded kernels can wait for a peer's spinning LL kernel)")
     device = device or torch.device("cuda", torch.cuda.current_device())
     hub = LoopbackHub(world_size)
     cls = loopback_ll(hub, stamps)

@@ -9,8 +9,9 @@ set -u
 source bench/device/env.sh
 L=$OUT/logs; mkdir -p $L
 nvidia-smi --query-gpu=index,name --format=csv,noheader
-gpu_tests ll_loopback 300 tests/gpu/test_ll_loopback.py
+gpu_tests ll_loopback 280 tests/gpu/test_ll_loopback.py
 for r in 2 4; do
-  timeout 120 python3 bench/ll_loopback.py --ranks $r --out $OUT/ll_loopback_r$r.json > $L/ll_loopback_r$r.log 2>&1
+  timeout 100 python3 bench/ll_loopback.py --ranks $r --out $OUT/ll_loopback_r$r.json > $L/ll_loopback_r$r.log 2>&1
   tail -4 $L/ll_loopback_r$r.log
 done
+grep -E "^(FAILED|E )" $L/ll_loopback.txt | head -20
