@@ -1,11 +1,12 @@
 """The LL all-reduce with every rank in ONE process on ONE GPU: a loopback harness.
 
 Most device time lent to this project comes on one-GPU machines, where NCCL cannot run two ranks
-("Duplicate GPU detected") and so neither can the LL all-reduce's set-up. Here each rank is a
-thread with its own CUDA stream; ``LoopbackComm`` stands in for the NCCL communicator in the
-set-up's few collectives (an all-gather of the payloads, the agreement flags, the self-check's
-references: summed on the host), and ``loopback_ll`` maps a peer's buffer by its pointer, as
-CUDA IPC cannot open a handle in the process that made it. The kernels are the engine's own,
+("Duplicate GPU detected") and so neither can the LL all-reduce's set-up. Here each rank has its
+own CUDA stream and is set up by its own thread; ``LoopbackComm`` stands in for the NCCL
+communicator in the set-up's few collectives (an all-gather of the payloads, the agreement
+flags: summed on the host), and ``loopback_ll`` maps a peer's buffer by its pointer, as CUDA
+IPC cannot open a handle in the process that made it. Then ONE thread issues every rank's calls
+in turn (``LoopbackGroup.issue``). The kernels are the engine's own,
 launched as in the engine (dependent launches on Hopper), and each rank's kernel spins on its
 peers' lines as it would across NVLink; the peers' stores only land in the same HBM.
 
@@ -96,57 +97,84 @@ def loopback_ll(hub: LoopbackHub, stamps: bool = False) -> type:
         def _unmap_peer(self, ptr: int) -> None:
             pass  # the owner frees it
 
+        def _self_check(self, timeout_s: float) -> Optional[str]:
+            return None  # its ranks' kernels would run from their own threads: see LoopbackGroup
+
     return LoopbackLL
 
 
-def run_ranks(world_size: int, body: Callable[[int, LLAllReduce, LoopbackComm], Any],
-              stamps: bool = False, device: Optional[torch.device] = None, timeout_s: float = 300.0) -> list:
-    """Sets up a loopback LL group of ``world_size`` rank threads on one GPU and returns each
-    rank's ``body(rank, ll, comm)``, in rank order. Each thread has its own stream. Raises the
-    first rank's exception; a rank still running at the deadline fails it (a hang fails)."""
-    if os.environ.get("CUDA_MODULE_LOADING") != "EAGER":
-        raise RuntimeError("loopback ranks need CUDA_MODULE_LOADING=EAGER, set before CUDA starts "
-                           "(lazily loaded kernels can wait for a peer's spinning LL kernel)")
-    device = device or torch.device("cuda", torch.cuda.current_device())
-    hub = LoopbackHub(world_size)
-    cls = loopback_ll(hub, stamps)
-    results: list[Any] = [None] * world_size
-    errors: list[Optional[BaseException]] = [None] * world_size
+class LoopbackGroup:
+    """``world_size`` LL ranks of one process on one GPU, each with its own stream.
 
-    def rank_main(rank: int) -> None:
-        torch.cuda.set_device(device)
-        ll = None
-        with torch.cuda.stream(torch.cuda.Stream(device)):
+    Set up by one thread per rank (the set-up's collectives meet in the hub); used from ONE
+    thread that issues every rank's call in turn (``issue``), so nothing the host does between
+    two ranks' kernels (an allocation, a copy on the legacy stream, a module load) can keep a
+    later rank's kernel from running beside an earlier one that spins for it. The LL self-check
+    is skipped (it runs each rank's kernels from its own thread); callers check the results."""
+
+    def __init__(self, world_size: int, stamps: bool = False, device: Optional[torch.device] = None,
+                 timeout_s: float = 120.0) -> None:
+        if os.environ.get("CUDA_MODULE_LOADING") != "EAGER":
+            raise RuntimeError("loopback ranks need CUDA_MODULE_LOADING=EAGER, set before CUDA starts "
+                               "(a lazily loaded kernel can wait for a peer's spinning LL kernel)")
+        self.device = device or torch.device("cuda", torch.cuda.current_device())
+        self.world_size = world_size
+        self.hub = LoopbackHub(world_size)
+        cls = loopback_ll(self.hub, stamps)
+        self.comms = [LoopbackComm(self.hub, r, self.device) for r in range(world_size)]
+        self.streams = [torch.cuda.Stream(self.device) for _ in range(world_size)]
+        self.lls: list[Optional[LLAllReduce]] = [None] * world_size
+        errors: list[Optional[BaseException]] = [None] * world_size
+
+        def setup(rank: int) -> None:
+            torch.cuda.set_device(self.device)
             try:
-                comm = LoopbackComm(hub, rank, device)
-                ll = cls(comm)
-                if not ll.is_enabled:
-                    raise RuntimeError(f"the LL path is off: {ll.disabled_reason}")
-                results[rank] = body(rank, ll, comm)
-                torch.cuda.current_stream(device).synchronize()
-                hub.barrier.wait()  # no rank frees its buffer while a peer may still write to it
+                with torch.cuda.stream(self.streams[rank]):
+                    self.lls[rank] = cls(self.comms[rank])
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors[rank] = exc
-                hub.barrier.abort()  # a peer blocked in the hub fails too, not hangs
-            finally:
-                if ll is not None:
-                    ll.destroy()
+                self.hub.barrier.abort()
 
-    threads = [threading.Thread(target=rank_main, args=(r,), daemon=True) for r in range(world_size)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout_s
-    for t in threads:
-        t.join(timeout=max(0.0, deadline - time.monotonic()))
-    if any(t.is_alive() for t in threads):
-        raise TimeoutError(f"loopback ranks still running after {timeout_s:.0f}s (a hang?)")
-    for rank, exc in enumerate(errors):
-        if exc is not None and not isinstance(exc, threading.BrokenBarrierError):
-            raise RuntimeError(f"rank {rank} failed: {exc!r}") from exc
-    for rank, exc in enumerate(errors):
-        if exc is not None:
-            raise RuntimeError(f"rank {rank} failed: {exc!r}") from exc
-    return results
+        threads = [threading.Thread(target=setup, args=(r,), daemon=True) for r in range(world_size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=timeout_s)
+        if any(t.is_alive() for t in threads):
+            raise TimeoutError(f"loopback set-up still running after {timeout_s:.0f}s")
+        for rank, exc in enumerate(errors):
+            if exc is not None and not isinstance(exc, threading.BrokenBarrierError):
+                raise RuntimeError(f"rank {rank}'s set-up failed: {exc!r}") from exc
+        off = [(r, ll.disabled_reason) for r, ll in enumerate(self.lls) if ll is None or not ll.is_enabled]
+        if off:
+            raise RuntimeError(f"the LL path is off on ranks {off}")
+        for stream in self.streams:  # each stream's allocator pool gets a segment now, not mid-call
+            with torch.cuda.stream(stream):
+                torch.empty(1 << 20, dtype=torch.uint8, device=self.device).zero_()
+                torch.empty(4096, dtype=torch.uint8, device=self.device).zero_()
+        torch.cuda.synchronize(self.device)
+
+    def issue(self, fn: Callable[[int, LLAllReduce], Any]) -> list:
+        """``fn(rank, ll)`` for every rank in turn, each on its rank's stream, after what the
+        caller's stream has queued (its inputs); the results."""
+        out = []
+        caller = torch.cuda.current_stream(self.device)
+        for rank, ll in enumerate(self.lls):
+            self.streams[rank].wait_stream(caller)
+            with torch.cuda.stream(self.streams[rank]):
+                out.append(fn(rank, ll))
+        return out
+
+    def synchronize(self) -> None:
+        for stream in self.streams:
+            stream.synchronize()
+
+    def close(self) -> None:
+        self.synchronize()
+        for ll in self.lls:
+            if ll is not None:
+                ll.destroy()
+        self.lls = [None] * self.world_size
 
 
 def _rows(rank: int, rows: int, hidden: int, dtype: torch.dtype, seed: int, device) -> tuple:
@@ -157,20 +185,28 @@ def _rows(rank: int, rows: int, hidden: int, dtype: torch.dtype, seed: int, devi
     return x, residual, weight
 
 
-def time_calls(rank: int, ll: LLAllReduce, comm: LoopbackComm, calls: int, hidden: int) -> dict:
-    """``calls`` fused LL calls of one row back to back (eager), then the stamps' summary."""
+def time_calls(group: LoopbackGroup, calls: int, hidden: int) -> list[dict]:
+    """``calls`` fused LL calls of one row per rank, issued rank after rank (eager), then each
+    rank's stamps' summary. The last rank issued finds its peers' lines already in: its
+    ``peers``/``finish`` parts are the kernel's own cost; the others' include the host's
+    launch gap to the later ranks."""
     from engine.profiling import ll_stamp_summary
-    x, residual, weight = _rows(rank, 1, hidden, torch.bfloat16, 7, comm.device)
-    comm.hub.barrier.wait()
+    inputs = [_rows(r, 1, hidden, torch.bfloat16, 7, group.device) for r in range(group.world_size)]
+    for _ in range(10):  # warm-up
+        group.issue(lambda r, ll: ll.all_reduce_rms_norm(*inputs[r], EPS))
+    group.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
-        ll.all_reduce_rms_norm(x, residual, weight, EPS)
-    torch.cuda.current_stream(comm.device).synchronize()
+        group.issue(lambda r, ll: ll.all_reduce_rms_norm(*inputs[r], EPS))
+    group.synchronize()
     seconds = time.perf_counter() - start
-    comm.hub.barrier.wait()
-    stamps = ll.read_stamps() or []
-    return {"rank": rank, "calls": calls, "wall_us_per_call": seconds / calls * 1e6,
-            "stamps": ll_stamp_summary(stamps[-min(len(stamps), calls):])}
+    reports = []
+    for rank, ll in enumerate(group.lls):
+        stamps = ll.read_stamps() or []
+        reports.append({"rank": rank, "issued": "last" if rank == group.world_size - 1 else "earlier",
+                        "calls": calls, "wall_us_per_call": seconds / calls * 1e6,
+                        "stamps": ll_stamp_summary(stamps[-min(len(stamps), calls):])})
+    return reports
 
 
 def main() -> None:
@@ -180,8 +216,11 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    reports = run_ranks(args.ranks, lambda r, ll, comm: time_calls(r, ll, comm, args.calls, args.hidden),
-                        stamps=True)
+    group = LoopbackGroup(args.ranks, stamps=True)
+    try:
+        reports = time_calls(group, args.calls, args.hidden)
+    finally:
+        group.close()
     result = {"benchmark": "ll_loopback", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "ranks": args.ranks, "hidden": args.hidden, "time": time.time(), "reports": reports}
     for r in reports:

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from bench.ll_loopback import EPS, run_ranks
+from bench.ll_loopback import EPS, LoopbackGroup
 
 pytestmark = pytest.mark.gpu
 # The rank threads need every kernel loaded at CUDA's start (bench/ll_loopback.py), which only
@@ -52,75 +52,77 @@ def _reference(xs: list[torch.Tensor], residual: torch.Tensor, weight: torch.Ten
     return weight * (r32 * torch.rsqrt(r32.pow(2).mean(-1, keepdim=True) + EPS)).to(summed.dtype), res
 
 
+@pytest.fixture
+def group_of():
+    groups = []
+
+    def make(world: int, stamps: bool = False) -> LoopbackGroup:
+        groups.append(LoopbackGroup(world, stamps=stamps))
+        return groups[-1]
+
+    yield make
+    for group in groups:
+        group.close()
+
+
 @eager
 @pytest.mark.parametrize("world", [2, 4])
-def test_every_rank_gets_the_same_bits_and_the_reference(world):
-    def body(rank, ll, comm):
-        out = []
-        for call, (rows, hidden, dtype) in enumerate([(1, 4096, torch.bfloat16), (3, 4096, torch.bfloat16),
-                                                      (1, 5120, torch.float16), (2, 64, torch.bfloat16)] * 3):
-            x, residual, weight = _inputs(rank, rows, hidden, dtype, call)
-            xs = [_inputs(q, rows, hidden, dtype, call)[0] for q in range(world)]
-            residual, weight = _inputs(0, rows, hidden, dtype, 1000 + call)[1:]  # the same on every rank
-            got, got_res = ll.all_reduce_rms_norm(x, residual, weight, EPS)
-            total = ll.all_reduce(x)
-            want, want_res = _reference(xs, residual, weight)
-            torch.cuda.current_stream().synchronize()
+def test_every_rank_gets_the_same_bits_and_the_reference(world, group_of):
+    group = group_of(world)
+    cases = [(1, 4096, torch.bfloat16), (3, 4096, torch.bfloat16), (1, 5120, torch.float16),
+             (2, 64, torch.bfloat16)] * 3  # changing rows and dtypes: every round and parity
+    for call, (rows, hidden, dtype) in enumerate(cases):
+        xs = [_inputs(q, rows, hidden, dtype, call)[0] for q in range(world)]
+        residual, weight = _inputs(0, rows, hidden, dtype, 1000 + call)[1:]  # the same on every rank
+        normed = group.issue(lambda r, ll: ll.all_reduce_rms_norm(xs[r], residual, weight, EPS))
+        sums = group.issue(lambda r, ll: ll.all_reduce(xs[r]))
+        group.synchronize()
+        want, want_res = _reference(xs, residual, weight)
+        for rank in range(world):
+            got, got_res = normed[rank]
             assert torch.allclose(got_res.float(), want_res.float(), rtol=1e-2, atol=1e-2 * world)
             assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2 * world)
-            assert torch.allclose(total.float(), sum(v.float() for v in xs), rtol=1e-2, atol=1e-2 * world)
-            out.append((got.cpu(), got_res.cpu(), total.cpu()))
-        return out
-
-    per_rank = run_ranks(world, body)
-    for rank in range(1, world):
-        for mine, first in zip(per_rank[rank], per_rank[0]):
-            assert all(torch.equal(a, b) for a, b in zip(mine, first)), f"rank {rank} differs from rank 0"
+            assert torch.allclose(sums[rank].float(), sum(v.float() for v in xs), rtol=1e-2, atol=1e-2 * world)
+            assert torch.equal(got, normed[0][0]) and torch.equal(got_res, normed[0][1]), f"rank {rank}: other bits"
+            assert torch.equal(sums[rank], sums[0]), f"rank {rank}: other bits"
 
 
 @eager
-def test_the_pushing_gemv_gives_what_the_plain_gemv_then_the_call_give():
+def test_the_pushing_gemv_gives_what_the_plain_gemv_then_the_call_give(group_of):
     from engine.kernels import gemv
-
-    def body(rank, ll, comm):
-        gen = torch.Generator(device="cuda").manual_seed(77 + rank)
-        a = torch.randn(1, 2048, generator=gen, device="cuda").to(torch.bfloat16)
-        w = (torch.randn(4096, 2048, generator=gen, device="cuda") / 2048 ** 0.5).to(torch.bfloat16)
-        residual, weight = _inputs(0, 1, 4096, torch.bfloat16, 5)[1:]
-        if rank == 0:
-            gemv.gemv_row(a, w)  # tunes the shape (one thread at a time: the autotuner's cache)
-            gemv._USE_GEMV[(4096, 2048, torch.bfloat16)] = ("row", None)
-        comm.hub.barrier.wait()
-        plain = gemv.gemv_row(a, w)
-        want = ll.all_reduce_rms_norm(plain, residual, weight, EPS)
-        pushed = ll.gemv_push(a, w)
-        assert pushed is not None, "gemv_push refused a tuned one-row shape"
-        got = ll.all_reduce_rms_norm(pushed, residual, weight, EPS)
-        torch.cuda.current_stream().synchronize()
-        assert torch.equal(pushed, plain)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-        return got[0].cpu()
-
-    outs = run_ranks(2, body)
-    assert torch.equal(outs[0], outs[1])
+    gen = torch.Generator(device="cuda").manual_seed(77)
+    a = [torch.randn(1, 2048, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(2)]
+    w = [(torch.randn(4096, 2048, generator=gen, device="cuda") / 2048 ** 0.5).to(torch.bfloat16)
+         for _ in range(2)]
+    residual, weight = _inputs(0, 1, 4096, torch.bfloat16, 5)[1:]
+    gemv.gemv_row(a[0], w[0])  # tunes the shape before any LL kernel runs
+    gemv._USE_GEMV[(4096, 2048, torch.bfloat16)] = ("row", None)
+    group = group_of(2)
+    for _ in range(3):  # GEMVs of every rank first (they never wait), then the LL calls
+        plain = group.issue(lambda r, ll: gemv.gemv_row(a[r], w[r]))
+        want = group.issue(lambda r, ll: ll.all_reduce_rms_norm(plain[r], residual, weight, EPS))
+        pushed = group.issue(lambda r, ll: ll.gemv_push(a[r], w[r]))
+        assert all(p is not None for p in pushed), "gemv_push refused a tuned one-row shape"
+        got = group.issue(lambda r, ll: ll.all_reduce_rms_norm(pushed[r], residual, weight, EPS))
+        group.synchronize()
+        for r in range(2):
+            assert torch.equal(pushed[r], plain[r])
+            assert torch.equal(got[r][0], want[r][0]) and torch.equal(got[r][1], want[r][1])
+        assert torch.equal(got[0][0], got[1][0])
 
 
 @eager
-def test_stamps_come_in_order_one_per_call():
+def test_stamps_come_in_order_one_per_call(group_of):
     from engine.profiling import ll_stamp_summary
-
-    def body(rank, ll, comm):
-        x, residual, weight = _inputs(rank, 1, 4096, torch.bfloat16, 3)
-        before = len(ll.read_stamps())  # the set-up's self-check calls stamp too
-        for _ in range(50):
-            ll.all_reduce_rms_norm(x, residual, weight, EPS)
-        torch.cuda.current_stream().synchronize()
-        comm.hub.barrier.wait()
-        return before, ll.read_stamps()
-
-    for before, stamps in run_ranks(2, body, stamps=True):
-        assert len(stamps) == min(before + 50, 4096)
+    group = group_of(2, stamps=True)
+    inputs = [_inputs(r, 1, 4096, torch.bfloat16, 3) for r in range(2)]
+    for _ in range(50):
+        group.issue(lambda r, ll: ll.all_reduce_rms_norm(*inputs[r], EPS))
+    group.synchronize()
+    for ll in group.lls:
+        stamps = ll.read_stamps()
+        assert len(stamps) == 50  # the self-check is skipped here: these calls only
         for start, waited, peers_in, end in stamps:
             assert start <= waited <= peers_in <= end
-        summary = ll_stamp_summary(stamps[-50:])
+        summary = ll_stamp_summary(stamps)
         assert summary["num_calls"] == 50 and summary["after_wait_us"]["median"] > 0
