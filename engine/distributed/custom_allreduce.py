@@ -264,7 +264,7 @@ class CustomAllReduce:
                               else torch.cuda.current_device())
         self._base: Optional[int] = None  # my buffer
         self._peer_bases: dict[int, int] = {}  # opened IPC mappings of peers' buffers
-        self._kernels: dict[torch.dtype, object] = {}
+        self._kernels: dict = {}  # build (see _run) -> CuPy RawKernel
         self._streams: dict[int, object] = {}
         self._cupy = None
 
@@ -466,15 +466,16 @@ class CustomAllReduce:
                 np.uint64(timeout_ns))
         self._run(tensor.dtype, grid_size(nbytes), args)
 
-    def _run(self, dtype: torch.dtype, grid: int, args: tuple, threads: int = THREADS) -> None:
-        """Launches the kernel for ``dtype`` on torch's current stream (graph-capturable)."""
+    def _run(self, build, grid: int, args: tuple, threads: int = THREADS) -> None:
+        """Launches the kernel built for ``build`` (a dtype; the LL kernel's (dtype, lines per
+        thread)) on torch's current stream (graph-capturable)."""
         stream_ptr = torch.cuda.current_stream(self._device).cuda_stream
         with self._cupy.cuda.Device(self._device_index):
             stream = self._streams.get(stream_ptr)
             if stream is None:  # made on this device (CuPy ties a stream to the current device)
                 stream = self._streams[stream_ptr] = self._cupy.cuda.ExternalStream(stream_ptr)
             with stream:
-                self._kernels[dtype]((grid,), (threads,), args)
+                self._kernels[build]((grid,), (threads,), args)
 
     def _disable(self, reason: str, collective: bool) -> None:
         self.disabled_reason = reason

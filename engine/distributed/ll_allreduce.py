@@ -87,6 +87,8 @@ LL_DEFAULT_MAX_BYTES = 256 * 1024  # 32 decode rows of hidden 4096 in bf16
 MAX_ROWS = 64
 THREADS = 512
 MAX_LPT = 8  # lines (8 bytes of data each) per thread
+LINE_VARIANTS = (2, MAX_LPT)  # the kernel's builds by lines per thread (LPT); a call takes the smallest that holds its row (LPT 4 spilled in bf16)
+LL_EARLY_ENV = "KVMESH_LL_EARLY"  # 0: no early (both-parity) peer loads; kept for A/B runs
 LINE_DATA_BYTES = 8
 LINE_BYTES = 16
 MODE_SUM, MODE_NORM, MODE_NORM_NO_RESIDUAL = 0, 1, 2
@@ -102,6 +104,19 @@ _KERNEL_SOURCE = DEVICE_PRELUDE + r"""
 #define MAX_ROWS 64
 #define THREADS 512
 #define MAX_LPT 8
+// Lines per thread this build holds (a power of two <= MAX_LPT): one build per LPT
+// (LINE_VARIANTS), so a 4096-wide bf16 row (1024 lines, LPT 2) keeps few registers
+#ifndef LPT
+#define LPT MAX_LPT
+#endif
+#ifndef LL_EARLY_LOADS
+#define LL_EARLY_LOADS 1
+#endif
+// Early loads: before the round (hence the parity) is known, each thread loads its lines of the
+// first SPEC_PEERS peers' slots in BOTH parities, beside its own loads, so that a call whose
+// peers' lines are already in costs one memory round trip, not one more per peer
+#define SPEC_PEERS 3
+#define SPEC_LPT (LL_EARLY_LOADS && LPT <= 2 ? LPT : 0)
 #define ROUND_OFF 0
 #define DONE_OFF 1
 #define ERROR_OFF 612
@@ -136,9 +151,9 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
 #endif
   const int t = threadIdx.x;
   // The norm weight never changes: loaded before the wait below
-  line_t wgt[MAX_LPT];
+  line_t wgt[LPT];
 #pragma unroll
-  for (int k = 0; k < MAX_LPT; ++k) {
+  for (int k = 0; k < LPT; ++k) {
     const int line = t + k * THREADS;
     if (mode != 0 && line < lines_per_row) wgt[k].u = ((const uint2*)weight_addr)[line];
   }
@@ -165,15 +180,32 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   const long long row_line0 = (long long)row * lines_per_row;
   // 1. what does not come from the peers, loaded at once so the latencies overlap each other
   //    and the round's read: my partial sums and, for the norm, the residual
-  line_t mine[MAX_LPT], res[MAX_LPT];
+  line_t mine[LPT], res[LPT];
 #pragma unroll
-  for (int k = 0; k < MAX_LPT; ++k) {
+  for (int k = 0; k < LPT; ++k) {
     const int line = t + k * THREADS;
     if (line < lines_per_row) {
       mine[k].u = ((const uint2*)x_addr)[row_line0 + line];
       if (mode == 1) res[k].u = ((const uint2*)residual_addr)[row_line0 + line];
     }
   }
+#if SPEC_LPT
+  uint4 spec[SPEC_PEERS][2][SPEC_LPT > 0 ? SPEC_LPT : 1];  // [peer after me][parity][line]
+#pragma unroll
+  for (int s = 0; s < SPEC_PEERS; ++s) {
+    if (s >= world - 1) break;
+    const int q = (rank + 1 + s) % world;
+#pragma unroll
+    for (int par = 0; par < 2; ++par) {
+      const uint4* src = (const uint4*)areas[rank] + ((long long)par * world + q) * max_lines + row_line0;
+#pragma unroll
+      for (int k = 0; k < SPEC_LPT; ++k) {
+        const int line = t + k * THREADS;
+        if (line < lines_per_row) spec[s][par][k] = ld_line(src + line);
+      }
+    }
+  }
+#endif
   if (t == 0) s_round = ((volatile u32*)sig)[ROUND_OFF] + 1u;
   __syncthreads();
   const u32 round = s_round;
@@ -188,25 +220,37 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
     if (q == rank) continue;
     uint4* dst = (uint4*)areas[q] + (parity * world + rank) * max_lines + row_line0;
 #pragma unroll
-    for (int k = 0; k < MAX_LPT; ++k) {
+    for (int k = 0; k < LPT; ++k) {
       const int line = t + k * THREADS;
       if (line < lines_per_row) st_line(dst + line, mine[k].u, round);
     }
   }
   // 3. sum in rank order
-  float acc[MAX_LPT][EPL];
+  float acc[LPT][EPL];
   const u64 start = timeout_ns ? now_ns() : 0;
   for (int q = 0; q < world; ++q) {
     const uint4* src = (const uint4*)areas[rank] + (parity * world + q) * max_lines + row_line0;
 #pragma unroll
-    for (int k = 0; k < MAX_LPT; ++k) {
+    for (int k = 0; k < LPT; ++k) {
       const int line = t + k * THREADS;
       if (line >= lines_per_row) continue;
       line_t p;
       if (q == rank) {
         p = mine[k];
       } else {
-        uint4 v = ld_line(src + line);
+        uint4 v;
+#if SPEC_LPT
+        const int s = (q - rank - 1 + world) % world;  // this peer's place after me
+        if (s < SPEC_PEERS && k < SPEC_LPT) {  // k is a constant here (unrolled): s picks by compare,
+#pragma unroll                                  // not by index (registers cannot be indexed)
+          for (int s2 = 0; s2 < SPEC_PEERS; ++s2)
+            if (s2 == s) v = parity ? spec[s2][1][k < SPEC_LPT ? k : 0] : spec[s2][0][k < SPEC_LPT ? k : 0];
+        } else {
+          v = ld_line(src + line);
+        }
+#else
+        v = ld_line(src + line);
+#endif
         while (v.y != round || v.w != round) {
           if (timeout_ns && now_ns() - start > timeout_ns) {
             *(volatile u32*)(sig + ERROR_OFF) = 1u;
@@ -228,7 +272,7 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   // 4. write the sums, or add the residual and normalize the row
   if (mode == 0) {
 #pragma unroll
-    for (int k = 0; k < MAX_LPT; ++k) {
+    for (int k = 0; k < LPT; ++k) {
       const int line = t + k * THREADS;
       if (line >= lines_per_row) continue;
       line_t o;
@@ -239,7 +283,7 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   } else {
     float ss = 0.0f;
 #pragma unroll
-    for (int k = 0; k < MAX_LPT; ++k) {
+    for (int k = 0; k < LPT; ++k) {
       const int line = t + k * THREADS;
       if (line >= lines_per_row) continue;
       line_t o;
@@ -266,7 +310,7 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
     __syncthreads();
     const float inv_rms = rsqrtf(s_sum[0] / (float)hidden + eps);
 #pragma unroll
-    for (int k = 0; k < MAX_LPT; ++k) {
+    for (int k = 0; k < LPT; ++k) {
       const int line = t + k * THREADS;
       if (line >= lines_per_row) continue;
       line_t o;
@@ -316,7 +360,8 @@ class LLAllReduce(CustomAllReduce):
 
     KERNEL_SOURCE = _KERNEL_SOURCE
     KERNEL_NAME = "kvmesh_ll_all_reduce"
-    KERNEL_OPTIONS = ((("-DLL_TRIGGER_AFTER_WAIT=1",)
+    KERNEL_OPTIONS = ((("-DLL_EARLY_LOADS=0",) if os.environ.get(LL_EARLY_ENV, "1") in ("", "0") else ())
+                      + (("-DLL_TRIGGER_AFTER_WAIT=1",)
                        if os.environ.get(LL_TRIGGER_ENV, "start").strip().lower() == "wait" else ())
                       + (("-DLL_STAMPS=1",) if os.environ.get(LL_STAMPS_ENV, "0") not in ("", "0") else ()))
 
@@ -326,7 +371,7 @@ class LLAllReduce(CustomAllReduce):
         self._push_table: Optional[torch.Tensor] = None  # gemv_row_push's addresses (set-up)
         self._pushed: Optional[torch.Tensor] = None  # a pushed partial its LL call has not taken
         self._dependent_launch_ok = True  # off for good after a failed cuLaunchKernelEx
-        self._functions: dict[torch.dtype, int] = {}  # dtype -> CUfunction, for launch_dependent
+        self._functions: dict[tuple, int] = {}  # (dtype, lines per thread) -> CUfunction, for launch_dependent
         super().__init__(comm, max_bytes=max_bytes, self_check_timeout_s=self_check_timeout_s)
         if self.is_enabled and os.environ.get(LL_PUSH_ENV, "1") not in ("", "0"):
             self._push_table = self._make_push_table()
@@ -486,6 +531,20 @@ class LLAllReduce(CustomAllReduce):
                             f"max abs err {err})")
         return None
 
+    def _compile(self) -> None:
+        """One build per (dtype, lines per thread in LINE_VARIANTS), compiled and loaded now,
+        never during a graph capture."""
+        cupy = self._cupy
+        with cupy.cuda.Device(self._device_index):
+            for dtype, code in _DTYPE_CODES.items():
+                for lpt in LINE_VARIANTS:
+                    kernel = cupy.RawKernel(self.KERNEL_SOURCE, self.KERNEL_NAME,
+                                            options=(f"-DKV_DTYPE={code}", f"-DLPT={lpt}", *self.KERNEL_OPTIONS))
+                    if hasattr(kernel, "compile"):
+                        kernel.compile()
+                    _ = kernel.attributes  # loads the module on this device
+                    self._kernels[(dtype, lpt)] = kernel
+
     def _launch_ll(self, x: torch.Tensor, residual: Optional[torch.Tensor],
                    weight: Optional[torch.Tensor], out: torch.Tensor,
                    residual_out: Optional[torch.Tensor], eps: float, mode: int,
@@ -497,23 +556,24 @@ class LLAllReduce(CustomAllReduce):
                 addr(residual_out), np.int32(lines), np.int32(x.shape[-1]), np.int64(self.max_lines),
                 np.float32(eps), np.int32(mode), np.int32(self.rank), np.int32(self.world_size),
                 np.uint64(timeout_ns), np.int32(self._take_pushed(x)))
+        build = (x.dtype, next(v for v in LINE_VARIANTS if v * THREADS >= lines))  # the smallest that holds the row
         if self._dependent_launch_ok and pdl.ll_pdl(x.device):
             try:
-                pdl.launch_dependent(self._function(x.dtype), rows, THREADS,
+                pdl.launch_dependent(self._function(build), rows, THREADS,
                                      torch.cuda.current_stream(x.device).cuda_stream, _as_ctypes(args))
                 return
             except Exception as exc:  # noqa: BLE001 - the plain launch below is always right
                 self._dependent_launch_ok = False
                 logger.warning("LL all-reduce: no dependent launch (%r); plain launches from now on", exc)
-        self._run(x.dtype, rows, args, threads=THREADS)
+        self._run(build, rows, args, threads=THREADS)
 
-    def _function(self, dtype: torch.dtype) -> int:
-        """The CUfunction of the compiled kernel for ``dtype`` on this device (CuPy's), looked up
-        once per dtype, not on every call."""
-        if dtype not in self._functions:
+    def _function(self, build: tuple[torch.dtype, int]) -> int:
+        """The CUfunction of the (dtype, lines per thread) build on this device (CuPy's), looked
+        up once per build, not on every call."""
+        if build not in self._functions:
             with self._cupy.cuda.Device(self._device_index):
-                self._functions[dtype] = int(self._kernels[dtype].kernel.ptr)
-        return self._functions[dtype]
+                self._functions[build] = int(self._kernels[build].kernel.ptr)
+        return self._functions[build]
 
 
 def _as_ctypes(args: tuple) -> list:
