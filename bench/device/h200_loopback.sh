@@ -5,7 +5,7 @@
 #      the pushing GEMV, the stamps (KVMESH_LL_STAMPS)
 #   2. bench/ll_loopback.py: 2000 fused calls of one 4096 row per rank, issued rank after rank:
 #      the stamps of the rank issued last (its peers' lines already in) are the kernel's own
-#      cost; KVMESH_LL_EARLY=0 (no early loads) then 1 (default), 2 and 4 ranks
+#      cost; KVMESH_LL_BATCH=0 (each peer loaded in its turn) then 1 (default: every peer's first load issued at once), 2 and 4 ranks
 set -u
 source bench/device/env.sh
 L=$OUT/logs; mkdir -p $L
@@ -14,9 +14,9 @@ gpu_tests ll_loopback 280 tests/gpu/test_ll_loopback.py
 grep -E "^(FAILED|E )" $L/ll_loopback.txt | head -20
 for r in 2 4; do
   for early in 0 1; do
-    KVMESH_LL_EARLY=$early timeout 100 python3 bench/ll_loopback.py --ranks $r \
-      --out $OUT/ll_loopback_r${r}_early$early.json > $L/ll_loopback_r${r}_early$early.log 2>&1
-    echo "ranks $r early $early: $(grep '"issued": "last"' $L/ll_loopback_r${r}_early$early.log | cut -c1-400)"
-    grep -E "Error|error" $L/ll_loopback_r${r}_early$early.log | tail -2
+    KVMESH_LL_BATCH=$early timeout 100 python3 bench/ll_loopback.py --ranks $r \
+      --out $OUT/ll_loopback_r${r}_batch$early.json > $L/ll_loopback_r${r}_batch$early.log 2>&1
+    echo "ranks $r batch $early: $(grep '"issued": "last"' $L/ll_loopback_r${r}_batch$early.log | cut -c1-400)"
+    grep -E "Error|error" $L/ll_loopback_r${r}_batch$early.log | tail -2
   done
 done

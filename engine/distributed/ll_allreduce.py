@@ -88,7 +88,7 @@ MAX_ROWS = 64
 THREADS = 512
 MAX_LPT = 8  # lines (8 bytes of data each) per thread
 LINE_VARIANTS = (2, MAX_LPT)  # the kernel's builds by lines per thread (LPT); a call takes the smallest that holds its row (LPT 4 spilled in bf16)
-LL_EARLY_ENV = "KVMESH_LL_EARLY"  # 0: no early (both-parity) peer loads; kept for A/B runs
+LL_BATCH_ENV = "KVMESH_LL_BATCH"  # 0: each peer's lines loaded only when its turn comes; kept for A/B runs
 LINE_DATA_BYTES = 8
 LINE_BYTES = 16
 MODE_SUM, MODE_NORM, MODE_NORM_NO_RESIDUAL = 0, 1, 2
@@ -109,14 +109,14 @@ _KERNEL_SOURCE = DEVICE_PRELUDE + r"""
 #ifndef LPT
 #define LPT MAX_LPT
 #endif
-#ifndef LL_EARLY_LOADS
-#define LL_EARLY_LOADS 1
+#ifndef LL_BATCH_PEERS
+#define LL_BATCH_PEERS 1
 #endif
-// Early loads: before the round (hence the parity) is known, each thread loads its lines of the
-// first SPEC_PEERS peers' slots in BOTH parities, beside its own loads, so that a call whose
-// peers' lines are already in costs one memory round trip, not one more per peer
-#define SPEC_PEERS 3
-#define SPEC_LPT (LL_EARLY_LOADS && LPT <= 2 ? LPT : 0)
+// Batched peer loads (builds of LPT <= 2): once the round is known, each thread issues the first
+// load of its lines from every peer's slot (up to 7 peers) before it checks any, so a call whose
+// peers' lines are in costs one memory round trip, not one per peer
+#define BATCH_PEERS 7
+#define BATCH_LPT (LL_BATCH_PEERS && LPT <= 2 ? LPT : 0)
 #define ROUND_OFF 0
 #define DONE_OFF 1
 #define ERROR_OFF 612
@@ -189,23 +189,6 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
       if (mode == 1) res[k].u = ((const uint2*)residual_addr)[row_line0 + line];
     }
   }
-#if SPEC_LPT
-  uint4 spec[SPEC_PEERS][2][SPEC_LPT > 0 ? SPEC_LPT : 1];  // [peer after me][parity][line]
-#pragma unroll
-  for (int s = 0; s < SPEC_PEERS; ++s) {
-    if (s >= world - 1) break;
-    const int q = (rank + 1 + s) % world;
-#pragma unroll
-    for (int par = 0; par < 2; ++par) {
-      const uint4* src = (const uint4*)areas[rank] + ((long long)par * world + q) * max_lines + row_line0;
-#pragma unroll
-      for (int k = 0; k < SPEC_LPT; ++k) {
-        const int line = t + k * THREADS;
-        if (line < lines_per_row) spec[s][par][k] = ld_line(src + line);
-      }
-    }
-  }
-#endif
   if (t == 0) s_round = ((volatile u32*)sig)[ROUND_OFF] + 1u;
   __syncthreads();
   const u32 round = s_round;
@@ -213,6 +196,20 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   // counter. The next call reads it after this kernel ended (stream order), so no fence either.
   if (gridDim.x == 1 && t == 0) sig[ROUND_OFF] = round;
   const long long parity = round & 1u;
+#if BATCH_LPT
+  uint4 first[BATCH_PEERS][BATCH_LPT > 0 ? BATCH_LPT : 1];  // [peer after me][line]
+#pragma unroll
+  for (int s = 0; s < BATCH_PEERS; ++s) {
+    if (s >= world - 1) break;
+    const int q = (rank + 1 + s) % world;
+    const uint4* src = (const uint4*)areas[rank] + (parity * world + q) * max_lines + row_line0;
+#pragma unroll
+    for (int k = 0; k < BATCH_LPT; ++k) {
+      const int line = t + k * THREADS;
+      if (line < lines_per_row) first[s][k] = ld_line(src + line);
+    }
+  }
+#endif
 
   // 2. push them into every peer's slot (parity, me, row, line), unless the GEMV that made
   //    them already did (gemv.gemv_row_push: "pushed")
@@ -239,12 +236,12 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
         p = mine[k];
       } else {
         uint4 v;
-#if SPEC_LPT
+#if BATCH_LPT
         const int s = (q - rank - 1 + world) % world;  // this peer's place after me
-        if (s < SPEC_PEERS && k < SPEC_LPT) {  // k is a constant here (unrolled): s picks by compare,
-#pragma unroll                                  // not by index (registers cannot be indexed)
-          for (int s2 = 0; s2 < SPEC_PEERS; ++s2)
-            if (s2 == s) v = parity ? spec[s2][1][k < SPEC_LPT ? k : 0] : spec[s2][0][k < SPEC_LPT ? k : 0];
+        if (s < BATCH_PEERS && k < BATCH_LPT) {  // k is a constant here (unrolled): s picks by compare,
+#pragma unroll                                   // not by index (registers cannot be indexed)
+          for (int s2 = 0; s2 < BATCH_PEERS; ++s2)
+            if (s2 == s) v = first[s2][k < BATCH_LPT ? k : 0];
         } else {
           v = ld_line(src + line);
         }
@@ -360,7 +357,7 @@ class LLAllReduce(CustomAllReduce):
 
     KERNEL_SOURCE = _KERNEL_SOURCE
     KERNEL_NAME = "kvmesh_ll_all_reduce"
-    KERNEL_OPTIONS = ((("-DLL_EARLY_LOADS=0",) if os.environ.get(LL_EARLY_ENV, "1") in ("", "0") else ())
+    KERNEL_OPTIONS = ((("-DLL_BATCH_PEERS=0",) if os.environ.get(LL_BATCH_ENV, "1") in ("", "0") else ())
                       + (("-DLL_TRIGGER_AFTER_WAIT=1",)
                        if os.environ.get(LL_TRIGGER_ENV, "start").strip().lower() == "wait" else ())
                       + (("-DLL_STAMPS=1",) if os.environ.get(LL_STAMPS_ENV, "0") not in ("", "0") else ()))
