@@ -12,11 +12,20 @@ L=$OUT/logs; mkdir -p $L
 nvidia-smi --query-gpu=index,name --format=csv,noheader
 gpu_tests ll_loopback 280 tests/gpu/test_ll_loopback.py
 grep -E "^(FAILED|E )" $L/ll_loopback.txt | head -20
+# SETTINGS: batch:relaxed pairs (KVMESH_LL_BATCH, KVMESH_LL_RELAXED: ld.relaxed.sys instead of ld.volatile)
 for r in 2 4; do
-  for early in 0 1; do
-    KVMESH_LL_BATCH=$early timeout 100 python3 bench/ll_loopback.py --ranks $r \
-      --out $OUT/ll_loopback_r${r}_batch$early.json > $L/ll_loopback_r${r}_batch$early.log 2>&1
-    echo "ranks $r batch $early: $(grep '"issued": "last"' $L/ll_loopback_r${r}_batch$early.log | cut -c1-400)"
-    grep -E "Error|error" $L/ll_loopback_r${r}_batch$early.log | tail -2
+  for setting in ${SETTINGS:-0:0 0:1 1:1}; do
+    tag=r${r}_batch${setting%%:*}_relaxed${setting##*:}
+    KVMESH_LL_BATCH=${setting%%:*} KVMESH_LL_RELAXED=${setting##*:} timeout 100 python3 bench/ll_loopback.py \
+      --ranks $r --out $OUT/ll_loopback_$tag.json > $L/ll_loopback_$tag.log 2>&1
+    python3 - "$tag" $OUT/ll_loopback_$tag.json <<'PY'
+import json, sys
+try:
+    r = [x for x in json.load(open(sys.argv[2]))["reports"] if x["issued"] == "last"][0]["stamps"]
+    print(sys.argv[1], "after wait %.2f us (peers %.2f, finish %.2f)" % (
+        r["after_wait_us"]["median"], r["peers_us"]["median"], r["finish_us"]["median"]))
+except Exception as exc:
+    print(sys.argv[1], "no result", exc)
+PY
   done
 done

@@ -129,10 +129,18 @@ __device__ __forceinline__ void st_line(uint4* p, uint2 d, u32 flag) {
   asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};"
                :: "l"(p), "r"(d.x), "r"(flag), "r"(d.y), "r"(flag) : "memory");
 }
+#ifndef LL_LOAD_RELAXED
+#define LL_LOAD_RELAXED 0
+#endif
 __device__ __forceinline__ uint4 ld_line(const uint4* p) {
   uint4 v;
+#if LL_LOAD_RELAXED
+  asm volatile("ld.relaxed.sys.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+#else
   asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+#endif
   return v;
 }
 
@@ -358,6 +366,7 @@ class LLAllReduce(CustomAllReduce):
     KERNEL_SOURCE = _KERNEL_SOURCE
     KERNEL_NAME = "kvmesh_ll_all_reduce"
     KERNEL_OPTIONS = ((("-DLL_BATCH_PEERS=0",) if os.environ.get(LL_BATCH_ENV, "1") in ("", "0") else ())
+                      + (("-DLL_LOAD_RELAXED=1",) if os.environ.get("KVMESH_LL_RELAXED", "0") not in ("", "0") else ())
                       + (("-DLL_TRIGGER_AFTER_WAIT=1",)
                        if os.environ.get(LL_TRIGGER_ENV, "start").strip().lower() == "wait" else ())
                       + (("-DLL_STAMPS=1",) if os.environ.get(LL_STAMPS_ENV, "0") not in ("", "0") else ()))
