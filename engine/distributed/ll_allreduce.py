@@ -87,8 +87,12 @@ LL_DEFAULT_MAX_BYTES = 256 * 1024  # 32 decode rows of hidden 4096 in bf16
 MAX_ROWS = 64
 THREADS = 512
 MAX_LPT = 8  # lines (8 bytes of data each) per thread
-LINE_VARIANTS = (2, MAX_LPT)  # the kernel's builds by lines per thread (LPT); a call takes the smallest that holds its row (LPT 4 spilled in bf16)
-LL_BATCH_ENV = "KVMESH_LL_BATCH"  # 0: each peer's lines loaded only when its turn comes; kept for A/B runs
+# The kernel's builds by lines per thread (LPT): a call takes the smallest that holds its row.
+# LPT 2 (rows of up to 1024 lines: 4096 wide in bf16) measured 2.56 us after the wait against
+# 3.46 for the LPT 8 build (2 ranks, bench/ll_loopback.py on one H200); LPT 4 spilled in bf16.
+# KVMESH_LL_LPT (a comma list, e.g. "8": the single build before stop 20) is kept for A/B runs.
+LL_LPT_ENV = "KVMESH_LL_LPT"
+LINE_VARIANTS = tuple(sorted({int(v) for v in os.environ.get(LL_LPT_ENV, "2,8").split(",") if v.strip()} | {MAX_LPT}))
 LINE_DATA_BYTES = 8
 LINE_BYTES = 16
 MODE_SUM, MODE_NORM, MODE_NORM_NO_RESIDUAL = 0, 1, 2
@@ -109,14 +113,6 @@ _KERNEL_SOURCE = DEVICE_PRELUDE + r"""
 #ifndef LPT
 #define LPT MAX_LPT
 #endif
-#ifndef LL_BATCH_PEERS
-#define LL_BATCH_PEERS 1
-#endif
-// Batched peer loads (builds of LPT <= 2): once the round is known, each thread issues the first
-// load of its lines from every peer's slot (up to 7 peers) before it checks any, so a call whose
-// peers' lines are in costs one memory round trip, not one per peer
-#define BATCH_PEERS 7
-#define BATCH_LPT (LL_BATCH_PEERS && LPT <= 2 ? LPT : 0)
 #define ROUND_OFF 0
 #define DONE_OFF 1
 #define ERROR_OFF 612
@@ -129,18 +125,10 @@ __device__ __forceinline__ void st_line(uint4* p, uint2 d, u32 flag) {
   asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};"
                :: "l"(p), "r"(d.x), "r"(flag), "r"(d.y), "r"(flag) : "memory");
 }
-#ifndef LL_LOAD_RELAXED
-#define LL_LOAD_RELAXED 0
-#endif
 __device__ __forceinline__ uint4 ld_line(const uint4* p) {
   uint4 v;
-#if LL_LOAD_RELAXED
-  asm volatile("ld.relaxed.sys.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
-#else
   asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
-#endif
   return v;
 }
 
@@ -204,20 +192,6 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   // counter. The next call reads it after this kernel ended (stream order), so no fence either.
   if (gridDim.x == 1 && t == 0) sig[ROUND_OFF] = round;
   const long long parity = round & 1u;
-#if BATCH_LPT
-  uint4 first[BATCH_PEERS][BATCH_LPT > 0 ? BATCH_LPT : 1];  // [peer after me][line]
-#pragma unroll
-  for (int s = 0; s < BATCH_PEERS; ++s) {
-    if (s >= world - 1) break;
-    const int q = (rank + 1 + s) % world;
-    const uint4* src = (const uint4*)areas[rank] + (parity * world + q) * max_lines + row_line0;
-#pragma unroll
-    for (int k = 0; k < BATCH_LPT; ++k) {
-      const int line = t + k * THREADS;
-      if (line < lines_per_row) first[s][k] = ld_line(src + line);
-    }
-  }
-#endif
 
   // 2. push them into every peer's slot (parity, me, row, line), unless the GEMV that made
   //    them already did (gemv.gemv_row_push: "pushed")
@@ -243,19 +217,7 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
       if (q == rank) {
         p = mine[k];
       } else {
-        uint4 v;
-#if BATCH_LPT
-        const int s = (q - rank - 1 + world) % world;  // this peer's place after me
-        if (s < BATCH_PEERS && k < BATCH_LPT) {  // k is a constant here (unrolled): s picks by compare,
-#pragma unroll                                   // not by index (registers cannot be indexed)
-          for (int s2 = 0; s2 < BATCH_PEERS; ++s2)
-            if (s2 == s) v = first[s2][k < BATCH_LPT ? k : 0];
-        } else {
-          v = ld_line(src + line);
-        }
-#else
-        v = ld_line(src + line);
-#endif
+        uint4 v = ld_line(src + line);
         while (v.y != round || v.w != round) {
           if (timeout_ns && now_ns() - start > timeout_ns) {
             *(volatile u32*)(sig + ERROR_OFF) = 1u;
@@ -365,9 +327,7 @@ class LLAllReduce(CustomAllReduce):
 
     KERNEL_SOURCE = _KERNEL_SOURCE
     KERNEL_NAME = "kvmesh_ll_all_reduce"
-    KERNEL_OPTIONS = ((("-DLL_BATCH_PEERS=0",) if os.environ.get(LL_BATCH_ENV, "1") in ("", "0") else ())
-                      + (("-DLL_LOAD_RELAXED=1",) if os.environ.get("KVMESH_LL_RELAXED", "0") not in ("", "0") else ())
-                      + (("-DLL_TRIGGER_AFTER_WAIT=1",)
+    KERNEL_OPTIONS = ((("-DLL_TRIGGER_AFTER_WAIT=1",)
                        if os.environ.get(LL_TRIGGER_ENV, "start").strip().lower() == "wait" else ())
                       + (("-DLL_STAMPS=1",) if os.environ.get(LL_STAMPS_ENV, "0") not in ("", "0") else ()))
 
