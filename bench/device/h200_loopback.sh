@@ -5,8 +5,8 @@
 #      the pushing GEMV, the stamps (KVMESH_LL_STAMPS)
 #   2. bench/ll_loopback.py: 2000 fused calls of one 4096 row per rank, issued rank after rank:
 #      the stamps of the rank issued last (its peers' lines already in) are the kernel's own
-#      cost; KVMESH_LL_LPT=8 (the single build before stop 20) then the default builds (2,8),
-#      2 and 4 ranks. (Also measured this stop and dropped: both-parity loads before the round
+#      cost; per KVMESH_LL_BUILDS for the 4096 row: 512x8 (the build before stop 20), 512x2 (the
+#      default), 256x4 and 128x8; 2 and 4 ranks. (Also measured this stop and dropped: both-parity loads before the round
 #      is known, every peer's first load issued at once, ld.relaxed.sys for ld.volatile.)
 set -u
 source bench/device/env.sh
@@ -15,9 +15,9 @@ nvidia-smi --query-gpu=index,name --format=csv,noheader
 gpu_tests ll_loopback 280 tests/gpu/test_ll_loopback.py
 grep -E "^(FAILED|E )" $L/ll_loopback.txt | head -20
 for r in 2 4; do
-  for lpt in 8 2,8; do  # the single build of before, then today's builds
-    tag=r${r}_lpt${lpt/,/_}
-    KVMESH_LL_LPT=$lpt timeout 100 python3 bench/ll_loopback.py --ranks $r --out $OUT/ll_loopback_$tag.json \
+  for builds in ${BUILDS:-512x8 512x2 256x4 128x8}; do  # threads x lines per thread for the 4096 row
+    tag=r${r}_builds$builds
+    KVMESH_LL_BUILDS=$builds timeout 100 python3 bench/ll_loopback.py --ranks $r --out $OUT/ll_loopback_$tag.json \
       > $L/ll_loopback_$tag.log 2>&1
     python3 - "$tag" $OUT/ll_loopback_$tag.json <<'PY'
 import json, sys

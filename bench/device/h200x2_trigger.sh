@@ -5,8 +5,8 @@
 #      an LL call launches after the call's own wait; KVMESH_GEMV_PRELOAD=32768: a one-row GEMV
 #      program loads 32 KiB of its rows before its wait)
 #   2. the 8B-shape decode step at batch 1: TP=1 on GPU 0, then TP=2 per setting, in turn, and once
-#      with KVMESH_LL_LPT=8 (stop 20: the LL kernel's build of before; bench/ll_loopback.py on one
-#      GPU measured the default LPT-2 build's call at 2.56 against 3.46 us after its wait)
+#      with KVMESH_LL_BUILDS=512x8 (stop 20: the LL kernel's build of before; bench/ll_loopback.py on one
+#      GPU measured the default 512x2 build's call at 2.59 against 3.42 us after its wait)
 #   3. (stop 20) where an LL call's time goes: TP=2 decode with KVMESH_LL_STAMPS=1 (each call stamps
 #      its start, the end of its wait for the GEMV before, all peers' lines in, its end), read
 #      after 20 profiled steps: engine/profiling.py's ll_stamp_summary per rank
@@ -24,7 +24,7 @@ for setting in ${SETTINGS:-start:0 wait:0 start:0 wait:0}; do
   KVMESH_LL_TRIGGER=${setting%%:*} KVMESH_GEMV_PRELOAD=${setting##*:} decode_step "tp2_${setting/:/_}" 2 0,1
 done
 # stop 20: the LL kernel's single build of before (8 lines a thread) against today's LPT-2 build
-KVMESH_LL_LPT=8 decode_step tp2_lpt8 2 0,1
+KVMESH_LL_BUILDS=512x8 decode_step tp2_builds512x8 2 0,1
 echo "decode steps done at ${SECONDS}s"
 KVMESH_LL_STAMPS=1 CUDA_VISIBLE_DEVICES=0,1 timeout 150 python3 bench/parallel.py engine --tp 2 --decode \
     --model-dir "$MD" --decode-steps 96 --profile-steps 20 --prompt-len 128 --max-tokens 128 \

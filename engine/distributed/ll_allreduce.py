@@ -87,12 +87,21 @@ LL_DEFAULT_MAX_BYTES = 256 * 1024  # 32 decode rows of hidden 4096 in bf16
 MAX_ROWS = 64
 THREADS = 512
 MAX_LPT = 8  # lines (8 bytes of data each) per thread
-# The kernel's builds by lines per thread (LPT): a call takes the smallest that holds its row.
-# LPT 2 (rows of up to 1024 lines: 4096 wide in bf16) measured 2.56 us after the wait against
-# 3.46 for the LPT 8 build (2 ranks, bench/ll_loopback.py on one H200); LPT 4 spilled in bf16.
-# KVMESH_LL_LPT (a comma list, e.g. "8": the single build before stop 20) is kept for A/B runs.
-LL_LPT_ENV = "KVMESH_LL_LPT"
-LINE_VARIANTS = tuple(sorted({int(v) for v in os.environ.get(LL_LPT_ENV, "2,8").split(",") if v.strip()} | {MAX_LPT}))
+# The kernel's builds, (threads, lines per thread): a call takes the first that holds its row.
+# (512, 2) (rows of up to 1024 lines: 4096 wide in bf16) measured 2.56 us after the wait against
+# 3.46 for (512, 8), the only build before stop 20 (2 ranks, bench/ll_loopback.py on one H200);
+# (512, 4) spilled in bf16. KVMESH_LL_BUILDS (e.g. "512x8": the build of before) is kept for A/B
+# runs; (512, MAX_LPT), which holds every row the path takes, is always there, last.
+LL_BUILDS_ENV = "KVMESH_LL_BUILDS"
+
+
+def _builds(text: str) -> tuple[tuple[int, int], ...]:
+    builds = [tuple(int(n) for n in b.strip().split("x")) for b in text.split(",") if b.strip()]
+    builds = [b for b in builds if b != (THREADS, MAX_LPT)]
+    return tuple(sorted(builds, key=lambda b: b[0] * b[1])) + ((THREADS, MAX_LPT),)
+
+
+BUILDS = _builds(os.environ.get(LL_BUILDS_ENV, "512x2"))
 LINE_DATA_BYTES = 8
 LINE_BYTES = 16
 MODE_SUM, MODE_NORM, MODE_NORM_NO_RESIDUAL = 0, 1, 2
@@ -106,10 +115,12 @@ _KERNEL_SOURCE = DEVICE_PRELUDE + r"""
 #endif
 #define STAMP_SLOTS 4096
 #define MAX_ROWS 64
+#ifndef THREADS
 #define THREADS 512
+#endif
 #define MAX_LPT 8
-// Lines per thread this build holds (a power of two <= MAX_LPT): one build per LPT
-// (LINE_VARIANTS), so a 4096-wide bf16 row (1024 lines, LPT 2) keeps few registers
+// Lines per thread this build holds (<= MAX_LPT), with THREADS threads: one build per entry of
+// BUILDS, so a 4096-wide bf16 row (1024 lines, 512 x 2) keeps few registers
 #ifndef LPT
 #define LPT MAX_LPT
 #endif
@@ -337,7 +348,7 @@ class LLAllReduce(CustomAllReduce):
         self._push_table: Optional[torch.Tensor] = None  # gemv_row_push's addresses (set-up)
         self._pushed: Optional[torch.Tensor] = None  # a pushed partial its LL call has not taken
         self._dependent_launch_ok = True  # off for good after a failed cuLaunchKernelEx
-        self._functions: dict[tuple, int] = {}  # (dtype, lines per thread) -> CUfunction, for launch_dependent
+        self._functions: dict[tuple, int] = {}  # (dtype, threads, lines per thread) -> CUfunction
         super().__init__(comm, max_bytes=max_bytes, self_check_timeout_s=self_check_timeout_s)
         if self.is_enabled and os.environ.get(LL_PUSH_ENV, "1") not in ("", "0"):
             self._push_table = self._make_push_table()
@@ -498,18 +509,19 @@ class LLAllReduce(CustomAllReduce):
         return None
 
     def _compile(self) -> None:
-        """One build per (dtype, lines per thread in LINE_VARIANTS), compiled and loaded now,
-        never during a graph capture."""
+        """One build per dtype and entry of BUILDS (threads, lines per thread), compiled and
+        loaded now, never during a graph capture."""
         cupy = self._cupy
         with cupy.cuda.Device(self._device_index):
             for dtype, code in _DTYPE_CODES.items():
-                for lpt in LINE_VARIANTS:
+                for threads, lpt in BUILDS:
                     kernel = cupy.RawKernel(self.KERNEL_SOURCE, self.KERNEL_NAME,
-                                            options=(f"-DKV_DTYPE={code}", f"-DLPT={lpt}", *self.KERNEL_OPTIONS))
+                                            options=(f"-DKV_DTYPE={code}", f"-DTHREADS={threads}",
+                                                     f"-DLPT={lpt}", *self.KERNEL_OPTIONS))
                     if hasattr(kernel, "compile"):
                         kernel.compile()
                     _ = kernel.attributes  # loads the module on this device
-                    self._kernels[(dtype, lpt)] = kernel
+                    self._kernels[(dtype, threads, lpt)] = kernel
 
     def _launch_ll(self, x: torch.Tensor, residual: Optional[torch.Tensor],
                    weight: Optional[torch.Tensor], out: torch.Tensor,
@@ -522,20 +534,21 @@ class LLAllReduce(CustomAllReduce):
                 addr(residual_out), np.int32(lines), np.int32(x.shape[-1]), np.int64(self.max_lines),
                 np.float32(eps), np.int32(mode), np.int32(self.rank), np.int32(self.world_size),
                 np.uint64(timeout_ns), np.int32(self._take_pushed(x)))
-        build = (x.dtype, next(v for v in LINE_VARIANTS if v * THREADS >= lines))  # the smallest that holds the row
+        threads, lpt = next(b for b in BUILDS if b[0] * b[1] >= lines)  # the first that holds the row
+        build = (x.dtype, threads, lpt)
         if self._dependent_launch_ok and pdl.ll_pdl(x.device):
             try:
-                pdl.launch_dependent(self._function(build), rows, THREADS,
+                pdl.launch_dependent(self._function(build), rows, threads,
                                      torch.cuda.current_stream(x.device).cuda_stream, _as_ctypes(args))
                 return
             except Exception as exc:  # noqa: BLE001 - the plain launch below is always right
                 self._dependent_launch_ok = False
                 logger.warning("LL all-reduce: no dependent launch (%r); plain launches from now on", exc)
-        self._run(build, rows, args, threads=THREADS)
+        self._run(build, rows, args, threads=threads)
 
-    def _function(self, build: tuple[torch.dtype, int]) -> int:
-        """The CUfunction of the (dtype, lines per thread) build on this device (CuPy's), looked
-        up once per build, not on every call."""
+    def _function(self, build: tuple[torch.dtype, int, int]) -> int:
+        """The CUfunction of the (dtype, threads, lines per thread) build on this device (CuPy's),
+        looked up once per build, not on every call."""
         if build not in self._functions:
             with self._cupy.cuda.Device(self._device_index):
                 self._functions[build] = int(self._kernels[build].kernel.ptr)

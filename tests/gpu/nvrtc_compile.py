@@ -82,9 +82,9 @@ def main() -> None:
     runs = [(module, ()) for module in (ll_allreduce, custom_allreduce)]
     runs.insert(1, (ll_allreduce, ("-DLL_TRIGGER_AFTER_WAIT=1",)))  # KVMESH_LL_TRIGGER=wait
     runs.insert(2, (ll_allreduce, ("-DLL_STAMPS=1",)))  # KVMESH_LL_STAMPS=1
-    # the builds a call picks by lines per thread (LINE_VARIANTS)
-    for lpt in ll_allreduce.LINE_VARIANTS:
-        runs.insert(3, (ll_allreduce, (f"-DLPT={lpt}",)))
+    # the builds a call picks (BUILDS: threads x lines per thread), and the ones A/B runs try
+    for threads, lpt in sorted(set(ll_allreduce.BUILDS) | {(256, 4), (128, 8)}):
+        runs.insert(3, (ll_allreduce, (f"-DTHREADS={threads}", f"-DLPT={lpt}")))
     for module, extra in runs:
         for code, dtype in enumerate(("bf16", "fp16", "fp32")):
             ptx = compile_ptx(lib, module.kernel_source(),
