@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 # Every kernel loaded when CUDA starts, not at its first launch: loading a kernel lazily may wait
 # for the context's running kernels, and a rank's LL kernel runs until its peers' kernels run
 # (CUDA's lazy-loading notes: kernels that rely on running concurrently can deadlock). Read when
-# CUDA initializes, so it must be set before anything touches CUDA (run_ranks checks).
+# CUDA initializes, so it must be set before anything touches CUDA (LoopbackGroup checks).
 os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -43,7 +43,7 @@ EPS = 1e-5
 
 
 class LoopbackHub:
-    """What the rank threads of one loopback group share: a barrier and a slot per rank."""
+    """What the set-up threads of one loopback group share: a barrier and a slot per rank."""
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
