@@ -82,6 +82,9 @@ LL_TRIGGER_ENV = "KVMESH_LL_TRIGGER"
 # (``read_stamps``; engine/profiling.py's ``ll_stamp_summary``): where a call's time goes. For
 # measurements only: it adds one barrier to each call.
 LL_STAMPS_ENV = "KVMESH_LL_STAMPS"
+# 1: the kernel's own push stores are st.relaxed.sys instead of st.volatile (an A/B for the
+# loopback harness, bench/device/h200_loopback.sh; not measured yet)
+LL_RELAXED_STORES_ENV = "KVMESH_LL_RELAXED_STORES"
 STAMP_SLOTS = 4096
 LL_DEFAULT_MAX_BYTES = 256 * 1024  # 32 decode rows of hidden 4096 in bf16
 MAX_ROWS = 64
@@ -132,9 +135,20 @@ _KERNEL_SOURCE = DEVICE_PRELUDE + r"""
 #define EPL (8 / sizeof(elem_t))  // elements per line
 union line_t { uint2 u; elem_t e[EPL]; };
 
+#ifndef LL_STORE_RELAXED
+#define LL_STORE_RELAXED 0
+#endif
 __device__ __forceinline__ void st_line(uint4* p, uint2 d, u32 flag) {
+#if LL_STORE_RELAXED
+  // KVMESH_LL_RELAXED_STORES=1: a relaxed system-scope store, still morally strong for the
+  // peer's polling loads; the loopback harness suggests a thread's volatile stores go one
+  // after another (stop 20), which a relaxed one need not
+  asm volatile("st.relaxed.sys.global.v4.u32 [%0], {%1, %2, %3, %4};"
+               :: "l"(p), "r"(d.x), "r"(flag), "r"(d.y), "r"(flag) : "memory");
+#else
   asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};"
                :: "l"(p), "r"(d.x), "r"(flag), "r"(d.y), "r"(flag) : "memory");
+#endif
 }
 __device__ __forceinline__ uint4 ld_line(const uint4* p) {
   uint4 v;
@@ -340,7 +354,9 @@ class LLAllReduce(CustomAllReduce):
     KERNEL_NAME = "kvmesh_ll_all_reduce"
     KERNEL_OPTIONS = ((("-DLL_TRIGGER_AFTER_WAIT=1",)
                        if os.environ.get(LL_TRIGGER_ENV, "start").strip().lower() == "wait" else ())
-                      + (("-DLL_STAMPS=1",) if os.environ.get(LL_STAMPS_ENV, "0") not in ("", "0") else ()))
+                      + (("-DLL_STAMPS=1",) if os.environ.get(LL_STAMPS_ENV, "0") not in ("", "0") else ())
+                      + (("-DLL_STORE_RELAXED=1",)
+                         if os.environ.get(LL_RELAXED_STORES_ENV, "0") not in ("", "0") else ()))
 
     def __init__(self, comm, max_bytes: int = LL_DEFAULT_MAX_BYTES,
                  self_check_timeout_s: float = 5.0) -> None:
