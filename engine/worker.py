@@ -197,8 +197,8 @@ class Worker:
         # which kernel each batch-1 linear shape got at load, and the timings behind it
         result = {"rank": self.rank.rank, **profile.to_dict(),
                   "gemv_tuning": getattr(self.runner, "gemv_report", None)}
-        read_stamps = getattr(self.groups.stage if self.groups is not None else None, "ll_stamps", None)
-        stamps = read_stamps() if read_stamps is not None else None
+        stage = self.groups.stage if self.groups is not None else None
+        stamps = stage.ll_stamps() if stage is not None else None
         if stamps:  # KVMESH_LL_STAMPS=1: where the recent LL calls' time went
             from engine.profiling import ll_stamp_summary
             result["ll_stamps"] = ll_stamp_summary(stamps)
