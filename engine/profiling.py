@@ -140,24 +140,19 @@ def rank_skew(stamps_per_rank: list[list[tuple[int, float, float, float, float]]
     first_read = {seq: min(r) for seq, r in reads.items()}
     last_read = {seq: max(r) for seq, r in reads.items()}
 
-    def spread(values: list[float]) -> dict[str, float]:
-        ordered = sorted(values)
-        return {"median": round(ordered[len(ordered) // 2], 1),
-                "p90": round(ordered[int(0.9 * (len(ordered) - 1))], 1)}
-
     ranks = []
     for rank, calls in enumerate(by_seq):
         ranks.append({"rank": rank,
-                      "late_read_us": spread([(calls[q][0] - first_read[q]) * 1e6 for q in common]),
-                      "launch_us": spread([(calls[q][1] - calls[q][0]) * 1e6 for q in common]),
-                      "wait_us": spread([(calls[q][2] - calls[q][1]) * 1e6 for q in common]),
-                      "run_us": spread([(calls[q][2] - calls[q][0]) * 1e6 for q in common]),
-                      "reply_us": spread([(calls[q][3] - calls[q][2]) * 1e6 for q in common]),
+                      "late_read_us": _spread([(calls[q][0] - first_read[q]) * 1e6 for q in common]),
+                      "launch_us": _spread([(calls[q][1] - calls[q][0]) * 1e6 for q in common]),
+                      "wait_us": _spread([(calls[q][2] - calls[q][1]) * 1e6 for q in common]),
+                      "run_us": _spread([(calls[q][2] - calls[q][0]) * 1e6 for q in common]),
+                      "reply_us": _spread([(calls[q][3] - calls[q][2]) * 1e6 for q in common]),
                       "last_to_read": sum(calls[q][0] == last_read[q] for q in common)})
     turnaround = [(first_read[q + 1] - max(calls[q][3] for calls in by_seq)) * 1e6
                   for q in common if q + 1 in first_read]
     return {"num_calls": len(common), "ranks": ranks,
-            "turnaround_us": spread(turnaround) if turnaround else None}
+            "turnaround_us": _spread(turnaround) if turnaround else None}
 
 
 def ll_stamp_summary(stamps: list[tuple[int, int, int, int]]) -> dict:
@@ -171,21 +166,24 @@ def ll_stamp_summary(stamps: list[tuple[int, int, int, int]]) -> dict:
     if not stamps:
         return {"num_calls": 0}
 
-    def spread(values: list[float]) -> dict[str, float]:
-        ordered = sorted(values)
-        return {"median": round(ordered[len(ordered) // 2], 2),
-                "p90": round(ordered[int(0.9 * (len(ordered) - 1))], 2)}
-
     calls = sorted(stamps)
     out = {"num_calls": len(calls),
-           "before_us": spread([(w - s) / 1e3 for s, w, _, _ in calls]),
-           "peers_us": spread([(i - w) / 1e3 for _, w, i, _ in calls]),
-           "finish_us": spread([(e - i) / 1e3 for _, _, i, e in calls]),
-           "after_wait_us": spread([(e - w) / 1e3 for _, w, _, e in calls])}
+           "before_us": _spread([(w - s) / 1e3 for s, w, _, _ in calls], digits=2),
+           "peers_us": _spread([(i - w) / 1e3 for _, w, i, _ in calls], digits=2),
+           "finish_us": _spread([(e - i) / 1e3 for _, _, i, e in calls], digits=2),
+           "after_wait_us": _spread([(e - w) / 1e3 for _, w, _, e in calls], digits=2)}
     between = [(nxt[0] - cur[3]) / 1e3 for cur, nxt in zip(calls, calls[1:])]
     if between:
-        out["between_us"] = spread(between)
+        out["between_us"] = _spread(between, digits=2)
     return out
+
+
+def _spread(values: list[float], digits: int = 1) -> dict[str, float]:
+    """Median (for an even count, the upper of the two middle values) and p90 (the value 90% of
+    the way along the sorted values), rounded to ``digits``."""
+    ordered = sorted(values)
+    return {"median": round(ordered[len(ordered) // 2], digits),
+            "p90": round(ordered[int(0.9 * (len(ordered) - 1))], digits)}
 
 
 def _sync() -> None:
