@@ -264,7 +264,7 @@ class CustomAllReduce:
                               else torch.cuda.current_device())
         self._base: Optional[int] = None  # my buffer
         self._peer_bases: dict[int, int] = {}  # opened IPC mappings of peers' buffers
-        self._kernels: dict = {}  # build (see _run) -> CuPy RawKernel
+        self._kernels: dict = {}  # build (see _kernel_builds) -> CuPy RawKernel
         self._streams: dict[int, object] = {}
         self._cupy = None
 
@@ -397,16 +397,21 @@ class CustomAllReduce:
     def _unmap_peer(self, ptr: int) -> None:
         self._cupy.cuda.runtime.ipcCloseMemHandle(ptr)
 
+    def _kernel_builds(self) -> list[tuple[object, tuple[str, ...]]]:
+        """(build, its compile options) for every build ``_run`` may launch: one per dtype here
+        (the LL kernel also builds per threads and lines per thread)."""
+        return [(dtype, (f"-DKV_DTYPE={code}",)) for dtype, code in _DTYPE_CODES.items()]
+
     def _compile(self) -> None:
         cupy = self._cupy
         with cupy.cuda.Device(self._device_index):
-            for dtype, code in _DTYPE_CODES.items():
+            for build, options in self._kernel_builds():
                 kernel = cupy.RawKernel(self.KERNEL_SOURCE, self.KERNEL_NAME,
-                                        options=(f"-DKV_DTYPE={code}", *self.KERNEL_OPTIONS))
+                                        options=(*options, *self.KERNEL_OPTIONS))
                 if hasattr(kernel, "compile"):  # compile and load now, never during a graph capture
                     kernel.compile()
                 _ = kernel.attributes  # loads the module on this device (older CuPy: compiles too)
-                self._kernels[dtype] = kernel
+                self._kernels[build] = kernel
 
     def _self_check(self, timeout_s: float) -> Optional[str]:
         """Reduces random tensors with NCCL and with the kernel (same order on every rank); the
@@ -467,8 +472,8 @@ class CustomAllReduce:
         self._run(tensor.dtype, grid_size(nbytes), args)
 
     def _run(self, build, grid: int, args: tuple, threads: int = THREADS) -> None:
-        """Launches the kernel built for ``build`` (a dtype; the LL kernel's (dtype, lines per
-        thread)) on torch's current stream (graph-capturable)."""
+        """Launches the kernel built for ``build`` (``_kernel_builds``: a dtype; the LL kernel's
+        (dtype, threads, lines per thread)) on torch's current stream (graph-capturable)."""
         stream_ptr = torch.cuda.current_stream(self._device).cuda_stream
         with self._cupy.cuda.Device(self._device_index):
             stream = self._streams.get(stream_ptr)

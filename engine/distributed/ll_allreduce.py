@@ -524,20 +524,10 @@ class LLAllReduce(CustomAllReduce):
                             f"max abs err {err})")
         return None
 
-    def _compile(self) -> None:
-        """One build per dtype and entry of BUILDS (threads, lines per thread), compiled and
-        loaded now, never during a graph capture."""
-        cupy = self._cupy
-        with cupy.cuda.Device(self._device_index):
-            for dtype, code in _DTYPE_CODES.items():
-                for threads, lpt in BUILDS:
-                    kernel = cupy.RawKernel(self.KERNEL_SOURCE, self.KERNEL_NAME,
-                                            options=(f"-DKV_DTYPE={code}", f"-DTHREADS={threads}",
-                                                     f"-DLPT={lpt}", *self.KERNEL_OPTIONS))
-                    if hasattr(kernel, "compile"):
-                        kernel.compile()
-                    _ = kernel.attributes  # loads the module on this device
-                    self._kernels[(dtype, threads, lpt)] = kernel
+    def _kernel_builds(self) -> list[tuple[object, tuple[str, ...]]]:
+        """One build per dtype and entry of BUILDS (threads, lines per thread)."""
+        return [((dtype, threads, lpt), (f"-DKV_DTYPE={code}", f"-DTHREADS={threads}", f"-DLPT={lpt}"))
+                for dtype, code in _DTYPE_CODES.items() for threads, lpt in BUILDS]
 
     def _launch_ll(self, x: torch.Tensor, residual: Optional[torch.Tensor],
                    weight: Optional[torch.Tensor], out: torch.Tensor,
