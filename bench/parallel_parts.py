@@ -231,8 +231,8 @@ def measure_throughput(engine, num_requests: int, prompt_len: int, max_tokens: i
         for i in range(num_requests):
             engine.add_request(f"{tag}{i}", [(i * 7 + j + offset) % 1000 + 5 for j in range(prompt_len)], params)
         full = []  # wall seconds of the full-batch decode steps
+        profiling = profiler is not None and profile_from >= 0
         while engine.has_unfinished_requests():
-            profiling = profiler is not None and profile_from >= 0
             if profiling and len(full) == profile_from:
                 profiler.start()
             t0 = time.perf_counter()
@@ -245,7 +245,7 @@ def measure_throughput(engine, num_requests: int, prompt_len: int, max_tokens: i
                     profile = profiler.stop(profile_steps)
         return time.perf_counter() - start, full
 
-    warmup_s, _ = run("warm", 500, profile_from=max(0, max_tokens // 3) if profile_steps else -1)
+    warmup_s, _ = run("warm", 500, profile_from=max_tokens // 3 if profile_steps else -1)
     if barrier is not None:
         barrier.wait("throughput")  # the replicas of a TP=1 x 2 run start together
     seconds, full = run("r", 0)
