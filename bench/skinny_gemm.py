@@ -5,9 +5,11 @@ still bound by reading the weight: at 128 requests on one H200, the 8B step's cu
 16 GB in 4.4 ms (about 3.6 TB/s; bench/results/maxload_tp1_h200.json) where the one-row GEMVs
 reach 4.3-4.5 TB/s. This times, per 8B weight shape (one rank at TP=1 or 2) and M, cuBLAS
 (``F.linear``) against a tiled Triton GEMM over a small config list, with split-K for shapes
-of few output blocks, as the GEMV tuner times: many calls in one CUDA graph, each on another
-copy of the weight (every call reads HBM), best of 5 rounds. Prints µs and TB/s per shape and
-writes a JSON naming the GPU.
+of few output blocks, as the GEMV tuner times them (``gemv_tune._time_in_graphs``: many calls
+in one CUDA graph, each on another copy of the weight so every call reads HBM, the candidates'
+graphs in turn, best of 5 rounds). Prints µs and TB/s per shape and writes a JSON naming the
+GPU. (The figures in bench/results/skinny_gemm_h200.json were taken by this script's first
+version, which timed each candidate alone in a loop of its own.)
 
     python bench/skinny_gemm.py --out bench/results/skinny_gemm_h200.json   # one GPU, a few min
 """
@@ -27,6 +29,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from bench.gemv_probe import shapes  # noqa: E402
+from engine.kernels import gemv as g, gemv_tune  # noqa: E402
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
 CONFIGS = [(64, 128, 1, 4, 4), (64, 128, 1, 4, 5), (64, 256, 1, 4, 3), (64, 256, 1, 8, 3),
@@ -34,7 +37,7 @@ CONFIGS = [(64, 128, 1, 4, 4), (64, 128, 1, 4, 5), (64, 256, 1, 4, 3), (64, 256,
            (32, 128, 1, 4, 5), (64, 64, 1, 4, 6),
            (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 8, 3), (32, 256, 2, 4, 4),
            (64, 256, 4, 4, 3), (128, 64, 4, 4, 5)]
-L2_BYTES = 50 << 20
+CALLS = 24  # calls a graph, as bench/gemv_configs.py times
 
 
 @triton.jit
@@ -42,7 +45,7 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, stride_xm, stride_w
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    SPLIT_K: tl.constexpr):
     """Program (n, m, s): out[m-block, n-block] over the s-th of SPLIT_K slices of K; with
-    SPLIT_K > 1 fp32 partials go to part (SPLIT_K, M, N) for ``_reduce_kernel``."""
+    SPLIT_K > 1 fp32 partials go to part (SPLIT_K, M, N) for gemv.py's ``_split_k_reduce_kernel``."""
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -63,16 +66,6 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, stride_xm, stride_w
         tl.store(part_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=mask)
 
 
-@triton.jit
-def _reduce_kernel(part_ptr, out_ptr, M, N, stride_om, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    m = tl.program_id(1)
-    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(part_ptr + (s * M + m) * N + rn, mask=rn < N, other=0.0)
-    tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
-
-
 def skinny(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, part: torch.Tensor, config) -> None:
     m, k = x.shape
     n = w.shape[0]
@@ -82,30 +75,8 @@ def skinny(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, part: torch.Tens
     _skinny_kernel[grid](x, w, out, part, m, n, k, x.stride(0), w.stride(0), out.stride(0),
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
     if split > 1:
-        _reduce_kernel[(triton.cdiv(n, 1024), m)](part, out, m, n, out.stride(0), SPLIT_K=split, BLOCK=1024)
-
-
-def time_calls(fn_per_copy, copies: int, calls: int, rounds: int = 5) -> float:
-    """µs per call: ``calls`` calls in one CUDA graph, call i on copy i % copies; best of rounds."""
-    for i in range(min(copies, 2)):
-        fn_per_copy(i)  # compile / warm up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn_per_copy(i % copies)
-    graph.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / calls)
-    del graph
-    return best
+        g._split_k_reduce_kernel[(triton.cdiv(n, 1024), m)](part, out, m, n, out.stride(0), SPLIT_K=split,
+                                                            BLOCK=1024)
 
 
 def main() -> None:
@@ -120,30 +91,32 @@ def main() -> None:
     for tp in (int(t) for t in args.tp.split(",")):
         for name, (n, k) in shapes(tp).items():
             nbytes = n * k * 2
-            copies = max(1, -(-3 * L2_BYTES // nbytes))
-            ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
-            calls = max(8, copies * 2)
+            w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
             for m in rows:
                 x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
                 out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
                 part = torch.empty(4, m, n, dtype=torch.float32, device="cuda")
-                ref = F.linear(x, ws[0])
-                cublas = time_calls(lambda i: torch.matmul(x, ws[i].t(), out=out), copies, calls)
-                row = {"tp": tp, "shape": name, "n": n, "k": k, "m": m, "cublas_us": round(cublas, 2),
-                       "cublas_tbs": round(nbytes / cublas / 1e6, 2), "triton": {}}
+                ref = F.linear(x, w)
+                row = {"tp": tp, "shape": name, "n": n, "k": k, "m": m, "triton": {}}
+                fns = {"cublas": lambda wi: torch.matmul(x, wi.t(), out=out)}
                 for config in CONFIGS:
                     if config[2] > 1 and n > 8192:
                         continue  # enough output blocks without splitting K
                     try:
-                        skinny(x, ws[0], out, part, config)
+                        skinny(x, w, out, part, config)
                         err = (out.float() - ref.float()).abs().max().item()
                         if err > 0.05 * ref.float().abs().max().item() + 1e-2:
                             row["triton"][str(config)] = f"wrong (max err {err:.3g})"
                             continue
-                        us = time_calls(lambda i: skinny(x, ws[i], out, part, config), copies, calls)
-                        row["triton"][str(config)] = round(us, 2)
                     except Exception as exc:  # e.g. out of shared memory
                         row["triton"][str(config)] = f"{type(exc).__name__}: {str(exc)[:80]}"
+                        continue
+                    fns[str(config)] = lambda wi, config=config: skinny(x, wi, out, part, config)
+                # as the GEMV tuner times: each in its own graph over copies that overflow L2, in turn
+                times = {key: t * 1e6 for key, t in gemv_tune._time_in_graphs(fns, w, CALLS).items()}
+                cublas = times.pop("cublas")
+                row["cublas_us"], row["cublas_tbs"] = round(cublas, 2), round(nbytes / cublas / 1e6, 2)
+                row["triton"].update({key: round(t, 2) for key, t in times.items()})
                 timed = {c: t for c, t in row["triton"].items() if isinstance(t, float)}
                 if timed:
                     best = min(timed, key=timed.get)
@@ -153,7 +126,7 @@ def main() -> None:
                           f"Triton best {timed[best]:.2f} us ({row['best_tbs']} TB/s) {best}: "
                           f"{timed[best] / cublas:.3f}x", flush=True)
                 result["runs"].append(row)
-            ws = None  # free this shape's copies before the next
+            w = None  # free this shape's weight before the next
             torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
