@@ -177,7 +177,8 @@ class LoopbackGroup:
         self.lls = [None] * self.world_size
 
 
-def _rows(rank: int, rows: int, hidden: int, dtype: torch.dtype, seed: int, device) -> tuple:
+def rank_inputs(rank: int, rows: int, hidden: int, dtype: torch.dtype, seed: int, device="cuda") -> tuple:
+    """(x, residual, norm weight) of one rank's call: (rows, hidden) x2 and (hidden,), seeded."""
     gen = torch.Generator(device=device).manual_seed(seed * 131 + rank)
     x = torch.randn(rows, hidden, generator=gen, device=device).to(dtype)
     residual = torch.randn(rows, hidden, generator=gen, device=device).to(dtype)
@@ -191,7 +192,7 @@ def time_calls(group: LoopbackGroup, calls: int, hidden: int) -> list[dict]:
     ``peers``/``finish`` parts are the kernel's own cost; the others' include the host's
     launch gap to the later ranks."""
     from engine.profiling import ll_stamp_summary
-    inputs = [_rows(r, 1, hidden, torch.bfloat16, 7, group.device) for r in range(group.world_size)]
+    inputs = [rank_inputs(r, 1, hidden, torch.bfloat16, 7, group.device) for r in range(group.world_size)]
     for _ in range(10):  # warm-up
         group.issue(lambda r, ll: ll.all_reduce_rms_norm(*inputs[r], EPS))
     group.synchronize()

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from bench.ll_loopback import EPS, LoopbackGroup
+from bench.ll_loopback import EPS, LoopbackGroup, rank_inputs
 
 pytestmark = pytest.mark.gpu
 # The rank threads need every kernel loaded at CUDA's start (bench/ll_loopback.py), which only
@@ -34,14 +34,6 @@ def test_in_eager_subprocess():
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" in proc.stdout  # this test skips there
-
-
-def _inputs(rank: int, rows: int, hidden: int, dtype: torch.dtype, seed: int):
-    gen = torch.Generator(device="cuda").manual_seed(seed * 131 + rank)
-    x = torch.randn(rows, hidden, generator=gen, device="cuda").to(dtype)
-    residual = torch.randn(rows, hidden, generator=gen, device="cuda").to(dtype)
-    weight = (torch.rand(hidden, generator=gen, device="cuda") + 0.5).to(dtype)
-    return x, residual, weight
 
 
 def _reference(xs: list[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor):
@@ -72,8 +64,8 @@ def test_every_rank_gets_the_same_bits_and_the_reference(world, group_of):
     cases = [(1, 4096, torch.bfloat16), (3, 4096, torch.bfloat16), (1, 5120, torch.float16),
              (2, 64, torch.bfloat16)] * 3  # changing rows and dtypes: every round and parity
     for call, (rows, hidden, dtype) in enumerate(cases):
-        xs = [_inputs(q, rows, hidden, dtype, call)[0] for q in range(world)]
-        residual, weight = _inputs(0, rows, hidden, dtype, 1000 + call)[1:]  # the same on every rank
+        xs = [rank_inputs(q, rows, hidden, dtype, call)[0] for q in range(world)]
+        residual, weight = rank_inputs(0, rows, hidden, dtype, 1000 + call)[1:]  # the same on every rank
         normed = group.issue(lambda r, ll: ll.all_reduce_rms_norm(xs[r], residual, weight, EPS))
         sums = group.issue(lambda r, ll: ll.all_reduce(xs[r]))
         group.synchronize()
@@ -94,7 +86,7 @@ def test_the_pushing_gemv_gives_what_the_plain_gemv_then_the_call_give(group_of)
     a = [torch.randn(1, 2048, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(2)]
     w = [(torch.randn(4096, 2048, generator=gen, device="cuda") / 2048 ** 0.5).to(torch.bfloat16)
          for _ in range(2)]
-    residual, weight = _inputs(0, 1, 4096, torch.bfloat16, 5)[1:]
+    residual, weight = rank_inputs(0, 1, 4096, torch.bfloat16, 5)[1:]
     gemv.gemv_row(a[0], w[0])  # tunes the shape before any LL kernel runs
     gemv._USE_GEMV[(4096, 2048, torch.bfloat16)] = ("row", None)
     group = group_of(2)
@@ -115,7 +107,7 @@ def test_the_pushing_gemv_gives_what_the_plain_gemv_then_the_call_give(group_of)
 def test_stamps_come_in_order_one_per_call(group_of):
     from engine.profiling import ll_stamp_summary
     group = group_of(2, stamps=True)
-    inputs = [_inputs(r, 1, 4096, torch.bfloat16, 3) for r in range(2)]
+    inputs = [rank_inputs(r, 1, 4096, torch.bfloat16, 3) for r in range(2)]
     for _ in range(50):
         group.issue(lambda r, ll: ll.all_reduce_rms_norm(*inputs[r], EPS))
     group.synchronize()
