@@ -51,12 +51,12 @@ class Communicator(ABC):
         Unlike the collectives, ranks may differ in which they take."""
         return None
 
-    @abstractmethod
     def ll_stamps(self) -> Optional[list[tuple[int, int, int, int]]]:
         """The fused all-reduce's per-call stamps where the backend records them
         (``KVMESH_LL_STAMPS=1`` on NCCL groups: ``LLAllReduce.read_stamps``), else None."""
         return None
 
+    @abstractmethod
     def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate the ranks' equally-shaped tensors along ``dim`` in rank order."""
 
