@@ -49,8 +49,10 @@ def routing_config(app_name: str, redis_url: str, policy: str = "prefix_affinity
     return parse_deployment_config({
         "name": app_name,
         "model": MODEL,
-        "engine": {"dtype": "float32", "device": "cpu", "max_model_len": 512, "block_size": 16,
-                   "num_blocks": 256, "max_num_seqs": 16},
+        # max_model_len 1024 and 512 blocks (8,192 tokens): room for the flood test's five
+        # ~930-token requests at once, with no preemption
+        "engine": {"dtype": "float32", "device": "cpu", "max_model_len": 1024, "block_size": 16,
+                   "num_blocks": 512, "max_num_seqs": 16},
         "replicas": {"min_replicas": NUM_REPLICAS, "max_replicas": NUM_REPLICAS, "num_cpus": 0.2},
         # Two ingress routers learn each other's placements from the replicas' block reports
         # (or Redis): these tests want them every stats period, not every 5 s.
@@ -226,7 +228,7 @@ def test_flooded_owner_sheds_new_requests_of_its_prefix(app):
     try:
         for i in range(num_flood):
             raw = app.client.chat.completions.with_raw_response.create(
-                model=MODEL, max_tokens=340, temperature=0, stream=True, extra_body={"ignore_eos": True},
+                model=MODEL, max_tokens=800, temperature=0, stream=True, extra_body={"ignore_eos": True},
                 messages=[{"role": "system", "content": system}, {"role": "user", "content": f"flood {i}"}])
             flood_replicas.append(raw.headers["x-kvmesh-replica"])
             streams.append(raw.parse())
@@ -244,7 +246,8 @@ def test_flooded_owner_sheds_new_requests_of_its_prefix(app):
         # New requests for the flooded owner's prefix go elsewhere.
         moved = [chat(app.client, system, f"new request {i}").replica_id for i in range(4)]
         # The flood was still on the owner while they were routed (its first requests may be
-        # finishing by now: 340 tokens each, sent 0.5 s apart).
+        # finishing by now: 800 tokens each, sent 0.5 s apart; at 340 the whole flood ended
+        # within about 2.5 s on the 2-core box, before the owner counted num_flood - 1).
         midway = loads()
         moved += [chat(app.client, system, f"new request {i}").replica_id for i in range(4, 8)]
         assert sum(r != owner for r in moved) >= 7, (owner, moved)
