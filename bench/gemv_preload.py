@@ -99,8 +99,9 @@ def make_layers(tp: int) -> tuple[list[dict], dict]:
 
 
 def time_chain(tp: int, layers: tuple[list[dict], dict], budget: int, gaps: dict, with_gemvs: bool = True,
-               rounds: int = 5) -> float:
-    """Microseconds per layer of the chain over ``layers`` (``make_layers(tp)``)."""
+               rounds: int = 5, gemv_fn=None) -> float:
+    """Microseconds per layer of the chain over ``layers`` (``make_layers(tp)``); ``gemv_fn(x, w, y)``
+    stands in for the one-row Triton GEMV where given (bench/stream_gemv.py)."""
     weights, bufs = layers
     order = ["qkv", "o_proj", "gate_up", "down"]
     nxt = {"qkv": "o_proj", "o_proj": "gate_up", "gate_up": "down", "down": "qkv"}
@@ -108,7 +109,9 @@ def time_chain(tp: int, layers: tuple[list[dict], dict], budget: int, gaps: dict
     def layer(ws):
         for name in order:
             x, y = bufs[name]
-            if with_gemvs:
+            if with_gemvs and gemv_fn is not None:
+                gemv_fn(x, ws[name], y)
+            elif with_gemvs:
                 gemv(x, ws[name], y, CONFIGS[tp][name], budget)
             spin, early = gaps[name]
             gap(y, bufs[nxt[name]][0], spin, early)
