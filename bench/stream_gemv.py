@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from bench import gemv_preload as gp  # noqa: E402
 from bench.gemv_probe import shapes  # noqa: E402
-from engine.kernels.stream_gemv import STREAM_GEMV, StreamGemv, TileGemv  # noqa: E402
+from engine.kernels.stream_gemv import STREAM_GEMV, StreamGemv, StreamGemvDyn, TileGemv  # noqa: E402
 
 
 def stream(x, w, y) -> None:
@@ -35,7 +35,10 @@ def stream(x, w, y) -> None:
 
 def variant(spec: str):
     """THREADS:STAGE_KB:CHUNK_KB:CTAS_PER_SM -> a StreamGemv of that build and plan;
-    tile:TILE_KB:LOADER:MIN_WARPS -> a TileGemv."""
+    tile:TILE_KB:LOADER:MIN_WARPS -> a TileGemv; dyn:THREADS:STAGE_KB:CHUNK_KB -> a StreamGemvDyn."""
+    if spec.startswith("dyn:"):
+        threads, stage_kb, chunk_kb = (int(v) for v in spec.split(":")[1:])
+        return StreamGemvDyn(threads, stage_kb * 1024, chunk_kb * 1024, 1)
     if spec.startswith("tile:"):
         tile_kb, loader, min_warps = (int(v) for v in spec.split(":")[1:])
         return TileGemv(tile_kb * 1024, loader, min_warps)
@@ -89,8 +92,15 @@ def alone(tp: int, variants: dict) -> dict:
         x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
         y = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
         cfg = gp.CONFIGS[tp].get(name, (4, 2048, 8, 3))
-        t_var = {spec: round(time_alone(lambda x_, w_, y_, g=g: g(x_, w_, y_), ws, x, y), 2)
-                 for spec, g in variants.items()}
+        ref = x.float() @ ws[-1].float().t()
+        t_var = {}
+        for spec, g in variants.items():
+            t_var[spec] = round(time_alone(lambda x_, w_, y_, g=g: g(x_, w_, y_), ws, x, y), 2)
+            for _ in range(2):  # after the graph's calls, and again (the dynamic kernel's counters)
+                g(x, ws[-1], y)
+                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                if err > 1e-2:
+                    raise AssertionError(f"{spec} tp{tp} {name} {n}x{k}: relative error {err}")
         spec_best = min(t_var, key=t_var.get)
         t_stream = t_var[spec_best]
         t_triton = time_alone(lambda x_, w_, y_: gp.gemv(x_, w_, y_, cfg, 0), ws, x, y)

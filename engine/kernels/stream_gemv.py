@@ -296,6 +296,100 @@ class TileGemv:
         return out
 
 
+DYN_SOURCE = KERNEL_SOURCE + r"""
+// kvmesh_stream_gemv with chunks handed out at run time: CTA c streams chunks c, c + G, ...,
+// c + (stages - 1) G before the wait (static, so they can go before anything is read), then
+// takes tickets from a counter (atomicAdd) for the rest, so an SM that streams faster takes
+// more chunks (a static split waits for the slowest SM). The last CTA to finish zeroes the
+// counters; the next call takes tickets only after its wait, when this grid has ended.
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+kvmesh_stream_gemv_dyn(u64 w_addr, u64 x_addr, u64 y_addr, int N, int K, int rows_per_chunk,
+                       int stages, int wpr, u64 counters) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+  const int G = gridDim.x, c = blockIdx.x;
+  const u64 row_bytes = (u64)K * sizeof(elem_t);
+  const u32 chunk_bytes = (u32)(row_bytes * rows_per_chunk);
+  const int nchunks = (N + rows_per_chunk - 1) / rows_per_chunk;
+  // shared memory: [stages][chunk] weights | x (K) | sums (2, rows_per_chunk, wpr) | chunk ids | mbarriers
+  unsigned char* ring = smem;
+  elem_t* xs = (elem_t*)(smem + (u64)stages * chunk_bytes);
+  float* part = (float*)(xs + ((K + 7) & ~7));
+  int* chunk_of = (int*)(part + 2 * rows_per_chunk * wpr);
+  u64* bars = (u64*)((((u64)(chunk_of + MAX_STAGES)) + 7) & ~7ull);
+  u32* ctr = (u32*)counters;  // [0] tickets taken, [1] CTAs done
+
+  auto issue = [&](int s, int id) {
+    const int rows = min(rows_per_chunk, N - id * rows_per_chunk);
+    bulk_load(smem_addr(ring + (u64)s * chunk_bytes), (const unsigned char*)w_addr + (u64)id * chunk_bytes,
+              (u32)(rows * row_bytes), smem_addr(&bars[s]));
+  };
+  if (t == 0) {
+    for (int s = 0; s < stages; ++s) mbar_init(smem_addr(&bars[s]));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int s = 0; s < stages; ++s) {
+      const int id = c + s * G;
+      chunk_of[s] = id < nchunks ? id : -1;
+      if (id < nchunks) issue(s, id);
+    }
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+  u32 ticket = 0;
+  if (t == 0) ticket = atomicAdd(ctr, 1u) + (u32)(stages * G);  // used one chunk later
+  for (int i = t; i < K / 8; i += THREADS) ((uint4*)xs)[i] = ((const uint4*)x_addr)[i];
+  __syncthreads();
+
+  const int seg = ((K / 8 + wpr - 1) / wpr) * 8;
+  for (int it = 0;; ++it) {
+    const int s = it % stages;
+    const int id = chunk_of[s];
+    if (id < 0) break;  // stages drain in order: the first empty one ends the stream
+    const int rows = min(rows_per_chunk, N - id * rows_per_chunk);
+    mbar_wait(smem_addr(&bars[s]), (u32)((it / stages) & 1));
+    const elem_t* wbuf = (const elem_t*)(ring + (u64)s * chunk_bytes);
+    float* p = part + (it & 1) * rows_per_chunk * wpr;
+    for (int item = warp; item < rows * wpr; item += WARPS) {
+      const int r = item / wpr, sg = item % wpr;
+      const int k_end = min(K, (sg + 1) * seg);
+      const elem_t* wrow = wbuf + (u64)r * K;
+      float acc = 0.f;
+      for (int k = sg * seg + lane * 8; k < k_end; k += 256)
+        acc += dot8(*(const uint4*)(wrow + k), *(const uint4*)(xs + k));
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+      if (lane == 0) p[item] = acc;
+    }
+    __syncthreads();  // buffer s read, sums in p
+    if (t < rows) {
+      float v = 0.f;
+      for (int sg = 0; sg < wpr; ++sg) v += p[t * wpr + sg];
+      ((elem_t*)y_addr)[(u64)id * rows_per_chunk + t] = from_f32(v);
+    }
+    if (t == 0) {
+      if ((int)ticket < nchunks) {
+        chunk_of[s] = (int)ticket;
+        issue(s, (int)ticket);
+        ticket = atomicAdd(ctr, 1u) + (u32)(stages * G);
+      } else {
+        chunk_of[s] = -1;
+      }
+    }
+    __syncthreads();  // chunk_of[s] for the pass `stages` chunks on
+  }
+  if (t == 0) {
+    __threadfence();
+    if (atomicAdd(ctr + 1, 1u) == (u32)G - 1) {
+      ctr[0] = 0u;
+      ctr[1] = 0u;
+    }
+  }
+}
+"""
+
+
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 
 
@@ -385,6 +479,40 @@ class StreamGemv:
         pdl.launch_dependent(fn, p.grid, self.threads, torch.cuda.current_stream(x.device).cuda_stream, args,
                              shared_bytes=p.smem_bytes)
         return out
+
+
+class StreamGemvDyn(StreamGemv):
+    """``kvmesh_stream_gemv_dyn``: StreamGemv's plan, chunks handed out at run time."""
+
+    def _function(self, device: torch.device, dtype: torch.dtype, smem: int) -> int:
+        key = (device.index or 0, dtype)
+        if key not in self._functions:
+            import cupy
+            with cupy.cuda.Device(key[0]):
+                kernel = cupy.RawKernel(DYN_SOURCE, "kvmesh_stream_gemv_dyn",
+                                        options=(f"-DKV_DTYPE={_DTYPE_CODES[dtype]}", f"-DTHREADS={self.threads}",
+                                                 "-std=c++17"))
+                kernel.compile()
+                kernel.max_dynamic_shared_size_bytes = MAX_SMEM
+                self._kernels[key] = kernel
+                self._functions[key] = int(kernel.kernel.ptr)
+                self._counters = torch.zeros(2, dtype=torch.int32, device=device)
+        return self._functions[key]
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        n, k = weight.shape
+        if out is None:
+            out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+        p = self.plan_for(weight)
+        fn = self._function(x.device, x.dtype, p.smem_bytes)
+        smem = p.stages * p.rows_per_chunk * k * 2 + ((k + 7) // 8) * 16 + 2 * p.rows_per_chunk * p.wpr * 4 + 8 * 4 + 8 + 8 * MAX_STAGES
+        args = [ctypes.c_uint64(weight.data_ptr()), ctypes.c_uint64(x.data_ptr()), ctypes.c_uint64(out.data_ptr()),
+                ctypes.c_int32(n), ctypes.c_int32(k), ctypes.c_int32(p.rows_per_chunk),
+                ctypes.c_int32(p.stages), ctypes.c_int32(p.wpr), ctypes.c_uint64(self._counters.data_ptr())]
+        pdl.launch_dependent(fn, p.grid, self.threads, torch.cuda.current_stream(x.device).cuda_stream, args,
+                             shared_bytes=smem)
+        return out
+
 
 
 @functools.lru_cache(maxsize=None)
