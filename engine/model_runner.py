@@ -336,10 +336,10 @@ class ModelRunner:
             [(s.sampling_params, s.sampling_params.seed, len(s.output_token_ids) + s.num_pending,
               s.token_ids[:s.num_prompt_tokens], s.output_token_ids) for s in states],
             vocab_size=self.spec.vocab_size, device=self.device)
-        # (num_sampling_reqs, vocab), the same bits on every TP rank (all_gather of the shards);
-        # fp32 unless the batch only takes the argmax
-        logits = self.model.compute_logits(rows, upcast=not batch.is_argmax_only)
-        out = self.sampler(logits, batch)
+        if batch.is_argmax_only:  # greedy, no logprobs: the argmax without gathering the logits
+            out = SamplerOutput(sampled_token_ids=self.model.greedy_ids(rows), logprobs=None)
+        else:  # (num_sampling_reqs, vocab) fp32, the same bits on every TP rank (all_gather)
+            out = self.sampler(self.model.compute_logits(rows), batch)
         sampled = out.sampled_token_ids  # (R,) int64 on the device
         for s in states:
             s.num_pending += 1

@@ -11,6 +11,10 @@
         store instead: ``rotary_store_kv`` in engine/attention/triton_kernels.py.)
     silu_and_mul(x) -> out
         x (..., 2I) = [gate | up] -> (..., I) = silu(gate) * up.
+    vocab_shard_embedding(ids, weight, start, end) -> out
+        ids (T,), weight (rows, H) holding ids [start, end) -> (T, H): weight[id - start] for
+        the ids in range, zeros for the others (a vocab-parallel rank's part of the lookup);
+        one launch on GPUs instead of the five or so elementwise kernels of the torch version.
 
 CUDA tensors go to the Triton kernels (engine/kernels/triton_ops.py) when Triton
 imports; anything else (CPU, no Triton) to engine/kernels/torch_ops.py. The
@@ -56,4 +60,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return impl.silu_and_mul(x)
 
 
-__all__ = ["rms_norm", "rotary_embedding", "silu_and_mul"]
+def vocab_shard_embedding(ids: torch.Tensor, weight: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """(T,) ids -> (T, H): this vocabulary shard's rows, zeros for ids outside [start, end)."""
+    impl = triton_ops if _use_triton(weight) else torch_ops
+    return impl.vocab_shard_embedding(ids, weight, start, end)
+
+
+__all__ = ["rms_norm", "rotary_embedding", "silu_and_mul", "vocab_shard_embedding"]

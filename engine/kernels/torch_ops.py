@@ -36,3 +36,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """(..., 2I) [gate | up] -> (..., I) = silu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def vocab_shard_embedding(ids: torch.Tensor, weight: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """ids (T,), weight (rows, H) holding ids [start, end) -> (T, H): weight[id - start] for the
+    ids in range, zeros for the others."""
+    is_mine = (ids >= start) & (ids < end)
+    local_ids = torch.where(is_mine, ids - start, 0)
+    return F.embedding(local_ids, weight) * is_mine.unsqueeze(-1).to(weight.dtype)

@@ -163,6 +163,35 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], inter)
 
 
+@triton.jit
+def _vocab_shard_embedding_kernel(ids_ptr, weight_ptr, out_ptr, stride_w, stride_o, hidden, start, end,
+                                  BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """Program (token, column block): weight[id - start] if start <= id < end, else zeros."""
+    pdl_enter(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < hidden
+    tok = tl.load(ids_ptr + t).to(tl.int64)
+    mine = (tok >= start) & (tok < end)
+    row = tl.where(mine, tok - start, 0)
+    w = tl.load(weight_ptr + row * stride_w + cols, mask=mask & mine, other=0.0)
+    tl.store(out_ptr + t * stride_o + cols, w, mask=mask)
+
+
+def vocab_shard_embedding(ids: torch.Tensor, weight: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """ids (T,), weight (rows, H) holding ids [start, end) -> (T, H), zeros outside the range."""
+    hidden = weight.shape[1]
+    ids = ids.reshape(-1)
+    out = torch.empty(ids.shape[0], hidden, dtype=weight.dtype, device=weight.device)
+    block = min(1024, triton.next_power_of_2(hidden))
+    if ids.shape[0]:
+        on = pdl.small_pdl(weight.device)
+        _vocab_shard_embedding_kernel[(ids.shape[0], triton.cdiv(hidden, block))](
+            ids, weight, out, weight.stride(0), out.stride(0), hidden, start, end, BLOCK=block, num_warps=4,
+            PDL=on, launch_pdl=on)
+    return out
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """(..., H) -> (N, H) with a contiguous last dim (a view when possible)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -186,6 +215,9 @@ def aot_examples(dtype: torch.dtype) -> dict:
             stride_qt=6144, stride_qh=128, stride_kt=6144, stride_kh=128, stride_cs=128,
             num_q_heads=32, num_kv_heads=8, HALF=c(64), HALF_PAD=c(64), Q_HEADS_PAD=c(32),
             KV_HEADS_PAD=c(8))),
+        "vocab_shard_embedding(4096)": (_vocab_shard_embedding_kernel, dict(
+            ids_ptr=torch.int64, weight_ptr=dtype, out_ptr=dtype, stride_w=4096, stride_o=4096, hidden=4096,
+            start=64128, end=128256, BLOCK=c(1024), PDL=c(True))),
         "silu_and_mul(14336)": (_silu_and_mul_kernel, dict(
             x_ptr=dtype, out_ptr=dtype, stride_x=28672, stride_o=14336, inter=14336, BLOCK=c(1024),
             PDL=c(True))),

@@ -305,12 +305,16 @@ class VocabParallelEmbedding(TPLayer):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(T,) -> (T, hidden)."""
+        out = self.partial(input_ids)
+        return self.comm.all_reduce(out) if self.tp_size > 1 else out
+
+    def partial(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(T,) -> (T, hidden): this rank's part of the lookup, the rows of the ids it owns and
+        zeros for the others, so the sum over the group is the embedding. The decoder leaves
+        that sum to its first norm (one fused all-reduce + norm on GPUs, no separate call)."""
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
-        is_mine = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
-        local_ids = torch.where(is_mine, input_ids - self.vocab_start, 0)
-        out = F.embedding(local_ids, self.weight) * is_mine.unsqueeze(-1).to(self.weight.dtype)
-        return self.comm.all_reduce(out)
+        return fused.vocab_shard_embedding(input_ids, self.weight, self.vocab_start, self.vocab_end)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         if loaded_weight.shape[0] != self.vocab_size:
@@ -333,6 +337,30 @@ class ParallelLMHead(VocabParallelEmbedding):
             logits = self.comm.all_gather(logits, dim=-1)  # (R, padded vocab)
         logits = logits[:, :self.vocab_size]
         return logits.float() if upcast else logits
+
+    def greedy_ids(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(R, hidden) -> (R,) int64 on every rank: the first argmax over the vocabulary of
+        ``compute_logits(hidden, upcast=False)``, without gathering the logits. Each rank takes
+        its shard's maximum and first argmax, and one all-reduce of a zeroed (R, tp, 2) fp32
+        table, where each rank fills its own column with (value, id), gives every rank all
+        pairs (exact: one nonzero term per entry; ids < 2**24). The first rank holding the
+        largest value has the lowest id among ties, as ``argmax`` over the whole row."""
+        from engine.sampler import greedy_argmax
+        if self.tp_size == 1 or self.vocab_size >= 2 ** 24:  # ids exact in fp32 below 2**24
+            return greedy_argmax(self.compute_logits(hidden, upcast=False))
+        logits = F.linear(hidden, self.weight)  # (R, vocab / tp)
+        rows, owned = logits.shape[0], self.vocab_end - self.vocab_start  # the rest is padding
+        table = torch.zeros(rows, self.tp_size, 2, dtype=torch.float32, device=logits.device)
+        if owned > 0:
+            local = logits[:, :owned]
+            ids = greedy_argmax(local)  # (R,)
+            table[:, self.tp_rank, 0] = local.gather(1, ids[:, None])[:, 0].float()
+            table[:, self.tp_rank, 1] = (ids + self.vocab_start).float()
+        else:
+            table[:, self.tp_rank, 0] = float("-inf")
+        table = self.comm.all_reduce(table.view(rows, -1)).view(rows, self.tp_size, 2)
+        best = table[:, :, 0].argmax(dim=1, keepdim=True)  # (R, 1): the first rank at the max
+        return table[:, :, 1].gather(1, best)[:, 0].long()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise TypeError("ParallelLMHead is not an embedding; call compute_logits(hidden)")

@@ -154,11 +154,14 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
                 intermediate: Optional[IntermediateTensors] = None
                 ) -> "torch.Tensor | IntermediateTensors":
+        # partial: x is a partial sum over the TP group, not yet reduced (the embedding shards'
+        # lookups, then each layer's MLP output); the next norm completes it
         if self.embed_tokens is not None:
-            x, residual = self.embed_tokens(input_ids), None  # (T, H)
+            x, residual = self.embed_tokens.partial(input_ids), None  # (T, H)
+            partial = self.embed_tokens.tp_size > 1
         else:
             x, residual = intermediate.hidden, intermediate.residual
-        partial = False  # x is the previous layer's MLP partial sum, not yet reduced
+            partial = False
         for i in self.layer_range:
             x, residual = self.layers[i](positions, x, residual, ctx, partial)
             partial = self.layers[i].mlp_partial
@@ -224,6 +227,11 @@ class LlamaForCausalLM(nn.Module):
         """hidden (R, hidden_size) -> logits (R, vocab_size) float32 (``upcast=False``: the
         model's dtype, enough for an argmax). Last stage only."""
         return self.lm_head.compute_logits(hidden, upcast)
+
+    def greedy_ids(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (R, hidden_size) -> (R,) int64, the argmax of ``compute_logits(hidden,
+        upcast=False)`` without gathering vocab-parallel logits. Last stage only."""
+        return self.lm_head.greedy_ids(hidden)
 
     # ---- weights ------------------------------------------------------------------------------
     def map_weight(self, name: str, tensor: torch.Tensor) -> list[WeightTarget]:

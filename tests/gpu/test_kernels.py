@@ -263,3 +263,22 @@ def test_greedy_argmax_triton_is_argmax_ties_included(dtype, rows, vocab):
     logits[0, [3, 5000, vocab - 1]] = logits.max() + 1  # a tie: the first index wins
     assert torch.equal(greedy_argmax(logits), logits.argmax(dim=-1))
     assert greedy_argmax(logits)[0] == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocab_shard_embedding_triton_matches_torch(dtype):
+    """One launch for a vocab-parallel rank's part of the lookup, the same bits as the torch
+    version (rows of the ids in [start, end), zeros for the others), the hidden size not a
+    power of two included."""
+    from engine.kernels import torch_ops, triton_ops
+    torch.manual_seed(0)
+    for rows, hidden, start, end in ((64128, 4096, 64128, 128256), (50, 1000, 0, 50)):
+        weight = torch.randn(rows, hidden, dtype=dtype, device="cuda")
+        ids = torch.randint(0, 2 * rows, (37,), device="cuda")
+        ids[0], ids[1] = start, end - 1  # both ends of the shard
+        got = triton_ops.vocab_shard_embedding(ids, weight, start, end)
+        ref = torch_ops.vocab_shard_embedding(ids, weight, start, end)
+        assert torch.equal(got, ref)  # -0.0 (torch: row * 0) equals 0.0 here
+        mine = (ids >= start) & (ids < end)
+        assert torch.equal(got[mine], weight[ids[mine] - start]) and not got[~mine].any()
