@@ -85,11 +85,8 @@ LL_TRIGGER_ENV = "KVMESH_LL_TRIGGER"
 # measurements only: it adds one barrier to each call.
 LL_STAMPS_ENV = "KVMESH_LL_STAMPS"
 # 1: the kernel's own push stores are st.relaxed.sys instead of st.volatile (an A/B for the
-# loopback harness; stop 21: no difference, 2.66 vs 2.66 µs after the wait at 2 ranks)
+# loopback harness, bench/device/h200_loopback.sh; not measured yet)
 LL_RELAXED_STORES_ENV = "KVMESH_LL_RELAXED_STORES"
-# 0: a pushed call reads the round after its wait and then polls (before stop 21); default 1:
-# it polls with the round read before the wait and checks it against the word read after
-LL_SPEC_ROUND_ENV = "KVMESH_LL_SPEC_ROUND"
 STAMP_SLOTS = 4096
 LL_DEFAULT_MAX_BYTES = 256 * 1024  # 32 decode rows of hidden 4096 in bf16
 MAX_ROWS = 64
@@ -141,8 +138,7 @@ class LLAllReduce(CustomAllReduce):
                        if os.environ.get(LL_TRIGGER_ENV, "start").strip().lower() == "wait" else ())
                       + (("-DLL_STAMPS=1",) if os.environ.get(LL_STAMPS_ENV, "0") not in ("", "0") else ())
                       + (("-DLL_STORE_RELAXED=1",)
-                         if os.environ.get(LL_RELAXED_STORES_ENV, "0") not in ("", "0") else ())
-                      + (("-DLL_SPEC_ROUND=0",) if os.environ.get(LL_SPEC_ROUND_ENV, "1") in ("", "0") else ()))
+                         if os.environ.get(LL_RELAXED_STORES_ENV, "0") not in ("", "0") else ()))
 
     def __init__(self, comm, max_bytes: int = LL_DEFAULT_MAX_BYTES,
                  self_check_timeout_s: float = 5.0) -> None:

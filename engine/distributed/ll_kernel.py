@@ -4,9 +4,7 @@ engine/distributed/ll_allreduce.py, which launches it.
 
 Compile-time knobs (``LLAllReduce.KERNEL_OPTIONS`` and ``_kernel_builds``): ``KV_DTYPE``,
 ``THREADS`` and ``LPT`` per build; ``LL_TRIGGER_AFTER_WAIT`` (``KVMESH_LL_TRIGGER=wait``),
-``LL_STAMPS`` (``KVMESH_LL_STAMPS=1``), ``LL_STORE_RELAXED`` (``KVMESH_LL_RELAXED_STORES=1``),
-``LL_SPEC_ROUND`` (``KVMESH_LL_SPEC_ROUND``, on by default: a pushed call polls with the round read
-before its wait and checks it after).
+``LL_STAMPS`` (``KVMESH_LL_STAMPS=1``), ``LL_STORE_RELAXED`` (``KVMESH_LL_RELAXED_STORES=1``).
 """
 
 from __future__ import annotations
@@ -19,9 +17,6 @@ KERNEL_SOURCE = DEVICE_PRELUDE + r"""
 #endif
 #ifndef LL_STAMPS
 #define LL_STAMPS 0
-#endif
-#ifndef LL_SPEC_ROUND
-#define LL_SPEC_ROUND 1
 #endif
 #define STAMP_SLOTS 4096
 #define MAX_ROWS 64
@@ -85,15 +80,6 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
     const int line = t + k * THREADS;
     if (mode != 0 && line < lines_per_row) wgt[k].u = ((const uint2*)weight_addr)[line];
   }
-  u32* sig = (u32*)self_base;
-#if LL_SPEC_ROUND
-  // The round word as it stands before the wait (KVMESH_LL_SPEC_ROUND, on by default): in a
-  // decode step the LL call before this one has ended by now (every kernel between waited for
-  // the one before it before letting the next one launch), so this is the round, read while the
-  // GEMV before still runs. A pushed call polls with it at once and checks it against the word
-  // read after the wait (in flight with the polls); a wrong guess only costs a second pass.
-  const u32 guess = ((volatile u32*)sig)[ROUND_OFF] + (LL_SPEC_ROUND == 2 ? 0u : 1u);  // 2: tests only
-#endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched as a programmatic dependent itself (engine/kernels/pdl.py: launch_dependent), this
   // call may start while the kernel that wrote x (the row-parallel GEMV) still runs: wait for
@@ -109,6 +95,7 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
 #if LL_STAMPS
   const u64 t_waited = now_ns();
 #endif
+  u32* sig = (u32*)self_base;
   const u64* areas = (const u64*)(self_base + TABLE_OFFSET);
   const int row = blockIdx.x;
   __shared__ u32 s_round;
@@ -125,27 +112,16 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
       if (mode == 1) res[k].u = ((const uint2*)residual_addr)[row_line0 + line];
     }
   }
-  u32 round, round_now;  // the round polled for; the call's round (the word + 1, after the wait)
-  bool spec = false;
-#if LL_SPEC_ROUND
-  if (pushed) {  // every thread reads the word itself: no barrier before the polls
-    spec = true;
-    round_now = ((volatile u32*)sig)[ROUND_OFF] + 1u;
-    round = guess;
-  }
-#endif
-  if (!spec) {  // the round tags this call's own pushes below: known before they go
-    if (t == 0) s_round = ((volatile u32*)sig)[ROUND_OFF] + 1u;
-    __syncthreads();
-    round = round_now = s_round;
-    // One CTA (a decode row): it has read the round, so it advances it now, with no end-of-call
-    // counter. The next call reads it after this kernel ended (stream order), so no fence either.
-    if (gridDim.x == 1 && t == 0) sig[ROUND_OFF] = round;
-  }
+  if (t == 0) s_round = ((volatile u32*)sig)[ROUND_OFF] + 1u;
+  __syncthreads();
+  const u32 round = s_round;
+  // One CTA (a decode row): it has read the round, so it advances it now, with no end-of-call
+  // counter. The next call reads it after this kernel ended (stream order), so no fence either.
+  if (gridDim.x == 1 && t == 0) sig[ROUND_OFF] = round;
+  const long long parity = round & 1u;
 
   // 2. push them into every peer's slot (parity, me, row, line), unless the GEMV that made
   //    them already did (gemv.gemv_row_push: "pushed")
-  long long parity = round & 1u;
   for (int q = 0; q < world && !pushed; ++q) {
     if (q == rank) continue;
     uint4* dst = (uint4*)areas[q] + (parity * world + rank) * max_lines + row_line0;
@@ -155,44 +131,33 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
       if (line < lines_per_row) st_line(dst + line, mine[k].u, round);
     }
   }
-  // 3. sum in rank order; with a guessed round, again with the call's round if they differ
-  //    (lines taken under a wrong guess are stale; a spin never goes on with one)
+  // 3. sum in rank order
   float acc[LPT][EPL];
   const u64 start = timeout_ns ? now_ns() : 0;
-  for (int pass = 0; pass < 2; ++pass) {
-    parity = round & 1u;
-    bool wrong = false;
-    for (int q = 0; q < world && !wrong; ++q) {
-      const uint4* src = (const uint4*)areas[rank] + (parity * world + q) * max_lines + row_line0;
+  for (int q = 0; q < world; ++q) {
+    const uint4* src = (const uint4*)areas[rank] + (parity * world + q) * max_lines + row_line0;
 #pragma unroll
-      for (int k = 0; k < LPT; ++k) {
-        const int line = t + k * THREADS;
-        if (line >= lines_per_row || wrong) continue;
-        line_t p;
-        if (q == rank) {
-          p = mine[k];
-        } else {
-          uint4 v = ld_line(src + line);
-          while (v.y != round || v.w != round) {
-            if (round != round_now) {
-              wrong = true;
-              break;
-            }
-            if (timeout_ns && now_ns() - start > timeout_ns) {
-              *(volatile u32*)(sig + ERROR_OFF) = 1u;
-              break;
-            }
-            v = ld_line(src + line);
+    for (int k = 0; k < LPT; ++k) {
+      const int line = t + k * THREADS;
+      if (line >= lines_per_row) continue;
+      line_t p;
+      if (q == rank) {
+        p = mine[k];
+      } else {
+        uint4 v = ld_line(src + line);
+        while (v.y != round || v.w != round) {
+          if (timeout_ns && now_ns() - start > timeout_ns) {
+            *(volatile u32*)(sig + ERROR_OFF) = 1u;
+            break;
           }
-          p.u.x = v.x;
-          p.u.y = v.z;
+          v = ld_line(src + line);
         }
-#pragma unroll
-        for (int j = 0; j < (int)EPL; ++j) acc[k][j] = (q == 0) ? to_f32(p.e[j]) : acc[k][j] + to_f32(p.e[j]);
+        p.u.x = v.x;
+        p.u.y = v.z;
       }
+#pragma unroll
+      for (int j = 0; j < (int)EPL; ++j) acc[k][j] = (q == 0) ? to_f32(p.e[j]) : acc[k][j] + to_f32(p.e[j]);
     }
-    if (round == round_now) break;
-    round = round_now;
   }
 #if LL_STAMPS
   __syncthreads();  // every thread has its peers' lines
@@ -258,10 +223,6 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
     stamp[3] = now_ns();
   }
 #endif
-  if (spec && gridDim.x == 1) {  // every thread has read the word: advance it now
-    __syncthreads();
-    if (t == 0) sig[ROUND_OFF] = round;
-  }
   if (gridDim.x > 1) {  // the last CTA to finish advances the round for the next call
     __syncthreads();
     if (t == 0 && atomicAdd(sig + DONE_OFF, 1u) == gridDim.x - 1) {

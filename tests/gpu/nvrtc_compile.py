@@ -83,7 +83,6 @@ def main() -> None:
     runs.insert(1, (ll_allreduce, ("-DLL_TRIGGER_AFTER_WAIT=1",)))  # KVMESH_LL_TRIGGER=wait
     runs.insert(2, (ll_allreduce, ("-DLL_STAMPS=1",)))  # KVMESH_LL_STAMPS=1
     runs.insert(3, (ll_allreduce, ("-DLL_STORE_RELAXED=1",)))  # KVMESH_LL_RELAXED_STORES=1
-    runs.insert(4, (ll_allreduce, ("-DLL_SPEC_ROUND=0",)))  # KVMESH_LL_SPEC_ROUND=0
     # the builds a call picks (BUILDS: threads x lines per thread), and the ones A/B runs try
     for threads, lpt in sorted(set(ll_allreduce.BUILDS) | {(256, 4), (128, 8)}):
         runs.insert(3, (ll_allreduce, (f"-DTHREADS={threads}", f"-DLPT={lpt}")))

@@ -48,8 +48,8 @@ def _reference(xs: list[torch.Tensor], residual: torch.Tensor, weight: torch.Ten
 def group_of():
     groups = []
 
-    def make(world: int, stamps: bool = False, options: tuple[str, ...] = ()) -> LoopbackGroup:
-        groups.append(LoopbackGroup(world, stamps=stamps, options=options))
+    def make(world: int, stamps: bool = False) -> LoopbackGroup:
+        groups.append(LoopbackGroup(world, stamps=stamps))
         return groups[-1]
 
     yield make
@@ -80,12 +80,7 @@ def test_every_rank_gets_the_same_bits_and_the_reference(world, group_of):
 
 
 @eager
-@pytest.mark.parametrize("options", [(), ("-DLL_SPEC_ROUND=0",), ("-DLL_SPEC_ROUND=2",)],
-                         ids=["guessed-round", "round-after-wait", "wrong-guess"])
-def test_the_pushing_gemv_gives_what_the_plain_gemv_then_the_call_give(group_of, options):
-    """A pushed call polls with the round read before its wait (default), or after it; with
-    ``LL_SPEC_ROUND=2`` the guess is always one round behind, so every pushed call takes the
-    stale lines of the call before first and must redo its sum with the right round."""
+def test_the_pushing_gemv_gives_what_the_plain_gemv_then_the_call_give(group_of):
     from engine.kernels import gemv
     gen = torch.Generator(device="cuda").manual_seed(77)
     a = [torch.randn(1, 2048, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(2)]
@@ -94,7 +89,7 @@ def test_the_pushing_gemv_gives_what_the_plain_gemv_then_the_call_give(group_of,
     residual, weight = rank_inputs(0, 1, 4096, torch.bfloat16, 5)[1:]
     gemv.gemv_row(a[0], w[0])  # tunes the shape before any LL kernel runs
     gemv._USE_GEMV[(4096, 2048, torch.bfloat16)] = ("row", None)
-    group = group_of(2, options=options)
+    group = group_of(2)
     for _ in range(3):  # GEMVs of every rank first (they never wait), then the LL calls
         plain = group.issue(lambda r, ll: gemv.gemv_row(a[r], w[r]))
         want = group.issue(lambda r, ll: ll.all_reduce_rms_norm(plain[r], residual, weight, EPS))
