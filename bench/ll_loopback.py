@@ -81,13 +81,14 @@ class LoopbackComm:
         return torch.cat(parts, dim=dim).to(self.device)
 
 
-def loopback_ll(hub: LoopbackHub, stamps: bool = False) -> type:
+def loopback_ll(hub: LoopbackHub, stamps: bool = False, options: tuple[str, ...] = ()) -> type:
     """``LLAllReduce`` whose peers' buffers are mapped by pointer (one process); ``stamps``:
-    compiled with ``-DLL_STAMPS=1`` whatever ``KVMESH_LL_STAMPS`` says."""
-    options = tuple(o for o in LLAllReduce.KERNEL_OPTIONS if o != "-DLL_STAMPS=1")
+    compiled with ``-DLL_STAMPS=1`` whatever ``KVMESH_LL_STAMPS`` says; ``options``: more
+    compile options (later -D's win)."""
+    base = tuple(o for o in LLAllReduce.KERNEL_OPTIONS if o != "-DLL_STAMPS=1")
 
     class LoopbackLL(LLAllReduce):
-        KERNEL_OPTIONS = options + (("-DLL_STAMPS=1",) if stamps else ())
+        KERNEL_OPTIONS = base + (("-DLL_STAMPS=1",) if stamps else ()) + tuple(options)
 
         def _map_peer(self, q: int, payload: bytes) -> int:
             hub.bases[self.rank] = self._base
@@ -113,14 +114,14 @@ class LoopbackGroup:
     is skipped (it runs each rank's kernels from its own thread); callers check the results."""
 
     def __init__(self, world_size: int, stamps: bool = False, device: Optional[torch.device] = None,
-                 timeout_s: float = 120.0) -> None:
+                 timeout_s: float = 120.0, options: tuple[str, ...] = ()) -> None:
         if os.environ.get("CUDA_MODULE_LOADING") != "EAGER":
             raise RuntimeError("loopback ranks need CUDA_MODULE_LOADING=EAGER, set before CUDA starts "
                                "(a lazily loaded kernel can wait for a peer's spinning LL kernel)")
         self.device = device or torch.device("cuda", torch.cuda.current_device())
         self.world_size = world_size
         self.hub = LoopbackHub(world_size)
-        cls = loopback_ll(self.hub, stamps)
+        cls = loopback_ll(self.hub, stamps, options)
         self.comms = [LoopbackComm(self.hub, r, self.device) for r in range(world_size)]
         self.streams = [torch.cuda.Stream(self.device) for _ in range(world_size)]
         self.lls: list[Optional[LLAllReduce]] = [None] * world_size
@@ -186,19 +187,39 @@ def rank_inputs(rank: int, rows: int, hidden: int, dtype: torch.dtype, seed: int
     return x, residual, weight
 
 
-def time_calls(group: LoopbackGroup, calls: int, hidden: int) -> list[dict]:
+def pushing_gemv(group: LoopbackGroup, hidden: int, k: int = 2048) -> Callable[[], list]:
+    """A function that runs every rank's one-row GEMV (1, k) x (hidden, k), pushing into the
+    peers' LL slots (``gemv_push``, as a decode step's o_proj does), and returns the outputs."""
+    from engine.kernels import gemv
+    gen = torch.Generator(device=group.device).manual_seed(11)
+    a = [torch.randn(1, k, generator=gen, device=group.device).to(torch.bfloat16) for _ in range(group.world_size)]
+    w = [(torch.randn(hidden, k, generator=gen, device=group.device) / k ** 0.5).to(torch.bfloat16)
+         for _ in range(group.world_size)]
+    gemv.gemv_row(a[0], w[0])  # tunes the shape before any LL kernel runs
+    gemv._USE_GEMV[(hidden, k, torch.bfloat16)] = ("row", None)
+    return lambda: group.issue(lambda r, ll: ll.gemv_push(a[r], w[r]))
+
+
+def time_calls(group: LoopbackGroup, calls: int, hidden: int, pushed: bool = False) -> list[dict]:
     """``calls`` fused LL calls of one row per rank, issued rank after rank (eager), then each
     rank's stamps' summary. The last rank issued finds its peers' lines already in: its
     ``peers``/``finish`` parts are the kernel's own cost; the others' include the host's
-    launch gap to the later ranks."""
+    launch gap to the later ranks. ``pushed``: each call's input comes from the pushing GEMV
+    (every rank's GEMV first, then the calls), as in a TP decode step."""
     from engine.profiling import ll_stamp_summary
     inputs = [rank_inputs(r, 1, hidden, torch.bfloat16, 7, group.device) for r in range(group.world_size)]
+    push = pushing_gemv(group, hidden) if pushed else None
+
+    def one_call() -> None:
+        xs = push() if push else [x for x, _, _ in inputs]
+        group.issue(lambda r, ll: ll.all_reduce_rms_norm(xs[r], inputs[r][1], inputs[r][2], EPS))
+
     for _ in range(10):  # warm-up
-        group.issue(lambda r, ll: ll.all_reduce_rms_norm(*inputs[r], EPS))
+        one_call()
     group.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
-        group.issue(lambda r, ll: ll.all_reduce_rms_norm(*inputs[r], EPS))
+        one_call()
     group.synchronize()
     seconds = time.perf_counter() - start
     reports = []
@@ -215,15 +236,18 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--pushed", action="store_true", help="inputs from the pushing GEMV (a decode step's calls)")
+    ap.add_argument("--option", action="append", default=[], help="an extra kernel compile option, e.g. -DLL_SPEC_ROUND=0")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    group = LoopbackGroup(args.ranks, stamps=True)
+    group = LoopbackGroup(args.ranks, stamps=True, options=tuple(args.option))
     try:
-        reports = time_calls(group, args.calls, args.hidden)
+        reports = time_calls(group, args.calls, args.hidden, args.pushed)
     finally:
         group.close()
     result = {"benchmark": "ll_loopback", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "ranks": args.ranks, "hidden": args.hidden, "time": time.time(), "reports": reports}
+              "ranks": args.ranks, "hidden": args.hidden, "pushed": args.pushed, "options": args.option,
+              "time": time.time(), "reports": reports}
     for r in reports:
         print(json.dumps(r))
     if args.out:
