@@ -237,7 +237,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--pushed", action="store_true", help="inputs from the pushing GEMV (a decode step's calls)")
-    ap.add_argument("--option", action="append", default=[], help="an extra kernel compile option, e.g. -DLL_SPEC_ROUND=0")
+    ap.add_argument("--option", action="append", default=[], help="an extra kernel compile option, e.g. -DLL_STORE_RELAXED=1")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     group = LoopbackGroup(args.ranks, stamps=True, options=tuple(args.option))
