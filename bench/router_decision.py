@@ -38,7 +38,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from engine.block_hash import block_hash_chain  # noqa: E402
 from router.policy import RouterPolicyConfig, choose  # noqa: E402
-from router.shared_state import LocalRouterState, RedisRouterState  # noqa: E402
+from router.redis_state import RedisRouterState  # noqa: E402
+from router.shared_state import LocalRouterState  # noqa: E402
 
 
 def cpu_model() -> str:

@@ -49,7 +49,8 @@ from router import router_metrics
 from router.messages import GenerateRequest, ReplicaStats
 from router.policy import (DecodeReplicaView, FreeBlockLedger, RouterPolicyConfig, RoutingDecision,
                            choose, choose_decode, num_blocks_needed)
-from router.shared_state import LocalRouterState, RedisRouterState, RouterState
+from router.redis_state import RedisRouterState
+from router.shared_state import LocalRouterState, RouterState
 
 logger = logging.getLogger(__name__)
 

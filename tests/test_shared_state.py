@@ -12,7 +12,8 @@ from prometheus_client import REGISTRY
 
 from router.messages import ReplicaStats
 from router.policy import choose
-from router.shared_state import LocalRouterState, RedisRouterState
+from router.redis_state import RedisRouterState
+from router.shared_state import LocalRouterState
 
 REPLICAS = ["r0", "r1", "r2"]
 CHAIN_A = [11, 12, 13, 14]
@@ -133,7 +134,7 @@ async def test_redis_outage_serves_from_mirror_and_recovers(fresh_redis_server, 
         assert a.redis_available and gauge(a) == 1.0
 
         fresh_redis_server.stop()
-        caplog.set_level(logging.WARNING, logger="router.shared_state")
+        caplog.set_level(logging.WARNING, logger="router.redis_state")
         a.insert_blocks("r2", CHAIN_B)  # while down: mirror only, re-synced later
         for _ in range(5):
             start = time.perf_counter()
