@@ -24,7 +24,8 @@ import weakref
 from typing import Any, Optional
 
 from engine.kv_transfer.mailbox import Mailbox
-from router.stream_channel import ChannelAddress, StreamReceiver, StreamSender
+from router.stream_channel import ChannelAddress, StreamReceiver
+from router.stream_sender import StreamSender
 
 MAILBOX_KEY = "kv-mailbox"  # the one subscription on a mailbox's receiver
 

@@ -38,7 +38,8 @@ from engine.config import EngineConfig
 from router.config import DeploymentConfig
 from router.deltas import DeltaTracker, OutputDelta
 from router.messages import GenerateRequest, ReplicaOutput, ReplicaStats
-from router.stream_channel import ChannelEnd, StreamSender
+from router.stream_channel import ChannelEnd
+from router.stream_sender import StreamSender
 
 logger = logging.getLogger(__name__)
 

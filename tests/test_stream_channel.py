@@ -20,7 +20,8 @@ import httpx
 import pytest
 
 from router.stream_channel import (_LENGTH, ChannelAddress, ChannelEnd, ChannelStream, StreamChannelError,
-                                   StreamReceiver, StreamSender)
+                                   StreamReceiver)
+from router.stream_sender import StreamSender
 
 HOST = "127.0.0.1"
 
