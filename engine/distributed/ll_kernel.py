@@ -9,7 +9,7 @@ Compile-time knobs (``LLAllReduce.KERNEL_OPTIONS`` and ``_kernel_builds``): ``KV
 
 from __future__ import annotations
 
-from engine.distributed.custom_allreduce import DEVICE_PRELUDE
+from engine.distributed.custom_allreduce_kernel import DEVICE_PRELUDE
 
 KERNEL_SOURCE = DEVICE_PRELUDE + r"""
 #ifndef LL_TRIGGER_AFTER_WAIT
