@@ -20,7 +20,7 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.distributed.topology import rank_layout, validate_parallel_sizes
-from engine.model_runner import split_microbatches
+from engine.runner_types import split_microbatches
 from engine.models.spec import ModelSpec
 from tests.engine_helpers import assert_no_leaks, checkpoint_with_tokenizer
 
