@@ -62,7 +62,6 @@ import bisect
 import enum
 import logging
 import time
-from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from engine.config import CacheConfig, SchedulerConfig, SchedulingPolicy
@@ -72,21 +71,10 @@ from engine.kv_transfer.plan import KVTransferRole
 from engine.kv_transfer.leases import RemoteKVManager
 from engine.outputs import EngineStats
 from engine.request import FinishReason, Request, RequestStatus
-from engine.scheduler_output import (CachedRequestData, ModelOutput, NewRequestData,
-                                     SchedulerOutput)
+from engine.runner_mirror import BlockCopies, RunnerMirror
+from engine.scheduler_output import ModelOutput, NewRequestData, SchedulerOutput
 
 logger = logging.getLogger(__name__)
-
-BlockCopies = list[tuple[int, int]]
-
-
-@dataclass
-class _SentState:
-    """What the runner holds for a request; diffs are taken against it."""
-
-    num_token_ids: int  # prompt + outputs the runner knows
-    num_block_ids: int  # length of the block table the runner knows
-
 
 class _ForkDecision(enum.Enum):
     FORK = "fork"  # share the leader's computed prompt blocks
@@ -108,7 +96,7 @@ class Scheduler:
         self.waiting: list[Request] = []  # queue order; preempted requests go to the front
         self.running: list[Request] = []  # policy order: the last one is preempted first
         self.num_preemptions = 0  # total since start
-        self._sent: dict[str, _SentState] = {}
+        self._runner = RunnerMirror()  # what the runner holds: the diffs it is sent
         self._finished_req_ids: set[str] = set()  # finished since the last schedule()
         self._failed: list[Request] = []  # failed in schedule(); reported by update_from_output
         # step_id -> {request_id: (request, computed tokens after that step)} until its output is in
@@ -320,22 +308,11 @@ class Scheduler:
     def _emit(self, out: SchedulerOutput, request: Request, num_new: int, copies: BlockCopies) -> None:
         """Records the request's tokens, diff and copies in ``out``; advances its computed count."""
         request_id = request.request_id
-        sent = self._sent.get(request_id)
-        if sent is None:
-            out.scheduled_new_reqs.append(NewRequestData(
-                request_id=request_id, token_ids=request.all_token_ids,
-                num_prompt_tokens=request.num_prompt_tokens, block_ids=list(request.block_ids),
-                num_computed_tokens=request.num_computed_tokens,
-                sampling_params=request.sampling_params, num_output_tokens=request.num_output_tokens))
+        data = self._runner.request_data(request, copies)
+        if isinstance(data, NewRequestData):
+            out.scheduled_new_reqs.append(data)
         else:
-            replaced = [(request.block_ids.index(dst), dst) for _, dst in copies]
-            out.scheduled_cached_reqs.append(CachedRequestData(
-                request_id=request_id,
-                new_token_ids=request.output_token_ids[sent.num_token_ids - request.num_prompt_tokens:],
-                new_block_ids=request.block_ids[sent.num_block_ids:],
-                replaced_blocks=[(i, b) for i, b in replaced if i < sent.num_block_ids],
-                num_computed_tokens=request.num_computed_tokens))
-        self._sent[request_id] = _SentState(request.num_tokens, len(request.block_ids))
+            out.scheduled_cached_reqs.append(data)
         out.num_scheduled_tokens[request_id] = num_new
         out.block_copies.extend(copies)
         request.num_computed_tokens += num_new
@@ -353,7 +330,7 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.insert(0, request)
-        self._sent.pop(request.request_id, None)
+        self._runner.forget(request.request_id)
         out.preempted_req_ids.add(request.request_id)
 
     # ---- finishing ----------------------------------------------------------------------------
@@ -369,7 +346,7 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         self.requests.pop(request.request_id, None)
-        self._sent.pop(request.request_id, None)
+        self._runner.forget(request.request_id)
         self._finished_req_ids.add(request.request_id)
 
     def _fail(self, request: Request, message: str) -> None:
