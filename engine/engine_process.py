@@ -6,9 +6,9 @@ back from a device wait, queues for the GIL and every decode step grows. Here th
 gets a process (and a GIL) of its own; the API process keeps only prompt validation and
 the per-request streams::
 
-    API process (ProcessAsyncLLM)                        engine-core process (spawn)
-    generate / abort ──_AddMsg/_AbortMsg──▶ pipe ──▶ drain commands, LLMEngine.step()
-    reader thread ◀──── one _StepBatch per step ───── outputs, add errors, abort acks, stats
+    API process (ProcessAsyncLLM)                        engine-core process (spawn, engine_core.py)
+    generate / abort ──AddMsg/AbortMsg────▶ pipe ──▶ drain commands, LLMEngine.step()
+    reader thread ◀──── one StepBatch per step ────── outputs, add errors, abort acks, stats
       └─ fans the outputs into the per-request _Streams (AsyncLLM._publish)
 
     engine = AsyncLLM.from_config(config, engine_process=True)  # replicas: KVMESH_ENGINE_PROCESS=1
@@ -35,23 +35,18 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
-import os
-import pickle
 import threading
-import time
-import traceback
-from dataclasses import dataclass, field
 from multiprocessing import connection as mp_connection
 from typing import Any, Optional
 
-from engine.async_engine import (STATS_REFRESH_S, AsyncLLM, EngineDeadError, _Abort, _Add, _name_native_thread,
-                                 _set_result, _set_switch_interval)
+from engine.async_engine import (AsyncLLM, EngineDeadError, _Abort, _Add, _name_native_thread, _set_result,
+                                 _set_switch_interval)
 from engine.config import EngineConfig
 from engine.executor import resolve_max_model_len
-from engine.llm_engine import LLMEngine, PromptType
+from engine.engine_core import (AbortMsg, AddMsg, Failed, Ready, ShutdownMsg, StepBatch, engine_core_main,
+                                recv_message, send_message)
+from engine.llm_engine import LLMEngine
 from engine.models.spec import ModelSpec
-from engine.outputs import EngineStats, RequestOutput
-from engine.sampling_params import SamplingParams
 from engine.tiny_model import resolve_model_path
 from engine.tokenizer import load_tokenizer
 
@@ -59,155 +54,7 @@ logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 600.0  # loading a large checkpoint and profiling the KV cache
 SHUTDOWN_TIMEOUT_S = 10.0
-IDLE_POLL_S = 0.5  # the idle child wakes this often (stats; a closed pipe wakes it at once)
 NOT_SUPPORTED = "not supported with the engine process yet (AsyncLLM engine_process=True)"
-
-
-# ---- messages: parent -> child ------------------------------------------------------------------
-@dataclass
-class _AddMsg:
-    request_id: str
-    prompt: PromptType
-    params: SamplingParams
-    priority: int
-    stream_interval: int
-    max_outputs_per_step: Optional[int]
-
-
-@dataclass
-class _AbortMsg:
-    request_id: str
-    ack_id: int
-
-
-@dataclass
-class _ShutdownMsg:
-    pass
-
-
-# ---- messages: child -> parent ------------------------------------------------------------------
-@dataclass
-class _Ready:
-    pid: int
-    num_blocks: int
-    stats: EngineStats
-    cuda_visible_devices: Optional[str]
-
-
-@dataclass
-class _StepBatch:
-    """What one loop iteration of the child produced, for all requests."""
-
-    outputs: list[RequestOutput] = field(default_factory=list)
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (request id, ValueError message)
-    abort_acks: list[int] = field(default_factory=list)
-    stats: Optional[EngineStats] = None
-
-    def is_empty(self) -> bool:
-        return not (self.outputs or self.errors or self.abort_acks or self.stats is not None)
-
-
-@dataclass
-class _Failed:
-    """The engine could not start, or its loop died."""
-
-    error: str
-
-
-def _send(conn: mp_connection.Connection, message: object) -> None:
-    conn.send_bytes(pickle.dumps(message, protocol=5))
-
-
-def _recv(conn: mp_connection.Connection) -> object:
-    return pickle.loads(conn.recv_bytes())
-
-
-# ---- the child ------------------------------------------------------------------------------------
-def _engine_core_main(config: EngineConfig, conn: mp_connection.Connection) -> None:
-    """Entry point of the engine-core process."""
-    _name_native_thread("kvmesh-engcore")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        engine = LLMEngine(config)
-    except BaseException as exc:  # noqa: BLE001 - the parent must hear why
-        _send(conn, _Failed(f"engine could not start: {exc!r}\n{traceback.format_exc()}"))
-        return
-    try:
-        _send(conn, _Ready(os.getpid(), engine.num_blocks, engine.get_stats(with_block_hashes=True),
-                           os.environ.get("CUDA_VISIBLE_DEVICES")))
-        _EngineCore(engine, conn).run()
-    finally:
-        engine.shutdown()
-
-
-class _EngineCore:
-    """The child's step loop: drain commands, step, send one batch."""
-
-    def __init__(self, engine: LLMEngine, conn: mp_connection.Connection) -> None:
-        self.engine = engine
-        self.conn = conn
-        self.batch = _StepBatch()
-        self.last_stats = 0.0
-
-    def run(self) -> None:
-        engine = self.engine
-        try:
-            while True:
-                if not self._drain(block=not engine.has_unfinished_requests()):
-                    return  # shutdown asked
-                if self.batch.abort_acks:
-                    self._flush(with_stats=True)  # an abort returns once its blocks are free
-                if engine.has_unfinished_requests():
-                    self.batch.outputs.extend(engine.step())
-                    now = time.monotonic()
-                    self._flush(with_stats=(now - self.last_stats > STATS_REFRESH_S
-                                            or not engine.has_unfinished_requests()))
-                else:
-                    self._flush(with_stats=time.monotonic() - self.last_stats > STATS_REFRESH_S)
-        except (EOFError, BrokenPipeError, ConnectionResetError):
-            return  # the parent is gone: nobody to serve
-        except BaseException as exc:  # noqa: BLE001 - the loop must report any death
-            logger.exception("engine loop died")
-            try:
-                _send(self.conn, _Failed(f"engine loop died: {exc!r}"))
-            except OSError:
-                pass
-
-    def _drain(self, block: bool) -> bool:
-        """Handles every waiting command (waits up to IDLE_POLL_S for one if ``block``);
-        False once shutdown is asked. A closed pipe raises EOFError."""
-        if not self.conn.poll(IDLE_POLL_S if block else 0):
-            return True
-        while True:
-            if not self._handle(_recv(self.conn)):
-                return False
-            if not self.conn.poll(0):
-                return True
-
-    def _handle(self, message: object) -> bool:
-        if isinstance(message, _AddMsg):
-            try:
-                self.engine.add_request(message.request_id, message.prompt, message.params,
-                                        priority=message.priority, stream_interval=message.stream_interval,
-                                        max_outputs_per_step=message.max_outputs_per_step)
-            except ValueError as exc:
-                self.batch.errors.append((message.request_id, str(exc)))
-        elif isinstance(message, _AbortMsg):
-            self.batch.outputs.extend(self.engine.abort_request(message.request_id))
-            self.batch.abort_acks.append(message.ack_id)
-        elif isinstance(message, _ShutdownMsg):
-            return False
-        else:
-            raise TypeError(f"unknown engine-core command {type(message).__name__}")
-        return True
-
-    def _flush(self, with_stats: bool) -> None:
-        if with_stats:
-            self.batch.stats = self.engine.get_stats(with_block_hashes=True)
-            self.last_stats = time.monotonic()
-        if not self.batch.is_empty():
-            _send(self.conn, self.batch)
-            self.batch = _StepBatch()
 
 
 # ---- the parent -----------------------------------------------------------------------------------
@@ -255,7 +102,7 @@ class ProcessAsyncLLM(AsyncLLM):
         self._pending_aborts: dict[int, _Abort] = {}
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
-        self._process = ctx.Process(target=_engine_core_main, args=(config, child_conn),
+        self._process = ctx.Process(target=engine_core_main, args=(config, child_conn),
                                     name="kvmesh-engine-core", daemon=True)
         self._process.start()
         child_conn.close()  # so the child's death closes the pipe for us
@@ -271,18 +118,18 @@ class ProcessAsyncLLM(AsyncLLM):
         self._thread = threading.Thread(target=self._read_loop, name="kvmesh-engread", daemon=True)
         self._thread.start()
 
-    def _wait_ready(self, timeout_s: float) -> _Ready:
+    def _wait_ready(self, timeout_s: float) -> Ready:
         ready = mp_connection.wait([self._conn, self._process.sentinel], timeout=timeout_s)
         if not ready:
             raise EngineDeadError(f"engine process did not start within {timeout_s:.0f}s")
         try:
-            message = _recv(self._conn)
+            message = recv_message(self._conn)
         except (EOFError, OSError):
             mp_connection.wait([self._process.sentinel], timeout=5)
             raise EngineDeadError(f"engine process exited at start (exit code {self._exitcode()})")
-        if isinstance(message, _Failed):
+        if isinstance(message, Failed):
             raise EngineDeadError(message.error)
-        assert isinstance(message, _Ready), message
+        assert isinstance(message, Ready), message
         return message
 
     # ---- not supported yet ---------------------------------------------------------------------
@@ -301,7 +148,7 @@ class ProcessAsyncLLM(AsyncLLM):
             if command.kv_mode is not None:
                 raise ValueError("disaggregated serving is " + NOT_SUPPORTED)
             try:
-                self._send_or_die(_AddMsg(command.request_id, command.prompt, command.params, command.priority,
+                self._send_or_die(AddMsg(command.request_id, command.prompt, command.params, command.priority,
                                           command.stream_interval, command.max_outputs_per_step))
             except EngineDeadError:
                 self._streams.pop(command.request_id, None)
@@ -314,7 +161,7 @@ class ProcessAsyncLLM(AsyncLLM):
                 ack_id = next(self._ack_ids)
                 self._pending_aborts[ack_id] = command
             try:
-                self._send_or_die(_AbortMsg(command.request_id, ack_id))
+                self._send_or_die(AbortMsg(command.request_id, ack_id))
             except EngineDeadError:
                 with self._lock:
                     self._pending_aborts.pop(ack_id, None)
@@ -327,7 +174,7 @@ class ProcessAsyncLLM(AsyncLLM):
             raise EngineDeadError(f"engine loop died: {self._dead!r}")
         try:
             with self._send_lock:
-                _send(self._conn, message)
+                send_message(self._conn, message)
         except OSError as exc:  # the child is gone; the reader ends the streams
             raise EngineDeadError(f"engine process is gone: {exc!r}") from exc
 
@@ -354,7 +201,7 @@ class ProcessAsyncLLM(AsyncLLM):
             return
         self._stopping.set()
         try:
-            self._send_or_die(_ShutdownMsg())
+            self._send_or_die(ShutdownMsg())
         except EngineDeadError:
             pass
         self._stop_process()
@@ -383,12 +230,12 @@ class ProcessAsyncLLM(AsyncLLM):
                     reason = f"engine process exited (exit code {self._exitcode()})"
                     break
                 try:
-                    message = _recv(self._conn)
+                    message = recv_message(self._conn)
                 except (EOFError, OSError):
                     mp_connection.wait([self._process.sentinel], timeout=1)
                     reason = f"engine process exited (exit code {self._exitcode()})"
                     break
-                if isinstance(message, _Failed):
+                if isinstance(message, Failed):
                     reason = message.error
                     break
                 self._on_batch(message)
@@ -401,7 +248,7 @@ class ProcessAsyncLLM(AsyncLLM):
             logger.error("engine process died: %s", reason)
         self._on_death(reason)
 
-    def _on_batch(self, batch: _StepBatch) -> None:
+    def _on_batch(self, batch: StepBatch) -> None:
         if batch.stats is not None:  # first: a caller woken by these outputs sees their stats
             self._stats = batch.stats
         for request_id, error in batch.errors:
