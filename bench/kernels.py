@@ -252,7 +252,7 @@ def rope_store_cases(batches=(1, 8, 32), ctx: int = 512, num_layers: int = 32) -
     ``num_layers`` layers, each with its own qkv output and cache, back to back in one CUDA
     graph, as a decode step runs them: the gap is mostly the launch the fusion removes.
     """
-    from engine.attention import triton_kernels as tk
+    from engine.attention import cache_store as cs
     from engine.kernels import triton_ops
     from engine.models.rotary import RotaryEmbedding
     rope = RotaryEmbedding(D, 8192, 500000.0)
@@ -284,10 +284,10 @@ def rope_store_cases(batches=(1, 8, 32), ctx: int = 512, num_layers: int = 32) -
 
         def two_launches(pos, q, k, v, cache, meta, out):
             triton_ops.rotary_embedding(pos, q, k, cos_sin)
-            tk.store_kv(k, v, cache, meta.slot_mapping)
+            cs.store_kv(k, v, cache, meta.slot_mapping)
 
         def one_launch(pos, q, k, v, cache, meta, out):
-            tk.rotary_store_kv(pos, q, k, v, cos_sin, cache, meta.slot_mapping)
+            cs.rotary_store_kv(pos, q, k, v, cos_sin, cache, meta.slot_mapping)
 
         def layer(backend):
             return lambda pos, q, k, v, cache, meta, out: backend.forward_with_rotary(

@@ -77,7 +77,7 @@ def _case_id(case) -> str:
 @pytest.mark.parametrize("dtype,head_dim,heads,num_tokens", KERNEL_CASES,
                          ids=[_case_id(c) for c in KERNEL_CASES])
 def test_fused_kernel_is_rotary_then_store_bit_for_bit(dtype, head_dim, heads, num_tokens):
-    from engine.attention import triton_kernels as tk
+    from engine.attention import cache_store as cs
     from engine.kernels import triton_ops
     num_q, num_kv = heads
     block_size, num_blocks = 16, num_tokens // 16 + 3
@@ -92,11 +92,11 @@ def test_fused_kernel_is_rotary_then_store_bit_for_bit(dtype, head_dim, heads, n
     two_qkv, two_cache = qkv.clone(), cache.clone()
     q2, k2, v2 = split_heads(two_qkv, num_q, num_kv, head_dim)
     triton_ops.rotary_embedding(positions, q2, k2, cos_sin)
-    tk.store_kv(k2, v2, two_cache, slots)
+    cs.store_kv(k2, v2, two_cache, slots)
 
     one_qkv, one_cache = qkv.clone(), cache.clone()
     q1, k1, v1 = split_heads(one_qkv, num_q, num_kv, head_dim)
-    tk.rotary_store_kv(positions, q1, k1, v1, cos_sin, one_cache, slots)
+    cs.rotary_store_kv(positions, q1, k1, v1, cos_sin, one_cache, slots)
 
     assert torch.equal(q1, q2), "query differs from the rotary kernel's"
     assert torch.equal(one_cache, two_cache), "cache differs from rotary + store_kv"
@@ -116,14 +116,14 @@ def test_fused_kernel_is_rotary_then_store_bit_for_bit(dtype, head_dim, heads, n
 @interpreted
 def test_fused_kernel_into_a_layer_view_of_stacked_caches():
     """The cache of layer l is a view of one (L, 2, ...) allocation (engine.attention.base)."""
-    from engine.attention import triton_kernels as tk
+    from engine.attention import cache_store as cs
     rope = RotaryEmbedding(64, 256, 10000.0)
     cos_sin = rope.cos_sin_cache(torch.device("cpu"))
     stacked = torch.zeros(3, 2, 4, 16, 2, 64)
     qkv = qkv_views(5, 8, 2, 64, torch.float32, seed=0)
     q, k, v = split_heads(qkv.clone(), 8, 2, 64)
     positions, slots = torch.tensor([0, 3, 9, 200, 255]), torch.tensor([63, 0, 17, 5, 40])
-    tk.rotary_store_kv(positions, q, k, v, cos_sin, stacked[1], slots)
+    cs.rotary_store_kv(positions, q, k, v, cos_sin, stacked[1], slots)
     ref = torch.zeros(2, 4, 16, 2, 64)
     _, ref_k = torch_ops.rotary_embedding(positions, q.clone(), k.clone(), cos_sin)
     write_kv(ref_k, v, ref, slots)
@@ -133,11 +133,11 @@ def test_fused_kernel_into_a_layer_view_of_stacked_caches():
 
 @interpreted
 def test_fused_kernel_rejects_a_partial_rotary_table():
-    from engine.attention import triton_kernels as tk
+    from engine.attention import cache_store as cs
     q, k, v = split_heads(qkv_views(2, 4, 2, 64, torch.float32, seed=0), 4, 2, 64)
     half_table = RotaryEmbedding(32, 16, 10000.0).cos_sin_cache(torch.device("cpu"))
     with pytest.raises(ValueError, match="whole heads"):
-        tk.rotary_store_kv(torch.zeros(2, dtype=torch.long), q, k, v, half_table,
+        cs.rotary_store_kv(torch.zeros(2, dtype=torch.long), q, k, v, half_table,
                            torch.zeros(2, 1, 16, 2, 64), torch.tensor([0, 1]))
 
 
@@ -291,10 +291,10 @@ def test_env_flag_turns_the_fusion_off(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_fused_kernel_compiles_for_sm90(dtype):
     """Ahead of time for an H100/H200 (no GPU needed): 8B shapes, no spills."""
-    from engine.attention import triton_kernels as tk
+    from engine.attention import cache_store as cs
     from tests.gpu.aot_compile import C, compile_kernel, resource_usage
     try:
-        compiled = compile_kernel(tk._rotary_store_kv_kernel, dict(
+        compiled = compile_kernel(cs._rotary_store_kv_kernel, dict(
             pos_ptr=torch.int64, query_ptr=dtype, key_ptr=dtype, value_ptr=dtype,
             cos_sin_ptr=torch.float32, cache_ptr=dtype, slot_ptr=torch.int64,
             stride_qt=6144, stride_qh=128, stride_kt=6144, stride_kh=128, stride_vt=6144,

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.attention import cache_store as cs
 from engine.attention import triton_kernels as tk
 
 # Set to 1 to turn the fused RoPE + K/V store off whatever the config says (A/B runs).
@@ -72,7 +73,7 @@ class TritonBackend(AttentionBackend):
 
         ``out`` (T, Hq, D), optional: written in place (static buffers of a CUDA graph, tests).
         """
-        tk.store_kv(key, value, kv_cache, meta.slot_mapping)
+        cs.store_kv(key, value, kv_cache, meta.slot_mapping)
         return self._attend(query, kv_cache, meta, scale, out)
 
     def forward_with_rotary(self, rotary: Callable, positions: torch.Tensor, query: torch.Tensor,
@@ -90,7 +91,7 @@ class TritonBackend(AttentionBackend):
         if cos_sin is None:
             query, key = rotary(positions, query, key)
             return self.forward(query, key, value, kv_cache, meta, scale, out=out)
-        tk.rotary_store_kv(positions, query, key, value, cos_sin, kv_cache, meta.slot_mapping)
+        cs.rotary_store_kv(positions, query, key, value, cos_sin, kv_cache, meta.slot_mapping)
         return self._attend(query, kv_cache, meta, scale, out)
 
     def _rope_table(self, rotary: Callable, query: torch.Tensor) -> Optional[torch.Tensor]:

@@ -8,7 +8,7 @@
         (max_position, rot_dim) fp32 = [cos | sin] as ``RotaryEmbedding`` builds it;
         neox / "rotate half" pairs (i, i + rot_dim/2) over the first rot_dim dims.
         (On the Triton attention backend the model's RoPE usually runs inside the K/V
-        store instead: ``rotary_store_kv`` in engine/attention/triton_kernels.py.)
+        store instead: ``rotary_store_kv`` in engine/attention/cache_store.py.)
     silu_and_mul(x) -> out
         x (..., 2I) = [gate | up] -> (..., I) = silu(gate) * up.
     vocab_shard_embedding(ids, weight, start, end) -> out

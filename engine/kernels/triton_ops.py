@@ -89,7 +89,7 @@ def rotate_heads(src_ptr, dst_ptr, stride_src_h, stride_dst_h, cos, sin, num_hea
 
     src and dst may be the same memory (in place). fp32 inside, rounded once to the source
     dtype, then converted to the destination's (a no-op when they match): so the rotated key
-    that engine/attention/triton_kernels.py's fused store writes into the KV cache is bit for
+    that engine/attention/cache_store.py's fused store writes into the KV cache is bit for
     bit the one this kernel leaves in k for store_kv to copy there.
     """
     h = tl.arange(0, HEADS_PAD)[:, None]

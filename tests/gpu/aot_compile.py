@@ -68,6 +68,7 @@ def C(v):
 
 
 def main() -> None:
+    from engine.attention import cache_store as cs
     from engine.attention import triton_kernels as tk
     from engine.kernels import triton_ops as ko
     dt = torch.bfloat16
@@ -95,7 +96,7 @@ def main() -> None:
         out_ptr=dt, num_splits=3, stride_ot=4096, stride_oh=128, NUM_Q_HEADS=C(32), HEAD_DIM=C(128),
         DIM_PAD=C(128), SPLITS_PAD=C(32), PDL=C(True)))
     print(f"reduce pdl: {resource_usage(k)}; griddepcontrol x{k.asm['ptx'].count('griddepcontrol')}")
-    k = compile_kernel(tk._store_kv_kernel, dict(
+    k = compile_kernel(cs._store_kv_kernel, dict(
         key_ptr=dt, value_ptr=dt, cache_ptr=dt, slot_ptr=torch.int64, stride_kt=1024, stride_kh=128,
         stride_vt=1024, stride_vh=128, stride_cache_kv=1 << 33, stride_cache_slot=1024,
         stride_cache_head=128, NUM_KV_HEADS=C(8), HEAD_DIM=C(128), HEADS_PAD=C(8), DIM_PAD=C(128)))

@@ -189,6 +189,7 @@ def test_dependent_launches_are_bit_identical(monkeypatch, n, k):
 def test_decode_attention_as_dependent_launches_is_bit_identical(monkeypatch):
     """Rotary + KV store, split decode attention and its reduce as dependent launches (each
     reading what the one before wrote) match plain launches bit for bit, in a CUDA graph too."""
+    from engine.attention import cache_store as cs
     from engine.attention import triton_kernels as tk
     from engine.kernels import pdl
     if torch.cuda.get_device_capability()[0] < 9:
@@ -209,7 +210,7 @@ def test_decode_attention_as_dependent_launches_is_bit_identical(monkeypatch):
     def step(src, cache):
         q, k, v = src.clone().split([hq * d, hkv * d, hkv * d], dim=-1)
         q = q.view(1, hq, d)
-        tk.rotary_store_kv(pos, q, k.view(1, hkv, d), v.view(1, hkv, d), cos_sin, cache, slot)
+        cs.rotary_store_kv(pos, q, k.view(1, hkv, d), v.view(1, hkv, d), cos_sin, cache, slot)
         out = torch.empty_like(q)
         tk.paged_decode(q, cache, table, seq_lens, qsl, 1, d ** -0.5, out, num_splits=8, min_split_len=64)
         return out

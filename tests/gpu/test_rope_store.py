@@ -38,7 +38,7 @@ def qkv_views(qkv: torch.Tensor, num_q: int, num_kv: int, head_dim: int):
 @pytest.mark.parametrize("heads", [(32, 8), (8, 8), (4, 1), (12, 4)])
 @pytest.mark.parametrize("num_tokens", [1, 7, 64, 300])
 def test_fused_equals_rotary_then_store(dtype, head_dim, heads, num_tokens):
-    from engine.attention import triton_kernels as tk
+    from engine.attention import cache_store as cs
     from engine.kernels import triton_ops
     num_q, num_kv = heads
     block_size = 16
@@ -53,11 +53,11 @@ def test_fused_equals_rotary_then_store(dtype, head_dim, heads, num_tokens):
     two_qkv, two_cache = qkv.clone(), cache.clone()
     q2, k2, v2 = qkv_views(two_qkv, num_q, num_kv, head_dim)
     triton_ops.rotary_embedding(positions, q2, k2, cos_sin)
-    tk.store_kv(k2, v2, two_cache, slots)
+    cs.store_kv(k2, v2, two_cache, slots)
 
     one_qkv, one_cache = qkv.clone(), cache.clone()
     q1, k1, v1 = qkv_views(one_qkv, num_q, num_kv, head_dim)
-    tk.rotary_store_kv(positions, q1, k1, v1, cos_sin, one_cache, slots)
+    cs.rotary_store_kv(positions, q1, k1, v1, cos_sin, one_cache, slots)
     torch.cuda.synchronize()
 
     assert torch.equal(q1, q2), f"query: {(q1.float() - q2.float()).abs().max().item()} max diff"
@@ -73,7 +73,7 @@ def test_fused_equals_rotary_then_store(dtype, head_dim, heads, num_tokens):
 
 def test_fused_into_a_layer_of_stacked_caches():
     """A layer's cache is a view of one (L, 2, ...) allocation; only its slots change."""
-    from engine.attention import triton_kernels as tk
+    from engine.attention import cache_store as cs
     from engine.kernels import triton_ops
     cos_sin = RotaryEmbedding(128, 4096, 500000.0).cos_sin_cache(torch.device("cuda"))
     stacked = torch.randn(4, 2, 8, 16, 8, 128, device="cuda").bfloat16()
@@ -82,11 +82,11 @@ def test_fused_into_a_layer_of_stacked_caches():
     positions = torch.randint(0, 4096, (9,), device="cuda")
     slots = torch.randperm(128, device="cuda")[:9]
     q, k, v = qkv_views(qkv.clone(), 32, 8, 128)
-    tk.rotary_store_kv(positions, q, k, v, cos_sin, stacked[2], slots)
+    cs.rotary_store_kv(positions, q, k, v, cos_sin, stacked[2], slots)
     rq, rk, rv = qkv_views(qkv.clone(), 32, 8, 128)
     ref = before[2].clone()
     triton_ops.rotary_embedding(positions, rq, rk, cos_sin)
-    tk.store_kv(rk, rv, ref, slots)
+    cs.store_kv(rk, rv, ref, slots)
     assert torch.equal(stacked[2], ref) and torch.equal(q, rq)
     for layer in (0, 1, 3):
         assert torch.equal(stacked[layer], before[layer])
@@ -187,13 +187,14 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 def test_greedy_tokens_same_with_fusion_on_and_off(arch, dtype, options, tmp_path, monkeypatch):
     """CUDA graphs (decode and mixed) and eager steps, the same tokens either way; the fused
     kernel is launched only with the flag unset."""
+    from engine.attention import cache_store as cs
     from engine.attention import triton_kernels as tk
     from engine.attention.triton_backend import DISABLE_FUSED_ROPE_STORE_ENV
     path, vocab = checkpoint_with_tokenizer(arch, tmp_path, **options)
     rng = random.Random(0)
     prompts = [[rng.randrange(5, vocab) for _ in range(n)] for n in (3, 17, 40, 9, 70, 1, 300)]
     launches = []
-    real = tk.rotary_store_kv
+    real = cs.rotary_store_kv
     monkeypatch.setattr(tk, "rotary_store_kv", lambda *a: launches.append(1) or real(*a))
     tokens = {}
     for disabled in ("0", "1"):
