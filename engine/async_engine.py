@@ -23,13 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
-import sys
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
 from engine.config import EngineConfig
@@ -40,6 +36,9 @@ from engine.outputs import EngineStats, RequestOutput
 from engine.gc_freeze import freeze_startup_heap
 from engine.sampling_params import SamplingParams
 from engine.step_timeline import KVDeliver, StatsRefresh, StepTimeline
+from engine.async_streams import (AbortCommand, AddCommand, DeliverKV, RemotePrefill, RequestStream, Reserved,
+                                  call_soon_threadsafe, name_native_thread, push_all, set_result,
+                                  set_switch_interval)
 
 logger = logging.getLogger(__name__)
 
@@ -50,117 +49,16 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped; the replica must be replaced."""
 
 
-@dataclass
-class _Add:
-    request_id: str
-    prompt: PromptType
-    params: SamplingParams
-    priority: int
-    stream: "_Stream"
-    kv_mode: Any = None  # KVTransferPlan (prefill only) or _RemotePrefill; None: local
-    stream_interval: int = 1  # LLMEngine.add_request's
-    max_outputs_per_step: Optional[int] = None  # LLMEngine.add_request's
-
-
-@dataclass
-class _Abort:
-    request_id: str
-    done: "asyncio.Future[None]"
-    loop: asyncio.AbstractEventLoop
-
-
-@dataclass
-class _RemotePrefill:
-    """Decode side: reserve blocks for the prompt's KV instead of computing it."""
-
-    lease_timeout_s: float
-    min_remote_tokens: int
-    on_failure: TransferFailurePolicy
-
-
-@dataclass
-class _Reserved:
-    """First stream item of a remote-prefill request: its reservation, or None (computed here)."""
-
-    reservation: Optional[KVReservation]
-
-
-@dataclass
-class _DeliverKV:
-    arrival: KVArrival
-
-
-class _Stream:
-    """One request's items (outputs, errors, KV items) on its caller's event loop.
-
-    ``put`` is for the engine thread; ``push`` and ``get`` run on ``loop``.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self._items: deque = deque()
-        self._waiter: Optional[asyncio.Future] = None
-
-    def put(self, item) -> None:
-        _call_soon_threadsafe(self.loop, self.push, item)
-
-    def push(self, item) -> None:
-        self._items.append(item)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def get(self):
-        """The next item; of several waiting cumulative outputs, only the latest."""
-        while not self._items:
-            self._waiter = self.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        item = self._items.popleft()
-        while (self._items and isinstance(item, RequestOutput) and isinstance(self._items[0], RequestOutput)):
-            item = self._items.popleft()  # a later cumulative output holds everything this one does
-        return item
-
-
-def _push_all(batch: list[tuple[_Stream, Any]]) -> None:
-    for stream, item in batch:
-        stream.push(item)
-
-
-def _call_soon_threadsafe(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
-    try:
-        loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:  # the caller's loop is closed: nobody is listening any more
-        pass
-
-
-SWITCH_INTERVAL_ENV = "KVMESH_SWITCH_INTERVAL_S"
-DEFAULT_SWITCH_INTERVAL_S = 0.0005
-
-
-def _set_switch_interval() -> None:
-    """The engine thread shares the GIL with the server's threads (event loop, Serve's
-    streaming). Each time it waits on the device it lets the GIL go, and getting it back can
-    take a whole switch interval while another thread runs Python (5 ms by default, about a
-    decode step): under many streams every step paid it. A short interval bounds that wait.
-    ``KVMESH_SWITCH_INTERVAL_S`` overrides it (0: leave Python's)."""
-    value = float(os.environ.get(SWITCH_INTERVAL_ENV, DEFAULT_SWITCH_INTERVAL_S))
-    if value > 0:
-        sys.setswitchinterval(value)
-
-
 class AsyncLLM:
     def __init__(self, engine: LLMEngine) -> None:
-        _set_switch_interval()
+        set_switch_interval()
         freeze_startup_heap()
         self.engine = engine
         self.config = engine.config
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self._commands: "queue.Queue[object]" = queue.Queue()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._stats = engine.get_stats(with_block_hashes=True)
         # Steps and stalls for ITL diagnosis (KVMESH_STEP_TIMELINE=1); None: off, no cost.
         self.timeline: Optional[StepTimeline] = StepTimeline.from_env()
@@ -214,10 +112,10 @@ class AsyncLLM:
         request is computed here or failed (``on_failure``). Leaving early aborts it
         and frees its reserved blocks.
         """
-        mode = _RemotePrefill(lease_timeout_s, min_remote_tokens, on_failure)
+        mode = RemotePrefill(lease_timeout_s, min_remote_tokens, on_failure)
         async for item in self._run_request(prompt, sampling_params, request_id, priority, mode,
                                             stream_interval, max_outputs_per_step):
-            yield item.reservation if isinstance(item, _Reserved) else item
+            yield item.reservation if isinstance(item, Reserved) else item
 
     async def prefill(self, prompt: PromptType, sampling_params: Optional[SamplingParams],
                       request_id: str, plan: "KVTransferPlan | DeferredPlan",
@@ -242,7 +140,7 @@ class AsyncLLM:
 
     def deliver_kv(self, arrival: KVArrival) -> None:
         """Hands KV that arrived for a reservation to the engine thread (any thread may call)."""
-        self._commands.put(_DeliverKV(arrival))
+        self._commands.put(DeliverKV(arrival))
 
     async def _run_request(self, prompt: PromptType, sampling_params: Optional[SamplingParams],
                            request_id: str, priority: int, kv_mode: Any,
@@ -257,11 +155,11 @@ class AsyncLLM:
         # Validate here, in the caller, so bad input fails fast with a clear error.
         _, token_ids = self.engine.tokenize_prompt(prompt)
         self.engine._validate_prompt(token_ids)
-        stream = _Stream(asyncio.get_running_loop())
+        stream = RequestStream(asyncio.get_running_loop())
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = stream
-        self._submit(_Add(request_id, token_ids if not isinstance(prompt, str) else prompt,
+        self._submit(AddCommand(request_id, token_ids if not isinstance(prompt, str) else prompt,
                           params, priority, stream, kv_mode, stream_interval, max_outputs_per_step))
         finished = False
         try:
@@ -285,7 +183,7 @@ class AsyncLLM:
             return
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._submit(_Abort(request_id, done, loop))
+        self._submit(AbortCommand(request_id, done, loop))
         await done
 
     def _submit(self, command: object) -> None:
@@ -320,7 +218,7 @@ class AsyncLLM:
 
     # ---- the engine thread --------------------------------------------------------------------
     def _run_loop(self) -> None:
-        _name_native_thread(self._thread.name)
+        name_native_thread(self._thread.name)
         last_stats = 0.0
         try:
             while not self._stopping.is_set():
@@ -373,12 +271,12 @@ class AsyncLLM:
                 return
 
     def _handle(self, command: object) -> None:
-        if isinstance(command, _Add):
+        if isinstance(command, AddCommand):
             try:
                 self._add(command)
             except ValueError as exc:
                 command.stream.put(exc)
-        elif isinstance(command, _DeliverKV):
+        elif isinstance(command, DeliverKV):
             start = time.monotonic()
             outputs = self.engine.import_remote_kv(command.arrival)
             if self.timeline is not None:
@@ -386,12 +284,12 @@ class AsyncLLM:
                 self.timeline.record(KVDeliver(start, time.monotonic(), header.request_id,
                                                command.arrival.num_bytes or 0))
             self._publish(outputs)
-        elif isinstance(command, _Abort):
+        elif isinstance(command, AbortCommand):
             self._publish(self.engine.abort_request(command.request_id))
             self._stats = self.engine.get_stats(with_block_hashes=True)
-            command.loop.call_soon_threadsafe(_set_result, command.done)
+            command.loop.call_soon_threadsafe(set_result, command.done)
 
-    def _add(self, command: _Add) -> None:
+    def _add(self, command: AddCommand) -> None:
         mode, engine = command.kv_mode, self.engine
         if mode is None:
             engine.add_request(command.request_id, command.prompt, command.params, priority=command.priority,
@@ -405,7 +303,7 @@ class AsyncLLM:
                 command.request_id, command.prompt, command.params, mode.lease_timeout_s,
                 mode.min_remote_tokens, mode.on_failure, priority=command.priority,
                 stream_interval=command.stream_interval, max_outputs_per_step=command.max_outputs_per_step)
-            command.stream.put(_Reserved(reservation))
+            command.stream.put(Reserved(reservation))
 
     def _publish_item(self, request_id: str, item: Any) -> None:
         stream = self._streams.get(request_id)
@@ -414,26 +312,10 @@ class AsyncLLM:
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         """Hands a step's outputs to their streams: one thread-safe call per event loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any]]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, batch in by_loop.items():
-            _call_soon_threadsafe(loop, _push_all, batch)
-
-
-def _name_native_thread(name: str) -> None:
-    """Gives the calling thread its OS name (Linux; best effort), so per-thread CPU tools
-    (``top -H``, ``py-spy``, bench/http_overhead.py) tell the engine loop apart."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None)
-        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME: 15 bytes and a NUL
-    except (OSError, AttributeError):
-        pass
-
-
-def _set_result(future: "asyncio.Future[None]") -> None:
-    if not future.done():
-        future.set_result(None)
+            call_soon_threadsafe(loop, push_all, batch)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from multiprocessing import connection as mp_connection
 from typing import Optional
 
-from engine.async_engine import STATS_REFRESH_S, _name_native_thread
+from engine.async_engine import STATS_REFRESH_S
+from engine.async_streams import name_native_thread
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, PromptType
 from engine.outputs import EngineStats, RequestOutput
@@ -90,7 +91,7 @@ def recv_message(conn: mp_connection.Connection) -> object:
 # ---- the child ------------------------------------------------------------------------------------
 def engine_core_main(config: EngineConfig, conn: mp_connection.Connection) -> None:
     """Entry point of the engine-core process."""
-    _name_native_thread("kvmesh-engcore")
+    name_native_thread("kvmesh-engcore")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         engine = LLMEngine(config)

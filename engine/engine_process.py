@@ -9,7 +9,7 @@ the per-request streams::
     API process (ProcessAsyncLLM)                        engine-core process (spawn, engine_core.py)
     generate / abort ──AddMsg/AbortMsg────▶ pipe ──▶ drain commands, LLMEngine.step()
     reader thread ◀──── one StepBatch per step ────── outputs, add errors, abort acks, stats
-      └─ fans the outputs into the per-request _Streams (AsyncLLM._publish)
+      └─ fans the outputs into the per-request RequestStreams (AsyncLLM._publish)
 
     engine = AsyncLLM.from_config(config, engine_process=True)  # replicas: KVMESH_ENGINE_PROCESS=1
 
@@ -39,8 +39,8 @@ import threading
 from multiprocessing import connection as mp_connection
 from typing import Any, Optional
 
-from engine.async_engine import (AsyncLLM, EngineDeadError, _Abort, _Add, _name_native_thread, _set_result,
-                                 _set_switch_interval)
+from engine.async_engine import AsyncLLM, EngineDeadError
+from engine.async_streams import AbortCommand, AddCommand, name_native_thread, set_result, set_switch_interval
 from engine.config import EngineConfig
 from engine.executor import resolve_max_model_len
 from engine.engine_core import (AbortMsg, AddMsg, Failed, Ready, ShutdownMsg, StepBatch, engine_core_main,
@@ -87,7 +87,7 @@ class ProcessAsyncLLM(AsyncLLM):
         from engine.distributed.topology import num_workers
         if num_workers(config.parallel) != 1:
             raise ValueError("parallel replicas (tensor/pipeline/expert parallel > 1) are " + NOT_SUPPORTED)
-        _set_switch_interval()
+        set_switch_interval()
         self.engine = _PromptFrontend(config)
         self.config = config
         self.tokenizer = self.engine.tokenizer
@@ -99,7 +99,7 @@ class ProcessAsyncLLM(AsyncLLM):
         self._send_lock = threading.Lock()
         self._process_lock = threading.Lock()  # one thread at a time may reap the child (waitpid)
         self._ack_ids = itertools.count()
-        self._pending_aborts: dict[int, _Abort] = {}
+        self._pending_aborts: dict[int, AbortCommand] = {}
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
         self._process = ctx.Process(target=engine_core_main, args=(config, child_conn),
@@ -144,7 +144,7 @@ class ProcessAsyncLLM(AsyncLLM):
 
     # ---- commands ------------------------------------------------------------------------------
     def _submit(self, command: object) -> None:
-        if isinstance(command, _Add):
+        if isinstance(command, AddCommand):
             if command.kv_mode is not None:
                 raise ValueError("disaggregated serving is " + NOT_SUPPORTED)
             try:
@@ -153,7 +153,7 @@ class ProcessAsyncLLM(AsyncLLM):
             except EngineDeadError:
                 self._streams.pop(command.request_id, None)
                 raise
-        elif isinstance(command, _Abort):
+        elif isinstance(command, AbortCommand):
             with self._lock:
                 if self._dead is not None:
                     _resolve_abort(command)
@@ -221,7 +221,7 @@ class ProcessAsyncLLM(AsyncLLM):
 
     # ---- the reader thread -------------------------------------------------------------------
     def _read_loop(self) -> None:
-        _name_native_thread(self._thread.name)
+        name_native_thread(self._thread.name)
         reason = "engine process exited"
         try:
             while True:
@@ -271,9 +271,9 @@ class ProcessAsyncLLM(AsyncLLM):
             stream.put(EngineDeadError(f"engine loop died: {reason}"))
 
 
-def _resolve_abort(command: _Abort) -> None:
+def _resolve_abort(command: AbortCommand) -> None:
     try:
-        command.loop.call_soon_threadsafe(_set_result, command.done)
+        command.loop.call_soon_threadsafe(set_result, command.done)
     except RuntimeError:  # the caller's loop is closed
         pass
 

@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 from engine import SamplingParams
-from engine.async_engine import AsyncLLM, _Stream
+from engine.async_engine import AsyncLLM
+from engine.async_streams import RequestStream
 from engine.config import EngineConfig
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from router.deltas import DeltaTracker
@@ -54,7 +55,7 @@ def test_revised_text_sends_what_follows_the_common_prefix():
 
 
 async def test_stream_hands_a_lagging_consumer_only_the_latest_output():
-    stream = _Stream(asyncio.get_running_loop())
+    stream = RequestStream(asyncio.get_running_loop())
     first, second, third = (_output([(t, ids, None)]) for t, ids in (("a", [1]), ("ab", [1, 2]),
                                                                        ("abc", [1, 2, 3])))
     for item in (first, second, ValueError("boom"), third):
