@@ -109,7 +109,8 @@ if triton is not None:
         ``tl.dot`` there is no 16-row padding and BLOCK_N may be 2-8, so even a 3072-output
         shape makes enough programs to keep every SM's loads in flight."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        out = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL, PRE_K)
+        out, _ = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL, PRE_K,
+                          w_ptr, 0, False)
         if EVEN_N:
             tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty))
         else:
@@ -117,16 +118,24 @@ if triton is not None:
 
     @triton.jit
     def _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr, PRE_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr, PRE_K: tl.constexpr,
+                 table_ptr, world, PUSH: tl.constexpr):
         """(BLOCK_N,) fp32: w[rn] @ x for one row x (K,), keeping a (BLOCK_N, BLOCK_K) fp32
         partial product and summing it over K once at the end. PDL: launched as a dependent
         launch, it loads its first PRE_K columns of weight (``_pre_k``), then waits for the
         kernel before it (which writes x, and may still read what this program will write),
         then lets its own dependents start. With PRE_K = BLOCK_K the sum runs in the same order
-        either way (bit-identical); a longer preload adds its tiles in a tree first."""
+        either way (bit-identical); a longer preload adds its tiles in a tree first.
+
+        PUSH (``_gemv_row_push_kernel``): also returns the LL round word (int64, ``table_ptr``'s
+        entry ``world`` locates it), read as soon as the kernel before has ended, so its latency
+        hides behind the weight loads instead of following the sum; else 0."""
         w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn  # (BLOCK_N, 1)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         k_first: tl.constexpr = PRE_K if PDL else 0
+        round_word = tl.zeros((), dtype=tl.int64)
+        if PUSH and not PDL:
+            round_word = tl.load(table_ptr + tl.load(table_ptr + world), volatile=True)
         if PDL:
             rp = tl.arange(0, PRE_K)
             if EVEN_K and EVEN_N:
@@ -135,6 +144,8 @@ if triton is not None:
                 w0 = tl.load(w_rows + rp[None, :], mask=(rn[:, None] < N) & (rp[None, :] < K), other=0.0)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+            if PUSH:
+                round_word = tl.load(table_ptr + tl.load(table_ptr + world), volatile=True)
             x0 = tl.load(x_ptr + rp, mask=rp < K, other=0.0)
             p = w0.to(tl.float32) * x0.to(tl.float32)[None, :]  # (BLOCK_N, PRE_K)
             if PRE_K == BLOCK_K:
@@ -150,7 +161,7 @@ if triton is not None:
                 x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
                 w = tl.load(w_rows + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        return tl.sum(acc, axis=1)
+        return tl.sum(acc, axis=1), round_word
 
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
                         "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0,
@@ -159,7 +170,7 @@ if triton is not None:
     def _gemv_row_push_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, table_ptr, rank, world,
                               slot_words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRE_K: tl.constexpr,
-                              PDL: tl.constexpr = False):
+                              PDL: tl.constexpr = False, EARLY_ROUND: tl.constexpr = True):
         """``_gemv_row_kernel``, and its outputs also stored straight into every peer's LL
         all-reduce receive slot for this rank (engine/distributed/ll_allreduce.py), so the LL
         call that sums them need not push them itself: the NVLink hop overlaps this GEMV.
@@ -167,14 +178,17 @@ if triton is not None:
         A slot holds the row as 16-byte lines {data0, R, data1, R}, 4 bf16/fp16 values a line;
         here each 8-byte half {two values, R} is one int64 store, which lands whole, so a reader
         that sees R in it sees its data (what the LL kernel's own 16-byte stores rely on too).
-        R is the coming LL call's round: the round word + 1 (no LL call runs before that one
-        reads it, stream order). ``table_ptr`` (int64): entry q < world = (rank q's receive
+        R is the coming LL call's round: the round word + 1, read once the kernel before has
+        ended (no LL call runs between, stream order: the last one has ended too). ``table_ptr`` (int64): entry q < world = (rank q's receive
         area - table_ptr) / 8, entry world = (my round word - table_ptr) / 8, so every address
         is table_ptr plus an offset (no integer-to-pointer casts). BLOCK_N is even (whole
         8-byte halves per program); ``slot_words`` = int64 words per (parity, rank) slot."""
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        out = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL, PRE_K)
+        out, round_word = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL,
+                                   PRE_K, table_ptr, world, EARLY_ROUND)
+        if not EARLY_ROUND:  # the order before stop 21 (bench/push_gemv.py's A/B): after the sum
+            round_word = tl.load(table_ptr + tl.load(table_ptr + world), volatile=True)
         out = out.to(out_ptr.dtype.element_ty)  # (BLOCK_N,), what the LL call will sum
         if EVEN_N:
             tl.store(out_ptr + rn, out)
@@ -183,7 +197,6 @@ if triton is not None:
         bits = out.to(tl.uint16, bitcast=True).to(tl.uint32)  # (BLOCK_N,)
         lo, hi = tl.split(tl.reshape(bits, (BLOCK_N // 2, 2)))  # values 2w and 2w+1
         words = (lo | (hi << 16)).to(tl.int64)  # (BLOCK_N // 2,) one {value, value} each
-        round_word = tl.load(table_ptr + tl.load(table_ptr + world), volatile=True)
         round_ = ((round_word & 0xFFFFFFFF) + 1) & 0xFFFFFFFF
         packets = words | (round_ << 32)  # little-endian: {data, R}
         rw = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # word of the row
