@@ -109,8 +109,8 @@ if triton is not None:
         ``tl.dot`` there is no 16-row padding and BLOCK_N may be 2-8, so even a 3072-output
         shape makes enough programs to keep every SM's loads in flight."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        out, _, _ = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL, PRE_K,
-                             w_ptr, 0, False)
+        out, _ = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL, PRE_K,
+                          w_ptr, 0, False)
         if EVEN_N:
             tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty))
         else:
@@ -128,19 +128,14 @@ if triton is not None:
         either way (bit-identical); a longer preload adds its tiles in a tree first.
 
         PUSH (``_gemv_row_push_kernel``): also returns the LL round word (int64, ``table_ptr``'s
-        entry ``world`` locates it), read as soon as the kernel before has ended, and the push
-        table's entries (16,), loaded at the start (set up once), so neither read's latency
-        follows the sum; else zeros."""
+        entry ``world`` locates it), read as soon as the kernel before has ended, so its latency
+        hides behind the weight loads instead of following the sum; else 0."""
         w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn  # (BLOCK_N, 1)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         k_first: tl.constexpr = PRE_K if PDL else 0
         round_word = tl.zeros((), dtype=tl.int64)
-        slots = tl.arange(0, 16)  # the push table's entries (world + 1 <= 9): set up once, never change
-        table = tl.zeros((16,), dtype=tl.int64)
-        if PUSH:
-            table = tl.load(table_ptr + slots, mask=slots <= world, other=0)
         if PUSH and not PDL:
-            round_word = tl.load(table_ptr + tl.sum(tl.where(slots == world, table, 0)), volatile=True)
+            round_word = tl.load(table_ptr + tl.load(table_ptr + world), volatile=True)
         if PDL:
             rp = tl.arange(0, PRE_K)
             if EVEN_K and EVEN_N:
@@ -150,7 +145,7 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
             if PUSH:
-                round_word = tl.load(table_ptr + tl.sum(tl.where(slots == world, table, 0)), volatile=True)
+                round_word = tl.load(table_ptr + tl.load(table_ptr + world), volatile=True)
             x0 = tl.load(x_ptr + rp, mask=rp < K, other=0.0)
             p = w0.to(tl.float32) * x0.to(tl.float32)[None, :]  # (BLOCK_N, PRE_K)
             if PRE_K == BLOCK_K:
@@ -166,7 +161,7 @@ if triton is not None:
                 x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
                 w = tl.load(w_rows + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        return tl.sum(acc, axis=1), round_word, table
+        return tl.sum(acc, axis=1), round_word
 
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
                         "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0,
@@ -190,8 +185,8 @@ if triton is not None:
         8-byte halves per program); ``slot_words`` = int64 words per (parity, rank) slot."""
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        out, round_word, table = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N,
-                                          PDL, PRE_K, table_ptr, world, EARLY_ROUND)
+        out, round_word = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL,
+                                   PRE_K, table_ptr, world, EARLY_ROUND)
         if not EARLY_ROUND:  # the order before stop 21 (bench/push_gemv.py's A/B): after the sum
             round_word = tl.load(table_ptr + tl.load(table_ptr + world), volatile=True)
         out = out.to(out_ptr.dtype.element_ty)  # (BLOCK_N,), what the LL call will sum
@@ -208,10 +203,7 @@ if triton is not None:
         slot = ((round_ & 1) * world + rank) * slot_words  # (parity, me), row 0
         for q in range(0, world):
             if q != rank:
-                if EARLY_ROUND:  # the peer's entry, loaded with the table at the start
-                    dst = table_ptr + tl.sum(tl.where(tl.arange(0, 16) == q, table, 0)) + slot
-                else:
-                    dst = table_ptr + tl.load(table_ptr + q) + slot
+                dst = table_ptr + tl.load(table_ptr + q) + slot
                 tl.store(dst + rw, packets, mask=rw * 2 < N)
 
     @triton.autotune(
