@@ -179,12 +179,15 @@ if triton is not None:
         here each 8-byte half {two values, R} is one int64 store, which lands whole, so a reader
         that sees R in it sees its data (what the LL kernel's own 16-byte stores rely on too).
         R is the coming LL call's round: the round word + 1, read once the kernel before has
-        ended (no LL call runs between, stream order: the last one has ended too). ``table_ptr`` (int64): entry q < world = (rank q's receive
-        area - table_ptr) / 8, entry world = (my round word - table_ptr) / 8, so every address
-        is table_ptr plus an offset (no integer-to-pointer casts). BLOCK_N is even (whole
+        ended (no LL call runs between, stream order: the last one has ended too).
+        ``table_ptr`` (int64): entry q < world = (rank q's receive area - table_ptr) / 8, entry
+        world = (my round word - table_ptr) / 8, so every address is table_ptr plus an offset (no
+        integer-to-pointer casts); set up once, so a 2-rank group's one peer entry is read at
+        the start. BLOCK_N is even (whole
         8-byte halves per program); ``slot_words`` = int64 words per (parity, rank) slot."""
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        peer_entry = tl.load(table_ptr + (1 - rank) * (world == 2))  # used at the end (2 ranks)
         out, round_word = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL,
                                    PRE_K, table_ptr, world, EARLY_ROUND)
         if not EARLY_ROUND:  # the order before stop 21 (bench/push_gemv.py's A/B): after the sum
@@ -201,10 +204,13 @@ if triton is not None:
         packets = words | (round_ << 32)  # little-endian: {data, R}
         rw = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # word of the row
         slot = ((round_ & 1) * world + rank) * slot_words  # (parity, me), row 0
-        for q in range(0, world):
-            if q != rank:
-                dst = table_ptr + tl.load(table_ptr + q) + slot
-                tl.store(dst + rw, packets, mask=rw * 2 < N)
+        if world == 2 and EARLY_ROUND:  # TP=2: the one peer, its table entry read at the start
+            tl.store(table_ptr + peer_entry + slot + rw, packets, mask=rw * 2 < N)
+        else:
+            for q in range(0, world):
+                if q != rank:
+                    dst = table_ptr + tl.load(table_ptr + q) + slot
+                    tl.store(dst + rw, packets, mask=rw * 2 < N)
 
     @triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
