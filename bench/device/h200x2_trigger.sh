@@ -10,6 +10,9 @@
 #   3. (stop 20) where an LL call's time goes: TP=2 decode with KVMESH_LL_STAMPS=1 (each call stamps
 #      its start, the end of its wait for the GEMV before, all peers' lines in, its end), read
 #      after 20 profiled steps: engine/profiling.py's ll_stamp_summary per rank
+#   3b. (stop 21) the pushing GEMV's early round read: TP=2 with KVMESH_PUSH_EARLY_ROUND=0 (the read after
+#      the sum, as before) next to the default runs of step 2 (bench/push_gemv.py, one H200: the
+#      layer chain's push cost 6.4 -> 2.1 µs a layer)
 #   4. (stop 20) max load, 128 requests: one TP=2 replica's full-batch decode steps and kernel
 #      profile (stop 17: 9,586 tok/s, slower than one TP=1 replica on ONE H200 at 128 requests in
 #      stop 20, 13,976), next to TP=1 at 64 requests on GPU 0
@@ -25,6 +28,8 @@ for setting in ${SETTINGS:-start:0 wait:0 start:0 wait:0}; do
 done
 # stop 20: the LL kernel's single build of before (8 lines a thread) against today's LPT-2 build
 KVMESH_LL_BUILDS=512x8 decode_step tp2_builds512x8 2 0,1
+KVMESH_PUSH_EARLY_ROUND=0 decode_step tp2_push_late 2 0,1
+decode_step tp2_default_again 2 0,1
 echo "decode steps done at ${SECONDS}s"
 KVMESH_LL_STAMPS=1 CUDA_VISIBLE_DEVICES=0,1 timeout 150 python3 bench/parallel.py engine --tp 2 --decode \
     --model-dir "$MD" --decode-steps 96 --profile-steps 20 --prompt-len 128 --max-tokens 128 \

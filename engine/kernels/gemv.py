@@ -46,6 +46,11 @@ _USE_GEMV: dict[tuple[int, int, torch.dtype], tuple[Optional[str], Optional[str]
 # (an all-reduce waiting for a peer, attention), at the price of registers held meanwhile.
 PRELOAD_ENV = "KVMESH_GEMV_PRELOAD"
 PRELOAD_BYTES = int(os.environ.get(PRELOAD_ENV, "0") or 0)
+# 0: the pushing GEMV reads the LL round word (and its peer's table entry) after its sum, as
+# before stop 21; default 1: as soon as it may, so neither read's latency follows the sum
+# (bench/push_gemv.py: the TP=2 push cost 6.4 -> 2.1 µs a layer over plain GEMVs on one H200)
+PUSH_EARLY_ROUND_ENV = "KVMESH_PUSH_EARLY_ROUND"
+PUSH_EARLY_ROUND = os.environ.get(PUSH_EARLY_ROUND_ENV, "1") not in ("", "0")
 
 
 def _pre_k(args: dict, preload_bytes: Optional[int] = None) -> int:
@@ -297,7 +302,8 @@ def gemv_row_push(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, ra
     on = pdl.gemv_pdl(x.device)
     _gemv_row_push_kernel[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
         x, weight, out, n, k, weight.stride(0), table, rank, world, slot_words, **config.kwargs,
-        num_warps=config.num_warps, num_stages=config.num_stages, PDL=on, launch_pdl=on)
+        num_warps=config.num_warps, num_stages=config.num_stages, PDL=on, launch_pdl=on,
+        EARLY_ROUND=PUSH_EARLY_ROUND)
     return out
 
 
