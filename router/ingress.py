@@ -49,7 +49,7 @@ from router.config import DeploymentConfig
 from router.direct_http import DirectHTTPServer
 from router.disagg import DisaggregatedFlow
 from router.messages import GenerateRequest
-from router.metrics import CONTENT_TYPE, RequestTimer, get_metrics
+from router.metrics import CONTENT_TYPE, HTTPRequestCounter, RequestTimer, get_metrics
 from router.openai_output import (PromptRenderer, RendererFactory, chat_response,
                                   chat_stream, completion_response, completion_stream)
 from router.protocol import (APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList,
@@ -87,32 +87,7 @@ async def _internal_error_handler(request: Request, exc: Exception) -> JSONRespo
     return JSONResponse(dump(err.to_response()), status_code=500)
 
 
-class _HTTPRequestCounter:
-    """Counts answers by method, route and status code (``kvmesh_http_requests_total``).
-
-    Plain ASGI on purpose: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) relays
-    every chunk of a streamed body through an extra task and memory stream, which
-    delayed each SSE chunk.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def counting_send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                path = getattr(scope.get("route"), "path", "other")  # the matched route, once routed
-                get_metrics().http_requests.labels(scope["method"], path, str(message["status"])).inc()
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
-
-
-app.add_middleware(_HTTPRequestCounter)
+app.add_middleware(HTTPRequestCounter)
 
 
 class OpenAIIngress:

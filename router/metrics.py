@@ -32,7 +32,7 @@ disappears from the output instead of freezing at its last value.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -167,3 +167,29 @@ class RequestTimer:
         self.metrics.e2e.labels(self.endpoint).observe(now - self.arrival)
         for reason in finish_reasons:
             self.metrics.finished.labels(self.endpoint, reason or "abort").inc()
+
+
+class HTTPRequestCounter:
+    """ASGI middleware of the ingress app: counts answers by method, route and status code
+    (``kvmesh_http_requests_total``).
+
+    Plain ASGI on purpose: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) relays
+    every chunk of a streamed body through an extra task and memory stream, which
+    delayed each SSE chunk.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                path = getattr(scope.get("route"), "path", "other")  # the matched route, once routed
+                get_metrics().http_requests.labels(scope["method"], path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
