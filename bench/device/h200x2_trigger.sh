@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=index,name --format=csv,noheader | head -2
 KVMESH_LL_TRIGGER=wait KVMESH_GEMV_PRELOAD=32768 gpu_tests ll_and_gemv 160 \
     tests/gpu/test_ll_allreduce.py tests/gpu/test_kernels.py -k "ll or push or gemv or dependent"
 decode_step tp1 1 0
-for setting in ${SETTINGS:-start:0 wait:0 start:0 wait:0}; do
+for setting in ${SETTINGS:-start:0 wait:0}; do  # stop 21: once each (the push A/B below repeats the default)
   KVMESH_LL_TRIGGER=${setting%%:*} KVMESH_GEMV_PRELOAD=${setting##*:} decode_step "tp2_${setting/:/_}" 2 0,1
 done
 # stop 20: the LL kernel's single build of before (8 lines a thread) against today's LPT-2 build
