@@ -40,7 +40,8 @@ preempted) is finished with ``FinishReason.ERROR`` instead of looping forever.
 Such requests, with ``error`` set, come back from the next ``update_from_output``.
 
 The runner receives each request in full once (``NewRequestData``), again after
-a preemption, and otherwise only diffs against what it was last sent.
+a preemption, and otherwise only diffs against what it was last sent
+(``RunnerMirror``, engine/runner_mirror.py).
 
 Async scheduling (the engine schedules step N+1 while step N runs on the GPU):
 a step that samples a request's next token leaves a *placeholder* on it
