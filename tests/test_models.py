@@ -8,7 +8,6 @@ step by step must give HF ``generate(do_sample=False)`` token for token.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Callable
 
 import pytest
@@ -21,6 +20,7 @@ from engine.config import LoadFormat
 from engine.models.loader import load_model
 from engine.models.spec import ModelSpec
 from tests.hf_checkpoints import ARCHITECTURES, load_hf_model, make_tiny_checkpoint
+from tests.thread_ranks import run_ranks
 
 BLOCK_SIZE = 4  # small, so every prompt spans several blocks
 NUM_NEW_TOKENS = 12
@@ -221,39 +221,6 @@ def test_bfloat16_load_runs(checkpoint):
     assert (logits - expected).abs().max() < 0.5  # bf16: loose
 
 
-class ThreadComm:
-    """In-process collectives for TP tests: one thread per rank, a barrier per call."""
-
-    def __init__(self, world_size: int) -> None:
-        self.world_size = world_size
-        self.barrier = threading.Barrier(world_size)
-        self.slots: list[torch.Tensor] = [None] * world_size  # type: ignore[list-item]
-
-    def for_rank(self, rank: int) -> "RankComm":
-        return RankComm(self, rank)
-
-
-class RankComm:
-    def __init__(self, group: ThreadComm, rank: int) -> None:
-        self.group, self.rank = group, rank
-
-    def _exchange(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        self.group.slots[self.rank] = tensor
-        self.group.barrier.wait()
-        parts = list(self.group.slots)
-        self.group.barrier.wait()  # nobody overwrites a slot before all have read
-        return parts
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        return torch.stack(self._exchange(tensor)).sum(0)
-
-    def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        return torch.cat(self._exchange(tensor), dim=dim)
-
-    def fused_all_reduce_rms_norm(self, x, residual, weight, eps):
-        return None  # no fused kernel: the norm does all_reduce, then itself
-
-
 @pytest.mark.parametrize("arch,tp_size", [("llama", 2), ("qwen3", 4), ("qwen2_moe", 2)])
 def test_tensor_parallel_shards_match_single_rank(checkpoint, arch, tp_size):
     """Ranks in threads with in-process collectives give the unsharded logits.
@@ -264,26 +231,13 @@ def test_tensor_parallel_shards_match_single_rank(checkpoint, arch, tp_size):
     prompts = make_prompts(seed=7)
     single = ours(path)
     expected = chunked_prefill_logits(single, PagedKV(single), prompts)
-    group = ThreadComm(tp_size)
-    results: list = [None] * tp_size
-    errors: list[BaseException] = []
 
-    def run(rank: int) -> None:
-        try:
-            model = ours(path, tp_rank=rank, tp_size=tp_size, comm=group.for_rank(rank))
-            assert model.num_kv_heads == max(1, 2 // tp_size)
-            results[rank] = chunked_prefill_logits(model, PagedKV(model), prompts)
-        except BaseException as e:  # surfaced below; abort so other ranks don't hang
-            errors.append(e)
-            group.barrier.abort()
+    def run(rank: int, comm) -> list:
+        model = ours(path, tp_rank=rank, tp_size=tp_size, comm=comm)
+        assert model.num_kv_heads == max(1, 2 // tp_size)
+        return chunked_prefill_logits(model, PagedKV(model), prompts)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(tp_size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
-    for rank_logits in results:
+    for rank_logits in run_ranks(tp_size, run):
         for got, want in zip(rank_logits, expected):
             torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 

@@ -1,79 +1,19 @@
 """The vocabulary-parallel embedding's partial lookup and the LM head's greedy ids, on the CPU.
 
-A TP group's ranks run in threads here, with a stand-in communicator whose all-reduce and
-all-gather meet at a barrier: what is checked is the layers' arithmetic (every rank gets the
+A TP group's ranks run in threads here (tests/thread_ranks.py), with in-process collectives
+that meet at a barrier: what is checked is the layers' arithmetic (every rank gets the
 whole embedding once the partial lookups are summed; ``greedy_ids`` picks the same id as the
 argmax over the gathered logits, ties and vocabulary padding included), not a transport.
 """
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.distributed.communicator import Communicator
 from engine.models.layers import ParallelLMHead, VocabParallelEmbedding
-
-
-class ThreadGroup:
-    """State shared by the ranks of one stand-in group."""
-
-    def __init__(self, world: int) -> None:
-        self.world = world
-        self.barrier = threading.Barrier(world)
-        self.slots: list = [None] * world
-
-
-class ThreadComm(Communicator):
-    def __init__(self, group: ThreadGroup, rank: int) -> None:
-        self.group, self.rank, self.world_size = group, rank, group.world
-
-    def _exchange(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        self.group.slots[self.rank] = tensor.clone()
-        self.group.barrier.wait()
-        parts = list(self.group.slots)
-        self.group.barrier.wait()  # every rank has read the slots before they are reused
-        return parts
-
-    def all_reduce(self, tensor):
-        return torch.stack(self._exchange(tensor)).sum(0)
-
-    def all_gather(self, tensor, dim):
-        return torch.cat(self._exchange(tensor), dim=dim)
-
-    def send(self, tensor, dst):
-        raise AssertionError("not used here")
-
-    def recv(self, shape, dtype, src):
-        raise AssertionError("not used here")
-
-    @property
-    def device(self):
-        return torch.device("cpu")
-
-
-def run_ranks(world: int, fn) -> list:
-    """fn(rank, comm) in one thread per rank; their results in rank order."""
-    group, results, errors = ThreadGroup(world), [None] * world, []
-
-    def target(rank: int) -> None:
-        try:
-            results[rank] = fn(rank, ThreadComm(group, rank))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-            group.barrier.abort()
-
-    threads = [threading.Thread(target=target, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    if errors:
-        raise errors[0]
-    return results
+from tests.thread_ranks import run_ranks
 
 
 def sharded(cls, full: torch.Tensor, vocab: int, rank: int, world: int, comm):
