@@ -88,8 +88,9 @@ def test_dependent_row_configs_match_fp32_whatever_they_preload(as_dependent, dt
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k,block_n", [(64, 2048, 4), (48, 300, 8), (20, 4096, 16), (36, 100, 2)])
 @pytest.mark.parametrize("rank,world,round_word", [(0, 2, 6), (1, 2, 9), (2, 4, 0xFFFFFFFF)])
+@pytest.mark.parametrize("early_round", [True, False])  # KVMESH_PUSH_EARLY_ROUND: when the reads go
 def test_row_push_sends_ll_lines_with_the_next_round(as_dependent, dtype, n, k, block_n, rank, world,
-                                                     round_word):
+                                                     round_word, early_round):
     """The pushing GEMV's outputs equal the plain one's, and every peer's receive area holds
     them as the LL kernel reads them: 16-byte lines {values 0-1, R, values 2-3, R} in slot
     (parity, rank), with R = round word + 1 (wrapping at 2**32); no other word is touched."""
@@ -110,13 +111,13 @@ def test_row_push_sends_ll_lines_with_the_next_round(as_dependent, dtype, n, k, 
     g._gemv_row_kernel.fn[(-(-n // block_n),)](x, w, plain, n, k, w.stride(0), **config)
     out = torch.empty(1, n, dtype=dtype)
     g._gemv_row_push_kernel[(-(-n // block_n),)](x, w, out, n, k, w.stride(0), table, rank, world,
-                                                  slot_words, **config)
+                                                  slot_words, **config, EARLY_ROUND=early_round)
     assert torch.equal(out, plain)
     # launched as dependents that preload all they may: still equal (one PRE_K for both)
     as_dependent(65536)
     g._gemv_row_kernel.fn[(-(-n // block_n),)](x, w, plain, n, k, w.stride(0), **config, PDL=True)
     g._gemv_row_push_kernel[(-(-n // block_n),)](x, w, out, n, k, w.stride(0), table, rank, world,
-                                                  slot_words, **config, PDL=True)
+                                                  slot_words, **config, PDL=True, EARLY_ROUND=early_round)
     assert torch.equal(out, plain)
     round_ = (round_word + 1) & 0xFFFFFFFF
     halves = out.view(torch.int16).view(-1, 2).to(torch.int64) & 0xFFFF  # (N/2, 2) bit patterns
@@ -227,4 +228,4 @@ def test_in_triton_interpreter():
                           "-k", "row_config or row_push", os.path.abspath(__file__)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert "44 passed" in res.stdout, res.stdout[-2000:]
+    assert "68 passed" in res.stdout, res.stdout[-2000:]  # 44 before the early_round cases

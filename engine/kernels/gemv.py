@@ -122,6 +122,12 @@ if triton is not None:
             tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=rn < N)
 
     @triton.jit
+    def _ll_round_word(table_ptr, world):
+        """The LL round word (int64; its low half is the round), which the push table's entry
+        ``world`` locates (``_gemv_row_push_kernel``)."""
+        return tl.load(table_ptr + tl.load(table_ptr + world), volatile=True)
+
+    @triton.jit
     def _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr, PRE_K: tl.constexpr,
                  table_ptr, world, PUSH: tl.constexpr):
@@ -140,7 +146,7 @@ if triton is not None:
         k_first: tl.constexpr = PRE_K if PDL else 0
         round_word = tl.zeros((), dtype=tl.int64)
         if PUSH and not PDL:
-            round_word = tl.load(table_ptr + tl.load(table_ptr + world), volatile=True)
+            round_word = _ll_round_word(table_ptr, world)
         if PDL:
             rp = tl.arange(0, PRE_K)
             if EVEN_K and EVEN_N:
@@ -150,7 +156,7 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
             if PUSH:
-                round_word = tl.load(table_ptr + tl.load(table_ptr + world), volatile=True)
+                round_word = _ll_round_word(table_ptr, world)
             x0 = tl.load(x_ptr + rp, mask=rp < K, other=0.0)
             p = w0.to(tl.float32) * x0.to(tl.float32)[None, :]  # (BLOCK_N, PRE_K)
             if PRE_K == BLOCK_K:
@@ -188,15 +194,18 @@ if triton is not None:
         ``table_ptr`` (int64): entry q < world = (rank q's receive area - table_ptr) / 8, entry
         world = (my round word - table_ptr) / 8, so every address is table_ptr plus an offset (no
         integer-to-pointer casts); set up once, so a 2-rank group's one peer entry is read at
-        the start. BLOCK_N is even (whole
-        8-byte halves per program); ``slot_words`` = int64 words per (parity, rank) slot."""
+        the start. BLOCK_N is even (whole 8-byte halves per program); ``slot_words`` = int64
+        words per (parity, rank) slot. EARLY_ROUND=False (``KVMESH_PUSH_EARLY_ROUND=0``): both
+        reads after the sum, as before stop 21, for A/B runs."""
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        peer_entry = tl.load(table_ptr + (1 - rank) * (world == 2))  # used at the end (2 ranks)
+        peer_entry = tl.zeros((), dtype=tl.int64)
+        if EARLY_ROUND:  # a 2-rank group's one peer entry (the table never changes), used at the end
+            peer_entry = tl.load(table_ptr + (1 - rank) * (world == 2))
         out, round_word = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL,
                                    PRE_K, table_ptr, world, EARLY_ROUND)
         if not EARLY_ROUND:  # the order before stop 21 (bench/push_gemv.py's A/B): after the sum
-            round_word = tl.load(table_ptr + tl.load(table_ptr + world), volatile=True)
+            round_word = _ll_round_word(table_ptr, world)
         out = out.to(out_ptr.dtype.element_ty)  # (BLOCK_N,), what the LL call will sum
         if EVEN_N:
             tl.store(out_ptr + rn, out)

@@ -122,13 +122,13 @@ def _attribute() -> _LaunchAttribute:
 
 
 def launch_dependent(function: int, grid: int, block: int, stream: int,
-                     args: Sequence[ctypes._SimpleCData], shared_bytes: int = 0) -> None:
+                     args: Sequence[ctypes._SimpleCData]) -> None:
     """Launches the CUfunction ``function`` (grid, block) on ``stream`` as a programmatic
     dependent of the kernel before it; ``args`` are the kernel's parameters as ctypes values,
-    in order and of the kernel's types; ``shared_bytes`` of dynamic shared memory. Graph-capturable, like any launch on the stream."""
+    in order and of the kernel's types. Graph-capturable, like any launch on the stream."""
     params = (ctypes.c_void_p * len(args))(*(ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args))
     attr = _attribute()
-    config = _LaunchConfig(grid, 1, 1, block, 1, 1, shared_bytes, stream, ctypes.pointer(attr), 1)
+    config = _LaunchConfig(grid, 1, 1, block, 1, 1, 0, stream, ctypes.pointer(attr), 1)
     err = _driver()(ctypes.byref(config), function, params, None)
     if err != 0:
         raise RuntimeError(f"cuLaunchKernelEx failed: CUresult {err}")

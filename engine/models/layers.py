@@ -31,6 +31,7 @@ from torch import nn
 
 from engine import kernels as fused
 from engine.kernels import gemv
+from engine.sampler import greedy_argmax
 
 
 class Communicator(Protocol):
@@ -345,7 +346,6 @@ class ParallelLMHead(VocabParallelEmbedding):
         table, where each rank fills its own column with (value, id), gives every rank all
         pairs (exact: one nonzero term per entry; ids < 2**24). The first rank holding the
         largest value has the lowest id among ties, as ``argmax`` over the whole row."""
-        from engine.sampler import greedy_argmax
         if self.tp_size == 1 or self.vocab_size >= 2 ** 24:  # ids exact in fp32 below 2**24
             return greedy_argmax(self.compute_logits(hidden, upcast=False))
         logits = F.linear(hidden, self.weight)  # (R, vocab / tp)
