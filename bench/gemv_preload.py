@@ -101,7 +101,7 @@ def make_layers(tp: int) -> tuple[list[dict], dict]:
 def time_chain(tp: int, layers: tuple[list[dict], dict], budget: int, gaps: dict, with_gemvs: bool = True,
                rounds: int = 5, gemv_fn=None) -> float:
     """Microseconds per layer of the chain over ``layers`` (``make_layers(tp)``); ``gemv_fn(x, w, y)``
-    stands in for the one-row Triton GEMV where given (bench/stream_gemv.py)."""
+    stands in for the one-row Triton GEMV where given (bench/push_gemv.py)."""
     weights, bufs = layers
     order = ["qkv", "o_proj", "gate_up", "down"]
     nxt = {"qkv": "o_proj", "o_proj": "gate_up", "gate_up": "down", "down": "qkv"}

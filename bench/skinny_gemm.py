@@ -45,7 +45,10 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, stride_xm, stride_w
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    SPLIT_K: tl.constexpr):
     """Program (n, m, s): out[m-block, n-block] over the s-th of SPLIT_K slices of K; with
-    SPLIT_K > 1 fp32 partials go to part (SPLIT_K, M, N) for gemv.py's ``_split_k_reduce_kernel``."""
+    SPLIT_K > 1 fp32 partials go to part (SPLIT_K, M, N) for gemv.py's ``_split_k_reduce_kernel``.
+    gemv.py's ``_gemv_split_k_kernel`` is this loop for one M block (M <= 16 rows) that always
+    writes partials; the grid's M axis and the direct store are what this comparison adds, kept
+    here rather than in the engine's tuned kernel since cuBLAS won these shapes."""
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
