@@ -40,13 +40,13 @@ def main() -> None:
     ll = group.lls[0]
     table, slot_words = ll._push_table, 2 * ll.max_lines
     tp = 2
-    pushed = {shapes(tp)["o_proj"]: "o_proj", shapes(tp)["down"]: "down"}
+    name_of = {nk: name for name, nk in shapes(tp).items()}  # the per-rank shapes are distinct
 
     def fn(mode: str):
         def run(x, w, y):
-            name = pushed.get(tuple(w.shape))
-            bn, bk, warps, stages = gp.CONFIGS[tp][name or next(k for k, v in shapes(tp).items() if v == tuple(w.shape))]
-            if name is None or mode == "plain":
+            name = name_of[tuple(w.shape)]
+            bn, bk, warps, stages = gp.CONFIGS[tp][name]
+            if mode == "plain" or name not in ("o_proj", "down"):
                 gp.gemv(x, w, y, (bn, bk, warps, stages), 0)
                 return
             n, k = w.shape
