@@ -330,10 +330,14 @@ class VocabParallelEmbedding(TPLayer):
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection hidden -> vocab, split on the vocabulary like the embedding."""
 
+    # At a few rows the projection is a GEMV over the whole (vocab / tp, hidden) table, the
+    # step's largest weight read; gemv_tune times the Triton kernels against cuBLAS for it too.
+    small_batch_gemv = True
+
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
         """(R, hidden) -> (R, vocab_size) float32 (``upcast=False``: the weights' dtype, for
         greedy-only batches, whose argmax is the same on the exact bf16/fp16 values)."""
-        logits = F.linear(hidden, self.weight)  # (R, vocab / tp)
+        logits = gemv.linear(hidden, self.weight)  # (R, vocab / tp)
         if self.tp_size > 1:
             logits = self.comm.all_gather(logits, dim=-1)  # (R, padded vocab)
         logits = logits[:, :self.vocab_size]
@@ -348,7 +352,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         largest value has the lowest id among ties, as ``argmax`` over the whole row."""
         if self.tp_size == 1 or self.vocab_size >= 2 ** 24:  # ids exact in fp32 below 2**24
             return greedy_argmax(self.compute_logits(hidden, upcast=False))
-        logits = F.linear(hidden, self.weight)  # (R, vocab / tp)
+        logits = gemv.linear(hidden, self.weight)  # (R, vocab / tp)
         rows, owned = logits.shape[0], self.vocab_end - self.vocab_start  # the rest is padding
         table = torch.zeros(rows, self.tp_size, 2, dtype=torch.float32, device=logits.device)
         if owned > 0:
