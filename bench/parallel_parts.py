@@ -113,12 +113,26 @@ def bench_allreduce(num_ranks: int, timeout_s: float) -> dict:
 
 # ---- engines (subprocess "engine --tp N ...") -------------------------------------------------------
 
-def write_model_dir(path: str) -> str:
-    """A folder with only the 8B-shape config.json (weights: load_format='dummy'); atomic."""
+def rank_shape(tp: int) -> dict:
+    """The 8B shape cut to what ONE rank of a TP=``tp`` group holds, as a whole model: its heads,
+    KV heads, FFN and vocabulary divided by ``tp`` (head_dim kept at 128). Served at TP=1 on one
+    GPU it runs the same weight shapes, GEMVs and attention as that rank, without the
+    all-reduces: the TP=``tp`` step's floor on one GPU."""
+    shape = dict(LLAMA_8B_SHAPE)
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        shape[key] //= tp
+    shape["vocab_size"] = -(-shape["vocab_size"] // tp)
+    shape["head_dim"] = LLAMA_8B_SHAPE["hidden_size"] // LLAMA_8B_SHAPE["num_attention_heads"]
+    return shape
+
+
+def write_model_dir(path: str, rank_of_tp: int = 1) -> str:
+    """A folder with only the 8B-shape config.json (weights: load_format='dummy'); atomic.
+    ``rank_of_tp`` > 1: one rank's shape of that TP size (``rank_shape``)."""
     os.makedirs(path, exist_ok=True)
     tmp = os.path.join(path, f".config.{os.getpid()}.json")
     with open(tmp, "w") as f:
-        json.dump(LLAMA_8B_SHAPE, f)
+        json.dump(rank_shape(rank_of_tp) if rank_of_tp > 1 else LLAMA_8B_SHAPE, f)
     os.replace(tmp, os.path.join(path, "config.json"))
     return path
 

@@ -13,14 +13,16 @@ gpu_tests() {
   echo "$name: $(grep -E 'passed|failed|error' "$L/$name.txt" | tail -1)"
   grep -E "^(FAILED|ERROR)|^E " "$L/$name.txt" | head -8
 }
-# decode_step TAG TP GPUS: one engine's 8B-shape decode step at batch 1 (bench/parallel.py's engine
-# part, dummy weights in $MD, made on first use) on CUDA_VISIBLE_DEVICES=GPUS, logs in $L/TAG.{out,err};
-# prints the median, mean and p90 step of its RESULT line
+# decode_step TAG TP GPUS [MODEL_DIR [PROFILE_STEPS]]: one engine's 8B-shape decode step at batch 1
+# (bench/parallel.py's engine part, dummy weights in $MD, made on first use, or MODEL_DIR) on
+# CUDA_VISIBLE_DEVICES=GPUS, logs in $L/TAG.{out,err}, RESULT also in $OUT/TAG.json; prints the
+# median, mean and p90 step of its RESULT line
 decode_step() {
   [ -n "${MD:-}" ] || MD=$(python3 -c "from bench.parallel_parts import write_model_dir; print(write_model_dir('/tmp/kvmesh-llama8b-shape'))")
-  CUDA_VISIBLE_DEVICES=$3 timeout 150 python3 bench/parallel.py engine --tp $2 --decode --model-dir "$MD" \
-      --decode-steps 96 --profile-steps 0 --prompt-len 128 --max-tokens 128 --max-num-seqs 64 \
+  CUDA_VISIBLE_DEVICES=$3 timeout 150 python3 bench/parallel.py engine --tp $2 --decode --model-dir "${4:-$MD}" \
+      --decode-steps 96 --profile-steps "${5:-0}" --prompt-len 128 --max-tokens 128 --max-num-seqs 64 \
       > "$L/$1.out" 2> "$L/$1.err"
+  grep "^RESULT " "$L/$1.out" | tail -1 | cut -c8- > "$OUT/$1.json"
   python3 - "$1" "$L/$1.out" <<'PY'
 import json, sys
 lines = [l for l in open(sys.argv[2]) if l.startswith("RESULT ")]

@@ -15,8 +15,8 @@ python3 - <<'PY'
 import json, torch
 from engine.kernels import gemv_tune
 from engine.models.layers import ParallelLMHead
-for tp in (1, 2):
-    head = ParallelLMHead(128256, 4096, 0, tp).to("cuda", torch.bfloat16)
+for tp in (1, 2):  # a TP=2 rank's head is the (vocab / 2, hidden) shard: the same shape at tp 1
+    head = ParallelLMHead(-(-128256 // tp), 4096).to("cuda", torch.bfloat16)
     print("lm head tp", tp, json.dumps(gemv_tune.tune(head)))
 PY
 timeout 150 python3 bench/push_gemv.py --out $OUT/push_gemv_h200.json 2>&1 | tail -8
