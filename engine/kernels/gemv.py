@@ -51,10 +51,6 @@ PRELOAD_BYTES = int(os.environ.get(PRELOAD_ENV, "0") or 0)
 # (bench/push_gemv.py: the TP=2 push cost 6.4 -> 2.1 µs a layer over plain GEMVs on one H200)
 PUSH_EARLY_ROUND_ENV = "KVMESH_PUSH_EARLY_ROUND"
 PUSH_EARLY_ROUND = os.environ.get(PUSH_EARLY_ROUND_ENV, "1") not in ("", "0")
-# 0: an MLP's one-row gate_up GEMV and its SiLU-and-mul run as two launches (A/B runs);
-# default 1: one (gemv_row_silu)
-FUSED_SILU_ENV = "KVMESH_GEMV_SILU"
-FUSED_SILU = os.environ.get(FUSED_SILU_ENV, "1") not in ("", "0")
 
 
 def _pre_k(args: dict, preload_bytes: Optional[int] = None) -> int:
@@ -230,29 +226,6 @@ if triton is not None:
                     dst = table_ptr + tl.load(table_ptr + q) + slot
                     tl.store(dst + rw, packets, mask=rw * 2 < N)
 
-    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0, "PRE_K": _pre_k})
-    @triton.jit
-    def _gemv_row_silu_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                              PRE_K: tl.constexpr, PDL: tl.constexpr = False):
-        """``_gemv_row_kernel`` over an MLP's [gate ; up] weight (N = 2I rows) with SiLU-and-mul
-        as its epilogue: out (I,) = silu(gate) * up, so the decode step has no separate
-        SiLU-and-mul launch (nor its wait) between gate_up and down. Program p takes gate rows
-        [p * BLOCK_N / 2, (p + 1) * BLOCK_N / 2) and the same up rows, interleaved (gate_i, up_i)
-        so that each pair splits off its own row of the (BLOCK_N / 2, 2) result. Each row's sum
-        runs as in ``_gemv_row_kernel`` with the same config, and is rounded to the output dtype
-        before the SiLU as ``silu_and_mul`` reads it: the same bits as the two launches. I must
-        be a multiple of BLOCK_N / 2 (the caller checks)."""
-        half: tl.constexpr = BLOCK_N // 2
-        j = tl.arange(0, BLOCK_N)
-        rows = tl.program_id(0) * half + j // 2 + (j % 2) * (N // 2)  # (BLOCK_N,) gate_i, up_i, ...
-        sums, _ = _row_dot(x_ptr, w_ptr, rows, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, True, PDL, PRE_K,
-                           w_ptr, 0, False)
-        rounded = sums.to(out_ptr.dtype.element_ty).to(tl.float32)  # what gemv_row would store
-        gate, up = tl.split(tl.reshape(rounded, (half, 2)))  # (half,) each
-        y = gate / (1.0 + tl.exp(-gate)) * up  # as triton_ops._silu_and_mul_kernel computes it
-        tl.store(out_ptr + tl.program_id(0) * half + tl.arange(0, half), y.to(out_ptr.dtype.element_ty))
-
     @triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
                  for bn, bk, sk, w, st in ((32, 256, 4, 4, 4), (32, 256, 8, 4, 4), (64, 256, 4, 4, 4),
@@ -330,7 +303,7 @@ def gemv_row_push(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, ra
     if x.shape[0] != 1 or weight.dtype not in (torch.bfloat16, torch.float16) or x.dtype != weight.dtype:
         return None
     n, k = weight.shape
-    config = _row_config(n, k, weight.dtype)
+    config = _push_config(n, k, weight.dtype)
     if config is None or n % 4 or config.kwargs["BLOCK_N"] % 2:  # LL lines; whole 8-byte halves
         return None
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -343,42 +316,20 @@ def gemv_row_push(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, ra
     return out
 
 
-def gemv_row_silu(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """silu_and_mul(gemv_row(x, weight)) in one launch: x (1, K), weight (2I, K) laid out
-    [gate ; up] -> (1, I), the same bits as the two launches (``_gemv_row_silu_kernel``, with
-    the config the tuner picked for ``gemv_row`` at this shape). None where the tuner did not
-    pick ``gemv_row`` for this shape, I is not a multiple of half its BLOCK_N, or
-    ``KVMESH_GEMV_SILU=0``: the caller then takes the two launches."""
-    if (not FUSED_SILU or x.shape[0] != 1 or weight.dtype not in (torch.bfloat16, torch.float16)
-            or x.dtype != weight.dtype):
-        return None
-    n, k = weight.shape
-    config = _row_config(n, k, weight.dtype)
-    if config is None or config.kwargs["BLOCK_N"] % 2 or n % config.kwargs["BLOCK_N"]:
-        return None
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    out = torch.empty(1, n // 2, dtype=x.dtype, device=x.device)
-    on = pdl.gemv_pdl(x.device)
-    _gemv_row_silu_kernel[(n // config.kwargs["BLOCK_N"],)](
-        x, weight, out, n, k, weight.stride(0), **config.kwargs, num_warps=config.num_warps,
-        num_stages=config.num_stages, PDL=on, launch_pdl=on)
-    return out
+_PUSH_CONFIG: dict[tuple[int, int, torch.dtype], "triton.Config"] = {}
 
 
-_ROW_CONFIG: dict[tuple[int, int, torch.dtype], "triton.Config"] = {}
-
-
-def _row_config(n: int, k: int, dtype: torch.dtype):
+def _push_config(n: int, k: int, dtype: torch.dtype):
     """``gemv_row``'s tuned config for (N, K, dtype) where ``gemv_tune.tune`` chose it for one row, else
     None; looked up in the autotuner's cache once per shape, not on every call."""
     key = (n, k, dtype)
-    if key not in _ROW_CONFIG:
+    if key not in _PUSH_CONFIG:
         choice = _USE_GEMV.get(key)
         config = _tuned_config(_gemv_row_kernel, n, k, dtype) if choice and choice[0] == "row" else None
         if config is None:
             return None  # not (yet) tuned: asked again next time
-        _ROW_CONFIG[key] = config
-    return _ROW_CONFIG[key]
+        _PUSH_CONFIG[key] = config
+    return _PUSH_CONFIG[key]
 
 
 def _tuned_config(kernel, n: int, k: int, dtype: torch.dtype):

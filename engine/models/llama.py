@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from engine.attention.base import ForwardContext
-from engine.kernels import gemv
 from engine.distributed.topology import stage_layers
 from engine.models.layers import (Communicator, MergedColumnParallelLinear, ParallelLMHead,
                                   QKVParallelLinear, RMSNorm, RowParallelLinear,
@@ -111,12 +110,7 @@ class DenseMLP(nn.Module):
         self.partial_output = tp_size > 1 and not reduce_results  # the caller completes the sum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # a decode row: gate_up and SiLU-and-mul in one launch where the tuner chose the
-        # one-row GEMV for gate_up (same bits); else (T, 2I/tp) -> (T, I/tp) in two
-        h = gemv.gemv_row_silu(x, self.gate_up_proj.weight) if x.shape[0] == 1 else None
-        if h is None:
-            h = silu_and_mul(self.gate_up_proj(x))
-        return self.down_proj(h)  # (T, I/tp) -> (T, H)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # (T, 2I/tp) -> (T, I/tp) -> (T, H)
 
 
 class DecoderLayer(nn.Module):

@@ -115,12 +115,6 @@ def main() -> None:
         gdc = k.asm["ptx"].count("griddepcontrol")
         print(f"gemv_row_push N{bn} K{bk} w{warps} pdl={pdl}: {resource_usage(k)}; stores {stores}; "
               f"griddepcontrol x{gdc}")
-    for bn, bk, warps, pdl in ((2, 2048, 4, True), (8, 1024, 8, False), (16, 256, 4, True)):
-        k = compile_kernel(gk._gemv_row_silu_kernel.fn, dict(
-            x_ptr=dt, w_ptr=dt, out_ptr=dt, N=28672, K=4096, stride_wn=4096, BLOCK_N=C(bn),
-            BLOCK_K=C(bk), EVEN_K=C(True), PRE_K=C(bk), PDL=C(pdl)), num_warps=warps, num_stages=3)
-        print(f"gemv_row_silu N{bn} K{bk} w{warps} pdl={pdl}: {resource_usage(k)}; "
-              f"griddepcontrol x{k.asm['ptx'].count('griddepcontrol')}")
 
 
 if __name__ == "__main__":
