@@ -65,6 +65,7 @@ def tune(model: torch.nn.Module, calls: int = 24) -> dict[str, dict]:
                                         "use": one_row or "cublas", "use_few_rows": few_rows or "cublas"}
     if report:
         logger.info("batch-1 linear layers, microseconds a call in a CUDA graph: %s", report)
+        torch.cuda.empty_cache()  # the copies' memory back to the device before graph capture
     return report
 
 
@@ -87,7 +88,9 @@ def _time_in_graphs(fns: dict, weight: torch.Tensor, calls: int, rounds: int = 5
     TP=2 shapes where the call before, with the same code, took the one-row kernel.)"""
     copies = max(2, -(-(256 << 20) // (weight.numel() * weight.element_size())))
     copies = min(copies, calls)
-    weights = [weight.clone() for _ in range(copies)]
+    # the weight itself is one of the copies: an 8B LM head is 1 GB, and the KV cache is
+    # already allocated when this runs (model_runner.initialize_kv_cache)
+    weights = [weight] + [weight.clone() for _ in range(copies - 1)]
     graphs = {}
     for name, fn in fns.items():
         for wi in weights[:2]:
