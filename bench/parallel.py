@@ -393,6 +393,8 @@ def main() -> None:
     # one subprocess's part (set by "all")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--executor", choices=["auto", "uni", "ray"], default="auto",
+                        help="distributed_executor_backend (ray at TP=1: one worker actor, the TP=2 host path)")
     parser.add_argument("--decode", action="store_true")
     parser.add_argument("--throughput-requests", type=int, default=0)
     parser.add_argument("--throughput-profile-steps", type=int, default=0,

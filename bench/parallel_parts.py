@@ -140,19 +140,22 @@ def write_model_dir(path: str, rank_of_tp: int = 1) -> str:
 def make_engine(args: argparse.Namespace, max_num_seqs: int):
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
-    if args.tp > 1:
+    executor = getattr(args, "executor", "auto")
+    if args.tp > 1 or executor == "ray":
         import ray
         if not ray.is_initialized():  # a private cluster on this machine's visible GPUs
             ray.init(address="local", include_dashboard=False, log_to_driver=False)
     if args.smoke_cpu:
         config = EngineConfig.create(model="kvmesh-tiny", dtype="float32", device="cpu",
                                      tensor_parallel_size=args.tp, distributed_backend="gloo",
+                                     distributed_executor_backend=executor,
                                      max_model_len=512, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=512, num_blocks=512)
     else:
         from engine.tiny_model import ensure_tiny_model
         config = EngineConfig.create(model=args.model_dir, tokenizer=ensure_tiny_model(), load_format="dummy",
                                      dtype="bfloat16", device="cuda", tensor_parallel_size=args.tp,
+                                     distributed_executor_backend=executor,
                                      max_model_len=2048, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=8192, gpu_memory_utilization=0.85)
     return LLMEngine(config)
@@ -296,6 +299,7 @@ def bench_engine(args: argparse.Namespace) -> dict:
     start = time.monotonic()
     engine = make_engine(args, max_num_seqs=args.max_num_seqs)
     result: dict[str, Any] = {"tp": args.tp, "init_s": time.monotonic() - start,
+                              "executor": engine.config.parallel.distributed_executor_backend.value,
                               "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                               "scheduler": _plain(engine.config.scheduler),
                               "async_scheduling": getattr(engine, "async_scheduling", None)}

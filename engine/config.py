@@ -57,6 +57,13 @@ class DistributedBackend(str, enum.Enum):
     GLOO = "gloo"
 
 
+class ExecutorBackend(str, enum.Enum):
+    """Where a replica's workers run (vLLM's ``distributed_executor_backend``)."""
+    AUTO = "auto"  # one worker: in the engine's process; more: Ray actors
+    UNI = "uni"  # in the engine's process (one worker only)
+    RAY = "ray"  # Ray actors in a placement group, even one worker (the model off the engine's process)
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -128,15 +135,36 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     expert_parallel_size: int = 1
     distributed_backend: DistributedBackend = DistributedBackend.AUTO
+    distributed_executor_backend: ExecutorBackend = ExecutorBackend.AUTO
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "distributed_backend", DistributedBackend(self.distributed_backend))
+        object.__setattr__(self, "distributed_executor_backend",
+                           ExecutorBackend(self.distributed_executor_backend))
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.distributed_executor_backend is not ExecutorBackend.UNI or self.num_workers == 1,
+               f"distributed_executor_backend 'uni' runs one worker in the engine's process, but "
+               f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size="
+               f"{self.pipeline_parallel_size}, expert_parallel_size={self.expert_parallel_size} "
+               f"need {self.num_workers}: use 'ray' or 'auto'")
 
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def num_workers(self) -> int:
+        """Workers (GPUs) of one replica: pipeline stages x stage group size (the larger of the
+        TP and EP sizes: an MoE stage's EP ranks are its TP ranks)."""
+        return self.pipeline_parallel_size * max(self.tensor_parallel_size, self.expert_parallel_size)
+
+    @property
+    def uses_ray_workers(self) -> bool:
+        """Whether the workers are Ray actors (engine/executor_ray.py), not a runner in the
+        engine's process."""
+        backend = self.distributed_executor_backend
+        return backend is ExecutorBackend.RAY or (backend is ExecutorBackend.AUTO and self.num_workers > 1)
 
 
 @dataclass(frozen=True)

@@ -84,9 +84,9 @@ class ProcessAsyncLLM(AsyncLLM):
     """
 
     def __init__(self, config: EngineConfig, startup_timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-        from engine.distributed.topology import num_workers
-        if num_workers(config.parallel) != 1:
-            raise ValueError("parallel replicas (tensor/pipeline/expert parallel > 1) are " + NOT_SUPPORTED)
+        if config.parallel.uses_ray_workers:
+            raise ValueError("replicas with Ray workers (tensor/pipeline/expert parallel > 1, or "
+                             "distributed_executor_backend: ray) are " + NOT_SUPPORTED)
         set_switch_interval()
         self.engine = _PromptFrontend(config)
         self.config = config

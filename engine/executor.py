@@ -85,11 +85,12 @@ class Executor(ABC):
 
 
 def make_executor(config: EngineConfig, spec: ModelSpec, model_path: str) -> Executor:
-    """One runner in this process for a single-worker replica, else Ray worker actors."""
-    from engine.distributed.topology import num_workers, validate_parallel_sizes
+    """One runner in this process for a single-worker replica, else Ray worker actors (also for
+    one worker with ``distributed_executor_backend: ray``)."""
+    from engine.distributed.topology import validate_parallel_sizes
 
     validate_parallel_sizes(config.parallel, spec)  # before any worker or GPU is reserved
-    if num_workers(config.parallel) == 1:
+    if not config.parallel.uses_ray_workers:
         return UniprocExecutor(config, spec, model_path)
     from engine.executor_ray import RayExecutor
     return RayExecutor(config, spec, model_path)

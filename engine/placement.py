@@ -29,13 +29,6 @@ REPLICA_BUNDLE_INDEX = 0  # in a Serve replica's group: the replica actor itself
 FIRST_WORKER_BUNDLE_INDEX = 1  # in a Serve replica's group: worker rank r uses bundle 1 + r
 
 
-def num_workers(parallel: ParallelConfig) -> int:
-    """Workers of one replica: pipeline stages x stage group size. The same as
-    ``distributed.topology.num_workers``, repeated here because that package imports torch."""
-    return parallel.pipeline_parallel_size * max(parallel.tensor_parallel_size,
-                                                 parallel.expert_parallel_size)
-
-
 def uses_gpus(config: EngineConfig, cluster_num_gpus: float) -> bool:
     """Whether the workers take one GPU each. ``device: auto`` means GPUs when the cluster has any."""
     device = config.device.device
@@ -56,10 +49,11 @@ def placement_strategy(parallel: ParallelConfig) -> str:
 def replica_bundles(config: EngineConfig, replica_bundle: Mapping[str, float], *,
                     is_gpu: bool) -> Optional[list[dict[str, float]]]:
     """Serve's ``placement_group_bundles`` for one replica: ``replica_bundle`` (the replica actor's
-    own resources) then one bundle per worker; None for a one-worker replica (no group needed)."""
-    n = num_workers(config.parallel)
-    if n == 1:
+    own resources) then one bundle per worker; None where the replica runs its one worker
+    in its own process (no group needed)."""
+    if not config.parallel.uses_ray_workers:
         return None
+    n = config.parallel.num_workers
     own = {name: float(amount) for name, amount in replica_bundle.items() if amount > 0}
     return [own] + [worker_bundle(is_gpu) for _ in range(n)]
 

@@ -3,6 +3,7 @@
 What matters, and is asserted:
 - TP=2, PP=2, TP=4 (KV heads replicated), TP=2 x PP=2 (Llama, Qwen3) and EP=2 (Mixtral; Qwen2-MoE with TP=2) give the
   same greedy tokens as one worker, in a run that has chunked prefill and preemption;
+- one worker as a Ray actor (``distributed_executor_backend: ray``) gives them too;
 - each rank holds only its part of the model (layers, vocab rows, experts);
 - sizes that do not fit the model fail at start-up, naming the numbers, before any worker starts;
 - a worker killed mid-generation ends the in-flight requests with an error (no hang) and
@@ -42,6 +43,8 @@ CASES = {  # name: (architecture, parallel options)
     "qwen3-tp2-pp2": ("qwen3", dict(tensor_parallel_size=2, pipeline_parallel_size=2)),
     "mixtral-ep2": ("mixtral", dict(expert_parallel_size=2)),
     "qwen2_moe-tp2-ep2": ("qwen2_moe", dict(tensor_parallel_size=2, expert_parallel_size=2)),
+    # one worker, as a Ray actor instead of in the engine's process (vLLM's option name)
+    "llama-one-ray-worker": ("llama", dict(distributed_executor_backend="ray")),
 }
 
 
@@ -133,6 +136,7 @@ def ray_get_all(refs):
     ("mixtral", dict(expert_parallel_size=3), r"num_experts \(4\) is not divisible by expert_parallel_size \(3\)"),
     ("llama", dict(expert_parallel_size=2), r"expert_parallel_size \(2\) > 1 needs a mixture-of-experts model"),
     ("mixtral", dict(tensor_parallel_size=4, expert_parallel_size=2), r"expert_parallel_size \(2\) must be 1, equal tensor_parallel_size \(4\)"),
+    ("llama", dict(tensor_parallel_size=2, distributed_executor_backend="uni"), r"'uni' runs one worker .* need 2"),
 ])
 def test_bad_sizes_fail_at_start_naming_the_numbers(checkpoints, tmp_path, arch, options, expected):
     path = checkpoints.get(arch) or checkpoint_with_tokenizer(arch, tmp_path / arch)[0]

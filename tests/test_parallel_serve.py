@@ -169,6 +169,8 @@ def test_one_worker_replica_declares_no_placement_group():
     ({"device": "cuda", "tensor_parallel_size": 2, "pipeline_parallel_size": 2},
      [{"CPU": 2.0}] + [{"CPU": 1.0, "GPU": 1.0}] * 4, "PACK"),
     ({"device": "cpu", "pipeline_parallel_size": 2}, [{"CPU": 2.0}] + [{"CPU": 0.2}] * 2, "PACK"),
+    # one worker, but as a Ray actor: it gets its bundle in the replica's group too
+    ({"device": "cpu", "distributed_executor_backend": "ray"}, [{"CPU": 2.0}, {"CPU": 0.2}], "STRICT_PACK"),
 ])
 def test_multi_worker_replica_bundles(engine, expected_bundles, strategy):
     from ray import serve

@@ -21,7 +21,7 @@ decode_step() {
   [ -n "${MD:-}" ] || MD=$(python3 -c "from bench.parallel_parts import write_model_dir; print(write_model_dir('/tmp/kvmesh-llama8b-shape'))")
   CUDA_VISIBLE_DEVICES=$3 timeout 150 python3 bench/parallel.py engine --tp $2 --decode --model-dir "${4:-$MD}" \
       --decode-steps 96 --profile-steps "${5:-0}" --prompt-len 128 --max-tokens 128 --max-num-seqs 64 \
-      > "$L/$1.out" 2> "$L/$1.err"
+      ${BENCH_ARGS:-} > "$L/$1.out" 2> "$L/$1.err"
   grep "^RESULT " "$L/$1.out" | tail -1 | cut -c8- > "$OUT/$1.json"
   python3 - "$1" "$L/$1.out" <<'PY'
 import json, sys
@@ -33,14 +33,15 @@ print(sys.argv[1], "median %.3f mean %.3f p90 %.3f ms" % (d["median_step_ms"], d
       "init %.0f s" % r["init_s"])
 PY
 }
-# maxload TAG TP GPUS N: one engine's output tok/s for N requests of 128 -> 128 tokens queued at
-# once (bench/parallel.py engine --throughput-requests, 8B shape, $MD), the wall time of its
-# full-batch decode steps and a kernel profile of 10 of them (every rank); JSON in $OUT/TAG.json
+# maxload TAG TP GPUS N [MODEL_DIR]: one engine's output tok/s for N requests of 128 -> 128 tokens
+# queued at once (bench/parallel.py engine --throughput-requests, 8B shape, $MD or MODEL_DIR), the
+# wall time of its full-batch decode steps and a kernel profile of 10 of them (every rank); JSON
+# in $OUT/TAG.json. Both functions append $BENCH_ARGS (e.g. "--executor ray") to the command.
 maxload() {
   [ -n "${MD:-}" ] || MD=$(python3 -c "from bench.parallel_parts import write_model_dir; print(write_model_dir('/tmp/kvmesh-llama8b-shape'))")
-  CUDA_VISIBLE_DEVICES=$3 timeout 240 python3 bench/parallel.py engine --tp $2 --model-dir "$MD" \
+  CUDA_VISIBLE_DEVICES=$3 timeout 240 python3 bench/parallel.py engine --tp $2 --model-dir "${5:-$MD}" \
     --throughput-requests $4 --prompt-len 128 --max-tokens 128 --max-num-seqs 256 \
-    --throughput-profile-steps 10 > "$L/$1.out" 2> "$L/$1.err"
+    --throughput-profile-steps 10 ${BENCH_ARGS:-} > "$L/$1.out" 2> "$L/$1.err"
   grep "^RESULT " "$L/$1.out" | tail -1 | cut -c8- > "$OUT/$1.json"
   python3 - "$1" "$OUT/$1.json" <<'PY'
 import json, sys

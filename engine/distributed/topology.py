@@ -101,7 +101,7 @@ def stage_size(parallel: ParallelConfig) -> int:
 
 def num_workers(parallel: ParallelConfig) -> int:
     """Workers (GPUs) of one replica: pipeline stages x stage group size."""
-    return parallel.pipeline_parallel_size * stage_size(parallel)
+    return parallel.num_workers
 
 
 def rank_layout(parallel: ParallelConfig) -> list[ParallelRank]:
