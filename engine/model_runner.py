@@ -287,10 +287,8 @@ class ModelRunner:
         states = [self.requests[r] for r in req_ids]
         if any(s.num_pending and s.sampling_params.needs_history for s in states):
             raise RuntimeError("penalties need every earlier token: schedule them without async scheduling")
-        batch = SamplingBatch.from_requests(
-            [(s.sampling_params, s.sampling_params.seed, len(s.output_token_ids) + s.num_pending,
-              s.token_ids[:s.num_prompt_tokens], s.output_token_ids) for s in states],
-            vocab_size=self.spec.vocab_size, device=self.device)
+        batch = SamplingBatch.from_requests([s.sampling_request() for s in states],
+                                            vocab_size=self.spec.vocab_size, device=self.device)
         if batch.is_argmax_only:  # greedy, no logprobs: the argmax without gathering the logits
             out = SamplerOutput(sampled_token_ids=self.model.greedy_ids(rows), logprobs=None)
         else:  # (num_sampling_reqs, vocab) fp32, the same bits on every TP rank (all_gather)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from engine.sampler import SamplerOutput, SamplingBatch, to_token_logprobs
+from engine.sampler import SamplerOutput, SamplingBatch, SamplingRequest, to_token_logprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ModelOutput
 
@@ -28,6 +28,15 @@ class RunnerRequestState:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    def sampling_request(self) -> SamplingRequest:
+        """What the sampler needs of this request for its next token. The prompt and output ids
+        only where penalties read them: copying them every step would cost O(context) a request."""
+        params = self.sampling_params
+        index = len(self.token_ids) - self.num_prompt_tokens + self.num_pending  # of the token drawn
+        if not params.needs_history:
+            return params, params.seed, index, (), ()
+        return params, params.seed, index, self.token_ids[:self.num_prompt_tokens], self.output_token_ids
 
     @property
     def num_known_tokens(self) -> int:

@@ -1,0 +1,92 @@
+"""The engine's host work per step at a full batch, part by part (model excluded).
+
+``LLMEngine`` (kvmesh-tiny on the CPU, one in-process worker) runs ``--num-requests`` streamed
+requests of ``--prompt-len`` -> ``--max-tokens`` tokens, queued at once, twice (the first run
+warms up); in the second, each host part of a step is timed around its call and reported in ms
+a step: the scheduler's ``schedule`` and ``update_from_output``, the output processor (detokenize,
+stop strings, ``RequestOutput``s), and the runner's input preparation, state update and sampling
+batch. On a GPU these run while the device computes the step before (async scheduling), so
+their sum bounds the step from below once the device's part is shorter (a TP=2 rank at 128
+requests: bench/device/h200_hostpath.sh).
+
+    python bench/host_step.py [--num-requests 128] [--prompt-len 128] [--max-tokens 128] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench.load_gen import machine_name  # noqa: E402
+from engine import sampler  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+
+
+def _timed(totals: dict, tag: str, fn):
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[tag] += time.perf_counter() - start
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-requests", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    engine = LLMEngine(EngineConfig.create(
+        model="kvmesh-tiny", dtype="float32", device="cpu", max_model_len=args.prompt_len + args.max_tokens,
+        max_num_seqs=args.num_requests, max_num_batched_tokens=8192,
+        num_blocks=args.num_requests * (-(-(args.prompt_len + args.max_tokens) // 16) + 1)))
+    totals: dict[str, float] = collections.defaultdict(float)
+    scheduler, runner = engine.scheduler, engine.executor.runner
+    for obj, name, tag in ((scheduler, "schedule", "scheduler.schedule"),
+                           (scheduler, "update_from_output", "scheduler.update_from_output"),
+                           (engine.output_processor, "process", "output_processor.process"),
+                           (runner, "_prepare_inputs", "runner._prepare_inputs"),
+                           (runner, "_update_states", "runner._update_states")):
+        setattr(obj, name, _timed(totals, tag, getattr(obj, name)))
+    build = sampler.SamplingBatch.from_requests.__func__
+    sampler.SamplingBatch.from_requests = classmethod(_timed(totals, "SamplingBatch.from_requests", build))
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+
+    def run(tag: str) -> tuple[int, float]:
+        for i in range(args.num_requests):
+            engine.add_request(f"{tag}{i}", [(i * 7 + j) % 1000 + 5 for j in range(args.prompt_len)], params)
+        steps, start = 0, time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        return steps, time.perf_counter() - start
+
+    run("warm-")
+    totals.clear()
+    steps, seconds = run("timed-")
+    parts = {tag: round(total / steps * 1e3, 3) for tag, total in sorted(totals.items(), key=lambda kv: -kv[1])}
+    result = {"benchmark": "host_step", "machine": machine_name(), "num_requests": args.num_requests,
+              "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "steps": steps,
+              "step_ms_with_cpu_forward": round(seconds / steps * 1e3, 3), "host_ms_per_step": parts,
+              "host_ms_per_step_sum": round(sum(parts.values()), 3)}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
