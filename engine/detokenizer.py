@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from engine.tokenizer import fast_decoder
+
 # Prompt tokens kept as decoding context: enough for a leading-space decision and for a
 # multi-byte character (up to 4 byte tokens) at the end of the prompt.
 _NUM_CONTEXT_TOKENS = 5
@@ -54,6 +56,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: Sequence[int], skip_special_tokens: bool = True,
                  stop: Sequence[str] = (), include_stop_str_in_output: bool = False) -> None:
         self.tokenizer = tokenizer
+        self._decoder = fast_decoder(tokenizer)
         self.skip_special_tokens = skip_special_tokens
         self.stop = [s for s in stop if s]
         self.include_stop_str_in_output = include_stop_str_in_output
@@ -81,7 +84,7 @@ class IncrementalDetokenizer:
         return self.stop_str is not None
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self._decoder(ids, self.skip_special_tokens)
 
     def _decode_pending(self, final: bool) -> str:
         """Text of tokens past read_offset; "" while the last character is incomplete (unless final)."""

@@ -13,7 +13,7 @@ import pytest
 
 from engine.detokenizer import IncrementalDetokenizer, decode_token
 from engine.tiny_model import END_OF_TEXT, END_OF_TURN, ensure_tiny_model, training_text
-from engine.tokenizer import apply_chat_template, encode_prompt, eos_token_ids, load_tokenizer
+from engine.tokenizer import apply_chat_template, encode_prompt, eos_token_ids, fast_decoder, load_tokenizer
 
 TEXTS = [
     "Hello world, the capital of France is Paris.",
@@ -73,6 +73,38 @@ def stream(detok, ids, chunk=1):
             return deltas, update.stop_str
     deltas.append(detok.flush())
     return deltas, None
+
+
+# ---- fast decode ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("flavor", ["byte_level", "llama2", "metaspace"])
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_fast_decoder_is_tokenizer_decode(tokenizers, flavor, clean_up):
+    """The Rust decode the detokenizer calls returns what ``tokenizer.decode`` does, for every
+    window of every text (special tokens and split characters included), skipping specials or
+    not; with the clean-up on, BPE tokenizers still take it (transformers skips the clean-up for
+    BPE) and the text is the same."""
+    tok = tokenizers[flavor]
+    old = tok.clean_up_tokenization_spaces
+    tok.clean_up_tokenization_spaces = clean_up
+    try:
+        decode = fast_decoder(tok)
+        assert decode.__name__ == "fast"  # all three are BPE models
+        for text in TEXTS:
+            ids = [tok.bos_token_id or 0] + tok.encode(text + " ,x .", add_special_tokens=False) + [tok.eos_token_id or 0]
+            for start in range(0, len(ids), 3):
+                for end in (start + 1, start + 6, len(ids)):
+                    for skip in (True, False):
+                        assert decode(ids[start:end], skip) == tok.decode(ids[start:end], skip_special_tokens=skip)
+    finally:
+        tok.clean_up_tokenization_spaces = old
+
+
+def test_fast_decoder_keeps_a_decode_a_subclass_changed(tiny_tok):
+    import copy
+    tok = copy.copy(tiny_tok)
+    tok.__class__ = type("Shouting", (type(tiny_tok),), {"decode": lambda self, ids, **kw: "HI"})
+    decode = fast_decoder(tok)
+    assert decode([5, 6], True) == "HI"
 
 
 # ---- incremental detokenizer ------------------------------------------------------------------
