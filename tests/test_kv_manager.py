@@ -123,6 +123,23 @@ def test_cached_full_block_is_copied_not_rewritten():
     manager.block_pool.check_invariants()
 
 
+def test_decode_token_writes_in_place_or_takes_a_fresh_block_at_a_boundary():
+    """The decode step's fast path: a token into the request's own uncached block allocates
+    nothing; the token after a full block takes one fresh block (the general path)."""
+    manager = make_manager(enable_prefix_caching=False)
+    request = make_request("r", list(range(15)))  # one full block and 7 of 8 tokens
+    compute_prompt(manager, request)
+    blocks, free = list(request.block_ids), manager.block_pool.num_free_blocks
+    request.append_output_token(99)
+    assert manager.allocate_slots(request, 1) == [] and request.block_ids == blocks
+    assert manager.block_pool.num_free_blocks == free
+    request.num_computed_tokens += 1  # 16 tokens: both blocks full
+    request.append_output_token(98)
+    assert manager.allocate_slots(request, 1) == [] and request.block_ids[:2] == blocks
+    assert len(request.block_ids) == 3 and manager.block_pool.num_free_blocks == free - 1
+    manager.block_pool.check_invariants()
+
+
 def test_failed_allocation_changes_nothing():
     manager = make_manager(num_blocks=4)
     a = make_request("a", list(range(24)))  # 3 blocks, cached, then freed

@@ -113,6 +113,15 @@ class KVCacheManager:
         None, allocating nothing, if the pool has too few free blocks.
         """
         pool = self.block_pool
+        if num_new_tokens == 1 and not new_computed_blocks:
+            # A decode step's usual case, taken first (every running request, every step): the
+            # token goes into a block the request holds alone and that is not cached, so there
+            # is nothing to allocate or copy (what the general path below also finds).
+            index = request.num_computed_tokens // self.block_size
+            if index < len(request.block_ids):
+                block = pool.blocks[request.block_ids[index]]
+                if block.ref_cnt == 1 and block.block_hash is None:
+                    return []
         if new_computed_blocks and request.block_ids:
             raise ValueError(f"request {request.request_id}: prefix hits only on the first allocation")
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
