@@ -15,7 +15,9 @@
 #      layer chain's push cost 6.4 -> 2.1 µs a layer)
 #   4. (stop 20) max load, 128 requests: one TP=2 replica's full-batch decode steps and kernel
 #      profile (stop 17: 9,586 tok/s, slower than one TP=1 replica on ONE H200 at 128 requests in
-#      stop 20, 13,976), next to TP=1 at 64 requests on GPU 0
+#      stop 20, 13,976), next to TP=1 at 64 requests on GPU 0. Stop 22 found this host-bound on
+#      one GPU (a TP=2 rank's shapes: 3.6 ms of kernels in 6.5-7.1 ms steps, 4.9 ms after its
+#      host fixes): this run is the first at TP=2 after them
 set -u
 source bench/device/env.sh
 L=$OUT/logs; mkdir -p $L
