@@ -188,14 +188,13 @@ def test_greedy_tokens_same_with_fusion_on_and_off(arch, dtype, options, tmp_pat
     """CUDA graphs (decode and mixed) and eager steps, the same tokens either way; the fused
     kernel is launched only with the flag unset."""
     from engine.attention import cache_store as cs
-    from engine.attention import triton_kernels as tk
     from engine.attention.triton_backend import DISABLE_FUSED_ROPE_STORE_ENV
     path, vocab = checkpoint_with_tokenizer(arch, tmp_path, **options)
     rng = random.Random(0)
     prompts = [[rng.randrange(5, vocab) for _ in range(n)] for n in (3, 17, 40, 9, 70, 1, 300)]
     launches = []
     real = cs.rotary_store_kv
-    monkeypatch.setattr(tk, "rotary_store_kv", lambda *a: launches.append(1) or real(*a))
+    monkeypatch.setattr(cs, "rotary_store_kv", lambda *a: launches.append(1) or real(*a))
     tokens = {}
     for disabled in ("0", "1"):
         monkeypatch.setenv(DISABLE_FUSED_ROPE_STORE_ENV, disabled)
