@@ -154,10 +154,15 @@ class ParallelConfig:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
+    def stage_size(self) -> int:
+        """Workers of one pipeline stage: the larger of the TP and EP sizes (an MoE stage's EP
+        ranks are its TP ranks)."""
+        return max(self.tensor_parallel_size, self.expert_parallel_size)
+
+    @property
     def num_workers(self) -> int:
-        """Workers (GPUs) of one replica: pipeline stages x stage group size (the larger of the
-        TP and EP sizes: an MoE stage's EP ranks are its TP ranks)."""
-        return self.pipeline_parallel_size * max(self.tensor_parallel_size, self.expert_parallel_size)
+        """Workers (GPUs) of one replica: pipeline stages x stage size."""
+        return self.pipeline_parallel_size * self.stage_size
 
     @property
     def uses_ray_workers(self) -> bool:

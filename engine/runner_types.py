@@ -29,6 +29,10 @@ class RunnerRequestState:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
 
+    @property
+    def num_known_tokens(self) -> int:
+        return len(self.token_ids) + self.num_pending
+
     def sampling_request(self) -> SamplingRequest:
         """What the sampler needs of this request for its next token. The prompt and output ids
         only where penalties read them: copying them every step would cost O(context) a request."""
@@ -37,10 +41,6 @@ class RunnerRequestState:
         if not params.needs_history:
             return params, params.seed, index, (), ()
         return params, params.seed, index, self.token_ids[:self.num_prompt_tokens], self.output_token_ids
-
-    @property
-    def num_known_tokens(self) -> int:
-        return len(self.token_ids) + self.num_pending
 
 
 class StepFuture:
@@ -66,7 +66,6 @@ class StepFuture:
             self._output = ModelOutput(req_ids=self._req_ids, sampled_token_ids=[[t] for t in token_ids],
                                        logprobs=logprobs)
         return self._output
-
 
 
 def split_microbatches(scheduled: list[tuple[str, int]], max_num: int) -> list[list[tuple[str, int]]]:

@@ -124,7 +124,6 @@ def rotary_store_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Ten
         num_warps=4, PDL=on, launch_pdl=on)
 
 
-
 def _dim_pad(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 

@@ -96,11 +96,11 @@ SINGLE_RANK = ParallelRank(rank=0, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, e
 
 
 def stage_size(parallel: ParallelConfig) -> int:
-    return max(parallel.tensor_parallel_size, parallel.expert_parallel_size)
+    return parallel.stage_size
 
 
 def num_workers(parallel: ParallelConfig) -> int:
-    """Workers (GPUs) of one replica: pipeline stages x stage group size."""
+    """Workers (GPUs) of one replica: pipeline stages x stage size."""
     return parallel.num_workers
 
 
