@@ -9,7 +9,15 @@ batch. On a GPU these run while the device computes the step before (async sched
 their sum bounds the step from below once the device's part is shorter (a TP=2 rank at 128
 requests: bench/device/h200_hostpath.sh).
 
-    python bench/host_step.py [--num-requests 128] [--prompt-len 128] [--max-tokens 128] [--out F]
+``--model-dir DIR`` (a GPU): that checkpoint's shapes with dummy bf16 weights on the GPU
+instead (bench/parallel_parts.write_model_dir), one in-process worker, CUDA graphs. Two more
+parts are timed then: ``execute_model_async`` (the whole launch of a step: the runner's state
+update and input preparation above, the graph replay, the LM head and the device->host copy)
+and ``StepFuture.result`` (the wait for the step before: time the host spent waiting for the
+device, which is what remains when the host is not the bound).
+
+    python bench/host_step.py [--num-requests 128] [--prompt-len 128] [--max-tokens 128]
+                              [--model-dir DIR] [--out F]
 """
 
 from __future__ import annotations
@@ -47,20 +55,34 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--model-dir", default=None, help="a checkpoint's shapes, dummy weights, on the GPU")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    engine = LLMEngine(EngineConfig.create(
-        model="kvmesh-tiny", dtype="float32", device="cpu", max_model_len=args.prompt_len + args.max_tokens,
-        max_num_seqs=args.num_requests, max_num_batched_tokens=8192,
-        num_blocks=args.num_requests * (-(-(args.prompt_len + args.max_tokens) // 16) + 1)))
+    max_model_len = args.prompt_len + args.max_tokens
+    if args.model_dir:
+        from engine.tiny_model import ensure_tiny_model
+        config = EngineConfig.create(
+            model=args.model_dir, tokenizer=ensure_tiny_model(), load_format="dummy", dtype="bfloat16",
+            device="cuda", max_model_len=max(max_model_len, 512), max_num_seqs=max(args.num_requests, 8),
+            max_num_batched_tokens=8192, gpu_memory_utilization=0.85)
+    else:
+        config = EngineConfig.create(
+            model="kvmesh-tiny", dtype="float32", device="cpu", max_model_len=max_model_len,
+            max_num_seqs=args.num_requests, max_num_batched_tokens=8192,
+            num_blocks=args.num_requests * (-(-max_model_len // 16) + 1))
+    engine = LLMEngine(config)
     totals: dict[str, float] = collections.defaultdict(float)
     scheduler, runner = engine.scheduler, engine.executor.runner
     for obj, name, tag in ((scheduler, "schedule", "scheduler.schedule"),
                            (scheduler, "update_from_output", "scheduler.update_from_output"),
                            (engine.output_processor, "process", "output_processor.process"),
                            (runner, "_prepare_inputs", "runner._prepare_inputs"),
-                           (runner, "_update_states", "runner._update_states")):
+                           (runner, "_update_states", "runner._update_states"),
+                           (engine.executor, "execute_model_async", "execute_model_async (launch)")):
         setattr(obj, name, _timed(totals, tag, getattr(obj, name)))
+    if args.model_dir:
+        from engine import runner_types
+        runner_types.StepFuture.result = _timed(totals, "StepFuture.result (wait)", runner_types.StepFuture.result)
     build = sampler.SamplingBatch.from_requests.__func__
     sampler.SamplingBatch.from_requests = classmethod(_timed(totals, "SamplingBatch.from_requests", build))
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
@@ -80,8 +102,8 @@ def main() -> None:
     parts = {tag: round(total / steps * 1e3, 3) for tag, total in sorted(totals.items(), key=lambda kv: -kv[1])}
     result = {"benchmark": "host_step", "machine": machine_name(), "num_requests": args.num_requests,
               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "steps": steps,
-              "step_ms_with_cpu_forward": round(seconds / steps * 1e3, 3), "host_ms_per_step": parts,
-              "host_ms_per_step_sum": round(sum(parts.values()), 3)}
+              "model": args.model_dir or "kvmesh-tiny (CPU)", "step_ms": round(seconds / steps * 1e3, 3),
+              "host_ms_per_step": parts}
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -202,7 +202,44 @@ def measure_decode(engine, decode_steps: int, profile_steps: int = 0) -> dict:
     if profile is not None:
         result["profile"] = {"num_steps": profile_steps, "median_step_ms": statistics.median(profiled) * 1e3,
                              "ranks": profile}
+    device = device_only_step(engine)
+    if device is not None:
+        result["device_only"] = device
+        result["device_only"]["host_gap_ms"] = result["median_step_ms"] - device["step_ms"]
     return result
+
+
+def device_only_step(engine, replays: int = 100, rounds: int = 5) -> Optional[dict]:
+    """The batch-1 step's device work alone, with no host in the loop: the runner's batch-1 decode
+    graph (embedding, the layers, the final norm) and the LM head's greedy id, replayed back to back
+    and timed with CUDA events (median of ``rounds`` rounds of ``replays``). The engine's step
+    minus this is time the device waited for the host. One in-process GPU runner only (None
+    otherwise). Run after the request ends: the graph's static inputs still hold its last step,
+    so each replay rewrites that step's K/V with the same values and reads the same context."""
+    runner = getattr(engine.executor, "runner", None)
+    graphs = getattr(getattr(runner, "graph_runner", None), "decode", None)
+    if graphs is None or 1 not in graphs.graphs:
+        return None
+    import torch
+    graph, hidden = graphs.graphs[1], graphs.outputs[1][:1]
+
+    def timed(run_lm_head: bool) -> float:
+        times = []
+        for _ in range(rounds):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+                if run_lm_head:
+                    runner.model.greedy_ids(hidden)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / replays)
+        return statistics.median(times)
+
+    with torch.inference_mode():
+        timed(True)  # warm
+        return {"graph_ms": timed(False), "step_ms": timed(True), "replays": replays, "rounds": rounds}
 
 
 class _StepProfile:

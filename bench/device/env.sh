@@ -16,7 +16,7 @@ gpu_tests() {
 # decode_step TAG TP GPUS [MODEL_DIR [PROFILE_STEPS]]: one engine's 8B-shape decode step at batch 1
 # (bench/parallel.py's engine part, dummy weights in $MD, made on first use, or MODEL_DIR) on
 # CUDA_VISIBLE_DEVICES=GPUS, logs in $L/TAG.{out,err}, RESULT also in $OUT/TAG.json; prints the
-# median, mean and p90 step of its RESULT line
+# median, mean and p90 step of its RESULT line, and the device-only step (graph replays) where measured
 decode_step() {
   [ -n "${MD:-}" ] || MD=$(python3 -c "from bench.parallel_parts import write_model_dir; print(write_model_dir('/tmp/kvmesh-llama8b-shape'))")
   CUDA_VISIBLE_DEVICES=$3 timeout 150 python3 bench/parallel.py engine --tp $2 --decode --model-dir "${4:-$MD}" \
@@ -31,6 +31,9 @@ if not lines:
 r = json.loads(lines[-1][7:]); d = r.get("decode", {})
 print(sys.argv[1], "median %.3f mean %.3f p90 %.3f ms" % (d["median_step_ms"], d["mean_step_ms"], d["p90_step_ms"]),
       "init %.0f s" % r["init_s"])
+o = d.get("device_only")
+if o:
+    print("  device only: graph %.3f ms, graph + LM head %.3f ms; host gap %.3f ms" % (o["graph_ms"], o["step_ms"], o["host_gap_ms"]))
 PY
 }
 # maxload TAG TP GPUS N [MODEL_DIR]: one engine's output tok/s for N requests of 128 -> 128 tokens
