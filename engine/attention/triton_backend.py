@@ -7,9 +7,7 @@ size its grid (the host copies in ``AttentionMetadata`` suffice)::
       (forward_with_rotary: rotary_store_kv, RoPE on q in place and on k on its way to
        the cache, replaces the model's rotary launch and this one)
     all requests decoding (max_query_len == 1):
-        paged_decode                 grid (R, Hkv, splits), splits = f(R) only -> graph-capturable;
-                                     the last split of each (request, KV head) merges them
-                                     (or a reduce launch: fuse_decode_reduce=False)
+        paged_decode (+ reduce)      grid (R, Hkv, splits), splits = f(R) only -> graph-capturable
     otherwise (prefill, chunked prefill, prefix hits, decodes mixed in):
         paged_prefill                grid (T // BLOCK_Q + R, Hkv)
 
@@ -32,8 +30,6 @@ from engine.attention import triton_kernels as tk
 
 # Set to 1 to turn the fused RoPE + K/V store off whatever the config says (A/B runs).
 DISABLE_FUSED_ROPE_STORE_ENV = "KVMESH_DISABLE_FUSED_ROPE_STORE"
-# Set to 1 to merge decode splits in a second launch, whatever the config says (A/B runs).
-DISABLE_FUSED_DECODE_REDUCE_ENV = "KVMESH_DISABLE_FUSED_DECODE_REDUCE"
 
 
 @dataclass(frozen=True)
@@ -59,9 +55,6 @@ class TritonAttentionConfig:
     decode_num_splits: Optional[int] = None  # fixed split count (tests); None: from batch size
     # RoPE rides along the K/V store (forward_with_rotary): one launch a layer fewer, same bits.
     fuse_rope_store: bool = True
-    # The last decode split of a (request, KV head) merges the splits (paged_decode): the
-    # reduce launch goes, same bits.
-    fuse_decode_reduce: bool = True
 
 
 class TritonBackend(AttentionBackend):
@@ -71,8 +64,6 @@ class TritonBackend(AttentionBackend):
         self.config = config
         self.fuse_rope_store = config.fuse_rope_store and os.environ.get(
             DISABLE_FUSED_ROPE_STORE_ENV, "0") in ("", "0")
-        self.fuse_decode_reduce = config.fuse_decode_reduce and os.environ.get(
-            DISABLE_FUSED_DECODE_REDUCE_ENV, "0") in ("", "0")
         self._num_sms: dict[torch.device, int] = {}
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -125,8 +116,7 @@ class TritonBackend(AttentionBackend):
             tk.paged_decode(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                             num_reqs, scale, out, self.num_decode_splits(num_reqs, kv_cache),
                             block_n=c.decode_block_n, min_split_len=c.decode_min_split_len,
-                            num_warps=c.decode_num_warps, num_stages=c.decode_num_stages,
-                            fused_reduce=self.fuse_decode_reduce)
+                            num_warps=c.decode_num_warps, num_stages=c.decode_num_stages)
         else:
             large = (c.prefill_large_min_query_len is not None
                      and meta.max_query_len >= c.prefill_large_min_query_len)

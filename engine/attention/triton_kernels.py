@@ -19,8 +19,7 @@ fixed maxima, never on data, so the all-decode path can be captured in a CUDA gr
                                                  takes all GROUP = Hq/Hkv query heads of
                                                  one KV head (K/V read once per group) over
                                                  1/num_splits of the sequence
-                    merged by their log-sum-exps: by the last split of each (request,
-                    KV head) to finish (an arrival counter), or by a reduce grid (R, Hq)
+                    + reduce grid (R, Hq)        merges the splits by their log-sum-exp
     paged_prefill   grid (T//BLOCK_Q + R, Hkv)   any query lengths: chunked prefill,
                                                  prefix hits, decodes mixed in
 
@@ -31,7 +30,6 @@ exponentiated with exp2; the split log-sum-exps are log2 too.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import triton
@@ -105,15 +103,13 @@ def _attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0, kv_
 # engine/device_copy.packed_to_device aligns the step's index arrays).
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-                   query_start_ptr, out_ptr, part_out_ptr, part_lse_ptr, counters_ptr,
+                   query_start_ptr, out_ptr, part_out_ptr, part_lse_ptr,
                    scale_log2, num_splits, stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_cache_slot, stride_cache_head, stride_bt,
                    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, OFFSET_64: tl.constexpr,
-                   FUSED_REDUCE: tl.constexpr = False, SPLITS_PAD: tl.constexpr = 1,
-                   PDL: tl.constexpr = False):
+                   DOT_PRECISION: tl.constexpr, OFFSET_64: tl.constexpr, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     r = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -126,9 +122,6 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     # splits past the end get no keys and report lse = -inf.
     split_len = tl.maximum(tl.cdiv(seq_len, num_splits), MIN_SPLIT_LEN)
     split_len = tl.cdiv(split_len, BLOCK_N) * BLOCK_N
-    num_active = tl.cdiv(seq_len, split_len)  # splits with keys (the fused reduce reads these)
-    if FUSED_REDUCE and split >= num_active:
-        return
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -159,42 +152,6 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
         part_row = (r * NUM_Q_HEADS + heads).to(tl.int64) * num_splits + split  # (GROUP_PAD,)
         tl.store(part_out_ptr + part_row[:, None] * DIM_PAD + d[None, :], o, mask=row_mask)
         tl.store(part_lse_ptr + part_row, lse, mask=g < GROUP)
-        if FUSED_REDUCE:
-            # The last of this (request, KV head)'s active splits to finish merges them all:
-            # no reduce launch. Its stores are done CTA-wide (barrier) and released GPU-wide
-            # by the counter's acq_rel add, which also acquires the other splits' stores.
-            tl.debug_barrier()
-            counter = counters_ptr + r * (NUM_Q_HEADS // GROUP) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel") == num_active - 1:
-                tl.store(counter, 0)  # reset for the next launch (kernels on a stream run in order)
-                for i in tl.static_range(GROUP):
-                    _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, r, kv_head * GROUP + i, q_row,
-                                  num_splits, num_active, stride_ot, stride_oh, NUM_Q_HEADS,
-                                  HEAD_DIM, DIM_PAD, SPLITS_PAD, True)
-
-
-@triton.jit
-def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, r, head, q_row, num_splits, num_valid,
-                  stride_ot, stride_oh, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, BYPASS_L1: tl.constexpr):
-    """out[q_row, head] = the splits' outputs weighted by their log-sum-exps (the first
-    ``num_valid`` of ``num_splits``; the others count as lse = -inf, output 0). BYPASS_L1:
-    read the parts from L2 (other programs of this launch wrote them)."""
-    s = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, DIM_PAD)
-    s_mask = s < num_valid
-    part_row = (r * NUM_Q_HEADS + head).to(tl.int64) * num_splits + s  # (SPLITS_PAD,)
-    if BYPASS_L1:
-        lse = tl.load(part_lse_ptr + part_row, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(part_out_ptr + part_row[:, None] * DIM_PAD + d[None, :], mask=s_mask[:, None],
-                    other=0.0, cache_modifier=".cg")  # (SPLITS_PAD, DIM_PAD)
-    else:
-        lse = tl.load(part_lse_ptr + part_row, mask=s_mask, other=float("-inf"))
-        o = tl.load(part_out_ptr + part_row[:, None] * DIM_PAD + d[None, :], mask=s_mask[:, None], other=0.0)
-    weight = tl.exp2(lse - tl.max(lse, 0))  # split 0 always has keys, so the max is finite
-    o = tl.sum(o * weight[:, None], 0) / tl.sum(weight, 0)
-    tl.store(out_ptr + q_row.to(tl.int64) * stride_ot + head * stride_oh + d,
-             o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -208,22 +165,29 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, query_start_ptr, out_ptr, 
     q_row = tl.load(query_start_ptr + r)
     if tl.load(query_start_ptr + r + 1) == q_row:
         return
-    _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, r, head, q_row, num_splits, num_splits,
-                  stride_ot, stride_oh, NUM_Q_HEADS, HEAD_DIM, DIM_PAD, SPLITS_PAD, False)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, DIM_PAD)
+    s_mask = s < num_splits
+    part_row = (r * NUM_Q_HEADS + head).to(tl.int64) * num_splits + s  # (SPLITS_PAD,)
+    lse = tl.load(part_lse_ptr + part_row, mask=s_mask, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, 0))  # split 0 always has keys, so the max is finite
+    o = tl.load(part_out_ptr + part_row[:, None] * DIM_PAD + d[None, :],
+                mask=s_mask[:, None], other=0.0)  # (SPLITS_PAD, DIM_PAD)
+    o = tl.sum(o * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(out_ptr + q_row.to(tl.int64) * stride_ot + head * stride_oh + d,
+             o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, num_reqs: int,
                  scale: float, out: torch.Tensor, num_splits: int,
                  block_n: int = 64, min_split_len: int = 256, num_warps: int = 4,
-                 num_stages: int = 2, fused_reduce: bool = True) -> None:
+                 num_stages: int = 2) -> None:
     """Attention of one query token per request over its whole context.
 
     query, out (T, Hq, D); request r's query is row ``query_start_loc[r]`` (T >= R).
     ``num_splits`` must depend only on num_reqs (graph capture); each request's keys
     are split evenly, in tiles of ``block_n``, with at least ``min_split_len`` a split.
-    ``fused_reduce``: the last split of each (request, KV head) to finish merges them
-    (``split_counters``), instead of a second launch; the same bits either way.
     """
     _check_cache(kv_cache)
     _, num_q_heads, head_dim = query.shape
@@ -231,52 +195,29 @@ def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     group = num_q_heads // num_kv_heads
     dim_pad = _dim_pad(head_dim)
     query = _last_dim_contiguous(query)
-    counters = None
     if num_splits > 1:
         part_out = torch.empty(num_reqs, num_q_heads, num_splits, dim_pad, dtype=torch.float32,
                                device=query.device)
         part_lse = torch.empty(num_reqs, num_q_heads, num_splits, dtype=torch.float32,
                                device=query.device)
-        if fused_reduce:
-            counters = split_counters(query.device, num_reqs * num_kv_heads)
     else:
         part_out = part_lse = out  # unused
     on = pdl.small_pdl(query.device)
-    splits_pad = triton.next_power_of_2(num_splits)
     _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
         query, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
-        out, part_out, part_lse, counters if counters is not None else seq_lens,
+        out, part_out, part_lse,
         scale * LOG2E, num_splits, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         NUM_Q_HEADS=num_q_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         IS_SPLIT=num_splits > 1, MIN_SPLIT_LEN=min_split_len,
         DOT_PRECISION=_dot_precision(query.dtype), OFFSET_64=_needs_int64(kv_cache),
-        FUSED_REDUCE=counters is not None, SPLITS_PAD=splits_pad,
         num_warps=num_warps, num_stages=num_stages, PDL=on, launch_pdl=on)
-    if num_splits > 1 and counters is None:
+    if num_splits > 1:
         _decode_reduce_kernel[(num_reqs, num_q_heads)](
             part_out, part_lse, query_start_loc, out, num_splits, out.stride(0), out.stride(1),
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
-            SPLITS_PAD=splits_pad, num_warps=4, PDL=on, launch_pdl=on)
-
-
-_SPLIT_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}  # the newest last; all kept alive
-
-
-def split_counters(device: torch.device, num: int) -> Optional[torch.Tensor]:
-    """The fused reduce's arrival counters: one int32 per (request, KV head), zero between
-    launches (the merging program resets its own). One buffer per device, shared by every
-    layer: the decode kernels of a device must run one at a time, as they do on one stream.
-    A larger one is allocated only outside a CUDA graph capture, and the smaller ones stay
-    alive (a captured graph keeps using its own). None while capturing with a buffer too
-    small: that launch takes the two-kernel path."""
-    bufs = _SPLIT_COUNTERS.setdefault(device, [])
-    if not bufs or bufs[-1].numel() < num:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        bufs.append(torch.zeros(max(num, 1 << 16), dtype=torch.int32, device=device))
-    return bufs[-1]
+            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4, PDL=on, launch_pdl=on)
 
 
 # ---- prefill / mixed -------------------------------------------------------------------------

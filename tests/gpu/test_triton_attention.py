@@ -161,37 +161,6 @@ def test_decode_forced_splits(num_splits):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_splits", [2, 7, 32])
-def test_fused_decode_reduce_same_bits(num_splits):
-    """The last split merging (fused_reduce) gives the reduce launch's bits, eagerly and in a
-    CUDA graph replayed several times (its arrival counters reset themselves)."""
-    from engine.attention import triton_kernels as tk
-    lens = [(c, 1) for c in (0, 15, 63, 64, 300, 1023, 4097, 40)]
-    case = make_case(lens, 32, 8, 128, 16, torch.bfloat16, "cuda", seed=num_splits)
-    m = case.meta
-
-    def decode(fused: bool, out: torch.Tensor) -> None:
-        tk.paged_decode(case.query, case.kv_cache, m.block_tables, m.seq_lens, m.query_start_loc, m.num_reqs,
-                        case.scale, out, num_splits, min_split_len=16, fused_reduce=fused)
-
-    two_launches = torch.full_like(case.query, float("nan"))
-    decode(False, two_launches)
-    out = torch.full_like(case.query, float("nan"))
-    decode(True, out)
-    assert torch.equal(out, two_launches)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        decode(True, out)
-    for _ in range(3):
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, two_launches)
-    assert int(tk.split_counters(out.device, 1).abs().sum()) == 0
-
-
-@pytest.mark.gpu
 def test_decode_cuda_graph_replay():
     """The all-decode forward captured once replays correctly with new lengths and tables."""
     from engine.attention.triton_backend import TritonBackend
