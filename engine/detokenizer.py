@@ -34,10 +34,13 @@ _NUM_CONTEXT_TOKENS = 5
 _REPLACEMENT_CHAR = "\ufffd"
 
 
-@dataclass
+@dataclass(frozen=True)
 class DetokenizerUpdate:
     delta_text: str  # new text for the client (may be empty)
     stop_str: Optional[str] = None  # the stop string found; the request should finish
+
+
+_NO_UPDATE = DetokenizerUpdate("")
 
 
 def decode_token(tokenizer, token_id: int) -> str:
@@ -100,8 +103,15 @@ class IncrementalDetokenizer:
     def update(self, new_token_ids: Sequence[int]) -> DetokenizerUpdate:
         """Appends sampled tokens; returns the text that may now be shown and any stop string hit."""
         if self._finished or not new_token_ids:
-            return DetokenizerUpdate("")
+            return _NO_UPDATE
         self._tokens.extend(new_token_ids)
+        if not self.stop:  # nothing to find or hold back (``_advance``'s answer, for less): the
+            delta = self._decode_pending(final=False)  # step's text as decoded, most steps
+            if not delta:
+                return _NO_UPDATE
+            self._text += delta
+            self._num_emitted = len(self._text)
+            return DetokenizerUpdate(delta)
         return self._advance(final=False)
 
     def flush(self) -> str:

@@ -128,17 +128,17 @@ class OutputProcessor:
             sample = prompt.samples[req.request_id]
             if sample.finish_reason is not None:
                 continue
-            if (not prompt.detokenize_each_step and not req.is_finished and sample.logprobs is None
-                    and not prompt.stream):
+            req_finished, each_step = req.is_finished, prompt.detokenize_each_step
+            if not each_step and not req_finished and sample.logprobs is None and not prompt.stream:
                 continue  # final-only output: the tokens are read from the request when it ends
-            new_ids = req.output_token_ids[sample.num_tokens_seen:]
-            sample.num_tokens_seen = len(req.output_token_ids)
-            sample.token_ids.extend(new_ids)
+            output_ids = req.output_token_ids
+            sample.token_ids.extend(output_ids[sample.num_tokens_seen:])
+            sample.num_tokens_seen = len(output_ids)
             if sample.logprobs is not None:
                 for entry in logprobs.get(req.request_id, []):
                     sample.logprobs.append(self._to_logprob_dict(entry))
             is_due = prompt.stream and prompt.is_output_due(sample, num_active_prompts)
-            if not prompt.detokenize_each_step and not req.is_finished and not is_due:
+            if not each_step and not req_finished and not is_due:
                 continue  # tokens only; the text is decoded when an output is due (or at the end)
             update = sample.detokenizer.update(sample.token_ids[sample.num_tokens_detokenized:])
             sample.num_tokens_detokenized = len(sample.token_ids)
@@ -146,16 +146,18 @@ class OutputProcessor:
             if update.stop_str is not None:
                 sample.finish_reason, sample.stop_reason = FinishReason.STOP, update.stop_str
                 stopped.append(req.request_id)
-            elif req.is_finished:
+            elif req_finished:
                 sample.text += sample.detokenizer.flush()
                 sample.finish_reason = req.finish_reason
                 sample.stop_reason = req.stop_reason
                 if req.finish_reason == FinishReason.ERROR:
                     prompt.error = req.error or "request failed"
             metrics = prompt.metrics
-            metrics.first_scheduled_time = metrics.first_scheduled_time or req.first_scheduled_time
-            metrics.first_token_time = metrics.first_token_time or req.first_token_time or now
-            metrics.num_cached_tokens = max(metrics.num_cached_tokens, req.num_cached_tokens)
+            if metrics.first_token_time is None or metrics.first_scheduled_time is None:  # else no-ops
+                metrics.first_scheduled_time = metrics.first_scheduled_time or req.first_scheduled_time
+                metrics.first_token_time = metrics.first_token_time or req.first_token_time or now
+            if req.num_cached_tokens > metrics.num_cached_tokens:
+                metrics.num_cached_tokens = req.num_cached_tokens
             if is_due or sample.finish_reason is not None:
                 changed[parent_id] = prompt
         outputs = [self._make_output(p) for p in changed.values() if p.stream or p.finished]
@@ -184,17 +186,22 @@ class OutputProcessor:
             self.parent_of.pop(child_id, None)
 
     def _make_output(self, prompt: PromptState) -> RequestOutput:
-        for s in prompt.samples.values():
+        samples = prompt.samples.values()
+        if len(samples) > 1:
+            samples = sorted(samples, key=lambda s: s.index)
+        outputs = []
+        finished = True
+        for s in samples:
             if s.num_tokens_detokenized < len(s.token_ids):  # deferred text (interval > 1)
                 s.text += s.detokenizer.update(s.token_ids[s.num_tokens_detokenized:]).delta_text
                 s.num_tokens_detokenized = len(s.token_ids)
             s.num_tokens_emitted = len(s.token_ids)
-        outputs = [CompletionOutput(index=s.index, text=s.text, token_ids=list(s.token_ids),
-                                    logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                                    finish_reason=s.finish_reason.value if s.finish_reason else None,
-                                    stop_reason=s.stop_reason)
-                   for s in sorted(prompt.samples.values(), key=lambda s: s.index)]
-        finished = prompt.finished
+            reason = s.finish_reason
+            finished = finished and reason is not None
+            outputs.append(CompletionOutput(
+                index=s.index, text=s.text, token_ids=list(s.token_ids),
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                finish_reason=reason.value if reason is not None else None, stop_reason=s.stop_reason))
         if finished:
             prompt.metrics.finished_time = time.monotonic()
             self.prompts.pop(prompt.request_id, None)
