@@ -32,21 +32,27 @@ class RunnerMirror:
     def request_data(self, request: Request, copies: BlockCopies) -> NewRequestData | CachedRequestData:
         """The request in full if the runner does not hold it, else its diff; the runner holds
         it as it is now afterwards."""
+        block_ids = request.block_ids
         sent = self._sent.get(request.request_id)
-        self._sent[request.request_id] = _SentState(request.num_tokens, len(request.block_ids))
         if sent is None:
+            self._sent[request.request_id] = _SentState(request.num_tokens, len(block_ids))
             return NewRequestData(
                 request_id=request.request_id, token_ids=request.all_token_ids,
-                num_prompt_tokens=request.num_prompt_tokens, block_ids=list(request.block_ids),
+                num_prompt_tokens=request.num_prompt_tokens, block_ids=list(block_ids),
                 num_computed_tokens=request.num_computed_tokens,
                 sampling_params=request.sampling_params, num_output_tokens=request.num_output_tokens)
-        replaced = [(request.block_ids.index(dst), dst) for _, dst in copies]
-        return CachedRequestData(
+        replaced = []
+        for _, dst in copies:  # copy-on-write: a block the runner holds changed
+            index = block_ids.index(dst)
+            if index < sent.num_block_ids:
+                replaced.append((index, dst))
+        data = CachedRequestData(
             request_id=request.request_id,
             new_token_ids=request.output_token_ids[sent.num_token_ids - request.num_prompt_tokens:],
-            new_block_ids=request.block_ids[sent.num_block_ids:],
-            replaced_blocks=[(i, b) for i, b in replaced if i < sent.num_block_ids],
+            new_block_ids=block_ids[sent.num_block_ids:], replaced_blocks=replaced,
             num_computed_tokens=request.num_computed_tokens)
+        sent.num_token_ids, sent.num_block_ids = request.num_tokens, len(block_ids)
+        return data
 
     def forget(self, request_id: str) -> None:
         """The runner drops the request (preempted, finished): it is sent in full next time."""
