@@ -146,5 +146,5 @@ def fast_decoder(tokenizer) -> Callable[[Sequence[int], bool], str]:
         return slow
 
     def fast(ids: Sequence[int], skip_special_tokens: bool) -> str:
-        return backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return backend.decode(ids, skip_special_tokens=skip_special_tokens)  # any int sequence
     return fast

@@ -175,12 +175,11 @@ def test_one_worker_replica_declares_no_placement_group():
 def test_multi_worker_replica_bundles(engine, expected_bundles, strategy):
     from ray import serve
 
-    from engine.distributed.topology import num_workers
     from router.app import _replica_options
     from router.replica import LLMServer
     cfg = parse_deployment_config({"engine": engine, "replicas": {"num_cpus": 2}})
     options = _replica_options("LLMServer", cfg.replicas, cfg.autoscaling, cfg.engine)
     assert options["placement_group_bundles"] == expected_bundles
     assert options["placement_group_strategy"] == strategy
-    assert len(expected_bundles) == 1 + num_workers(cfg.engine.parallel)
+    assert len(expected_bundles) == 1 + cfg.engine.parallel.num_workers
     serve.deployment(LLMServer, **options)  # Serve's validation: the replica actor fits bundle 0

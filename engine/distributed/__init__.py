@@ -8,8 +8,8 @@
 """
 
 from engine.distributed.communicator import Communicator
-from engine.distributed.topology import (SINGLE_RANK, ParallelRank, num_workers, rank_layout,
-                                         stage_layers, validate_parallel_sizes)
+from engine.distributed.topology import (SINGLE_RANK, ParallelRank, rank_layout, stage_layers,
+                                         validate_parallel_sizes)
 
-__all__ = ["Communicator", "ParallelRank", "SINGLE_RANK", "num_workers", "rank_layout",
-           "stage_layers", "validate_parallel_sizes"]
+__all__ = ["Communicator", "ParallelRank", "SINGLE_RANK", "rank_layout", "stage_layers",
+           "validate_parallel_sizes"]

@@ -95,20 +95,11 @@ class ParallelRank:
 SINGLE_RANK = ParallelRank(rank=0, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, ep_rank=0, ep_size=1)
 
 
-def stage_size(parallel: ParallelConfig) -> int:
-    return parallel.stage_size
-
-
-def num_workers(parallel: ParallelConfig) -> int:
-    """Workers (GPUs) of one replica: pipeline stages x stage size."""
-    return parallel.num_workers
-
-
 def rank_layout(parallel: ParallelConfig) -> list[ParallelRank]:
     """Every worker's coordinates, by global rank."""
     tp, pp, ep = (parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
                   parallel.expert_parallel_size)
-    size = stage_size(parallel)
+    size = parallel.stage_size
     ranks = []
     for rank in range(pp * size):
         pp_rank, stage_rank = divmod(rank, size)
