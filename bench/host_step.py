@@ -60,11 +60,9 @@ def main() -> None:
     args = parser.parse_args()
     max_model_len = args.prompt_len + args.max_tokens
     if args.model_dir:
-        from engine.tiny_model import ensure_tiny_model
-        config = EngineConfig.create(
-            model=args.model_dir, tokenizer=ensure_tiny_model(), load_format="dummy", dtype="bfloat16",
-            device="cuda", max_model_len=max(max_model_len, 512), max_num_seqs=max(args.num_requests, 8),
-            max_num_batched_tokens=8192, gpu_memory_utilization=0.85)
+        from bench.parallel_parts import dummy_gpu_config
+        config = dummy_gpu_config(args.model_dir, max_model_len=max(max_model_len, 512),
+                                  max_num_seqs=max(args.num_requests, 8), max_num_batched_tokens=8192)
     else:
         config = EngineConfig.create(
             model="kvmesh-tiny", dtype="float32", device="cpu", max_model_len=max_model_len,

@@ -152,13 +152,19 @@ def make_engine(args: argparse.Namespace, max_num_seqs: int):
                                      max_model_len=512, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=512, num_blocks=512)
     else:
-        from engine.tiny_model import ensure_tiny_model
-        config = EngineConfig.create(model=args.model_dir, tokenizer=ensure_tiny_model(), load_format="dummy",
-                                     dtype="bfloat16", device="cuda", tensor_parallel_size=args.tp,
-                                     distributed_executor_backend=executor,
-                                     max_model_len=2048, max_num_seqs=max_num_seqs,
-                                     max_num_batched_tokens=8192, gpu_memory_utilization=0.85)
+        config = dummy_gpu_config(args.model_dir, tensor_parallel_size=args.tp,
+                                  distributed_executor_backend=executor, max_model_len=2048,
+                                  max_num_seqs=max_num_seqs, max_num_batched_tokens=8192)
     return LLMEngine(config)
+
+
+def dummy_gpu_config(model_dir: str, **options):
+    """An engine config for ``model_dir``'s shapes (``write_model_dir``) on the GPU: dummy bf16
+    weights, kvmesh-tiny's tokenizer, 85% of the GPU's memory; ``options`` size the rest."""
+    from engine.config import EngineConfig
+    from engine.tiny_model import ensure_tiny_model
+    return EngineConfig.create(model=model_dir, tokenizer=ensure_tiny_model(), load_format="dummy",
+                               dtype="bfloat16", device="cuda", gpu_memory_utilization=0.85, **options)
 
 
 def measure_decode(engine, decode_steps: int, profile_steps: int = 0) -> dict:

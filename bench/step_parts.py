@@ -48,16 +48,12 @@ def knock_out(part: str) -> None:
 
 
 def run_variant(model_dir: str, part: str) -> dict:
-    from bench.parallel_parts import device_only_step
-    from engine.config import EngineConfig
+    from bench.parallel_parts import device_only_step, dummy_gpu_config
     from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
-    from engine.tiny_model import ensure_tiny_model
     if part != "none":
         knock_out(part)
-    engine = LLMEngine(EngineConfig.create(
-        model=model_dir, tokenizer=ensure_tiny_model(), load_format="dummy", dtype="bfloat16", device="cuda",
-        max_model_len=512, max_num_seqs=1, max_num_batched_tokens=512, gpu_memory_utilization=0.85))
+    engine = LLMEngine(dummy_gpu_config(model_dir, max_model_len=512, max_num_seqs=1, max_num_batched_tokens=512))
     try:
         engine.add_request("r", [7] * 128, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
         while engine.has_unfinished_requests():
