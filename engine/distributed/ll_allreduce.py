@@ -34,6 +34,17 @@ GEMV instead of following it. Each rank decides alone (a peer only waits for the
 ranks whose GEMV tuners chose differently still agree. The call after ``gemv_push`` must take
 its output (checked: ``_take_pushed``). ``KVMESH_LL_PUSH=0`` turns it off.
 
+No-wait (``KVMESH_LL_NO_WAIT``, on by default): that GEMV also stores its lines into my own
+slot, under the same flags, and writes nothing else, so the LL call reads every rank's partial
+sums, mine included, only through flagged lines and skips its ``griddepcontrol.wait`` on the
+GEMV: it sums as soon as the last line lands, instead of once the GEMV's grid has ended, an end
+that waits for the GEMV's NVLink stores to be acknowledged. What else it reads (residual, norm
+weight, round) was written by kernels that ended before the GEMV let the call launch. It
+advances the round only once every line is in (each GEMV program read the round word before it
+stored its lines), and its outputs may take memory the GEMV read, which every program has done
+before it stores its lines. The GEMV leaves its returned tensor unwritten: a plain store there
+could land after the call ended and the memory went to a later kernel.
+
 Why one round per call, two parities and no end barrier: rank r can only start call R+1 after its
 call R read data of call R from every peer, which each peer wrote after its call R-1 kernel had
 finished (stream order), i.e. after that peer read everything of parity (R-1) & 1 = (R+1) & 1. So
@@ -76,6 +87,9 @@ logger = logging.getLogger(__name__)
 
 LL_DISABLE_ENV = "KVMESH_DISABLE_LL_ALLREDUCE"
 LL_PUSH_ENV = "KVMESH_LL_PUSH"  # 0: row-parallel GEMVs never push (the LL kernel always does)
+# 1 (default): a pushing GEMV also pushes into my own slot, and its LL call reads only flagged
+# lines and never waits for that GEMV to end (module doc: "no-wait"); 0: it waits, as before
+LL_NO_WAIT_ENV = "KVMESH_LL_NO_WAIT"
 # When the kernel after an LL call may launch (PDL): "start" of the call (default) or "wait",
 # once the kernel before it has ended (see the kernel); kept for A/B runs
 LL_TRIGGER_ENV = "KVMESH_LL_TRIGGER"
@@ -110,6 +124,8 @@ BUILDS = _builds(os.environ.get(LL_BUILDS_ENV, "512x2"))
 LINE_DATA_BYTES = 8
 LINE_BYTES = 16
 MODE_SUM, MODE_NORM, MODE_NORM_NO_RESIDUAL = 0, 1, 2
+# The kernel's ``pushed`` argument: who sent this call's partial sums, and where mine are
+NOT_PUSHED, PUSHED_TO_PEERS, PUSHED_TO_ALL = 0, 1, 2
 
 
 
@@ -145,6 +161,9 @@ class LLAllReduce(CustomAllReduce):
         self.max_lines = int(max_bytes) // LINE_DATA_BYTES
         self._push_table: Optional[torch.Tensor] = None  # gemv_row_push's addresses (set-up)
         self._pushed: Optional[torch.Tensor] = None  # a pushed partial its LL call has not taken
+        self._pushed_mode = NOT_PUSHED  # how it was pushed
+        # gemv_push pushes into my own slot too and its LL call does not wait for it (no-wait)
+        self.no_wait = os.environ.get(LL_NO_WAIT_ENV, "1") not in ("", "0")
         self._dependent_launch_ok = True  # off for good after a failed cuLaunchKernelEx
         self._functions: dict[tuple, int] = {}  # (dtype, threads, lines per thread) -> CUfunction
         super().__init__(comm, max_bytes=max_bytes, self_check_timeout_s=self_check_timeout_s)
@@ -196,19 +215,23 @@ class LLAllReduce(CustomAllReduce):
             return None
         from engine.kernels import gemv
         out = gemv.gemv_row_push(x, weight, self._push_table, self.rank, self.world_size,
-                                 2 * self.max_lines)
-        self._pushed = out
+                                 2 * self.max_lines, self_slot=self.no_wait)
+        if out is not None:
+            self._pushed = out
+            self._pushed_mode = PUSHED_TO_ALL if self.no_wait else PUSHED_TO_PEERS
         return out
 
-    def _take_pushed(self, x: torch.Tensor) -> bool:
-        """Whether x is the partial ``gemv_push`` sent (this call must not push it again)."""
+    def _take_pushed(self, x: torch.Tensor) -> int:
+        """How x was pushed (NOT_PUSHED, PUSHED_TO_PEERS or PUSHED_TO_ALL: the kernel's
+        ``pushed``); a pushed x must be the partial ``gemv_push`` sent, which this call must
+        not push again (and, pushed to all, whose values only the slots hold)."""
         pushed, self._pushed = self._pushed, None
         if pushed is None:
-            return False
+            return NOT_PUSHED
         if pushed.data_ptr() != x.data_ptr() or pushed.shape != x.shape:
             raise RuntimeError("the LL call after gemv_push must reduce gemv_push's output: the "
                                "peers already hold it under this call's round")
-        return True
+        return self._pushed_mode
 
     def destroy(self) -> None:
         self._push_table, self._pushed = None, None  # no GEMV may push into freed buffers

@@ -80,11 +80,19 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
     const int line = t + k * THREADS;
     if (mode != 0 && line < lines_per_row) wgt[k].u = ((const uint2*)weight_addr)[line];
   }
+  // pushed: 0, this call pushes my partial sums itself; 1, the GEMV before (gemv_row_push)
+  // pushed them to the peers and x holds them; 2 (no-wait), that GEMV pushed them to every
+  // rank, me included, as flagged lines, and wrote nothing else: this call reads what it
+  // wrote through the flags alone, so it never waits for that GEMV to END, an end that waits
+  // for the GEMV's NVLink stores to be acknowledged. One row only (one CTA). The residual, the
+  // round and the norm weight were written before that GEMV started: kernels before it ended
+  // before it let this one launch (it waits, then lets dependents launch).
+  const bool no_wait = pushed == 2;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched as a programmatic dependent itself (engine/kernels/pdl.py: launch_dependent), this
   // call may start while the kernel that wrote x (the row-parallel GEMV) still runs: wait for
   // that kernel to end before reading x, the residual or the round. A no-op otherwise.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (!no_wait) asm volatile("griddepcontrol.wait;" ::: "memory");
 #if LL_TRIGGER_AFTER_WAIT
   // KVMESH_LL_TRIGGER=wait: the next GEMV's programs get on the SMs only now, once the GEMV
   // before has ended, so what they load before they wait streams while this call waits for
@@ -108,7 +116,7 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   for (int k = 0; k < LPT; ++k) {
     const int line = t + k * THREADS;
     if (line < lines_per_row) {
-      mine[k].u = ((const uint2*)x_addr)[row_line0 + line];
+      if (!no_wait) mine[k].u = ((const uint2*)x_addr)[row_line0 + line];
       if (mode == 1) res[k].u = ((const uint2*)residual_addr)[row_line0 + line];
     }
   }
@@ -117,7 +125,9 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   const u32 round = s_round;
   // One CTA (a decode row): it has read the round, so it advances it now, with no end-of-call
   // counter. The next call reads it after this kernel ended (stream order), so no fence either.
-  if (gridDim.x == 1 && t == 0) sig[ROUND_OFF] = round;
+  // No-wait: only once every line is in (below), as the GEMV's programs read the round word
+  // while this call may already run; each has read it before it stored its lines.
+  if (gridDim.x == 1 && t == 0 && !no_wait) sig[ROUND_OFF] = round;
   const long long parity = round & 1u;
 
   // 2. push them into every peer's slot (parity, me, row, line), unless the GEMV that made
@@ -141,7 +151,7 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
       const int line = t + k * THREADS;
       if (line >= lines_per_row) continue;
       line_t p;
-      if (q == rank) {
+      if (q == rank && !no_wait) {
         p = mine[k];
       } else {
         uint4 v = ld_line(src + line);
@@ -158,6 +168,10 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
 #pragma unroll
       for (int j = 0; j < (int)EPL; ++j) acc[k][j] = (q == 0) ? to_f32(p.e[j]) : acc[k][j] + to_f32(p.e[j]);
     }
+  }
+  if (no_wait) {
+    __syncthreads();  // every line is in: every program of the GEMV has read the round word
+    if (t == 0) sig[ROUND_OFF] = round;
   }
 #if LL_STAMPS
   __syncthreads();  // every thread has its peers' lines

@@ -181,7 +181,8 @@ if triton is not None:
     def _gemv_row_push_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, table_ptr, rank, world,
                               slot_words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRE_K: tl.constexpr,
-                              PDL: tl.constexpr = False, EARLY_ROUND: tl.constexpr = True):
+                              PDL: tl.constexpr = False, EARLY_ROUND: tl.constexpr = True,
+                              SELF: tl.constexpr = False):
         """``_gemv_row_kernel``, and its outputs also stored straight into every peer's LL
         all-reduce receive slot for this rank (engine/distributed/ll_allreduce.py), so the LL
         call that sums them need not push them itself: the NVLink hop overlaps this GEMV.
@@ -196,21 +197,32 @@ if triton is not None:
         integer-to-pointer casts); set up once, so a 2-rank group's one peer entry is read at
         the start. BLOCK_N is even (whole 8-byte halves per program); ``slot_words`` = int64
         words per (parity, rank) slot. EARLY_ROUND=False (``KVMESH_PUSH_EARLY_ROUND=0``): both
-        reads after the sum, as before stop 21, for A/B runs."""
+        reads after the sum, as before stop 21, for A/B runs.
+
+        SELF (the LL all-reduce's no-wait mode, ``KVMESH_LL_NO_WAIT``): the outputs go into my
+        own slot too, as flagged lines, and NOT into ``out``: the LL call then reads every
+        rank's partial sums, mine included, through the flags and never waits for this kernel
+        to end (an end that waits for its NVLink stores to be acknowledged). ``out`` is left
+        unwritten: a plain store there could land after the LL call has ended and the memory
+        has gone to a later kernel, as nothing would wait for it."""
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         peer_entry = tl.zeros((), dtype=tl.int64)
+        own_entry = tl.zeros((), dtype=tl.int64)
         if EARLY_ROUND:  # a 2-rank group's one peer entry (the table never changes), used at the end
             peer_entry = tl.load(table_ptr + (1 - rank) * (world == 2))
+            if SELF:
+                own_entry = tl.load(table_ptr + rank)
         out, round_word = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL,
                                    PRE_K, table_ptr, world, EARLY_ROUND)
         if not EARLY_ROUND:  # the order before stop 21 (bench/push_gemv.py's A/B): after the sum
             round_word = _ll_round_word(table_ptr, world)
         out = out.to(out_ptr.dtype.element_ty)  # (BLOCK_N,), what the LL call will sum
-        if EVEN_N:
-            tl.store(out_ptr + rn, out)
-        else:
-            tl.store(out_ptr + rn, out, mask=rn < N)
+        if not SELF:
+            if EVEN_N:
+                tl.store(out_ptr + rn, out)
+            else:
+                tl.store(out_ptr + rn, out, mask=rn < N)
         bits = out.to(tl.uint16, bitcast=True).to(tl.uint32)  # (BLOCK_N,)
         lo, hi = tl.split(tl.reshape(bits, (BLOCK_N // 2, 2)))  # values 2w and 2w+1
         words = (lo | (hi << 16)).to(tl.int64)  # (BLOCK_N // 2,) one {value, value} each
@@ -220,9 +232,11 @@ if triton is not None:
         slot = ((round_ & 1) * world + rank) * slot_words  # (parity, me), row 0
         if world == 2 and EARLY_ROUND:  # TP=2: the one peer, its table entry read at the start
             tl.store(table_ptr + peer_entry + slot + rw, packets, mask=rw * 2 < N)
+            if SELF:  # then mine (the peer's lines have the longer way)
+                tl.store(table_ptr + own_entry + slot + rw, packets, mask=rw * 2 < N)
         else:
             for q in range(0, world):
-                if q != rank:
+                if q != rank or SELF:
                     dst = table_ptr + tl.load(table_ptr + q) + slot
                     tl.store(dst + rw, packets, mask=rw * 2 < N)
 
@@ -293,9 +307,11 @@ def gemv_row(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def gemv_row_push(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, rank: int,
-                  world: int, slot_words: int) -> Optional[torch.Tensor]:
+                  world: int, slot_words: int, self_slot: bool = False) -> Optional[torch.Tensor]:
     """``gemv_row``, also sending the (1, N) result into the peers' LL receive slots (see
     ``_gemv_row_push_kernel``; ``table`` and ``slot_words`` come from the LL all-reduce).
+    ``self_slot``: into my own slot as well and not into the returned tensor, which is then
+    only a handle for the LL call (its values are never written).
     Runs with the config the tuner picked for ``gemv_row`` at this shape, so the values are
     bit-identical to ``gemv_row``'s (and it is never autotuned: autotuning would push
     several times). None where ``gemv_tune.tune`` did not pick ``gemv_row`` for this shape or the
@@ -312,7 +328,7 @@ def gemv_row_push(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, ra
     _gemv_row_push_kernel[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
         x, weight, out, n, k, weight.stride(0), table, rank, world, slot_words, **config.kwargs,
         num_warps=config.num_warps, num_stages=config.num_stages, PDL=on, launch_pdl=on,
-        EARLY_ROUND=PUSH_EARLY_ROUND)
+        EARLY_ROUND=PUSH_EARLY_ROUND, SELF=self_slot)
     return out
 
 

@@ -105,16 +105,19 @@ def main() -> None:
         k = compile_kernel(fn, args)
         print(f"{name}: {resource_usage(k)}; griddepcontrol x{k.asm['ptx'].count('griddepcontrol')}")
     from engine.kernels import gemv as gk
-    for bn, bk, warps, pdl in ((2, 2048, 4, True), (4, 1024, 4, False), (8, 1024, 8, True), (16, 256, 4, True)):
+    for bn, bk, warps, pdl, self_slot in ((2, 2048, 4, True, False), (4, 1024, 4, False, False),
+                                          (8, 1024, 8, True, False), (16, 256, 4, True, False),
+                                          (2, 2048, 4, True, True), (8, 1024, 8, True, True)):
         k = compile_kernel(gk._gemv_row_push_kernel.fn, dict(
             x_ptr=dt, w_ptr=dt, out_ptr=dt, N=4096, K=7168, stride_wn=7168, table_ptr=torch.int64,
             rank=1, world=2, slot_words=65536, BLOCK_N=C(bn), BLOCK_K=C(bk), EVEN_K=C(True),
-            EVEN_N=C(True), PRE_K=C(bk), PDL=C(pdl)), num_warps=warps, num_stages=3)
-        # the packets must leave as whole 8-byte (or wider) stores: the LL reader's atomicity
+            EVEN_N=C(True), PRE_K=C(bk), PDL=C(pdl), SELF=C(self_slot)), num_warps=warps, num_stages=3)
+        # the packets must leave as whole 8-byte (or wider) stores: the LL reader's atomicity;
+        # no-wait (SELF): nothing but the packets (no b16 store of the output)
         stores = sorted(set(re.findall(r"st\.global[.\w]*", k.asm["ptx"])))
         gdc = k.asm["ptx"].count("griddepcontrol")
-        print(f"gemv_row_push N{bn} K{bk} w{warps} pdl={pdl}: {resource_usage(k)}; stores {stores}; "
-              f"griddepcontrol x{gdc}")
+        print(f"gemv_row_push N{bn} K{bk} w{warps} pdl={pdl} self={self_slot}: {resource_usage(k)}; "
+              f"stores {stores}; griddepcontrol x{gdc}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ What ``test_ll_allreduce`` checks across GPUs, as far as one GPU can: the set-up
 passes; both modes (sum; residual add + RMSNorm) give every rank the same bits, equal to the
 reference; back-to-back calls of changing row counts (the rounds and parities) stay right; the
 GEMV that pushes its outputs into the peers' slots gives what the plain GEMV then the LL call
-give; and a call's stamps (``KVMESH_LL_STAMPS``) come in order. Runs where only one GPU is lent.
+give, with the LL call waiting for that GEMV to end or not (no-wait: it reads only flagged
+lines), in any issue order; and a call's stamps (``KVMESH_LL_STAMPS``) come in order. Runs where only one GPU is lent.
 """
 
 from __future__ import annotations
@@ -79,28 +80,65 @@ def test_every_rank_gets_the_same_bits_and_the_reference(world, group_of):
             assert torch.equal(sums[rank], sums[0]), f"rank {rank}: other bits"
 
 
-@eager
-def test_the_pushing_gemv_gives_what_the_plain_gemv_then_the_call_give(group_of):
+def _pushing_case(world: int):
+    """Per rank a (1, 2048) row and a (4096, 2048) weight, the shape tuned for the one-row GEMV
+    (before any LL kernel runs), and the call's residual and norm weight."""
     from engine.kernels import gemv
     gen = torch.Generator(device="cuda").manual_seed(77)
-    a = [torch.randn(1, 2048, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(2)]
+    a = [torch.randn(1, 2048, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(world)]
     w = [(torch.randn(4096, 2048, generator=gen, device="cuda") / 2048 ** 0.5).to(torch.bfloat16)
-         for _ in range(2)]
+         for _ in range(world)]
     residual, weight = rank_inputs(0, 1, 4096, torch.bfloat16, 5)[1:]
-    gemv.gemv_row(a[0], w[0])  # tunes the shape before any LL kernel runs
+    gemv.gemv_row(a[0], w[0])
     gemv._USE_GEMV[(4096, 2048, torch.bfloat16)] = ("row", None)
+    return a, w, residual, weight
+
+
+@eager
+@pytest.mark.parametrize("no_wait", [False, True], ids=["wait", "no_wait"])
+def test_the_pushing_gemv_gives_what_the_plain_gemv_then_the_call_give(group_of, no_wait):
+    from engine.kernels import gemv
+    a, w, residual, weight = _pushing_case(2)
     group = group_of(2)
+    for ll in group.lls:
+        ll.no_wait = no_wait
     for _ in range(3):  # GEMVs of every rank first (they never wait), then the LL calls
         plain = group.issue(lambda r, ll: gemv.gemv_row(a[r], w[r]))
         want = group.issue(lambda r, ll: ll.all_reduce_rms_norm(plain[r], residual, weight, EPS))
         pushed = group.issue(lambda r, ll: ll.gemv_push(a[r], w[r]))
         assert all(p is not None for p in pushed), "gemv_push refused a tuned one-row shape"
         got = group.issue(lambda r, ll: ll.all_reduce_rms_norm(pushed[r], residual, weight, EPS))
+        summed = group.issue(lambda r, ll: ll.all_reduce(ll.gemv_push(a[r], w[r])))
+        want_sum = group.issue(lambda r, ll: ll.all_reduce(plain[r]))
         group.synchronize()
         for r in range(2):
-            assert torch.equal(pushed[r], plain[r])
+            if not no_wait:  # no-wait leaves the GEMV's own output unwritten: only the slots hold it
+                assert torch.equal(pushed[r], plain[r])
             assert torch.equal(got[r][0], want[r][0]) and torch.equal(got[r][1], want[r][1])
+            assert torch.equal(summed[r], want_sum[r])
         assert torch.equal(got[0][0], got[1][0])
+
+
+@eager
+@pytest.mark.parametrize("world", [2, 4])
+def test_no_wait_calls_wait_for_every_line_in_any_issue_order(group_of, world):
+    """Each rank's GEMV then its no-wait LL call, rank after rank: rank 0's call runs before any
+    peer's GEMV was even issued, so it has only the flags to wait on (its own lines included,
+    as it does not wait for its GEMV to end). Ranks mix modes (rank 1 waits), over rounds of
+    both parities, in a CUDA graph-free loop; every rank must get the plain path's bits."""
+    from engine.kernels import gemv
+    a, w, residual, weight = _pushing_case(world)
+    group = group_of(world)
+    for rank, ll in enumerate(group.lls):
+        ll.no_wait = rank != 1
+    plain = group.issue(lambda r, ll: gemv.gemv_row(a[r], w[r]))
+    want = group.issue(lambda r, ll: ll.all_reduce_rms_norm(plain[r], residual, weight, EPS))
+    group.synchronize()
+    for _ in range(6):
+        got = group.issue(lambda r, ll: ll.all_reduce_rms_norm(ll.gemv_push(a[r], w[r]), residual, weight, EPS))
+        group.synchronize()
+        for r in range(world):
+            assert torch.equal(got[r][0], want[r][0]) and torch.equal(got[r][1], want[r][1]), f"rank {r}"
 
 
 @eager
