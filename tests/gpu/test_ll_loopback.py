@@ -133,6 +133,10 @@ def test_no_wait_calls_wait_for_every_line_in_any_issue_order(group_of, world):
         ll.no_wait = rank != 1
     plain = group.issue(lambda r, ll: gemv.gemv_row(a[r], w[r]))
     want = group.issue(lambda r, ll: ll.all_reduce_rms_norm(plain[r], residual, weight, EPS))
+    # Every rank's pushing GEMV once before any LL call spins: a kernel's first launch loads it
+    # (Triton specializes on the rank), and a load may wait for the spinning call (a deadlock)
+    warm = group.issue(lambda r, ll: ll.gemv_push(a[r], w[r]))
+    group.issue(lambda r, ll: ll.all_reduce_rms_norm(warm[r], residual, weight, EPS))
     group.synchronize()
     for _ in range(6):
         got = group.issue(lambda r, ll: ll.all_reduce_rms_norm(ll.gemv_push(a[r], w[r]), residual, weight, EPS))
