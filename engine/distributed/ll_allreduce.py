@@ -34,7 +34,7 @@ GEMV instead of following it. Each rank decides alone (a peer only waits for the
 ranks whose GEMV tuners chose differently still agree. The call after ``gemv_push`` must take
 its output (checked: ``_take_pushed``). ``KVMESH_LL_PUSH=0`` turns it off.
 
-No-wait (``KVMESH_LL_NO_WAIT``, on by default): that GEMV also stores its lines into my own
+No-wait (``KVMESH_LL_NO_WAIT=1``; off by default until measured across two GPUs): that GEMV also stores its lines into my own
 slot, under the same flags, and writes nothing else, so the LL call reads every rank's partial
 sums, mine included, only through flagged lines and skips its ``griddepcontrol.wait`` on the
 GEMV: it sums as soon as the last line lands, instead of once the GEMV's grid has ended, an end
@@ -87,8 +87,9 @@ logger = logging.getLogger(__name__)
 
 LL_DISABLE_ENV = "KVMESH_DISABLE_LL_ALLREDUCE"
 LL_PUSH_ENV = "KVMESH_LL_PUSH"  # 0: row-parallel GEMVs never push (the LL kernel always does)
-# 1 (default): a pushing GEMV also pushes into my own slot, and its LL call reads only flagged
-# lines and never waits for that GEMV to end (module doc: "no-wait"); 0: it waits, as before
+# 1: a pushing GEMV also pushes into my own slot, and its LL call reads only flagged lines and
+# never waits for that GEMV to end (module doc: "no-wait"); 0 (default, until it is measured
+# at TP=2 on two GPUs): the call waits for it, as before
 LL_NO_WAIT_ENV = "KVMESH_LL_NO_WAIT"
 # When the kernel after an LL call may launch (PDL): "start" of the call (default) or "wait",
 # once the kernel before it has ended (see the kernel); kept for A/B runs
@@ -163,7 +164,7 @@ class LLAllReduce(CustomAllReduce):
         self._pushed: Optional[torch.Tensor] = None  # a pushed partial its LL call has not taken
         self._pushed_mode = NOT_PUSHED  # how it was pushed
         # gemv_push pushes into my own slot too and its LL call does not wait for it (no-wait)
-        self.no_wait = os.environ.get(LL_NO_WAIT_ENV, "1") not in ("", "0")
+        self.no_wait = os.environ.get(LL_NO_WAIT_ENV, "0") not in ("", "0")
         self._dependent_launch_ok = True  # off for good after a failed cuLaunchKernelEx
         self._functions: dict[tuple, int] = {}  # (dtype, threads, lines per thread) -> CUfunction
         super().__init__(comm, max_bytes=max_bytes, self_check_timeout_s=self_check_timeout_s)
