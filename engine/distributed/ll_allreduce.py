@@ -34,16 +34,17 @@ GEMV instead of following it. Each rank decides alone (a peer only waits for the
 ranks whose GEMV tuners chose differently still agree. The call after ``gemv_push`` must take
 its output (checked: ``_take_pushed``). ``KVMESH_LL_PUSH=0`` turns it off.
 
-No-wait (``KVMESH_LL_NO_WAIT=1``; off by default until measured across two GPUs): that GEMV also stores its lines into my own
-slot, under the same flags, and writes nothing else, so the LL call reads every rank's partial
-sums, mine included, only through flagged lines and skips its ``griddepcontrol.wait`` on the
-GEMV: it sums as soon as the last line lands, instead of once the GEMV's grid has ended, an end
-that waits for the GEMV's NVLink stores to be acknowledged. What else it reads (residual, norm
-weight, round) was written by kernels that ended before the GEMV let the call launch. It
-advances the round only once every line is in (each GEMV program read the round word before it
-stored its lines), and its outputs may take memory the GEMV read, which every program has done
-before it stores its lines. The GEMV leaves its returned tensor unwritten: a plain store there
-could land after the call ended and the memory went to a later kernel.
+No-wait (``KVMESH_LL_NO_WAIT=1``; off by default until measured across two GPUs): that GEMV
+also stores its lines into my own slot, under the same flags, and writes nothing else, so the LL
+call reads every rank's partial sums, mine included, only through flagged lines and skips its
+``griddepcontrol.wait`` on the GEMV: it sums as soon as the last line lands, instead of once the
+GEMV's grid has ended, an end that waits for the GEMV's NVLink stores to be acknowledged. What
+else it reads (residual, norm weight, round) was written by kernels that ended before the GEMV
+let the call launch. It advances the round only once every line is in (each GEMV program read
+the round word before it stored its lines), and its outputs may take memory the GEMV read, which
+every program has done before it stores its lines. The GEMV leaves its returned tensor
+unwritten: a plain store there could land after the call ended and the memory went to a later
+kernel.
 
 Why one round per call, two parities and no end barrier: rank r can only start call R+1 after its
 call R read data of call R from every peer, which each peer wrote after its call R-1 kernel had
