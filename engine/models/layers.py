@@ -31,7 +31,7 @@ from torch import nn
 
 from engine import kernels as fused
 from engine.kernels import gemv
-from engine.sampler import greedy_argmax
+from engine.sampler import greedy_argmax, pick_greedy, shard_greedy_table
 
 
 class Communicator(Protocol):
@@ -349,22 +349,15 @@ class ParallelLMHead(VocabParallelEmbedding):
         its shard's maximum and first argmax, and one all-reduce of a zeroed (R, tp, 2) fp32
         table, where each rank fills its own column with (value, id), gives every rank all
         pairs (exact: one nonzero term per entry; ids < 2**24). The first rank holding the
-        largest value has the lowest id among ties, as ``argmax`` over the whole row."""
+        largest value has the lowest id among ties, as ``argmax`` over the whole row. On CUDA
+        the table and the pick are Triton launches (engine/sampler.py: ``shard_greedy_table``,
+        ``pick_greedy``): five launches with the GEMV and the all-reduce."""
         if self.tp_size == 1 or self.vocab_size >= 2 ** 24:  # ids exact in fp32 below 2**24
             return greedy_argmax(self.compute_logits(hidden, upcast=False))
         logits = gemv.linear(hidden, self.weight)  # (R, vocab / tp)
-        rows, owned = logits.shape[0], self.vocab_end - self.vocab_start  # the rest is padding
-        table = torch.zeros(rows, self.tp_size, 2, dtype=torch.float32, device=logits.device)
-        if owned > 0:
-            local = logits[:, :owned]
-            ids = greedy_argmax(local)  # (R,)
-            table[:, self.tp_rank, 0] = local.gather(1, ids[:, None])[:, 0].float()
-            table[:, self.tp_rank, 1] = (ids + self.vocab_start).float()
-        else:
-            table[:, self.tp_rank, 0] = float("-inf")
-        table = self.comm.all_reduce(table.view(rows, -1)).view(rows, self.tp_size, 2)
-        best = table[:, :, 0].argmax(dim=1, keepdim=True)  # (R, 1): the first rank at the max
-        return table[:, :, 1].gather(1, best)[:, 0].long()
+        owned = self.vocab_end - self.vocab_start  # the rest is padding
+        table = shard_greedy_table(logits[:, :owned], self.tp_rank, self.tp_size, self.vocab_start)
+        return pick_greedy(self.comm.all_reduce(table), self.tp_size)  # (R, tp * 2) summed -> (R,)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise TypeError("ParallelLMHead is not an embedding; call compute_logits(hidden)")

@@ -104,6 +104,14 @@ def main() -> None:
     for name, (fn, args) in ko.aot_examples(dt).items():
         k = compile_kernel(fn, args)
         print(f"{name}: {resource_usage(k)}; griddepcontrol x{k.asm['ptx'].count('griddepcontrol')}")
+    from engine import sampler
+    k = compile_kernel(sampler._argmax_table_kernel, dict(
+        values_ptr=torch.float32, indices_ptr=torch.int32, table_ptr=torch.float32, vocab_start=64128,
+        tp_rank=1, tp_size=2, NUM_CHUNKS=C(64), TABLE_PAD=C(4)))
+    print(f"argmax_table: {resource_usage(k)}")
+    k = compile_kernel(sampler._table_pick_kernel, dict(
+        table_ptr=torch.float32, out_ptr=torch.int64, tp_size=2, TP_PAD=C(2)))
+    print(f"table_pick: {resource_usage(k)}")
     from engine.kernels import gemv as gk
     for bn, bk, warps, pdl, self_slot in ((2, 2048, 4, True, False), (4, 1024, 4, False, False),
                                           (8, 1024, 8, True, False), (16, 256, 4, True, False),

@@ -267,6 +267,26 @@ def test_greedy_argmax_triton_is_argmax_ties_included(dtype, rows, vocab):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 4])
+def test_greedy_table_on_the_gpu_gives_the_argmax_of_the_whole_row(world):
+    """engine/sampler.py's TP greedy path on CUDA (chunk + table launches, summed, the pick
+    launch) against argmax over the whole row, a tie across shards going to the lowest id; each
+    shard's table equals the torch path's (the same logits on the CPU)."""
+    from engine.sampler import pick_greedy, shard_greedy_table
+    vocab = 128256
+    shard = vocab // world
+    logits = torch.randn(2, vocab, device="cuda").to(torch.bfloat16)
+    logits[0, [7, vocab - 3]] = 40.0  # the first and last shard tie: id 7 wins
+    tables = []
+    for rank in range(world):
+        local = logits[:, rank * shard:(rank + 1) * shard]
+        tables.append(shard_greedy_table(local, rank, world, rank * shard))
+        assert torch.equal(tables[-1].cpu(), shard_greedy_table(local.cpu(), rank, world, rank * shard))
+    ids = pick_greedy(sum(tables), world)
+    assert torch.equal(ids, logits.argmax(dim=-1)) and ids[0] == 7
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vocab_shard_embedding_triton_matches_torch(dtype):
     """One launch for a vocab-parallel rank's part of the lookup, the same bits as the torch
