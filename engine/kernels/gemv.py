@@ -18,7 +18,9 @@ launch that loads its first weight tile, or ``KVMESH_GEMV_PRELOAD`` bytes of its
 it waits: engine/kernels/pdl.py, bench/gemv_preload.py).
 ``gemv_row_push`` is ``gemv_row`` that also stores its outputs into the peers' LL all-reduce
 slots (a row-parallel layer's partial sums, at batch 1: see engine/distributed/ll_allreduce.py),
-with the config tuned for ``gemv_row``, so bit-identical to it.
+with the config tuned for ``gemv_row``, so bit-identical to it. The FLAG kernel is ``gemv_row``
+for the output of an LL call in signal mode: it waits for that call's READY flag, not its end
+(``expect_ready``; engine/distributed/ll_allreduce.py).
 
 Which kernel a shape takes is ``_USE_GEMV``, filled once after loading by
 ``engine/kernels/gemv_tune.py`` (``tune(model)``), which times them; nothing is decided inside a
