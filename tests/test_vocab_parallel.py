@@ -4,7 +4,7 @@ A TP group's ranks run in threads here (tests/thread_ranks.py), with in-process 
 that meet at a barrier: what is checked is the layers' arithmetic (every rank gets the
 whole embedding once the partial lookups are summed; ``greedy_ids`` picks the same id as the
 argmax over the gathered logits, ties and vocabulary padding included), not a transport. The
-Triton kernels of that greedy path (engine/sampler.py: ``shard_greedy_table``, ``pick_greedy``)
+Triton kernels of that greedy path (engine/kernels/greedy.py: ``shard_greedy_table``, ``pick_greedy``)
 run in Triton's CPU interpreter, in a subprocess (``test_in_triton_interpreter``).
 """
 
@@ -76,7 +76,7 @@ def test_greedy_table_kernels_give_the_argmax_of_the_whole_row(world):
     """The shards' tables from the Triton kernels (interpreted), summed as the all-reduce would,
     and picked by the Triton kernel: the argmax over the whole row, ties across and within
     shards going to the lowest id; each table equals the torch path's."""
-    from engine import sampler
+    from engine.kernels import greedy
     from tests.gpu.test_triton_attention import patch_interpreter_scalars
     patch_interpreter_scalars()
     gen = torch.Generator().manual_seed(world)
@@ -87,15 +87,15 @@ def test_greedy_table_kernels_give_the_argmax_of_the_whole_row(world):
     tables = []
     for rank in range(world):
         local = logits[:, rank * shard:(rank + 1) * shard]
-        got = sampler._shard_table_triton(local, rank, world, rank * shard)
-        torch.testing.assert_close(got, sampler.shard_greedy_table(local, rank, world, rank * shard),
+        got = greedy._shard_table_triton(local, rank, world, rank * shard)
+        torch.testing.assert_close(got, greedy.shard_greedy_table(local, rank, world, rank * shard),
                                    rtol=0, atol=0)  # local is on the CPU: the torch path
         tables.append(got)
     summed = sum(tables)
     out = torch.empty(3, dtype=torch.int64)
-    sampler._table_pick_kernel[(3,)](summed, out, world, TP_PAD=triton_pow2(world))
+    greedy._table_pick_kernel[(3,)](summed, out, world, TP_PAD=triton_pow2(world))
     assert torch.equal(out, logits.argmax(dim=-1)) and out[0] == 5 and out[1] == shard + 3
-    assert torch.equal(sampler.pick_greedy(summed, world), out)  # the torch path's pick
+    assert torch.equal(greedy.pick_greedy(summed, world), out)  # the torch path's pick
 
 
 def triton_pow2(n: int) -> int:

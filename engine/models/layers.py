@@ -31,7 +31,7 @@ from torch import nn
 
 from engine import kernels as fused
 from engine.kernels import gemv
-from engine.sampler import greedy_argmax, pick_greedy, shard_greedy_table
+from engine.kernels.greedy import greedy_argmax, pick_greedy, shard_greedy_table
 
 
 class Communicator(Protocol):
@@ -350,7 +350,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         table, where each rank fills its own column with (value, id), gives every rank all
         pairs (exact: one nonzero term per entry; ids < 2**24). The first rank holding the
         largest value has the lowest id among ties, as ``argmax`` over the whole row. On CUDA
-        the table and the pick are Triton launches (engine/sampler.py: ``shard_greedy_table``,
+        the table and the pick are Triton launches (engine/kernels/greedy.py: ``shard_greedy_table``,
         ``pick_greedy``): five launches with the GEMV and the all-reduce."""
         if self.tp_size == 1 or self.vocab_size >= 2 ** 24:  # ids exact in fp32 below 2**24
             return greedy_argmax(self.compute_logits(hidden, upcast=False))

@@ -104,12 +104,12 @@ def main() -> None:
     for name, (fn, args) in ko.aot_examples(dt).items():
         k = compile_kernel(fn, args)
         print(f"{name}: {resource_usage(k)}; griddepcontrol x{k.asm['ptx'].count('griddepcontrol')}")
-    from engine import sampler
-    k = compile_kernel(sampler._argmax_table_kernel, dict(
+    from engine.kernels import greedy
+    k = compile_kernel(greedy._argmax_table_kernel, dict(
         values_ptr=torch.float32, indices_ptr=torch.int32, table_ptr=torch.float32, vocab_start=64128,
         tp_rank=1, tp_size=2, NUM_CHUNKS=C(64), TABLE_PAD=C(4)))
     print(f"argmax_table: {resource_usage(k)}")
-    k = compile_kernel(sampler._table_pick_kernel, dict(
+    k = compile_kernel(greedy._table_pick_kernel, dict(
         table_ptr=torch.float32, out_ptr=torch.int64, tp_size=2, TP_PAD=C(2)))
     print(f"table_pick: {resource_usage(k)}")
     from engine.kernels import gemv as gk

@@ -259,7 +259,7 @@ def test_gemv_tune_picks_per_shape_and_linear_follows_it():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,vocab", [(1, 128256), (4, 151936), (16, 32000), (20, 128256)])
 def test_greedy_argmax_triton_is_argmax_ties_included(dtype, rows, vocab):
-    from engine.sampler import greedy_argmax
+    from engine.kernels.greedy import greedy_argmax
     logits = torch.randn(rows, vocab, device="cuda").to(dtype)
     logits[0, [3, 5000, vocab - 1]] = logits.max() + 1  # a tie: the first index wins
     assert torch.equal(greedy_argmax(logits), logits.argmax(dim=-1))
@@ -269,10 +269,10 @@ def test_greedy_argmax_triton_is_argmax_ties_included(dtype, rows, vocab):
 @pytest.mark.gpu
 @pytest.mark.parametrize("world", [2, 4])
 def test_greedy_table_on_the_gpu_gives_the_argmax_of_the_whole_row(world):
-    """engine/sampler.py's TP greedy path on CUDA (chunk + table launches, summed, the pick
+    """engine/kernels/greedy.py: the TP greedy path on CUDA (chunk + table launches, summed, the pick
     launch) against argmax over the whole row, a tie across shards going to the lowest id; each
     shard's table equals the torch path's (the same logits on the CPU)."""
-    from engine.sampler import pick_greedy, shard_greedy_table
+    from engine.kernels.greedy import pick_greedy, shard_greedy_table
     vocab = 128256
     shard = vocab // world
     logits = torch.randn(2, vocab, device="cuda").to(torch.bfloat16)
