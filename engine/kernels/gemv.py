@@ -492,6 +492,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         choice = _USE_GEMV.get((weight.shape[0], weight.shape[1], weight.dtype))
         kernel = choice and choice[0 if x.shape[0] == 1 else 1]
         if kernel:
-            y = gemv_row(x, weight, ready) if kernel == "row" else _KERNELS[kernel](x, weight)
+            if kernel == "row" and ready is not None:  # an LL call's output, by its flag
+                y = gemv_row(x, weight, ready)
+            else:
+                y = _KERNELS[kernel](x, weight)
             return y + bias if bias is not None else y
     return F.linear(x, weight, bias)
