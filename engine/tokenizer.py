@@ -117,6 +117,27 @@ def eos_token_ids(tokenizer, hf_config: Any = None) -> frozenset[int]:
     return frozenset(ids)
 
 
+def rust_tokenizer(tokenizer):
+    """The ``tokenizers.Tokenizer`` whose ``decode`` alone is what ``tokenizer.decode`` returns
+    for a list of ids (see ``fast_decoder``), or None."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    if (backend is None or not isinstance(tokenizer, TokenizersBackend)
+            or cls.decode is not PreTrainedTokenizerBase.decode or cls._decode is not TokenizersBackend._decode):
+        return None  # its decode may do more than the Rust call: keep it
+    # transformers skips the clean-up for BPE models unless forced (Llama 3 asks for it)
+    forced = getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+    if (getattr(tokenizer, "clean_up_tokenization_spaces", False)
+            and (type(backend.model).__name__ != "BPE" or forced)):
+        return None
+    return backend
+
+
 def fast_decoder(tokenizer) -> Callable[[Sequence[int], bool], str]:
     """``decode(ids, skip_special_tokens)`` with what ``tokenizer.decode`` returns for a list of ids.
 
@@ -129,20 +150,8 @@ def fast_decoder(tokenizer) -> Callable[[Sequence[int], bool], str]:
     def slow(ids: Sequence[int], skip_special_tokens: bool) -> str:
         return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    backend = getattr(tokenizer, "_tokenizer", None)
-    try:
-        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
-    except ImportError:
-        return slow
-    cls = type(tokenizer)
-    if (backend is None or not isinstance(tokenizer, TokenizersBackend)
-            or cls.decode is not PreTrainedTokenizerBase.decode or cls._decode is not TokenizersBackend._decode):
-        return slow  # its decode may do more than the Rust call: keep it
-    # transformers skips the clean-up for BPE models unless forced (Llama 3 asks for it)
-    forced = getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
-    if (getattr(tokenizer, "clean_up_tokenization_spaces", False)
-            and (type(backend.model).__name__ != "BPE" or forced)):
+    backend = rust_tokenizer(tokenizer)
+    if backend is None:
         return slow
 
     def fast(ids: Sequence[int], skip_special_tokens: bool) -> str:

@@ -138,6 +138,24 @@ def test_deltas_continue_the_prompt(tokenizers, flavor, text):
     assert all("\ufffd" not in d for d in deltas)
 
 
+@pytest.mark.parametrize("flavor", ["byte_level", "llama2", "metaspace"])
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_decode_stream_gives_the_windows_deltas_step_by_step(tokenizers, flavor, skip_special_tokens):
+    """Without stop strings the detokenizer runs the Rust DecodeStream: each step's delta and
+    the flush equal the two-decode window's (forced by taking the stream away), over every
+    text, special tokens and an output cut mid-character included."""
+    tok = tokenizers[flavor]
+    prompt = tok.encode("Once upon a time,", add_special_tokens=True)
+    for text in TEXTS:
+        ids = tok.encode(" " + text, add_special_tokens=False) + [tok.eos_token_id]
+        ids += tok.encode(" ok 🚀", add_special_tokens=False)[:-1]  # ends mid-character
+        fast = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip_special_tokens)
+        window = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip_special_tokens)
+        assert fast._stream is not None, "the stream path was not taken"
+        window._stream = None
+        assert stream(fast, ids) == stream(window, ids), text
+
+
 def test_multibyte_character_comes_out_whole(tokenizers):
     tok = tokenizers["llama2"]
     ids = tok.encode("ok 🚀", add_special_tokens=False)
