@@ -90,7 +90,7 @@ from typing import Optional
 
 import torch
 
-from engine.kernels import pdl
+from engine.kernels import gemv, pdl
 from engine.distributed.ll_kernel import KERNEL_SOURCE as LL_KERNEL_SOURCE
 from engine.distributed.custom_allreduce import (_DTYPE_CODES, _TOLERANCE,
                                                  SELF_CHECK_KERNEL_TIMEOUT_NS, SIGNAL_BYTES, CustomAllReduce)
@@ -231,7 +231,6 @@ class LLAllReduce(CustomAllReduce):
         if not (x.is_cuda and x.device.index == self._device_index
                 and self._takes_shape((1, weight.shape[0]), x.dtype)):  # the output's shape
             return None
-        from engine.kernels import gemv
         gemv.clear_ready()
         out = gemv.gemv_row_push(x, weight, self._push_table, self.rank, self.world_size,
                                  2 * self.max_lines, self_slot=self.no_wait)
@@ -358,7 +357,6 @@ class LLAllReduce(CustomAllReduce):
                    residual_out: Optional[torch.Tensor], eps: float, mode: int,
                    timeout_ns: int) -> None:
         import numpy as np
-        from engine.kernels import gemv
         rows, lines = rows_and_lines(tuple(x.shape), x.dtype)
         pushed = self._take_pushed(x)
         if pushed == PUSHED_TO_ALL and self.signal:
