@@ -8,6 +8,7 @@ byte fallback), and a Metaspace pre-tokenizer one with byte fallback.
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -154,6 +155,21 @@ def test_decode_stream_gives_the_windows_deltas_step_by_step(tokenizers, flavor,
         assert fast._stream is not None, "the stream path was not taken"
         window._stream = None
         assert stream(fast, ids) == stream(window, ids), text
+
+
+def test_decode_stream_matches_the_window_on_random_ids(tiny_tok):
+    """Random ids (byte tokens that form no character, special tokens, prompts that end
+    mid-character: then the window is used from the start): the same deltas and flush."""
+    rng = random.Random(0)
+    vocab = len(tiny_tok)
+    for _ in range(150):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(0, 12))]
+        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+        for skip in (True, False):
+            fast = IncrementalDetokenizer(tiny_tok, prompt, skip_special_tokens=skip)
+            window = IncrementalDetokenizer(tiny_tok, prompt, skip_special_tokens=skip)
+            window._stream = None
+            assert stream(fast, ids) == stream(window, ids), (prompt, ids, skip)
 
 
 def test_multibyte_character_comes_out_whole(tokenizers):
