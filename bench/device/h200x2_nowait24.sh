@@ -17,7 +17,7 @@ KVMESH_LL_NO_WAIT=0 decode_step tp2_wait 2 0,1
 KVMESH_LL_NO_WAIT=1 decode_step tp2_nowait 2 0,1
 KVMESH_LL_NO_WAIT=1 KVMESH_LL_SIGNAL=1 decode_step tp2_signal 2 0,1
 echo "first round done at ${SECONDS}s"
-[ $SECONDS -lt 430 ] && KVMESH_LL_NO_WAIT=0 decode_step tp2_wait_again 2 0,1
-[ $SECONDS -lt 480 ] && KVMESH_LL_NO_WAIT=1 KVMESH_LL_SIGNAL=1 decode_step tp2_signal_again 2 0,1
-[ $SECONDS -lt 530 ] && KVMESH_LL_NO_WAIT=1 decode_step tp2_nowait_again 2 0,1
+[ $SECONDS -lt 380 ] && KVMESH_LL_NO_WAIT=0 decode_step tp2_wait_again 2 0,1
+[ $SECONDS -lt 420 ] && KVMESH_LL_NO_WAIT=1 KVMESH_LL_SIGNAL=1 decode_step tp2_signal_again 2 0,1
+[ $SECONDS -lt 460 ] && KVMESH_LL_NO_WAIT=1 decode_step tp2_nowait_again 2 0,1
 echo "done at ${SECONDS}s"
