@@ -86,9 +86,9 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     then one program per row picks the first chunk holding the maximum. NaN-free logits
     assumed (as everywhere in sampling); ties resolve to the first index, like ``argmax``.
     """
-    rows, vocab = logits.shape
-    if triton is None or not logits.is_cuda or rows > 16 or vocab < 8192 or logits.stride(-1) != 1:
+    if not _triton_argmax_takes(logits):
         return logits.argmax(dim=-1)  # CPU, many rows or a small vocabulary: torch's is fine
+    rows, vocab = logits.shape
     chunk = triton.cdiv(vocab, ARGMAX_CHUNKS)
     values = torch.empty(rows, ARGMAX_CHUNKS, dtype=torch.float32, device=logits.device)
     indices = torch.empty(rows, ARGMAX_CHUNKS, dtype=torch.int32, device=logits.device)
