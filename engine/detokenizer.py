@@ -16,10 +16,10 @@ The window starts inside the prompt, so the first output token decodes as a cont
 a SentencePiece "▁Paris" after "is" yields " Paris" (as in vLLM), where decoding the output
 alone would drop that leading space. For byte-level tokenizers both agree.
 
-Without stop strings, where the tokenizer is a plain Rust one (``rust_tokenizer``), the window
-is the Rust library's own ``DecodeStream``, started on the same prompt tail: the same algorithm
-(it keeps the same two offsets, which are mirrored here so ``flush`` and a fallback continue
-from them), one Rust call a token instead of two decodes and the Python around them.
+Where the tokenizer is a plain Rust one (``rust_tokenizer``), the window is the Rust library's
+own ``DecodeStream``, started on the same prompt tail: the same algorithm (it keeps the same two
+offsets, which are mirrored here so ``flush`` and a fallback continue from them), one Rust call a
+token instead of two decodes and the Python around them.
 
 Stop strings are searched in the decoded text, so one spanning several tokens is found. While
 streaming, the last (longest stop string - 1) characters are held back so a partial stop
@@ -83,9 +83,9 @@ class IncrementalDetokenizer:
             # The prompt ends mid-character: its bytes belong to the first output character's text,
             # which we cannot split; start the window after the prompt instead.
             self._prefix_offset = self._read_offset
-        # DecodeStream: no stop strings, a plain Rust tokenizer, the window starting at the
-        # prompt tail (not after a prompt that ends mid-character, which it would not skip)
-        self._rust = rust_tokenizer(tokenizer) if not self.stop and DecodeStream is not None else None
+        # DecodeStream: a plain Rust tokenizer, the window starting at the prompt tail (not after
+        # a prompt that ends mid-character, which it would not skip)
+        self._rust = rust_tokenizer(tokenizer) if DecodeStream is not None else None
         self._stream = (DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
                         if self._rust is not None and self._prefix_offset == 0 else None)
         self._text = ""  # decoded output so far (complete characters only)
@@ -120,21 +120,23 @@ class IncrementalDetokenizer:
         if self._finished or not new_token_ids:
             return _NO_UPDATE
         if self._stream is not None:
-            return self._stream_update(new_token_ids)
-        self._tokens.extend(new_token_ids)
+            delta = self._stream_decode(new_token_ids)
+        else:
+            self._tokens.extend(new_token_ids)
+            delta = self._decode_pending(final=False)
         if not self.stop:  # nothing to find or hold back (``_advance``'s answer, for less): the
-            delta = self._decode_pending(final=False)  # step's text as decoded, most steps
-            if not delta:
+            if not delta:  # step's text as decoded, most steps
                 return _NO_UPDATE
             self._text += delta
             self._num_emitted = len(self._text)
             return DetokenizerUpdate(delta)
-        return self._advance(final=False)
+        return self._advance(delta, final=False)
 
-    def _stream_update(self, new_token_ids: Sequence[int]) -> DetokenizerUpdate:
-        """``update`` through the DecodeStream: a chunk for a token moves the offsets as
-        ``_decode_pending`` would (the same rule); on an error (e.g. a decode that does not
-        extend the text before it) the window takes over for good from the offsets."""
+    def _stream_decode(self, new_token_ids: Sequence[int]) -> str:
+        """``_decode_pending`` through the DecodeStream, token by token: a chunk for a token
+        moves the offsets as ``_decode_pending`` would (the same rule); on an error (e.g. a
+        decode that does not extend the text before it) the window takes over for good from
+        the offsets."""
         delta = ""
         for index, token_id in enumerate(new_token_ids):
             self._tokens.append(token_id)
@@ -143,29 +145,26 @@ class IncrementalDetokenizer:
             except Exception:  # noqa: BLE001 - the window below decodes what is pending
                 self._stream = None
                 self._tokens.extend(new_token_ids[index + 1:])
-                delta += self._decode_pending(final=False)
-                break
+                return delta + self._decode_pending(final=False)
             if chunk is not None:
                 self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
                 delta += chunk
-        if not delta:
-            return _NO_UPDATE
-        self._text += delta
-        self._num_emitted = len(self._text)
-        return DetokenizerUpdate(delta)
+        return delta
 
     def flush(self) -> str:
         """Releases held-back text (and an incomplete trailing character) when the request ends
         for another reason than a stop string. Later updates return nothing."""
         if self._finished:
             return ""
-        delta = self._advance(final=True).delta_text
+        delta = self._advance(self._decode_pending(final=True), final=True).delta_text
         self._finished = True
         return delta
 
-    def _advance(self, final: bool) -> DetokenizerUpdate:
+    def _advance(self, decoded: str, final: bool) -> DetokenizerUpdate:
+        """Appends newly decoded text, looks for a stop string in it, and emits what may be
+        shown (all of it when final, else less the hold-back)."""
         old_len = len(self._text)
-        self._text += self._decode_pending(final)
+        self._text += decoded
         stop = self._find_stop(old_len)
         if stop is not None:
             stop_str, index = stop

@@ -159,17 +159,29 @@ def test_decode_stream_gives_the_windows_deltas_step_by_step(tokenizers, flavor,
 
 def test_decode_stream_matches_the_window_on_random_ids(tiny_tok):
     """Random ids (byte tokens that form no character, special tokens, prompts that end
-    mid-character: then the window is used from the start): the same deltas and flush."""
+    mid-character: then the window is used from the start), with and without stop strings
+    (pieces of the decoded text, so they hit): the same deltas, stop and flush."""
     rng = random.Random(0)
     vocab = len(tiny_tok)
+    hits = 0
     for _ in range(150):
         prompt = [rng.randrange(vocab) for _ in range(rng.randrange(0, 12))]
         ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+        text = tiny_tok.decode(ids)
+        start = rng.randrange(len(text)) if text else 0
+        stops = [(), (text[start:start + rng.randrange(1, 5)], "\n\n")]
         for skip in (True, False):
-            fast = IncrementalDetokenizer(tiny_tok, prompt, skip_special_tokens=skip)
-            window = IncrementalDetokenizer(tiny_tok, prompt, skip_special_tokens=skip)
-            window._stream = None
-            assert stream(fast, ids) == stream(window, ids), (prompt, ids, skip)
+            for stop in stops:
+                for include in (False, True):
+                    args = dict(skip_special_tokens=skip, stop=stop, include_stop_str_in_output=include)
+                    fast = IncrementalDetokenizer(tiny_tok, prompt, **args)
+                    window = IncrementalDetokenizer(tiny_tok, prompt, **args)
+                    assert (fast._stream is not None) == (fast._prefix_offset == 0)  # used unless mid-char
+                    window._stream = None
+                    got = stream(fast, ids)
+                    assert got == stream(window, ids), (prompt, ids, args)
+                    hits += got[1] is not None
+    assert hits > 100  # the stop strings were found, not only missed
 
 
 def test_multibyte_character_comes_out_whole(tokenizers):
