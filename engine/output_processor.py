@@ -190,18 +190,17 @@ class OutputProcessor:
         if len(samples) > 1:
             samples = sorted(samples, key=lambda s: s.index)
         outputs = []
-        finished = True
         for s in samples:
             if s.num_tokens_detokenized < len(s.token_ids):  # deferred text (interval > 1)
                 s.text += s.detokenizer.update(s.token_ids[s.num_tokens_detokenized:]).delta_text
                 s.num_tokens_detokenized = len(s.token_ids)
             s.num_tokens_emitted = len(s.token_ids)
             reason = s.finish_reason
-            finished = finished and reason is not None
             outputs.append(CompletionOutput(
                 index=s.index, text=s.text, token_ids=list(s.token_ids),
                 logprobs=list(s.logprobs) if s.logprobs is not None else None,
                 finish_reason=reason.value if reason is not None else None, stop_reason=s.stop_reason))
+        finished = prompt.finished
         if finished:
             prompt.metrics.finished_time = time.monotonic()
             self.prompts.pop(prompt.request_id, None)

@@ -193,13 +193,13 @@ def test_pushing_gemv_declines_shapes_not_tuned_to_the_row_kernel(monkeypatch):
     if g.triton is None:
         pytest.skip("triton is not installed")
     monkeypatch.setattr(g, "_USE_GEMV", {})
-    monkeypatch.setattr(g, "_PUSH_CONFIG", {})
+    monkeypatch.setattr(g, "_ROW_CONFIG", {})
     x, w = torch.randn(1, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
     table = torch.zeros(3, dtype=torch.int64)
     assert g.gemv_row_push(x, w, table, 0, 2, 64) is None  # not tuned
     g._USE_GEMV[(8, 16, torch.bfloat16)] = ("row", None)
     assert g.gemv_row_push(x, w, table, 0, 2, 64) is None  # chosen, but no tuned config yet
-    assert g._PUSH_CONFIG == {}  # and nothing cached: asked again once tuned
+    assert g._ROW_CONFIG == {}  # and nothing cached: asked again once tuned
     g._USE_GEMV[(8, 16, torch.bfloat16)] = (None, None)
     assert g.gemv_row_push(x.float(), w.float(), table, 0, 2, 64) is None  # 4-byte dtype
 

@@ -388,7 +388,7 @@ def gemv_row(x: torch.Tensor, weight: torch.Tensor,
     n, k = weight.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    config = _push_config(n, k, weight.dtype) if ready is not None and pdl.gemv_pdl(x.device) else None
+    config = _row_config(n, k, weight.dtype) if ready is not None and pdl.gemv_pdl(x.device) else None
     if config is not None:
         _gemv_row_flag_kernel[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
             x, weight, out, n, k, weight.stride(0), ready[0], ready[1], **config.kwargs,
@@ -415,7 +415,7 @@ def gemv_row_push(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, ra
     if x.shape[0] != 1 or weight.dtype not in (torch.bfloat16, torch.float16) or x.dtype != weight.dtype:
         return None
     n, k = weight.shape
-    config = _push_config(n, k, weight.dtype)
+    config = _row_config(n, k, weight.dtype)
     if config is None or n % 4 or config.kwargs["BLOCK_N"] % 2:  # LL lines; whole 8-byte halves
         return None
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -428,20 +428,20 @@ def gemv_row_push(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, ra
     return out
 
 
-_PUSH_CONFIG: dict[tuple[int, int, torch.dtype], "triton.Config"] = {}
+_ROW_CONFIG: dict[tuple[int, int, torch.dtype], "triton.Config"] = {}
 
 
-def _push_config(n: int, k: int, dtype: torch.dtype):
+def _row_config(n: int, k: int, dtype: torch.dtype):
     """``gemv_row``'s tuned config for (N, K, dtype) where ``gemv_tune.tune`` chose it for one row, else
     None; looked up in the autotuner's cache once per shape, not on every call."""
     key = (n, k, dtype)
-    if key not in _PUSH_CONFIG:
+    if key not in _ROW_CONFIG:
         choice = _USE_GEMV.get(key)
         config = _tuned_config(_gemv_row_kernel, n, k, dtype) if choice and choice[0] == "row" else None
         if config is None:
             return None  # not (yet) tuned: asked again next time
-        _PUSH_CONFIG[key] = config
-    return _PUSH_CONFIG[key]
+        _ROW_CONFIG[key] = config
+    return _ROW_CONFIG[key]
 
 
 def _tuned_config(kernel, n: int, k: int, dtype: torch.dtype):
