@@ -7,9 +7,7 @@ size its grid (the host copies in ``AttentionMetadata`` suffice)::
       (forward_with_rotary: rotary_store_kv, RoPE on q in place and on k on its way to
        the cache, replaces the model's rotary launch and this one)
     all requests decoding (max_query_len == 1):
-        paged_decode                 grid (R, Hkv, splits), splits = f(R) only -> graph-capturable;
-                                     the last split program of each (request, KV head) merges
-                                     the splits (or a second kernel does: decode_last_merges)
+        paged_decode (+ reduce)      grid (R, Hkv, splits), splits = f(R) only -> graph-capturable
     otherwise (prefill, chunked prefill, prefix hits, decodes mixed in):
         paged_prefill                grid (T // BLOCK_Q + R, Hkv)
 
@@ -32,8 +30,6 @@ from engine.attention import triton_kernels as tk
 
 # Set to 1 to turn the fused RoPE + K/V store off whatever the config says (A/B runs).
 DISABLE_FUSED_ROPE_STORE_ENV = "KVMESH_DISABLE_FUSED_ROPE_STORE"
-# Set to 1 to merge decode splits in a second kernel whatever the config says (A/B runs).
-DECODE_MERGE_KERNEL_ENV = "KVMESH_DECODE_MERGE_KERNEL"
 
 
 @dataclass(frozen=True)
@@ -57,9 +53,6 @@ class TritonAttentionConfig:
     prefill_block_n: int = 64
     prefill_num_stages: int = 2
     decode_num_splits: Optional[int] = None  # fixed split count (tests); None: from batch size
-    # The last split program to finish merges the splits (one launch a layer fewer); False: a
-    # second kernel merges them, as before.
-    decode_last_merges: bool = True
     # RoPE rides along the K/V store (forward_with_rotary): one launch a layer fewer, same bits.
     fuse_rope_store: bool = True
 
@@ -71,10 +64,7 @@ class TritonBackend(AttentionBackend):
         self.config = config
         self.fuse_rope_store = config.fuse_rope_store and os.environ.get(
             DISABLE_FUSED_ROPE_STORE_ENV, "0") in ("", "0")
-        self.decode_last_merges = config.decode_last_merges and os.environ.get(
-            DECODE_MERGE_KERNEL_ENV, "0") in ("", "0")
         self._num_sms: dict[torch.device, int] = {}
-        self._semaphores: dict[torch.device, torch.Tensor] = {}  # paged_decode's merge counters
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
@@ -126,8 +116,7 @@ class TritonBackend(AttentionBackend):
             tk.paged_decode(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                             num_reqs, scale, out, self.num_decode_splits(num_reqs, kv_cache),
                             block_n=c.decode_block_n, min_split_len=c.decode_min_split_len,
-                            num_warps=c.decode_num_warps, num_stages=c.decode_num_stages,
-                            semaphores=self._decode_semaphores(query.device))
+                            num_warps=c.decode_num_warps, num_stages=c.decode_num_stages)
         else:
             large = (c.prefill_large_min_query_len is not None
                      and meta.max_query_len >= c.prefill_large_min_query_len)
@@ -138,16 +127,6 @@ class TritonBackend(AttentionBackend):
                              num_warps=c.prefill_large_num_warps if large else c.prefill_num_warps,
                              num_stages=c.prefill_num_stages)
         return out
-
-    def _decode_semaphores(self, device: torch.device) -> Optional[torch.Tensor]:
-        """The merge counters on ``device``, made at the first decode outside a CUDA graph
-        capture (runners warm up eagerly before they capture); None: merge in a second kernel."""
-        if not self.decode_last_merges:
-            return None
-        sem = self._semaphores.get(device)
-        if sem is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            sem = self._semaphores[device] = tk.decode_semaphores(device)
-        return sem
 
     def num_decode_splits(self, num_reqs: int, kv_cache: torch.Tensor) -> int:
         """Split count of an all-decode step: a function of the batch size alone."""

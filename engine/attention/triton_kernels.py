@@ -19,9 +19,12 @@ fixed maxima, never on data, so the all-decode path can be captured in a CUDA gr
                                                  takes all GROUP = Hq/Hkv query heads of
                                                  one KV head (K/V read once per group) over
                                                  1/num_splits of the sequence
-                    + the merge of the splits by their log-sum-exp: by the split
-                      program that finishes last (a counter per (request, KV head),
-                      ``semaphores``), or by a second kernel, grid (R, Hq)
+                    + reduce grid (R, Hq)        merges the splits by their log-sum-exp
+                                                 (launched as a programmatic dependent; a
+                                                 merge by the last split program to finish,
+                                                 one launch fewer, measured slower: 3.751 ms
+                                                 against 3.716 for the 8B TP=1 graph on an
+                                                 H200, stop 25)
     paged_prefill   grid (T//BLOCK_Q + R, Hkv)   any query lengths: chunked prefill,
                                                  prefix hits, decodes mixed in
 
@@ -32,7 +35,6 @@ exponentiated with exp2; the split log-sum-exps are log2 too.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import triton
@@ -43,8 +45,6 @@ from engine.kernels import pdl
 from engine.kernels.triton_ops import pdl_enter
 
 LOG2E = 1.4426950408889634
-# paged_decode's merge counters, one per (request, KV head): 1024 requests of 64 KV heads
-DECODE_SEMAPHORES = 64 * 1024
 
 
 # ---- shared inner step -----------------------------------------------------------------------
@@ -108,14 +108,13 @@ def _attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0, kv_
 # engine/device_copy.packed_to_device aligns the step's index arrays).
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-                   query_start_ptr, out_ptr, part_out_ptr, part_lse_ptr, sem_ptr,
+                   query_start_ptr, out_ptr, part_out_ptr, part_lse_ptr,
                    scale_log2, num_splits, stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_cache_slot, stride_cache_head, stride_bt,
                    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, OFFSET_64: tl.constexpr,
-                   LAST_MERGES: tl.constexpr = False, PDL: tl.constexpr = False):
+                   DOT_PRECISION: tl.constexpr, OFFSET_64: tl.constexpr, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     r = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -125,15 +124,11 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
         return  # request scheduled no token this step
     seq_len = tl.load(seq_lens_ptr + r)
     # Even split of this request's keys, in whole tiles, at least MIN_SPLIT_LEN each;
-    # splits past the end get no keys and report lse = -inf (LAST_MERGES: they just exit,
-    # as the merge reads only the live splits 0 .. live - 1).
+    # splits past the end get no keys and report lse = -inf.
     split_len = tl.maximum(tl.cdiv(seq_len, num_splits), MIN_SPLIT_LEN)
     split_len = tl.cdiv(split_len, BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
-    live = tl.cdiv(seq_len, split_len)  # >= 1: a decoding request has its query's key
-    if LAST_MERGES and split >= live:
-        return
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, DIM_PAD)
@@ -162,49 +157,6 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
         part_row = (r * NUM_Q_HEADS + heads).to(tl.int64) * num_splits + split  # (GROUP_PAD,)
         tl.store(part_out_ptr + part_row[:, None] * DIM_PAD + d[None, :], o, mask=row_mask)
         tl.store(part_lse_ptr + part_row, lse, mask=g < GROUP)
-        if LAST_MERGES:
-            _merge_if_last(part_out_ptr, part_lse_ptr, sem_ptr + r * tl.num_programs(1) + kv_head,
-                           out_ptr + q_row.to(tl.int64) * stride_ot, stride_oh, heads,
-                           (r * NUM_Q_HEADS + heads).to(tl.int64) * num_splits, live, row_mask,
-                           GROUP, GROUP_PAD, DIM_PAD)
-
-
-@triton.jit
-def _merge_if_last(part_out_ptr, part_lse_ptr, sem_ptr, out_row_ptr, stride_oh, heads, part_row0,
-                   live, row_mask, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                   DIM_PAD: tl.constexpr):
-    """The split program that finishes last merges its (request, KV head)'s live splits
-    into ``out``, so no second kernel (and no kernel boundary) follows the splits.
-
-    The semaphore counts finished splits: every thread's part stores are done (the barrier)
-    before one thread's acq_rel add releases them at GPU scope (CUTLASS's semaphore pattern);
-    the last to add acquires everyone's, reads the parts from the L2 (``.cg``: this SM's L1 may
-    hold an older layer's parts at the same addresses) and sets the count back to 0 for the next
-    call, which starts only after this grid has ended (stream order). heads (GROUP_PAD,) query
-    heads; part_row0 (GROUP_PAD,) their split-0 rows of part_out / part_lse.
-    """
-    tl.debug_barrier()
-    if tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu") == live - 1:
-        g = tl.arange(0, GROUP_PAD)
-        d = tl.arange(0, DIM_PAD)
-        m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-        for s in range(0, live):
-            m = tl.maximum(m, tl.load(part_lse_ptr + part_row0 + s, mask=g < GROUP,
-                                      other=float("-inf"), cache_modifier=".cg"))
-        m = tl.where(g < GROUP, m, 0.0)  # padding rows: finite, never stored
-        acc = tl.zeros([GROUP_PAD, DIM_PAD], dtype=tl.float32)
-        den = tl.zeros([GROUP_PAD], dtype=tl.float32)
-        for s in range(0, live):
-            w = tl.exp2(tl.load(part_lse_ptr + part_row0 + s, mask=g < GROUP,
-                                other=float("-inf"), cache_modifier=".cg") - m)
-            o = tl.load(part_out_ptr + (part_row0 + s)[:, None] * DIM_PAD + d[None, :],
-                        mask=row_mask, other=0.0, cache_modifier=".cg")
-            acc += o * w[:, None]
-            den += w
-        o = acc / tl.where(den > 0, den, 1.0)[:, None]
-        tl.store(out_row_ptr + heads[:, None] * stride_oh + d[None, :],
-                 o.to(out_row_ptr.dtype.element_ty), mask=row_mask)
-        tl.atomic_xchg(sem_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -235,15 +187,12 @@ def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, num_reqs: int,
                  scale: float, out: torch.Tensor, num_splits: int,
                  block_n: int = 64, min_split_len: int = 256, num_warps: int = 4,
-                 num_stages: int = 2, semaphores: Optional[torch.Tensor] = None) -> None:
+                 num_stages: int = 2) -> None:
     """Attention of one query token per request over its whole context.
 
     query, out (T, Hq, D); request r's query is row ``query_start_loc[r]`` (T >= R).
     ``num_splits`` must depend only on num_reqs (graph capture); each request's keys
     are split evenly, in tiles of ``block_n``, with at least ``min_split_len`` a split.
-    ``semaphores``: int32 zeros, at least R * Hkv of them (``decode_semaphores``), left zero
-    again: the last split program of each (request, KV head) merges the splits (one kernel);
-    None (or too few): a second kernel merges them.
     """
     _check_cache(kv_cache)
     _, num_q_heads, head_dim = query.shape
@@ -258,20 +207,18 @@ def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
                                device=query.device)
     else:
         part_out = part_lse = out  # unused
-    last_merges = (num_splits > 1 and semaphores is not None
-                   and semaphores.numel() >= num_reqs * num_kv_heads)
     on = pdl.small_pdl(query.device)
     _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
         query, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
-        out, part_out, part_lse, semaphores if last_merges else seq_lens,
+        out, part_out, part_lse,
         scale * LOG2E, num_splits, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         NUM_Q_HEADS=num_q_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         IS_SPLIT=num_splits > 1, MIN_SPLIT_LEN=min_split_len,
         DOT_PRECISION=_dot_precision(query.dtype), OFFSET_64=_needs_int64(kv_cache),
-        LAST_MERGES=last_merges, num_warps=num_warps, num_stages=num_stages, PDL=on, launch_pdl=on)
-    if num_splits > 1 and not last_merges:
+        num_warps=num_warps, num_stages=num_stages, PDL=on, launch_pdl=on)
+    if num_splits > 1:
         _decode_reduce_kernel[(num_reqs, num_q_heads)](
             part_out, part_lse, query_start_loc, out, num_splits, out.stride(0), out.stride(1),
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
@@ -386,11 +333,6 @@ def paged_prefill(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def decode_semaphores(device: torch.device, count: int = DECODE_SEMAPHORES) -> torch.Tensor:
-    """Counters for ``paged_decode``'s last-program merge: zeros, and zero again after every
-    call. Allocate outside CUDA graph capture (a capture would own the memory)."""
-    return torch.zeros(count, dtype=torch.int32, device=device)
-
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs (tests) get exact fp32 products; 16-bit inputs use the tensor cores as is.
@@ -399,6 +341,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _needs_int64(kv_cache: torch.Tensor) -> bool:
     return kv_cache[0].numel() >= 2 ** 31
+
+
+
+
 
 
 def default_num_splits(num_reqs: int, num_kv_heads: int, num_sms: int, max_splits: int = 32,

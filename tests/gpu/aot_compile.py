@@ -79,17 +79,13 @@ def main() -> None:
                       stride_cache_slot=1024, stride_cache_head=128, stride_bt=64,
                       GROUP=C(group), HEAD_DIM=C(hd), DIM_PAD=C(hd), BLOCK_SIZE=C(bs),
                       DOT_PRECISION=C("tf32"), OFFSET_64=C(False))
-        for split, last_merges in ((False, False), (True, False), (True, True)):
+        for split in (False, True):
             k = compile_kernel(tk._decode_kernel, dict(
-                common, part_out_ptr=torch.float32, part_lse_ptr=torch.float32, sem_ptr=torch.int32,
-                num_splits=3, NUM_Q_HEADS=C(8 * group), GROUP_PAD=C(max(16, group)), BLOCK_N=C(64),
-                IS_SPLIT=C(split), MIN_SPLIT_LEN=C(256), LAST_MERGES=C(last_merges), PDL=C(split)))
-            ptx = k.asm["ptx"]
-            # the last-program merge: one acq_rel add at GPU scope, the parts read from the L2
-            print(f"decode d{hd} g{group} bs{bs} split={split} last_merges={last_merges} pdl={split}: "
-                  f"{resource_usage(k)}; griddepcontrol x{ptx.count('griddepcontrol')}, "
-                  f"atom {sorted(set(re.findall(r'atom[.][.a-z0-9]*', ptx)))}, "
-                  f"ld.cg x{len(re.findall(r'ld[.a-z0-9]*[.]cg', ptx))}")
+                common, part_out_ptr=torch.float32, part_lse_ptr=torch.float32, num_splits=3,
+                NUM_Q_HEADS=C(8 * group), GROUP_PAD=C(max(16, group)), BLOCK_N=C(64),
+                IS_SPLIT=C(split), MIN_SPLIT_LEN=C(256), PDL=C(split)))
+            print(f"decode d{hd} g{group} bs{bs} split={split} pdl={split}: {resource_usage(k)}; "
+                  f"griddepcontrol x{k.asm['ptx'].count('griddepcontrol')}")
         for block_m, warps in ((64, 4), (128, 8)):
             k = compile_kernel(tk._prefill_kernel, dict(
                 common, num_reqs=3, GROUP_PAD=C(group), BLOCK_Q=C(block_m // group), BLOCK_N=C(64)),

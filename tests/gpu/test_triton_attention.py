@@ -14,7 +14,6 @@ small subset: ``TRITON_INTERPRET=1 python -m tests.gpu.test_triton_attention``.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -159,30 +158,6 @@ def test_decode_forced_splits(num_splits):
     lens = [(c, 1) for c in (0, 15, 16, 17, 300, 1023, 4097)]
     case = make_case(lens, 32, 8, 128, 16, torch.bfloat16, "cuda", seed=num_splits)
     check_case(case, backend)
-
-
-@pytest.mark.gpu
-def test_decode_last_program_merge_under_contention():
-    """Many splits of many (request, KV head)s finishing at once on the GPU: the last-program
-    merge gives the merge kernel's answer every time and leaves every counter at zero."""
-    from engine.attention import triton_kernels as tk
-    from engine.attention.triton_backend import TritonAttentionConfig, TritonBackend
-    rng = random.Random(7)
-    lens = [(rng.randrange(1, 3000), 1) for _ in range(64)]
-    case = make_case(lens, 32, 8, 128, 16, torch.bfloat16, "cuda", seed=7)
-    config = TritonAttentionConfig(decode_num_splits=16, decode_min_split_len=16)
-    kernel = TritonBackend(dataclasses.replace(config, decode_last_merges=False))
-    merged = TritonBackend(config)
-    expected = torch.empty_like(case.query)
-    kernel.forward(case.query, case.key, case.value, case.kv_cache.clone(), case.meta, case.scale,
-                   out=expected)
-    for _ in range(20):
-        out = torch.full_like(case.query, float("nan"))
-        merged.forward(case.query, case.key, case.value, case.kv_cache.clone(), case.meta,
-                       case.scale, out=out)
-        torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
-    sem = merged._semaphores[case.query.device]
-    assert sem.numel() == tk.DECODE_SEMAPHORES and torch.count_nonzero(sem).item() == 0
 
 
 @pytest.mark.gpu
