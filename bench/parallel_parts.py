@@ -216,36 +216,22 @@ def measure_decode(engine, decode_steps: int, profile_steps: int = 0) -> dict:
 
 
 def device_only_step(engine, replays: int = 100, rounds: int = 5) -> Optional[dict]:
-    """The batch-1 step's device work alone, with no host in the loop: the runner's batch-1 decode
-    graph (embedding, the layers, the final norm) and the LM head's greedy id, replayed back to back
-    and timed with CUDA events (median of ``rounds`` rounds of ``replays``). The engine's step
-    minus this is time the device waited for the host. One in-process GPU runner only (None
-    otherwise). Run after the request ends: the graph's static inputs still hold its last step,
-    so each replay rewrites that step's K/V with the same values and reads the same context."""
+    """The batch-1 step's device work alone, with no host in the loop
+    (``engine.profiling.replay_decode_graph``): the driver's own GPU runner, or every Ray worker
+    at once (a TP group's graphs wait for each other in their all-reduces; the slowest rank's
+    figures, with each rank's graph_ms). The engine's step minus this is time the device waited
+    for the host. None where there is no batch-1 decode graph."""
+    from engine.profiling import replay_decode_graph
     runner = getattr(engine.executor, "runner", None)
-    graphs = getattr(getattr(runner, "graph_runner", None), "decode", None)
-    if graphs is None or 1 not in graphs.graphs:
+    if runner is not None:
+        return replay_decode_graph(runner, replays, rounds)
+    if not hasattr(engine.executor, "replay_decode_graph"):
         return None
-    import torch
-    graph, hidden = graphs.graphs[1], graphs.outputs[1][:1]
-
-    def timed(run_lm_head: bool) -> float:
-        times = []
-        for _ in range(rounds):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(replays):
-                graph.replay()
-                if run_lm_head:
-                    runner.model.greedy_ids(hidden)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / replays)
-        return statistics.median(times)
-
-    with torch.inference_mode():
-        timed(True)  # warm
-        return {"graph_ms": timed(False), "step_ms": timed(True), "replays": replays, "rounds": rounds}
+    ranks = engine.executor.replay_decode_graph(replays, rounds)
+    if not ranks or any(r is None for r in ranks):
+        return None
+    slowest = max(ranks, key=lambda r: r["step_ms"])
+    return {**slowest, "rank_graph_ms": [r["graph_ms"] for r in ranks]}
 
 
 class _StepProfile:

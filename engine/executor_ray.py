@@ -205,6 +205,12 @@ class RayExecutor(Executor):
         each rank's kernels per step (``Worker.profile``), in rank order."""
         return self._call_all([w.profile.remote(action, num_steps) for w in self.workers], INIT_TIMEOUT_S)
 
+    def replay_decode_graph(self, replays: int, rounds: int) -> list[Optional[dict]]:
+        """Every worker replays its batch-1 decode graph at once (``Worker.replay_decode_graph``;
+        benchmarks, between requests), in rank order."""
+        return self._call_all([w.replay_decode_graph.remote(replays, rounds) for w in self.workers],
+                              INIT_TIMEOUT_S)
+
     def step_stamps(self, last: int) -> list[list[tuple[int, float, float, float, float]]]:
         """Each worker's last ``last`` step-loop calls (``Worker.step_stamps``), in rank order;
         empty lists where steps go as Ray calls (no step loop)."""

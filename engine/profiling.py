@@ -178,6 +178,42 @@ def ll_stamp_summary(stamps: list[tuple[int, int, int, int]]) -> dict:
     return out
 
 
+def replay_decode_graph(runner, replays: int = 100, rounds: int = 5) -> Optional[dict]:
+    """The batch-1 step's device work alone, with no host in the loop: the runner's batch-1 decode
+    graph (embedding, the layers, the final norm) and the LM head's greedy id, replayed back to
+    back and timed with CUDA events (median of ``rounds`` rounds of ``replays``), in ms:
+    ``graph_ms`` the graph alone, ``step_ms`` with the LM head. None without that graph.
+
+    For benchmarks, once a request has ended: the graph's static inputs still hold its last
+    step, so each replay rewrites that step's K/V with the same values and reads the same
+    context. In a TP group every rank must call it at once (the graphs' all-reduces)."""
+    graphs = getattr(getattr(runner, "graph_runner", None), "decode", None)
+    if graphs is None or 1 not in graphs.graphs:
+        return None
+    import statistics
+    from engine.kernels import gemv
+    graph, hidden = graphs.graphs[1], graphs.outputs[1][:1]
+
+    def timed(run_lm_head: bool) -> float:
+        times = []
+        for _ in range(rounds):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+                gemv.clear_ready()  # as the runner does after a replay
+                if run_lm_head:
+                    runner.model.greedy_ids(hidden)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / replays)
+        return statistics.median(times)
+
+    with torch.inference_mode():
+        timed(True)  # warm
+        return {"graph_ms": timed(False), "step_ms": timed(True), "replays": replays, "rounds": rounds}
+
+
 def _spread(values: list[float], digits: int = 1) -> dict[str, float]:
     """Median (for an even count, the upper of the two middle values) and p90 (the value 90% of
     the way along the sorted values), rounded to ``digits``."""

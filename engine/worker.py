@@ -185,6 +185,14 @@ class Worker:
         with self._stamps_lock:
             return list(self._stamps)[-last:]
 
+    def replay_decode_graph(self, replays: int, rounds: int) -> Optional[dict]:
+        """This rank's batch-1 step on the device alone (``engine.profiling.replay_decode_graph``);
+        every rank of a TP group at once."""
+        from engine.profiling import replay_decode_graph
+        if self.device.type == "cuda":  # the current device is per thread
+            torch.cuda.set_device(self.device)
+        return replay_decode_graph(self.runner, replays, rounds)
+
     def profile(self, action: str, num_steps: int = 1) -> Optional[dict]:
         """``"start"``, then ``"stop"`` after ``num_steps`` steps: this rank's kernels per step
         (``engine/profiling.py``; GPU workers only)."""

@@ -123,6 +123,14 @@ def test_workers_stamp_the_same_step_calls(parallel_llm):
     assert all(read <= launched <= ran <= replied for s in stamps for _, read, launched, ran, replied in s)
 
 
+def test_device_only_replay_reaches_every_rank(parallel_llm):
+    """bench/parallel.py's device-only step asks every worker at once; on the CPU there is no
+    decode graph to replay, and each rank says so."""
+    _, llm = parallel_llm
+    executor = llm.engine.executor
+    assert executor.replay_decode_graph(2, 1) == [None] * len(executor.workers)
+
+
 def ray_get_all(refs):
     import ray
     return ray.get(refs, timeout=60)
