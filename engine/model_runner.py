@@ -53,7 +53,6 @@ from engine.cuda_graphs import DecodeGraphs, GraphRunner, MixedGraphs
 from engine.device_copy import packed_to_device, to_device
 from engine.distributed.communicator import Communicator
 from engine.distributed.topology import SINGLE_RANK, ParallelRank
-from engine.kernels import gemv
 from engine.models.llama import IntermediateTensors
 from engine.models.loader import load_model
 from engine.models.spec import ModelSpec
@@ -272,7 +271,6 @@ class ModelRunner:
         if (self.graph_runner is not None and intermediate is None
                 and self.graph_runner.can_run(meta, input_ids.shape[0])):
             hidden = self.graph_runner.run(input_ids, positions, meta)  # (num_tokens, hidden)
-            gemv.clear_ready()  # no eager GEMV after the replay may take an LL output by its flag
         else:
             ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
             hidden = self.model(input_ids, positions, ctx, intermediate)  # (num_tokens, hidden)

@@ -191,7 +191,6 @@ def replay_decode_graph(runner, replays: int = 100, rounds: int = 5) -> Optional
     if graphs is None or 1 not in graphs.graphs:
         return None
     import statistics
-    from engine.kernels import gemv
     graph, hidden = graphs.graphs[1], graphs.outputs[1][:1]
 
     def timed(run_lm_head: bool) -> float:
@@ -201,7 +200,6 @@ def replay_decode_graph(runner, replays: int = 100, rounds: int = 5) -> Optional
             start.record()
             for _ in range(replays):
                 graph.replay()
-                gemv.clear_ready()  # as the runner does after a replay
                 if run_lm_head:
                     runner.model.greedy_ids(hidden)
             end.record()

@@ -34,8 +34,9 @@ GEMV instead of following it. Each rank decides alone (a peer only waits for the
 ranks whose GEMV tuners chose differently still agree. The call after ``gemv_push`` must take
 its output (checked: ``_take_pushed``). ``KVMESH_LL_PUSH=0`` turns it off.
 
-No-wait (``KVMESH_LL_NO_WAIT=1``; off by default: with signal, below, the TP=2 8B batch-1 step
-took 2.927 ms against 2.498 on 2 H200s, stop 24; no-wait alone is not yet measured): that GEMV
+No-wait (``KVMESH_LL_NO_WAIT=1``; off by default; a "signal" mode on top of it, in which the
+next GEMV waited for a READY flag of this call instead of its end, made the TP=2 8B batch-1 step
+2.927 ms against 2.498 on 2 H200s in stop 24 and was removed in stop 25): that GEMV
 also stores its lines into my own slot, under the same flags, and writes nothing else, so the LL
 call reads every rank's partial sums, mine included, only through flagged lines and skips its
 ``griddepcontrol.wait`` on the GEMV: it sums as soon as the last line lands, instead of once the
@@ -46,15 +47,6 @@ the round word before it stored its lines), and its outputs may take memory the 
 every program has done before it stores its lines. The GEMV leaves its returned tensor
 unwritten: a plain store there could land after the call ended and the memory went to a later
 kernel.
-
-Signal (``KVMESH_LL_SIGNAL=1``, with no-wait; off by default): such a call also lets the one-row
-GEMV launched right after it (the next layer's QKV or gate_up, ``gemv.gemv_row``'s FLAG kernel)
-skip waiting for the call to end. The call stores its round in EXP, fences, and only then lets
-its dependents launch; once its outputs are stored it fences and release-stores the round in
-READY. The GEMV loads its first weight tile, spins until READY equals EXP, fences (acquire) and
-reads x from the L2. It writes only its own output, after that. ``gemv.expect_ready`` names the
-call's output for the next ``gemv.linear`` on the same stream and capture, which must be that
-GEMV (the decoder's norm -> linear); anything else clears it.
 
 Why one round per call, two parities and no end barrier: rank r can only start call R+1 after its
 call R read data of call R from every peer, which each peer wrote after its call R-1 kernel had
@@ -68,8 +60,6 @@ Buffer (one per rank, ``cudaMalloc``, mapped by every peer through CUDA IPC)::
 
     byte 0      round  u32             (mine: the last finished call's round)
     4           done   u32             (CTAs of the running call that finished)
-    8           EXP    u32             (signal mode: the round of the call that last started)
-    16          READY  u32             (signal mode: the round whose outputs are all written)
     2448        error  u32             (a wait timed out: self-check only; same place as the
                                         one-shot kernel's, so ``_read_error`` is shared)
     4096        receive-area pointers u64[MAX_RANKS] (rank q's area, mine included)
@@ -101,12 +91,8 @@ logger = logging.getLogger(__name__)
 LL_DISABLE_ENV = "KVMESH_DISABLE_LL_ALLREDUCE"
 LL_PUSH_ENV = "KVMESH_LL_PUSH"  # 0: row-parallel GEMVs never push (the LL kernel always does)
 # 1: a pushing GEMV also pushes into my own slot, and its LL call reads only flagged lines and
-# never waits for that GEMV to end (module doc: "no-wait"); 0 (default; with signal it measured
-# slower, module doc): the call waits for it, as before
+# never waits for that GEMV to end (module doc: "no-wait"); 0 (default): the call waits for it
 LL_NO_WAIT_ENV = "KVMESH_LL_NO_WAIT"
-# 1 (with no-wait): such a call also signals the one-row GEMV launched right after it, which
-# then waits for the call's READY flag instead of its end (module doc: "signal"); 0 (default)
-LL_SIGNAL_ENV = "KVMESH_LL_SIGNAL"
 # When the kernel after an LL call may launch (PDL): "start" of the call (default) or "wait",
 # once the kernel before it has ended (see the kernel); kept for A/B runs
 LL_TRIGGER_ENV = "KVMESH_LL_TRIGGER"
@@ -142,8 +128,7 @@ LINE_DATA_BYTES = 8
 LINE_BYTES = 16
 MODE_SUM, MODE_NORM, MODE_NORM_NO_RESIDUAL = 0, 1, 2
 # The kernel's ``pushed`` argument: who sent this call's partial sums, and where mine are
-NOT_PUSHED, PUSHED_TO_PEERS, PUSHED_TO_ALL, PUSHED_TO_ALL_SIGNAL = 0, 1, 2, 3
-
+NOT_PUSHED, PUSHED_TO_PEERS, PUSHED_TO_ALL = 0, 1, 2
 
 
 def kernel_source() -> str:
@@ -181,8 +166,6 @@ class LLAllReduce(CustomAllReduce):
         self._pushed_mode = NOT_PUSHED  # how it was pushed
         # gemv_push pushes into my own slot too and its LL call does not wait for it (no-wait)
         self.no_wait = os.environ.get(LL_NO_WAIT_ENV, "0") not in ("", "0")
-        # a no-wait call signals READY to the one-row GEMV after it (gemv.py's FLAG mode)
-        self.signal = os.environ.get(LL_SIGNAL_ENV, "0") not in ("", "0")
         self._dependent_launch_ok = True  # off for good after a failed cuLaunchKernelEx
         self._functions: dict[tuple, int] = {}  # (dtype, threads, lines per thread) -> CUfunction
         super().__init__(comm, max_bytes=max_bytes, self_check_timeout_s=self_check_timeout_s)
@@ -232,7 +215,6 @@ class LLAllReduce(CustomAllReduce):
         if not (x.is_cuda and x.device.index == self._device_index
                 and self._takes_shape((1, weight.shape[0]), x.dtype)):  # the output's shape
             return None
-        gemv.clear_ready()
         out = gemv.gemv_row_push(x, weight, self._push_table, self.rank, self.world_size,
                                  2 * self.max_lines, self_slot=self.no_wait)
         if out is not None:
@@ -360,17 +342,11 @@ class LLAllReduce(CustomAllReduce):
         import numpy as np
         rows, lines = rows_and_lines(tuple(x.shape), x.dtype)
         pushed = self._take_pushed(x)
-        if pushed == PUSHED_TO_ALL and self.signal:
-            pushed = PUSHED_TO_ALL_SIGNAL
         addr = lambda t: np.uint64(t.data_ptr() if t is not None else 0)  # noqa: E731
         args = (np.uint64(self._base), addr(x), addr(residual), addr(weight), addr(out),
                 addr(residual_out), np.int32(lines), np.int32(x.shape[-1]), np.int64(self.max_lines),
                 np.float32(eps), np.int32(mode), np.int32(self.rank), np.int32(self.world_size),
                 np.uint64(timeout_ns), np.int32(pushed))
-        if pushed == PUSHED_TO_ALL_SIGNAL:  # the next one-row GEMV on this stream may take out by its flag
-            gemv.expect_ready(out, self._push_table, self.world_size)
-        else:
-            gemv.clear_ready()
         threads, lpt = next(b for b in BUILDS if b[0] * b[1] >= lines)  # the first that holds the row
         build = (x.dtype, threads, lpt)
         if self._dependent_launch_ok and pdl.ll_pdl(x.device):

@@ -31,8 +31,6 @@ KERNEL_SOURCE = DEVICE_PRELUDE + r"""
 #endif
 #define ROUND_OFF 0
 #define DONE_OFF 1
-#define EXP_OFF 2    // signal mode: the round of the call that last started (gemv_row's FLAG)
-#define READY_OFF 4  // signal mode: the round of the call whose outputs are all written
 #define ERROR_OFF 612
 #define TABLE_OFFSET 4096
 
@@ -68,16 +66,11 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
 #if LL_STAMPS
   const u64 t_start = now_ns();
 #endif
-  // pushed 3 (signal, KVMESH_LL_SIGNAL): no-wait, and the one-row GEMV after this call does
-  // not wait for this kernel to end either (gemv.py's FLAG mode): it waits until READY equals
-  // EXP. This call stores EXP (its round) before it lets its dependents launch, and READY once
-  // its outputs are written (fence, then a release store).
-  const bool signal = pushed == 3;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !LL_TRIGGER_AFTER_WAIT
   // The kernel after this one may start now if it was launched as a programmatic dependent
   // (the one-row GEMVs: gemv.py, KVMESH_PDL): it loads its first weight tile while this call
   // waits for the peers, and waits for this grid to end before it reads anything of ours.
-  if (!signal) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
   const int t = threadIdx.x;
   // The norm weight never changes: loaded before the wait below
@@ -104,7 +97,7 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
   // KVMESH_LL_TRIGGER=wait: the next GEMV's programs get on the SMs only now, once the GEMV
   // before has ended, so what they load before they wait streams while this call waits for
   // the peers instead of beside that GEMV's last programs
-  if (!signal) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 #endif
 #if LL_STAMPS
@@ -127,18 +120,9 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
       if (mode == 1) res[k].u = ((const uint2*)residual_addr)[row_line0 + line];
     }
   }
-  if (t == 0) {
-    s_round = ((volatile u32*)sig)[ROUND_OFF] + 1u;
-    if (signal) {
-      ((volatile u32*)sig)[EXP_OFF] = s_round;
-      __threadfence();  // in L2 before the GEMV after this call can launch and read it
-    }
-  }
+  if (t == 0) s_round = ((volatile u32*)sig)[ROUND_OFF] + 1u;
   __syncthreads();
   const u32 round = s_round;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (signal) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
   // One CTA (a decode row): it has read the round, so it advances it now, with no end-of-call
   // counter. The next call reads it after this kernel ended (stream order), so no fence either.
   // No-wait: only once every line is in (below), as the GEMV's programs read the round word
@@ -253,13 +237,6 @@ kvmesh_ll_all_reduce(u64 self_base, u64 x_addr, u64 residual_addr, u64 weight_ad
     stamp[3] = now_ns();
   }
 #endif
-  if (signal) {  // every output stored by every thread, then visible GPU-wide, then READY
-    __syncthreads();
-    if (t == 0) {
-      __threadfence();
-      asm volatile("st.release.gpu.global.u32 [%0], %1;" :: "l"(sig + READY_OFF), "r"(round) : "memory");
-    }
-  }
   if (gridDim.x > 1) {  // the last CTA to finish advances the round for the next call
     __syncthreads();
     if (t == 0 && atomicAdd(sig + DONE_OFF, 1u) == gridDim.x - 1) {

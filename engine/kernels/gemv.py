@@ -18,9 +18,7 @@ launch that loads its first weight tile, or ``KVMESH_GEMV_PRELOAD`` bytes of its
 it waits: engine/kernels/pdl.py, bench/gemv_preload.py).
 ``gemv_row_push`` is ``gemv_row`` that also stores its outputs into the peers' LL all-reduce
 slots (a row-parallel layer's partial sums, at batch 1: see engine/distributed/ll_allreduce.py),
-with the config tuned for ``gemv_row``, so bit-identical to it. The FLAG kernel is ``gemv_row``
-for the output of an LL call in signal mode: it waits for that call's READY flag, not its end
-(``expect_ready``; engine/distributed/ll_allreduce.py).
+with the config tuned for ``gemv_row``, so bit-identical to it.
 
 Which kernel a shape takes is ``_USE_GEMV``, filled once after loading by
 ``engine/kernels/gemv_tune.py`` (``tune(model)``), which times them; nothing is decided inside a
@@ -117,7 +115,7 @@ if triton is not None:
         shape makes enough programs to keep every SM's loads in flight."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         out, _ = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL, PRE_K,
-                          w_ptr, 0, False, False)
+                          w_ptr, 0, False)
         if EVEN_N:
             tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty))
         else:
@@ -130,37 +128,9 @@ if triton is not None:
         return tl.load(table_ptr + tl.load(table_ptr + world), volatile=True)
 
     @triton.jit
-    def _wait_ready(table_ptr, world):
-        """FLAG mode: spin until the LL signal area's READY word equals its EXP word (the LL call
-        before this GEMV stores EXP before it lets this kernel launch, READY once its outputs
-        are written; engine/distributed/ll_kernel.py), then an acquire fence. ``table_ptr``'s
-        entry ``world`` locates the round word: EXP and READY are the 32-bit words 2 and 4 from
-        it, the low halves of the int64 words 1 and 2."""
-        base = table_ptr + tl.load(table_ptr + world)
-        expected = tl.load(base + 1, volatile=True) & 0xFFFFFFFF
-        ready = tl.load(base + 2, volatile=True) & 0xFFFFFFFF
-        while ready != expected:
-            ready = tl.load(base + 2, volatile=True) & 0xFFFFFFFF
-        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n mov.b32 $0, $1;", "=r,r", [ready.to(tl.int32)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _load_x(ptrs, mask, FLAG: tl.constexpr, MASKED: tl.constexpr):
-        """x's values (0 where masked off); FLAG: from the L2 (``.cg``), as an SM's L1 is not
-        kept coherent with the stores of the LL call this kernel overlaps (it does not wait for
-        that call to end)."""
-        if FLAG:
-            if MASKED:
-                return tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-            return tl.load(ptrs, cache_modifier=".cg")
-        if MASKED:
-            return tl.load(ptrs, mask=mask, other=0.0)
-        return tl.load(ptrs)
-
-    @triton.jit
     def _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr, PRE_K: tl.constexpr,
-                 table_ptr, world, PUSH: tl.constexpr, FLAG: tl.constexpr):
+                 table_ptr, world, PUSH: tl.constexpr):
         """(BLOCK_N,) fp32: w[rn] @ x for one row x (K,), keeping a (BLOCK_N, BLOCK_K) fp32
         partial product and summing it over K once at the end. PDL: launched as a dependent
         launch, it loads its first PRE_K columns of weight (``_pre_k``), then waits for the
@@ -170,10 +140,7 @@ if triton is not None:
 
         PUSH (``_gemv_row_push_kernel``): also returns the LL round word (int64, ``table_ptr``'s
         entry ``world`` locates it), read as soon as the kernel before has ended, so its latency
-        hides behind the weight loads instead of following the sum; else 0.
-
-        FLAG (``_gemv_row_flag_kernel``, with PDL only): instead of waiting for the kernel
-        before to end, wait for its READY flag (``_wait_ready``), and load x from the L2."""
+        hides behind the weight loads instead of following the sum; else 0."""
         w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn  # (BLOCK_N, 1)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         k_first: tl.constexpr = PRE_K if PDL else 0
@@ -186,14 +153,11 @@ if triton is not None:
                 w0 = tl.load(w_rows + rp[None, :])  # (BLOCK_N, PRE_K)
             else:
                 w0 = tl.load(w_rows + rp[None, :], mask=(rn[:, None] < N) & (rp[None, :] < K), other=0.0)
-            if FLAG:
-                _wait_ready(table_ptr, world)
-            else:
-                tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
             if PUSH:
                 round_word = _ll_round_word(table_ptr, world)
-            x0 = _load_x(x_ptr + rp, rp < K, FLAG, True)
+            x0 = tl.load(x_ptr + rp, mask=rp < K, other=0.0)
             p = w0.to(tl.float32) * x0.to(tl.float32)[None, :]  # (BLOCK_N, PRE_K)
             if PRE_K == BLOCK_K:
                 acc += p
@@ -202,10 +166,10 @@ if triton is not None:
         for k0 in range(k_first, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             if EVEN_K and EVEN_N:
-                x = _load_x(x_ptr + rk, rk < K, FLAG, False)  # (BLOCK_K,)
+                x = tl.load(x_ptr + rk)  # (BLOCK_K,)
                 w = tl.load(w_rows + rk[None, :])  # (BLOCK_N, BLOCK_K)
             else:
-                x = _load_x(x_ptr + rk, rk < K, FLAG, True)
+                x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
                 w = tl.load(w_rows + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         return tl.sum(acc, axis=1), round_word
@@ -250,7 +214,7 @@ if triton is not None:
             if SELF:
                 own_entry = tl.load(table_ptr + rank)
         out, round_word = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PDL,
-                                   PRE_K, table_ptr, world, EARLY_ROUND, False)
+                                   PRE_K, table_ptr, world, EARLY_ROUND)
         if not EARLY_ROUND:  # the order before stop 21 (bench/push_gemv.py's A/B): after the sum
             round_word = _ll_round_word(table_ptr, world)
         out = out.to(out_ptr.dtype.element_ty)  # (BLOCK_N,), what the LL call will sum
@@ -275,23 +239,6 @@ if triton is not None:
                 if q != rank or SELF:
                     dst = table_ptr + tl.load(table_ptr + q) + slot
                     tl.store(dst + rw, packets, mask=rw * 2 < N)
-
-    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
-                        "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0,
-                        "PRE_K": _pre_k})
-    @triton.jit
-    def _gemv_row_flag_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, table_ptr, world,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                              EVEN_N: tl.constexpr, PRE_K: tl.constexpr):
-        """``_gemv_row_kernel`` (PDL) whose x an LL call in signal mode wrote: it waits for that
-        call's READY flag, not for the call to end (``_wait_ready``); the same bits."""
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        out, _ = _row_dot(x_ptr, w_ptr, rn, N, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, True, PRE_K,
-                          table_ptr, world, False, True)
-        if EVEN_N:
-            tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty))
-        else:
-            tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=rn < N)
 
     @triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
@@ -344,56 +291,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# An LL call in signal mode (engine/distributed/ll_allreduce.py, KVMESH_LL_SIGNAL) whose output
-# the very next one-row GEMV launched on the same stream (and capture) may read in FLAG mode,
-# waiting for the call's READY flag instead of its end: (its output's data_ptr and shape, the
-# stream, whether it was capturing, the LL push table, world). Taken (cleared) by the next
-# ``linear`` call; cleared by the next pushing GEMV or LL call, and around CUDA graph replays.
-_READY: Optional[tuple] = None
-
-
-def expect_ready(out: torch.Tensor, table: torch.Tensor, world: int) -> None:
-    global _READY
-    _READY = (out.data_ptr(), tuple(out.shape), torch.cuda.current_stream(out.device).cuda_stream,
-              torch.cuda.is_current_stream_capturing(), table, world)
-
-
-def clear_ready() -> None:
-    global _READY
-    _READY = None
-
-
-def _take_ready(x: torch.Tensor) -> Optional[tuple[torch.Tensor, int]]:
-    """(table, world) where x is the output ``expect_ready`` named, on the same stream and
-    capture state; None otherwise. Clears it either way."""
-    global _READY
-    ready, _READY = _READY, None
-    if ready is None or not x.is_cuda:
-        return None
-    ptr, shape, stream, capturing, table, world = ready
-    if (x.data_ptr(), tuple(x.shape)) != (ptr, shape) or x.stride(-1) != 1:
-        return None
-    if (torch.cuda.current_stream(x.device).cuda_stream, torch.cuda.is_current_stream_capturing()) != (stream, capturing):
-        return None
-    return table, world
-
-
-def gemv_row(x: torch.Tensor, weight: torch.Tensor,
-             ready: Optional[tuple[torch.Tensor, int]] = None) -> torch.Tensor:
-    """x (1, K), weight (N, K), both bf16/fp16 on CUDA -> (1, N). ``ready`` (``_take_ready``):
-    x is the output of the LL call just launched in signal mode, so, with dependent launches
-    and a tuned config, the FLAG kernel waits for that call's READY flag, not its end."""
+def gemv_row(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (1, K), weight (N, K), both bf16/fp16 on CUDA -> (1, N)."""
     if x.shape[0] != 1:
         raise ValueError(f"gemv_row takes one row, got x of shape {tuple(x.shape)}")
     n, k = weight.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    config = _row_config(n, k, weight.dtype) if ready is not None and pdl.gemv_pdl(x.device) else None
-    if config is not None:
-        _gemv_row_flag_kernel[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
-            x, weight, out, n, k, weight.stride(0), ready[0], ready[1], **config.kwargs,
-            num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=True)
-        return out
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     if pdl.gemv_pdl(x.device):
         _gemv_row_kernel[grid](x, weight, out, n, k, weight.stride(0), PDL=True, launch_pdl=True)
@@ -487,14 +391,10 @@ _ONE_ROW_ONLY = frozenset({"row"})
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear, or the GEMV that ``gemv_tune.tune`` measured fastest for this shape, for a few rows."""
-    ready = _take_ready(x) if _READY is not None else None
     if x.dim() == 2 and x.shape[0] <= MAX_ROWS:
         choice = _USE_GEMV.get((weight.shape[0], weight.shape[1], weight.dtype))
         kernel = choice and choice[0 if x.shape[0] == 1 else 1]
         if kernel:
-            if kernel == "row" and ready is not None:  # an LL call's output, by its flag
-                y = gemv_row(x, weight, ready)
-            else:
-                y = _KERNELS[kernel](x, weight)
+            y = _KERNELS[kernel](x, weight)
             return y + bias if bias is not None else y
     return F.linear(x, weight, bias)

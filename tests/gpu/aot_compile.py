@@ -113,16 +113,6 @@ def main() -> None:
         table_ptr=torch.float32, out_ptr=torch.int64, tp_size=2, TP_PAD=C(2)))
     print(f"table_pick: {resource_usage(k)}")
     from engine.kernels import gemv as gk
-    for bn, bk, warps in ((2, 2048, 4), (8, 1024, 8)):
-        k = compile_kernel(gk._gemv_row_flag_kernel.fn, dict(
-            x_ptr=dt, w_ptr=dt, out_ptr=dt, N=14336, K=4096, stride_wn=4096, table_ptr=torch.int64,
-            world=2, BLOCK_N=C(bn), BLOCK_K=C(bk), EVEN_K=C(True), EVEN_N=C(True), PRE_K=C(bk)),
-            num_warps=warps, num_stages=3)
-        ptx = k.asm["ptx"]
-        # FLAG: no griddepcontrol.wait (the READY spin instead), an acquire fence, x from the L2
-        print(f"gemv_row_flag N{bn} K{bk} w{warps}: {resource_usage(k)}; wait x{ptx.count('griddepcontrol.wait')}, "
-              f"launch_dependents x{ptx.count('griddepcontrol.launch_dependents')}, "
-              f"fence x{ptx.count('fence.acq_rel.gpu')}, ld.cg x{len(re.findall(r'ld[.a-z0-9]*[.]cg', ptx))}")
     for bn, bk, warps, pdl, self_slot in ((2, 2048, 4, True, False), (4, 1024, 4, False, False),
                                           (8, 1024, 8, True, False), (16, 256, 4, True, False),
                                           (2, 2048, 4, True, True), (8, 1024, 8, True, True)):

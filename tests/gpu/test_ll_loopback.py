@@ -146,36 +146,6 @@ def test_no_wait_calls_wait_for_every_line_in_any_issue_order(group_of, world):
 
 
 @eager
-def test_signal_mode_the_next_gemv_takes_the_output_by_its_flag(group_of, monkeypatch):
-    """KVMESH_LL_SIGNAL: the one-row GEMV right after a no-wait LL call waits for the call's
-    READY flag, not its end (gemv.py's FLAG kernel), and gives the plain path's bits."""
-    from engine.kernels import gemv
-    a, w, residual, weight = _pushing_case(2)
-    gen = torch.Generator(device="cuda").manual_seed(78)
-    w2 = [(torch.randn(3072, 4096, generator=gen, device="cuda") / 64).to(torch.bfloat16) for _ in range(2)]
-    gemv.gemv_row(torch.randn(1, 4096, device="cuda").to(torch.bfloat16), w2[0])
-    gemv._USE_GEMV[(3072, 4096, torch.bfloat16)] = ("row", None)
-    group = group_of(2)
-    plain = group.issue(lambda r, ll: gemv.gemv_row(a[r], w[r]))
-    normed = group.issue(lambda r, ll: ll.all_reduce_rms_norm(plain[r], residual, weight, EPS))
-    want = group.issue(lambda r, ll: gemv.gemv_row(normed[r][0], w2[r]))
-    group.synchronize()
-    for ll in group.lls:
-        ll.no_wait = ll.signal = True
-    taken = []
-    take = gemv._take_ready
-    monkeypatch.setattr(gemv, "_take_ready", lambda x: taken.append(take(x)) or taken[-1])
-    for _ in range(4):
-        pushed = group.issue(lambda r, ll: ll.gemv_push(a[r], w[r]))  # every rank's lines first
-        got = group.issue(lambda r, ll: gemv.linear(ll.all_reduce_rms_norm(pushed[r], residual, weight, EPS)[0],
-                                                    w2[r]))
-        group.synchronize()
-        for r in range(2):
-            assert torch.equal(got[r], want[r]), f"rank {r}"
-    assert len(taken) == 8 and all(t is not None for t in taken), "the GEMV did not take the flag path"
-
-
-@eager
 def test_stamps_come_in_order_one_per_call(group_of):
     from engine.profiling import ll_stamp_summary
     group = group_of(2, stamps=True)
