@@ -35,6 +35,7 @@ exponentiated with exp2; the split log-sum-exps are log2 too.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -45,6 +46,10 @@ from engine.kernels import pdl
 from engine.kernels.triton_ops import pdl_enter
 
 LOG2E = 1.4426950408889634
+# 0: the decode kernel waits for the kernel before (PDL) before it reads anything, as before
+# stop 25; default 1: it reads the lengths and the block table first (``_decode_kernel``)
+DECODE_PREFETCH_ENV = "KVMESH_DECODE_PREFETCH"
+DECODE_PREFETCH = os.environ.get(DECODE_PREFETCH_ENV, "1") not in ("", "0")
 
 
 # ---- shared inner step -----------------------------------------------------------------------
@@ -64,14 +69,8 @@ def _attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0, kv_
     d = tl.arange(0, DIM_PAD)
     d_mask = d < HEAD_DIM
     n_mask = offs_n < kv_end
-    if MASK_END:
-        block_ids = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
-    else:
-        block_ids = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE)
-    if OFFSET_64:  # caches of >= 2^31 elements a half; int32 offsets otherwise save registers
-        block_ids = block_ids.to(tl.int64)
-    slots = block_ids * BLOCK_SIZE + offs_n % BLOCK_SIZE
-    kv_offs = slots * stride_cache_slot + kv_head * stride_cache_head  # (BLOCK_N,)
+    kv_offs = _kv_offsets(bt_row_ptr, offs_n, n_mask, kv_head, stride_cache_slot, stride_cache_head,
+                          BLOCK_SIZE, MASK_END, OFFSET_64)  # (BLOCK_N,)
     k_ptrs = k_cache_ptr + kv_offs[None, :] + d[:, None]  # (DIM_PAD, BLOCK_N)
     v_ptrs = v_cache_ptr + kv_offs[:, None] + d[None, :]  # (BLOCK_N, DIM_PAD)
     if MASK_END:
@@ -100,6 +99,46 @@ def _attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0, kv_
     return acc, l_i, m_new
 
 
+@triton.jit
+def _kv_offsets(bt_row_ptr, offs_n, n_mask, kv_head, stride_cache_slot, stride_cache_head,
+                BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, OFFSET_64: tl.constexpr):
+    """(BLOCK_N,) element offsets of tokens offs_n's K (or V) rows of ``kv_head`` in the cache,
+    through the request's block table; MASKED: the table read only where n_mask."""
+    if MASKED:
+        block_ids = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
+    else:
+        block_ids = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE)
+    if OFFSET_64:  # caches of >= 2^31 elements a half; int32 offsets otherwise save registers
+        block_ids = block_ids.to(tl.int64)
+    slots = block_ids * BLOCK_SIZE + offs_n % BLOCK_SIZE
+    return slots * stride_cache_slot + kv_head * stride_cache_head
+
+
+@triton.jit
+def _kv_rows(k_cache_ptr, v_cache_ptr, kv_offs, n_mask, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr):
+    """K (DIM_PAD, BLOCK_N) and V (BLOCK_N, DIM_PAD) at ``kv_offs``, zeros where not n_mask."""
+    d = tl.arange(0, DIM_PAD)
+    d_mask = d < HEAD_DIM
+    k = tl.load(k_cache_ptr + kv_offs[None, :] + d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + kv_offs[:, None] + d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _softmax_step(q, acc, l_i, m_i, k, v, n_mask, scale_log2, DOT_PRECISION: tl.constexpr):
+    """``_attend_tile``'s arithmetic (MASK_END, not causal) on a tile already loaded: k (DIM_PAD,
+    BLOCK_N), v (BLOCK_N, DIM_PAD), keys masked off where not n_mask; the same bits."""
+    s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2  # (M, BLOCK_N)
+    s = tl.where(n_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])  # (M, BLOCK_N)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = v.to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
 # ---- decode (flash-decoding) -----------------------------------------------------------------
 
 # The block table's row stride (its width: the batch's longest request, in blocks) changes from
@@ -114,8 +153,16 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, OFFSET_64: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_enter(PDL)
+                   DOT_PRECISION: tl.constexpr, OFFSET_64: tl.constexpr, PDL: tl.constexpr = False,
+                   PREFETCH: tl.constexpr = True):
+    # Launched as a programmatic dependent (PDL), this program may start while the kernel before
+    # still runs: rotary_store_kv, which rotates q in place and stores this step's key and value.
+    # The lengths and the block table were written before that kernel started, so they are read
+    # first: after the wait (``pdl_enter``) q and the first tile's K and V are one load away,
+    # not four dependent ones (query start -> length -> block table -> K). PREFETCH=False
+    # (``KVMESH_DECODE_PREFETCH=0``): wait first, for A/B runs.
+    if not PREFETCH:
+        pdl_enter(PDL)
     r = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -129,6 +176,13 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     split_len = tl.cdiv(split_len, BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
+    bt_row_ptr = block_tables_ptr + r.to(tl.int64) * stride_bt
+    offs_n = start + tl.arange(0, BLOCK_N)  # the first tile
+    n_mask = offs_n < end
+    kv_offs = _kv_offsets(bt_row_ptr, offs_n, n_mask, kv_head, stride_cache_slot, stride_cache_head,
+                          BLOCK_SIZE, True, OFFSET_64)
+    if PREFETCH:
+        pdl_enter(PDL)
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, DIM_PAD)
@@ -139,8 +193,10 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     acc = tl.zeros([GROUP_PAD, DIM_PAD], dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    bt_row_ptr = block_tables_ptr + r.to(tl.int64) * stride_bt
-    for n0 in range(start, end, BLOCK_N):
+    if start < end:  # the first tile, at the offsets read before the wait
+        k0, v0 = _kv_rows(k_cache_ptr, v_cache_ptr, kv_offs, n_mask, HEAD_DIM, DIM_PAD)
+        acc, l_i, m_i = _softmax_step(q, acc, l_i, m_i, k0, v0, n_mask, scale_log2, DOT_PRECISION)
+    for n0 in range(start + BLOCK_N, end, BLOCK_N):
         acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0,
                                      end, m_i, kv_head, scale_log2, stride_cache_slot,
                                      stride_cache_head, HEAD_DIM, DIM_PAD, BLOCK_SIZE, BLOCK_N,
@@ -217,7 +273,7 @@ def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         IS_SPLIT=num_splits > 1, MIN_SPLIT_LEN=min_split_len,
         DOT_PRECISION=_dot_precision(query.dtype), OFFSET_64=_needs_int64(kv_cache),
-        num_warps=num_warps, num_stages=num_stages, PDL=on, launch_pdl=on)
+        num_warps=num_warps, num_stages=num_stages, PDL=on, PREFETCH=DECODE_PREFETCH, launch_pdl=on)
     if num_splits > 1:
         _decode_reduce_kernel[(num_reqs, num_q_heads)](
             part_out, part_lse, query_start_loc, out, num_splits, out.stride(0), out.stride(1),

@@ -84,8 +84,12 @@ def main() -> None:
                 common, part_out_ptr=torch.float32, part_lse_ptr=torch.float32, num_splits=3,
                 NUM_Q_HEADS=C(8 * group), GROUP_PAD=C(max(16, group)), BLOCK_N=C(64),
                 IS_SPLIT=C(split), MIN_SPLIT_LEN=C(256), PDL=C(split)))
+            ptx = k.asm["ptx"]
+            before = ptx.split("griddepcontrol.wait")[0] if "griddepcontrol.wait" in ptx else ""
+            # the lengths, the block table and the first tile's older K/V: loaded before the wait
             print(f"decode d{hd} g{group} bs{bs} split={split} pdl={split}: {resource_usage(k)}; "
-                  f"griddepcontrol x{k.asm['ptx'].count('griddepcontrol')}")
+                  f"griddepcontrol x{ptx.count('griddepcontrol')}, "
+                  f"loads before the wait x{len(re.findall(r'ld[.]global', before))}")
         for block_m, warps in ((64, 4), (128, 8)):
             k = compile_kernel(tk._prefill_kernel, dict(
                 common, num_reqs=3, GROUP_PAD=C(group), BLOCK_Q=C(block_m // group), BLOCK_N=C(64)),
