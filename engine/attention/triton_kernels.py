@@ -46,8 +46,9 @@ from engine.kernels import pdl
 from engine.kernels.triton_ops import pdl_enter
 
 LOG2E = 1.4426950408889634
-# 0: the decode kernel waits for the kernel before (PDL) before it reads anything, as before
-# stop 25; default 1: it reads the lengths and the block table first (``_decode_kernel``)
+# 0: the decode kernel and its reduce wait for the kernel before (PDL) before they read
+# anything, as before stop 25; default 1: they read what the host wrote first (the lengths,
+# the block table, the query starts: ``_decode_kernel``)
 DECODE_PREFETCH_ENV = "KVMESH_DECODE_PREFETCH"
 DECODE_PREFETCH = os.environ.get(DECODE_PREFETCH_ENV, "1") not in ("", "0")
 
@@ -219,13 +220,18 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
 def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, query_start_ptr, out_ptr, num_splits,
                           stride_ot, stride_oh,
                           NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-                          SPLITS_PAD: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_enter(PDL)
+                          SPLITS_PAD: tl.constexpr, PDL: tl.constexpr = False,
+                          PREFETCH: tl.constexpr = True):
+    # As in _decode_kernel: the query starts (host-written) before the wait, the parts after
+    if not PREFETCH:
+        pdl_enter(PDL)
     r = tl.program_id(0)
     head = tl.program_id(1)
     q_row = tl.load(query_start_ptr + r)
     if tl.load(query_start_ptr + r + 1) == q_row:
         return
+    if PREFETCH:
+        pdl_enter(PDL)
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, DIM_PAD)
     s_mask = s < num_splits
@@ -278,7 +284,8 @@ def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         _decode_reduce_kernel[(num_reqs, num_q_heads)](
             part_out, part_lse, query_start_loc, out, num_splits, out.stride(0), out.stride(1),
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4, PDL=on, launch_pdl=on)
+            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4, PDL=on, PREFETCH=DECODE_PREFETCH,
+            launch_pdl=on)
 
 
 # ---- prefill / mixed -------------------------------------------------------------------------
