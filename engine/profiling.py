@@ -10,6 +10,7 @@ microseconds of each per step) to put next to the step's wall time.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -190,7 +191,6 @@ def replay_decode_graph(runner, replays: int = 100, rounds: int = 5) -> Optional
     graphs = getattr(getattr(runner, "graph_runner", None), "decode", None)
     if graphs is None or 1 not in graphs.graphs:
         return None
-    import statistics
     graph, hidden = graphs.graphs[1], graphs.outputs[1][:1]
 
     def timed(run_lm_head: bool) -> float:
