@@ -6,7 +6,8 @@
 #   then TP=1 again; each TP=2 run also replays its batch-1 graph on both ranks at once (device
 #   only: TP=2's host gap). The first call had no-wait only with the last-program merge (since
 #   reverted): 2.475 against 2.571 ms.
-#   then, time allowing: TP=2 engine equality (llama-tp2 tiny, bf16) with no-wait on
+#   then, time allowing: no-wait with the LL kernel built as 1024 threads x 1 line, and TP=2
+#   engine equality (llama-tp2 tiny, bf16) with no-wait on
 set -u
 source bench/device/env.sh
 L=$OUT/logs; mkdir -p $L
@@ -18,5 +19,7 @@ KVMESH_LL_NO_WAIT=0 decode_step tp2_wait_again 2 0,1
 KVMESH_LL_NO_WAIT=1 decode_step tp2_nowait_again 2 0,1
 decode_step tp1_again 1 0
 echo "steps done at ${SECONDS}s"
-[ $SECONDS -lt 420 ] && KVMESH_LL_NO_WAIT=1 gpu_tests parallel_tp2_nowait 150 tests/gpu/test_parallel_gpu.py -k "two_gpus and llama-tp2 and not pp2"
+# the LL kernel as 1024 threads of one line each (the default build: 512 x 2), with no-wait
+[ $SECONDS -lt 400 ] && KVMESH_LL_BUILDS=1024x1 KVMESH_LL_NO_WAIT=1 decode_step tp2_nowait_1024 2 0,1
+[ $SECONDS -lt 410 ] && KVMESH_LL_NO_WAIT=1 gpu_tests parallel_tp2_nowait 150 tests/gpu/test_parallel_gpu.py -k "two_gpus and llama-tp2 and not pp2"
 echo "done at ${SECONDS}s"
