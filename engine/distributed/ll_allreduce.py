@@ -34,9 +34,11 @@ GEMV instead of following it. Each rank decides alone (a peer only waits for the
 ranks whose GEMV tuners chose differently still agree. The call after ``gemv_push`` must take
 its output (checked: ``_take_pushed``). ``KVMESH_LL_PUSH=0`` turns it off.
 
-No-wait (``KVMESH_LL_NO_WAIT=1``; off by default; a "signal" mode on top of it, in which the
-next GEMV waited for a READY flag of this call instead of its end, made the TP=2 8B batch-1 step
-2.927 ms against 2.498 on 2 H200s in stop 24 and was removed in stop 25): that GEMV
+No-wait (on by default since stop 25, ``KVMESH_LL_NO_WAIT=0`` to turn off; the TP=2 8B batch-1
+step on 2 H200s, one call, in turn: 2.501 and 2.418 ms against 2.455 and 2.535 waiting, and
+2.400 with the (1024, 1) build below; runs of one setting vary by 0.04-0.08 ms. A "signal" mode
+on top of it, in which the next GEMV waited for a READY flag of this call instead of its end, made
+that step 2.927 ms against 2.498 in stop 24 and was removed): that GEMV
 also stores its lines into my own slot, under the same flags, and writes nothing else, so the LL
 call reads every rank's partial sums, mine included, only through flagged lines and skips its
 ``griddepcontrol.wait`` on the GEMV: it sums as soon as the last line lands, instead of once the
@@ -91,7 +93,7 @@ logger = logging.getLogger(__name__)
 LL_DISABLE_ENV = "KVMESH_DISABLE_LL_ALLREDUCE"
 LL_PUSH_ENV = "KVMESH_LL_PUSH"  # 0: row-parallel GEMVs never push (the LL kernel always does)
 # 1: a pushing GEMV also pushes into my own slot, and its LL call reads only flagged lines and
-# never waits for that GEMV to end (module doc: "no-wait"); 0 (default): the call waits for it
+# never waits for that GEMV to end (module doc: "no-wait", the default); 0: the call waits for it
 LL_NO_WAIT_ENV = "KVMESH_LL_NO_WAIT"
 # When the kernel after an LL call may launch (PDL): "start" of the call (default) or "wait",
 # once the kernel before it has ended (see the kernel); kept for A/B runs
@@ -110,10 +112,11 @@ MAX_ROWS = 64
 THREADS = 512
 MAX_LPT = 8  # lines (8 bytes of data each) per thread
 # The kernel's builds, (threads, lines per thread): a call takes the first that holds its row.
-# (512, 2) (rows of up to 1024 lines: 4096 wide in bf16) measured 2.56 us after the wait against
-# 3.46 for (512, 8), the only build before stop 20 (2 ranks, bench/ll_loopback.py on one H200);
-# (512, 4) spilled in bf16. KVMESH_LL_BUILDS (e.g. "512x8": the build of before) is kept for A/B
-# runs; (512, MAX_LPT), which holds every row the path takes, is always there, last.
+# (1024, 1) (rows of up to 1024 lines: 4096 wide in bf16) measured 2.56 / 2.59 us after the wait
+# against 2.75 / 2.75 for (512, 2), the default of stops 20-24 (2 ranks, bench/ll_loopback.py on
+# one H200, stop 25); (512, 2) had measured 2.56 against 3.46 for (512, 8), the only build before
+# stop 20; (512, 4) spilled in bf16. KVMESH_LL_BUILDS (e.g. "512x2": the build of before) is kept
+# for A/B runs; (512, MAX_LPT), which holds every row the path takes, is always there, last.
 LL_BUILDS_ENV = "KVMESH_LL_BUILDS"
 
 
@@ -123,7 +126,7 @@ def _builds(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(builds, key=lambda b: b[0] * b[1])) + ((THREADS, MAX_LPT),)
 
 
-BUILDS = _builds(os.environ.get(LL_BUILDS_ENV, "512x2"))
+BUILDS = _builds(os.environ.get(LL_BUILDS_ENV, "1024x1"))
 LINE_DATA_BYTES = 8
 LINE_BYTES = 16
 MODE_SUM, MODE_NORM, MODE_NORM_NO_RESIDUAL = 0, 1, 2
@@ -165,7 +168,7 @@ class LLAllReduce(CustomAllReduce):
         self._pushed: Optional[torch.Tensor] = None  # a pushed partial its LL call has not taken
         self._pushed_mode = NOT_PUSHED  # how it was pushed
         # gemv_push pushes into my own slot too and its LL call does not wait for it (no-wait)
-        self.no_wait = os.environ.get(LL_NO_WAIT_ENV, "0") not in ("", "0")
+        self.no_wait = os.environ.get(LL_NO_WAIT_ENV, "1") not in ("", "0")
         self._dependent_launch_ok = True  # off for good after a failed cuLaunchKernelEx
         self._functions: dict[tuple, int] = {}  # (dtype, threads, lines per thread) -> CUfunction
         super().__init__(comm, max_bytes=max_bytes, self_check_timeout_s=self_check_timeout_s)
