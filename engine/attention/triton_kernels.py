@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from engine.attention.cache_store import _check_cache, _dim_pad, _last_dim_contiguous
+from engine.attention.tiles import attend_tile, kv_offsets, kv_rows, softmax_step
 from engine.kernels import pdl
 from engine.kernels.triton_ops import pdl_enter
 
@@ -51,93 +52,6 @@ LOG2E = 1.4426950408889634
 # the block table, the query starts: ``_decode_kernel``)
 DECODE_PREFETCH_ENV = "KVMESH_DECODE_PREFETCH"
 DECODE_PREFETCH = os.environ.get(DECODE_PREFETCH_ENV, "1") not in ("", "0")
-
-
-# ---- shared inner step -----------------------------------------------------------------------
-
-@triton.jit
-def _attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0, kv_end, q_pos,
-                 kv_head, scale_log2, stride_cache_slot, stride_cache_head,
-                 HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, MASK_END: tl.constexpr, CAUSAL: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, OFFSET_64: tl.constexpr):
-    """One online-softmax step over keys n0 .. n0 + BLOCK_N - 1 of one request.
-
-    q (M, DIM_PAD); acc (M, DIM_PAD) fp32; l_i, m_i (M,) fp32; q_pos (M,) absolute
-    positions (used only when CAUSAL). MASK_END masks keys >= kv_end.
-    """
-    offs_n = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) token index within the request
-    d = tl.arange(0, DIM_PAD)
-    d_mask = d < HEAD_DIM
-    n_mask = offs_n < kv_end
-    kv_offs = _kv_offsets(bt_row_ptr, offs_n, n_mask, kv_head, stride_cache_slot, stride_cache_head,
-                          BLOCK_SIZE, MASK_END, OFFSET_64)  # (BLOCK_N,)
-    k_ptrs = k_cache_ptr + kv_offs[None, :] + d[:, None]  # (DIM_PAD, BLOCK_N)
-    v_ptrs = v_cache_ptr + kv_offs[:, None] + d[None, :]  # (BLOCK_N, DIM_PAD)
-    if MASK_END:
-        k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-    elif HEAD_DIM == DIM_PAD:
-        k = tl.load(k_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
-    s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2  # (M, BLOCK_N)
-    if CAUSAL:
-        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
-    elif MASK_END:
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])  # (M, BLOCK_N)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if MASK_END:
-        v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-    elif HEAD_DIM == DIM_PAD:
-        v = tl.load(v_ptrs)
-    else:
-        v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
-    v = v.to(q.dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _kv_offsets(bt_row_ptr, offs_n, n_mask, kv_head, stride_cache_slot, stride_cache_head,
-                BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, OFFSET_64: tl.constexpr):
-    """(BLOCK_N,) element offsets of tokens offs_n's K (or V) rows of ``kv_head`` in the cache,
-    through the request's block table; MASKED: the table read only where n_mask."""
-    if MASKED:
-        block_ids = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
-    else:
-        block_ids = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE)
-    if OFFSET_64:  # caches of >= 2^31 elements a half; int32 offsets otherwise save registers
-        block_ids = block_ids.to(tl.int64)
-    slots = block_ids * BLOCK_SIZE + offs_n % BLOCK_SIZE
-    return slots * stride_cache_slot + kv_head * stride_cache_head
-
-
-@triton.jit
-def _kv_rows(k_cache_ptr, v_cache_ptr, kv_offs, n_mask, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr):
-    """K (DIM_PAD, BLOCK_N) and V (BLOCK_N, DIM_PAD) at ``kv_offs``, zeros where not n_mask."""
-    d = tl.arange(0, DIM_PAD)
-    d_mask = d < HEAD_DIM
-    k = tl.load(k_cache_ptr + kv_offs[None, :] + d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-    v = tl.load(v_cache_ptr + kv_offs[:, None] + d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-    return k, v
-
-
-@triton.jit
-def _softmax_step(q, acc, l_i, m_i, k, v, n_mask, scale_log2, DOT_PRECISION: tl.constexpr):
-    """``_attend_tile``'s arithmetic (MASK_END, not causal) on a tile already loaded: k (DIM_PAD,
-    BLOCK_N), v (BLOCK_N, DIM_PAD), keys masked off where not n_mask; the same bits."""
-    s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2  # (M, BLOCK_N)
-    s = tl.where(n_mask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])  # (M, BLOCK_N)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = v.to(q.dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
 
 
 # ---- decode (flash-decoding) -----------------------------------------------------------------
@@ -180,8 +94,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     bt_row_ptr = block_tables_ptr + r.to(tl.int64) * stride_bt
     offs_n = start + tl.arange(0, BLOCK_N)  # the first tile
     n_mask = offs_n < end
-    kv_offs = _kv_offsets(bt_row_ptr, offs_n, n_mask, kv_head, stride_cache_slot, stride_cache_head,
-                          BLOCK_SIZE, True, OFFSET_64)
+    kv_offs = kv_offsets(bt_row_ptr, offs_n, n_mask, kv_head, stride_cache_slot, stride_cache_head,
+                         BLOCK_SIZE, True, OFFSET_64)
     if PREFETCH:
         pdl_enter(PDL)
 
@@ -195,13 +109,13 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     if start < end:  # the first tile, at the offsets read before the wait
-        k0, v0 = _kv_rows(k_cache_ptr, v_cache_ptr, kv_offs, n_mask, HEAD_DIM, DIM_PAD)
-        acc, l_i, m_i = _softmax_step(q, acc, l_i, m_i, k0, v0, n_mask, scale_log2, DOT_PRECISION)
+        k0, v0 = kv_rows(k_cache_ptr, v_cache_ptr, kv_offs, n_mask, HEAD_DIM, DIM_PAD)
+        acc, l_i, m_i = softmax_step(q, acc, l_i, m_i, k0, v0, n_mask, scale_log2, DOT_PRECISION)
     for n0 in range(start + BLOCK_N, end, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0,
-                                     end, m_i, kv_head, scale_log2, stride_cache_slot,
-                                     stride_cache_head, HEAD_DIM, DIM_PAD, BLOCK_SIZE, BLOCK_N,
-                                     True, False, DOT_PRECISION, OFFSET_64)
+        acc, l_i, m_i = attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0,
+                                    end, m_i, kv_head, scale_log2, stride_cache_slot,
+                                    stride_cache_head, HEAD_DIM, DIM_PAD, BLOCK_SIZE, BLOCK_N,
+                                    True, False, DOT_PRECISION, OFFSET_64)
     if not IS_SPLIT:
         o = acc / l_i[:, None]
         tl.store(out_ptr + q_row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -349,15 +263,15 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
     full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
     kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)
     for n0 in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0,
-                                     kv_end, q_pos, kv_head, scale_log2, stride_cache_slot,
-                                     stride_cache_head, HEAD_DIM, DIM_PAD, BLOCK_SIZE, BLOCK_N,
-                                     False, False, DOT_PRECISION, OFFSET_64)
+        acc, l_i, m_i = attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0,
+                                    kv_end, q_pos, kv_head, scale_log2, stride_cache_slot,
+                                    stride_cache_head, HEAD_DIM, DIM_PAD, BLOCK_SIZE, BLOCK_N,
+                                    False, False, DOT_PRECISION, OFFSET_64)
     for n0 in range(full_end, kv_end, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0,
-                                     kv_end, q_pos, kv_head, scale_log2, stride_cache_slot,
-                                     stride_cache_head, HEAD_DIM, DIM_PAD, BLOCK_SIZE, BLOCK_N,
-                                     True, True, DOT_PRECISION, OFFSET_64)
+        acc, l_i, m_i = attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0,
+                                    kv_end, q_pos, kv_head, scale_log2, stride_cache_slot,
+                                    stride_cache_head, HEAD_DIM, DIM_PAD, BLOCK_SIZE, BLOCK_N,
+                                    True, True, DOT_PRECISION, OFFSET_64)
     # Padding rows (g >= GROUP or tok >= q_len) may hold l_i == 0; they are not stored.
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
