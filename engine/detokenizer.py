@@ -124,8 +124,10 @@ class IncrementalDetokenizer:
         else:
             self._tokens.extend(new_token_ids)
             delta = self._decode_pending(final=False)
-        if not self.stop:  # nothing to find or hold back (``_advance``'s answer, for less): the
-            if not delta:  # step's text as decoded, most steps
+        if not self.stop:
+            # Nothing to find or hold back: the step's text as decoded (``_advance``'s answer,
+            # for less work; most requests)
+            if not delta:
                 return _NO_UPDATE
             self._text += delta
             self._num_emitted = len(self._text)

@@ -7,6 +7,7 @@ loads a tile's addresses before it may read the tile (the decode kernel's prefet
     kv_offsets      a tile's cache offsets (block table -> slots)
     kv_rows         K and V at those offsets
     softmax_step    attend_tile's arithmetic on a tile already loaded (the same bits)
+    online_softmax  the running maximum and sum update both share
 
 Softmax in the log2 domain: scores arrive multiplied by ``scale * log2(e)``.
 """
@@ -47,10 +48,7 @@ def attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0, kv_e
         s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
     elif MASK_END:
         s = tl.where(n_mask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])  # (M, BLOCK_N)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, l_i, m_new = online_softmax(s, l_i, m_i)
     if MASK_END:
         v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
     elif HEAD_DIM == DIM_PAD:
@@ -60,6 +58,17 @@ def attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0, kv_e
     v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
+
+
+@triton.jit
+def online_softmax(s, l_i, m_i):
+    """The online-softmax update for scores s (M, BLOCK_N), log2 domain: the tile's weights p
+    (M, BLOCK_N), the factor alpha (M,) that rescales what was summed before, and the new
+    running sum l_i and maximum m_i (M,)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])  # (M, BLOCK_N)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
 
 
 @triton.jit
@@ -93,10 +102,7 @@ def softmax_step(q, acc, l_i, m_i, k, v, n_mask, scale_log2, DOT_PRECISION: tl.c
     BLOCK_N), v (BLOCK_N, DIM_PAD), keys masked off where not n_mask; the same bits."""
     s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2  # (M, BLOCK_N)
     s = tl.where(n_mask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])  # (M, BLOCK_N)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, l_i, m_new = online_softmax(s, l_i, m_i)
     v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
