@@ -231,7 +231,9 @@ def device_only_step(engine, replays: int = 100, rounds: int = 5) -> Optional[di
     if not ranks or any(r is None for r in ranks):
         return None
     slowest = max(ranks, key=lambda r: r["step_ms"])
-    return {**slowest, "rank_graph_ms": [r["graph_ms"] for r in ranks]}
+    return {**{k: v for k, v in slowest.items() if k != "gemv_tuning"},
+            "rank_graph_ms": [r["graph_ms"] for r in ranks],
+            "rank_gemv_tuning": [r.get("gemv_tuning") for r in ranks]}
 
 
 class _StepProfile:

@@ -183,7 +183,9 @@ def replay_decode_graph(runner, replays: int = 100, rounds: int = 5) -> Optional
     """The batch-1 step's device work alone, with no host in the loop: the runner's batch-1 decode
     graph (embedding, the layers, the final norm) and the LM head's greedy id, replayed back to
     back and timed with CUDA events (median of ``rounds`` rounds of ``replays``), in ms:
-    ``graph_ms`` the graph alone, ``step_ms`` with the LM head. None without that graph.
+    ``graph_ms`` the graph alone, ``step_ms`` with the LM head; and ``gemv_tuning``, the
+    runner's batch-1 linear kernels and tile configs (``gemv_tune.tune``), which the graph's
+    time depends on. None without that graph.
 
     For benchmarks, once a request has ended: the graph's static inputs still hold its last
     step, so each replay rewrites that step's K/V with the same values and reads the same
@@ -209,7 +211,8 @@ def replay_decode_graph(runner, replays: int = 100, rounds: int = 5) -> Optional
 
     with torch.inference_mode():
         timed(True)  # warm
-        return {"graph_ms": timed(False), "step_ms": timed(True), "replays": replays, "rounds": rounds}
+        return {"graph_ms": timed(False), "step_ms": timed(True), "replays": replays, "rounds": rounds,
+                "gemv_tuning": getattr(runner, "gemv_report", None)}
 
 
 def _spread(values: list[float], digits: int = 1) -> dict[str, float]:

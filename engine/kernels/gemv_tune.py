@@ -8,11 +8,20 @@ decode step runs it: many calls back to back inside one CUDA graph, each on anot
 weight so that every call reads from HBM (per-call event timing adds ~15-20 us of overhead, more
 than the gap measured), the candidates' graphs in turn over 5 rounds. A Triton kernel must beat
 cuBLAS by more than 3% to be used.
+
+The one-row kernel's tile config is chosen the same way (``_sweep_row_configs``; on by default,
+``KVMESH_GEMV_ROW_SWEEP=0`` keeps the Triton autotuner's pick): every config of its autotune
+list timed in graphs, the fastest written into the autotuner's cache, where ``gemv_row`` and
+``gemv_row_push`` read it. The autotuner times one call at a time between events, and its picks
+for one shape differed from rank to rank and run to run: stop 23's TP=2 ranks got 5.26 and
+4.44 µs a call for o_proj (4096x2048), where the best listed config takes 4.40 µs in a graph
+(bench/results/gemv_configs_h200.json).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -22,6 +31,9 @@ from engine.kernels import gemv
 
 logger = logging.getLogger(__name__)
 
+ROW_SWEEP_ENV = "KVMESH_GEMV_ROW_SWEEP"
+ROW_SWEEP = os.environ.get(ROW_SWEEP_ENV, "1") not in ("", "0")
+
 
 @torch.inference_mode()
 def tune(model: torch.nn.Module, calls: int = 24) -> dict[str, dict]:
@@ -29,7 +41,8 @@ def tune(model: torch.nn.Module, calls: int = 24) -> dict[str, dict]:
     shape of ``model`` (modules whose forward calls ``linear``: they carry ``small_batch_gemv =
     True``); a Triton kernel is used for a shape only where it beats cuBLAS by more than 3%.
     Returns {shape: {kernel: microseconds a call, ..., "use": kernel for one row,
-    "use_few_rows": kernel for 2..MAX_ROWS rows}}."""
+    "use_few_rows": kernel for 2..MAX_ROWS rows, "row_config": the one-row kernel's tile config,
+    "row_configs": microseconds a call per config (the sweep)}}."""
     if gemv.triton is None:
         return {}
     report = {}
@@ -53,16 +66,20 @@ def tune(model: torch.nn.Module, calls: int = 24) -> dict[str, dict]:
                     logger.warning("%s disagrees with cuBLAS for %s; not used", name, key)
                     continue
                 candidates[name] = lambda wi, kernel=kernel: kernel(x, wi)
+            row_configs = _sweep_row_configs(x, w, calls) if "row" in candidates and ROW_SWEEP else {}
             times = _time_in_graphs(candidates, w, calls)
         except Exception as exc:  # noqa: BLE001 - timing is an optimisation: cuBLAS is always right
             logger.warning("could not time the GEMVs for %s (%r); using cuBLAS", key, exc)
             torch.cuda.synchronize()
-            times = {}
+            times, row_configs = {}, {}
         one_row = _fastest(times)
         few_rows = _fastest({k: v for k, v in times.items() if k not in gemv._ONE_ROW_ONLY})
         gemv._USE_GEMV[key] = (one_row, few_rows)
+        row_config = gemv._tuned_config(gemv._gemv_row_kernel, *key)
         report[f"{key[0]}x{key[1]}"] = {**{k: round(v * 1e6, 2) for k, v in times.items()},
-                                        "use": one_row or "cublas", "use_few_rows": few_rows or "cublas"}
+                                        "use": one_row or "cublas", "use_few_rows": few_rows or "cublas",
+                                        "row_config": row_config and _config_name(row_config),
+                                        "row_configs": row_configs}
     if report:
         logger.info("batch-1 linear layers, microseconds a call in a CUDA graph: %s", report)
         torch.cuda.empty_cache()  # the copies' memory back to the device before graph capture
@@ -75,6 +92,41 @@ def _fastest(times: dict[str, float]) -> Optional[str]:
         return None
     best = min(times, key=times.get)
     return best if best != "cublas" and times[best] < 0.97 * times["cublas"] else None
+
+
+def _sweep_row_configs(x: torch.Tensor, w: torch.Tensor, calls: int) -> dict[str, float]:
+    """Times every config of ``gemv_row``'s autotune list at w's shape as ``_time_in_graphs``
+    times the kernels (each captured with that config in the autotuner's cache), and leaves the
+    fastest there; returns {config name: microseconds a call}. The autotuner has run for this
+    shape already, so every config is compiled."""
+    n, k = w.shape
+    configs = {_config_name(c): c for c in gemv._gemv_row_kernel.configs}
+
+    def with_config(config):
+        def call(wi: torch.Tensor) -> torch.Tensor:
+            _set_row_config(n, k, w.dtype, config)  # read at launch, so at capture
+            return gemv.gemv_row(x, wi)
+        return call
+
+    times = _time_in_graphs({name: with_config(c) for name, c in configs.items()}, w, calls)
+    _set_row_config(n, k, w.dtype, configs[min(times, key=times.get)])
+    return {name: round(t * 1e6, 2) for name, t in times.items()}
+
+
+def _set_row_config(n: int, k: int, dtype: torch.dtype, config) -> None:
+    """Makes ``config`` the autotuner's choice for ``gemv_row`` at (N, K, dtype)."""
+    kernel = gemv._gemv_row_kernel
+    keys = [key for key in kernel.cache if key[0] == n and key[1] == k and str(dtype) in key]
+    if not keys:
+        raise RuntimeError(f"gemv_row was never autotuned for {n}x{k} {dtype}")
+    for key in keys:
+        kernel.cache[key] = config
+    gemv._ROW_CONFIG.pop((n, k, dtype), None)
+
+
+def _config_name(config) -> str:
+    """A tile config as "BLOCK_N x BLOCK_K, warps, stages", e.g. "4x1024 w4 s3"."""
+    return f"{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
 
 
 def _time_in_graphs(fns: dict, weight: torch.Tensor, calls: int, rounds: int = 5) -> dict[str, float]:

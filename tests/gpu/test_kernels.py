@@ -239,8 +239,10 @@ def test_decode_attention_as_dependent_launches_is_bit_identical(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gemv_tune_picks_per_shape_and_linear_follows_it():
-    from engine.kernels import gemv_tune
+def test_gemv_tune_picks_per_shape_and_linear_follows_it(monkeypatch):
+    from engine.kernels import gemv, gemv_tune
+    monkeypatch.setattr(gemv, "_USE_GEMV", {})  # tuned here even if an earlier test met the shape
+    monkeypatch.setattr(gemv, "_ROW_CONFIG", {})
     from engine.models.layers import RowParallelLinear
     layer = RowParallelLinear(4096, 4096).to(device="cuda", dtype=torch.bfloat16)
     torch.nn.init.normal_(layer.weight, std=0.02)
@@ -250,6 +252,13 @@ def test_gemv_tune_picks_per_shape_and_linear_follows_it():
     assert entry["use_few_rows"] in ("cublas", "gemv", "split_k"), entry  # "row" takes one row only
     for use in (entry["use"], entry["use_few_rows"]):
         assert use == "cublas" or entry[use] < 0.97 * entry["cublas"], entry
+    # the one-row kernel's tile: every listed config timed in graphs, the fastest kept where
+    # gemv_row (and the pushing GEMV) read it
+    sweep = entry["row_configs"]
+    assert len(sweep) == len(gemv._gemv_row_kernel.configs) and all(us > 0 for us in sweep.values()), entry
+    assert entry["row_config"] == min(sweep, key=sweep.get), entry
+    chosen = gemv._tuned_config(gemv._gemv_row_kernel, 4096, 4096, torch.bfloat16)
+    assert gemv_tune._config_name(chosen) == entry["row_config"]
     for rows in (1, 3):
         x = torch.randn(rows, 4096, dtype=torch.bfloat16, device="cuda")
         torch.testing.assert_close(layer(x).float(), (x.float() @ layer.weight.float().T), rtol=2e-2, atol=2e-2)
