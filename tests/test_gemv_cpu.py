@@ -204,6 +204,39 @@ def test_pushing_gemv_declines_shapes_not_tuned_to_the_row_kernel(monkeypatch):
     assert g.gemv_row_push(x.float(), w.float(), table, 0, 2, 64) is None  # 4-byte dtype
 
 
+def test_row_config_sweep_leaves_the_fastest_tile_where_gemv_row_and_the_push_read_it(monkeypatch):
+    """``_sweep_row_configs`` times each listed tile (here: made-up times) and writes the fastest
+    into the autotuner's cache entry for the shape, where ``_row_config`` (the pushing GEMV's
+    config, so the same sums as ``gemv_row``) finds it; a cached lookup from before is dropped."""
+    if g.triton is None:
+        pytest.skip("triton is not installed")
+    kernel = g._gemv_row_kernel
+    configs = kernel.configs
+    dtype = torch.bfloat16
+    key = (8, 16, str(dtype), str(dtype), str(dtype))  # (N, K, x, w, out dtypes): the autotuner's
+    monkeypatch.setattr(kernel, "cache", {key: configs[0]})
+    monkeypatch.setattr(g, "_USE_GEMV", {(8, 16, dtype): ("row", None)})
+    monkeypatch.setattr(g, "_ROW_CONFIG", {})
+    assert g._row_config(8, 16, dtype) is configs[0]  # the autotuner's pick, now cached here
+    fastest = configs[3]
+    fake_us = {gemv_tune._config_name(c): 5.0 + i for i, c in enumerate(configs)}
+    fake_us[gemv_tune._config_name(fastest)] = 4.0
+    timed = {}
+
+    def fake_time(fns, weight, calls):
+        timed.update(fns)
+        return {name: us * 1e-6 for name, us in fake_us.items()}
+    monkeypatch.setattr(gemv_tune, "_time_in_graphs", fake_time)
+    w = torch.zeros(8, 16, dtype=dtype)
+    report = gemv_tune._sweep_row_configs(torch.zeros(1, 16, dtype=dtype), w, calls=4)
+    assert set(timed) == set(fake_us) and len(timed) == len(configs)  # every listed tile timed
+    assert report == {name: round(us, 2) for name, us in fake_us.items()}
+    assert kernel.cache[key] is fastest
+    assert g._row_config(8, 16, dtype) is fastest  # not the lookup cached before the sweep
+    with pytest.raises(RuntimeError, match="never autotuned"):
+        gemv_tune._set_row_config(8, 32, dtype, fastest)
+
+
 @pytest.mark.parametrize("block_n,block_k,k,nbytes,pre_k", [
     (4, 1024, 4096, 0, 1024),  # default: one tile
     (4, 1024, 4096, 16384, 2048),  # two 8 KiB tiles

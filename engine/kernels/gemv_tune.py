@@ -13,9 +13,10 @@ The one-row kernel's tile config is chosen the same way (``_sweep_row_configs``;
 ``KVMESH_GEMV_ROW_SWEEP=0`` keeps the Triton autotuner's pick): every config of its autotune
 list timed in graphs, the fastest written into the autotuner's cache, where ``gemv_row`` and
 ``gemv_row_push`` read it. The autotuner times one call at a time between events, and its picks
-for one shape differed from rank to rank and run to run: stop 23's TP=2 ranks got 5.26 and
-4.44 µs a call for o_proj (4096x2048), where the best listed config takes 4.40 µs in a graph
-(bench/results/gemv_configs_h200.json).
+for one shape differed from rank to rank and run to run (stop 26, 2 H200s: o_proj's 4096x2048
+got 5.29-5.35 µs a call on one TP=2 rank and 5.95-6.03 on the other, where the sweep's tile
+takes 4.40-4.51), and the slower rank sets a TP step. The 8B TP=2 batch-1 step went from 2.402
+/ 2.395 ms to 2.367 / 2.362 ms (bench/results/parallel_h200x2_stop26.json).
 """
 
 from __future__ import annotations
