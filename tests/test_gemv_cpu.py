@@ -204,7 +204,7 @@ def test_pushing_gemv_declines_shapes_not_tuned_to_the_row_kernel(monkeypatch):
     assert g.gemv_row_push(x.float(), w.float(), table, 0, 2, 64) is None  # 4-byte dtype
 
 
-def test_row_config_sweep_leaves_the_fastest_tile_where_gemv_row_and_the_push_read_it(monkeypatch):
+def test_tile_sweep_leaves_the_fastest_tile_where_gemv_row_and_the_push_read_it(monkeypatch):
     """``_sweep_row_configs`` times each listed tile (here: made-up times) and writes the fastest
     into the autotuner's cache entry for the shape, where ``_row_config`` (the pushing GEMV's
     config, so the same sums as ``gemv_row``) finds it; a cached lookup from before is dropped."""
