@@ -204,14 +204,19 @@ def test_shared_prefixes_stick_to_their_first_replica_and_spread(app):
     assert len(set(owners.values())) >= 2, owners  # distinct prefixes spread over replicas
     assert max(Counter(owners.values()).values()) <= 4, owners
 
-    # Both routers (ingress replicas) routed requests of the same prefixes, to the same owner.
-    ingress_ids = {s.ingress_id for requests in served.values() for s in requests}
+    # Both routers (ingress replicas) routed requests of the same prefixes, mostly to the same
+    # owner. Not all: under the CI box's load an owner may look busy for a moment and a router
+    # sheds one request elsewhere (test_flooded_owner_sheds_new_requests_of_its_prefix), which
+    # the 0.9 above allows too. A router that did not know the owner would pick one of the 3
+    # replicas at random, a majority to the owner in about 1 of 4 prefixes.
+    ingress_ids = sorted({s.ingress_id for requests in served.values() for s in requests})
     assert len(ingress_ids) == 2, ingress_ids
-    agreed = [i for i, requests in served.items()
-              if len({s.ingress_id for s in requests[1:]}) == 2
-              and all(s.replica_id == owners[i] for s in requests[1:])]
-    assert len(agreed) >= 4, {i: [(s.ingress_id[:4], s.replica_id[:4]) for s in r]
-                              for i, r in served.items()}
+    by_ingress = {i: {ing: [s.replica_id == owners[i] for s in requests[1:] if s.ingress_id == ing]
+                      for ing in ingress_ids} for i, requests in served.items()}
+    agreed = [i for i, per_ingress in by_ingress.items()
+              if all(hits and sum(hits) > len(hits) / 2 for hits in per_ingress.values())]
+    assert len(agreed) >= 4, {i: {ing[:4]: f"{sum(hits)}/{len(hits)} to the owner" for ing, hits in per.items()}
+                              for i, per in by_ingress.items()}
 
 
 def test_flooded_owner_sheds_new_requests_of_its_prefix(app):
