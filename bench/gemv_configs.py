@@ -91,7 +91,7 @@ def time_configs(n: int, k: int, configs: list, calls: int = 24, rounds: int = 5
             print(f"  {bn}x{bk} w{warps} s{stages} is wrong", flush=True)
             continue
         fns[(bn, bk, warps, stages)] = fn
-    times = gemv_tune._time_in_graphs(fns, w, calls, rounds)
+    times = gemv_tune._time_in_graphs(fns, gemv_tune._weight_copies(w, calls), calls, rounds)
     return {key: t * 1e6 for key, t in times.items()}
 
 

@@ -228,7 +228,7 @@ def test_tile_sweep_leaves_the_fastest_tile_where_gemv_row_and_the_push_read_it(
         return {name: us * 1e-6 for name, us in fake_us.items()}
     monkeypatch.setattr(gemv_tune, "_time_in_graphs", fake_time)
     w = torch.zeros(8, 16, dtype=dtype)
-    report = gemv_tune._sweep_row_configs(torch.zeros(1, 16, dtype=dtype), w, calls=4)
+    report = gemv_tune._sweep_row_configs(torch.zeros(1, 16, dtype=dtype), [w], calls=4)
     assert set(timed) == set(fake_us) and len(timed) == len(configs)  # every listed tile timed
     assert report == {name: round(us, 2) for name, us in fake_us.items()}
     assert kernel.cache[key] is fastest

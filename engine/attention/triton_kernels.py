@@ -310,7 +310,6 @@ def paged_prefill(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs (tests) get exact fp32 products; 16-bit inputs use the tensor cores as is.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -318,10 +317,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _needs_int64(kv_cache: torch.Tensor) -> bool:
     return kv_cache[0].numel() >= 2 ** 31
-
-
-
-
 
 
 def default_num_splits(num_reqs: int, num_kv_heads: int, num_sms: int, max_splits: int = 32,

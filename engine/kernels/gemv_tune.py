@@ -67,8 +67,10 @@ def tune(model: torch.nn.Module, calls: int = 24) -> dict[str, dict]:
                     logger.warning("%s disagrees with cuBLAS for %s; not used", name, key)
                     continue
                 candidates[name] = lambda wi, kernel=kernel: kernel(x, wi)
-            row_configs = _sweep_row_configs(x, w, calls) if "row" in candidates and ROW_SWEEP else {}
-            times = _time_in_graphs(candidates, w, calls)
+            weights = _weight_copies(w, calls)  # one set for both timings below
+            row_configs = _sweep_row_configs(x, weights, calls) if "row" in candidates and ROW_SWEEP else {}
+            times = _time_in_graphs(candidates, weights, calls)
+            del weights
         except Exception as exc:  # noqa: BLE001 - timing is an optimisation: cuBLAS is always right
             logger.warning("could not time the GEMVs for %s (%r); using cuBLAS", key, exc)
             torch.cuda.synchronize()
@@ -95,11 +97,12 @@ def _fastest(times: dict[str, float]) -> Optional[str]:
     return best if best != "cublas" and times[best] < 0.97 * times["cublas"] else None
 
 
-def _sweep_row_configs(x: torch.Tensor, w: torch.Tensor, calls: int) -> dict[str, float]:
-    """Times every config of ``gemv_row``'s autotune list at w's shape as ``_time_in_graphs``
-    times the kernels (each captured with that config in the autotuner's cache), and leaves the
-    fastest there; returns {config name: microseconds a call}. The autotuner has run for this
-    shape already, so every config is compiled."""
+def _sweep_row_configs(x: torch.Tensor, weights: list[torch.Tensor], calls: int) -> dict[str, float]:
+    """Times every config of ``gemv_row``'s autotune list at the weight's shape as
+    ``_time_in_graphs`` times the kernels (each captured with that config in the autotuner's
+    cache), and leaves the fastest there; returns {config name: microseconds a call}. The
+    autotuner has run for this shape already, so every config is compiled."""
+    w = weights[0]
     n, k = w.shape
     configs = {_config_name(c): c for c in gemv._gemv_row_kernel.configs}
 
@@ -109,7 +112,7 @@ def _sweep_row_configs(x: torch.Tensor, w: torch.Tensor, calls: int) -> dict[str
             return gemv.gemv_row(x, wi)
         return call
 
-    times = _time_in_graphs({name: with_config(c) for name, c in configs.items()}, w, calls)
+    times = _time_in_graphs({name: with_config(c) for name, c in configs.items()}, weights, calls)
     _set_row_config(n, k, w.dtype, configs[min(times, key=times.get)])
     return {name: round(t * 1e6, 2) for name, t in times.items()}
 
@@ -130,20 +133,26 @@ def _config_name(config) -> str:
     return f"{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
 
 
-def _time_in_graphs(fns: dict, weight: torch.Tensor, calls: int, rounds: int = 5) -> dict[str, float]:
-    """Seconds per call of each ``fns[name](w)``, as a decode step's CUDA graph runs it: ``calls``
-    calls back to back in one captured graph per name (no launch or event overhead per call),
-    each on another copy of the weight so that the copies together overflow L2 (every call
-    reads its weight from HBM). The graphs are timed in turn, ``rounds`` times, and each keeps
-    its best: a slow stretch of the GPU (clocks, a peer rank's set-up) then costs every
-    candidate a round, not one candidate all its timings. (Timed one candidate after the other,
-    stop 17's final 4-GPU run took the tl.dot GEMV and cuBLAS over the one-row kernel for two
-    TP=2 shapes where the call before, with the same code, took the one-row kernel.)"""
+def _weight_copies(weight: torch.Tensor, calls: int) -> list[torch.Tensor]:
+    """``weight`` and enough clones of it (at most ``calls`` in all) that together they
+    overflow L2, so that each call of ``_time_in_graphs`` reads its weight from HBM."""
     copies = max(2, -(-(256 << 20) // (weight.numel() * weight.element_size())))
     copies = min(copies, calls)
     # the weight itself is one of the copies: an 8B LM head is 1 GB, and the KV cache is
     # already allocated when this runs (model_runner.initialize_kv_cache)
-    weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+    return [weight] + [weight.clone() for _ in range(copies - 1)]
+
+
+def _time_in_graphs(fns: dict, weights: list[torch.Tensor], calls: int, rounds: int = 5) -> dict[str, float]:
+    """Seconds per call of each ``fns[name](w)``, as a decode step's CUDA graph runs it: ``calls``
+    calls back to back in one captured graph per name (no launch or event overhead per call),
+    each on the next of ``weights`` (``_weight_copies``: every call reads its weight from
+    HBM). The graphs are timed in turn, ``rounds`` times, and each keeps
+    its best: a slow stretch of the GPU (clocks, a peer rank's set-up) then costs every
+    candidate a round, not one candidate all its timings. (Timed one candidate after the other,
+    stop 17's final 4-GPU run took the tl.dot GEMV and cuBLAS over the one-row kernel for two
+    TP=2 shapes where the call before, with the same code, took the one-row kernel.)"""
+    copies = len(weights)
     graphs = {}
     for name, fn in fns.items():
         for wi in weights[:2]:
@@ -166,5 +175,5 @@ def _time_in_graphs(fns: dict, weight: torch.Tensor, calls: int, rounds: int = 5
             end.record()
             end.synchronize()
             best[name] = min(best[name], start.elapsed_time(end) / 1e3 / (2 * calls))
-    del graphs, weights
+    del graphs
     return best
